@@ -1,0 +1,74 @@
+"""`ddpm-export`: run dir → model.onnx (→ model.fp16.onnx → model.plan)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import click
+
+from ddpm_deploy.runtime.clitools import clean_errors, latest_run, setup_logging
+from ddpm_deploy.runtime.config import write_json
+from ddpm_deploy.runtime.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+
+def export_onnx_from_run(run_dir: Path, out_dir: Path, raw: bool = False, echo=lambda s: None) -> tuple[Path, dict]:
+    """Export the run's EMA (or raw) weights to out_dir/model.onnx and verify it against PyTorch."""
+    from ddpm_deploy.trainer.checkpoint import load_model
+
+    from .onnx import export_torch, finalize, save_onnx, verify
+
+    model, card, step = load_model(run_dir, "raw" if raw else "ema")
+    t0 = time.perf_counter()
+    proto = export_torch(model, card.data.channels, card.data.image_size)
+    proto = finalize(proto, card)
+    onnx_path = save_onnx(proto, out_dir / "model.onnx")
+    export_s = time.perf_counter() - t0
+    echo(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB, {len(proto.graph.node)} nodes, "
+         f"{'raw' if raw else 'EMA'} weights of step {step}) in {export_s:.1f}s")
+    rep = verify(onnx_path, model, card)
+    report = {"onnx": onnx_path.name, "run_dir": str(run_dir), "weights": "raw" if raw else "ema", "step": step,
+              "export_seconds": export_s, "verify_fp32": rep.to_dict()}
+    write_json(out_dir / "export_report.json", report)
+    if not rep.passed:
+        worst = max(rep.cases, key=lambda c: c["max_abs"])
+        raise ArtifactError(
+            f"ONNX Runtime and PyTorch disagree: max |Δε| = {rep.max_abs:.3g} > tolerance {rep.atol:g} "
+            f"(worst at batch {worst['batch']}, t={worst['t']}, index {worst['index']}: onnx {worst['onnx']:.6g} vs "
+            f"torch {worst['torch']:.6g}); report: {out_dir / 'export_report.json'}"
+        )
+    echo(f"verified against PyTorch: max |Δε| = {rep.max_abs:.2e} (tolerance {rep.atol:g}) at t ∈ "
+         f"{sorted({c['t'] for c in rep.cases})}, batch {sorted({c['batch'] for c in rep.cases})}")
+    return onnx_path, report
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("run_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output directory. Default: RUN_DIR/export/.")
+@click.option("--raw", is_flag=True, help="Export the raw weights instead of the EMA weights.")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@clean_errors
+def main(run_dir, out, raw, verbose):
+    """Export a trained run to ONNX (and, with --fp16 / --engine, to mixed precision and TensorRT).
+
+    RUN_DIR defaults to runs/latest (the last ddpm-train run). The ONNX model has inputs x float32
+    [B,C,H,W] and t int32 [B], output eps float32 [B,C,H,W], a dynamic batch axis, and the DDPM config
+    as JSON in its metadata (key ddpm_deploy.config). Right after export it is run in ONNX Runtime and
+    compared with the PyTorch checkpoint; the comparison is saved as export_report.json.
+    """
+    setup_logging(verbose)
+    run_dir = Path(run_dir) if run_dir else latest_run()
+    if not run_dir.exists():
+        raise ArtifactError(f"{run_dir}: run directory not found; train one with ddpm-train or pass RUN_DIR")
+    out = out or (run_dir / "export")
+    out.mkdir(parents=True, exist_ok=True)
+    export_onnx_from_run(run_dir, out, raw=raw, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

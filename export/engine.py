@@ -1,0 +1,441 @@
+"""ONNX -> TensorRT plan (+ ``model.plan.json`` sidecar), one code path for TensorRT >= 10 and TensorRT-RTX.
+
+Written against the TensorRT 11 Python API: strongly typed networks (precision lives in the ONNX; no
+BuilderFlag.FP16/INT8, no calibrators, no EXPLICIT_BATCH), ``OnnxParser.parse_from_file`` and
+``Builder.build_serialized_network``. Options one flavour lacks or ignores are probed and skipped with a debug
+log line:
+
+- timing cache: deprecated no-op in TensorRT-RTX (>= 1.2), and it forces a GPU query that breaks CPU-only
+  builds, so it is only used with ``tensorrt``;
+- version compatibility: TensorRT-RTX fails the build without ``libnvinfer_lean`` (not in its wheels), so it is
+  only applied with ``tensorrt``;
+- ``builder_optimization_level``: set where the attribute exists (TensorRT-RTX 1.7 accepts it; its plans
+  came out byte-identical for levels 0-5 on our fixture).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ddpm_deploy.runtime.config import ONNX_METADATA_KEY, ModelCard, atomic_write_bytes, write_json
+from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, DDPMError, MissingDependencyError, lazy_import
+from ddpm_deploy.runtime.plan import PLAN_SCHEMA, PLAN_SCHEMA_VERSION, sha256_file, sidecar_path
+
+log = logging.getLogger(__name__)
+
+FLAVOURS = ("auto", "tensorrt", "rtx")
+MIN_TENSORRT_MAJOR = 10
+INSTALL_RTX = "pip install tensorrt-rtx-cu13-bindings==1.7.1.116 tensorrt-rtx-cu13-libs==1.7.1.116"
+INSTALL_TENSORRT = "pip install 'tensorrt>=10' (NVIDIA's wheel, for the CUDA version of this machine)"
+RTX_MODULES = ("tensorrt_rtx_bindings", "tensorrt_rtx")  # the cu13 pip wheels; the name NVIDIA's API docs use
+EXPECTED_INPUTS, EXPECTED_OUTPUTS = ("x", "t"), ("eps",)
+
+DEFAULT_BATCH_MIN, DEFAULT_BATCH_OPT, DEFAULT_BATCH_MAX = 1, 8, 64
+DEFAULT_WORKSPACE_MB = 4096
+DEFAULT_OPT_LEVEL = 3  # TensorRT's own default builder_optimization_level
+
+
+class TensorRTVersionError(MissingDependencyError):
+    """TensorRT is installed but older than the API this module is written against."""
+
+    def __init__(self, version: str):
+        self.package = "tensorrt"
+        DDPMError.__init__(
+            self,
+            f"building engines needs TensorRT >= {MIN_TENSORRT_MAJOR}, found tensorrt {version}; upgrade with "
+            f"{INSTALL_TENSORRT}, or use TensorRT-RTX: {INSTALL_RTX}",
+        )
+
+
+def _import_tensorrt():
+    trt = lazy_import("tensorrt", "building TensorRT engines", INSTALL_TENSORRT)
+    major = int(str(trt.__version__).split(".")[0])
+    if major < MIN_TENSORRT_MAJOR:
+        raise TensorRTVersionError(trt.__version__)
+    return trt
+
+
+def _import_rtx():
+    for name in RTX_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            log.debug("module %s is not importable", name)
+    raise MissingDependencyError("tensorrt_rtx_bindings", "building TensorRT-RTX engines", INSTALL_RTX)
+
+
+def load_tensorrt(flavour: str = "auto") -> tuple[Any, str]:
+    """Import the TensorRT flavour and return ``(module, flavour)``; "auto" tries tensorrt, then TensorRT-RTX."""
+    if flavour == "tensorrt":
+        return _import_tensorrt(), "tensorrt"
+    if flavour == "rtx":
+        return _import_rtx(), "rtx"
+    if flavour != "auto":
+        raise ConfigError(f"TensorRT flavour must be one of {FLAVOURS}, found {flavour!r}")
+    try:
+        return _import_tensorrt(), "tensorrt"
+    except MissingDependencyError as first:
+        log.debug("tensorrt unavailable (%s); trying TensorRT-RTX", first)
+        try:
+            return _import_rtx(), "rtx"
+        except MissingDependencyError:
+            raise MissingDependencyError(
+                "tensorrt", "building TensorRT engines (neither tensorrt nor tensorrt_rtx_bindings imports)",
+                f"{INSTALL_RTX}  -- or NVIDIA's TensorRT: {INSTALL_TENSORRT}",
+            ) from first
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """Build options of one plan; saved (in part) in the sidecar under ``build`` and ``profile``."""
+
+    batch_min: int = DEFAULT_BATCH_MIN
+    batch_opt: int = DEFAULT_BATCH_OPT
+    batch_max: int = DEFAULT_BATCH_MAX
+    workspace_mb: int = DEFAULT_WORKSPACE_MB
+    opt_level: int = DEFAULT_OPT_LEVEL
+    timing_cache: str | None = None
+    version_compatible: bool = False
+    flavour: str = "auto"
+
+    def __post_init__(self):
+        b = (self.batch_min, self.batch_opt, self.batch_max)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in b) or not 1 <= b[0] <= b[1] <= b[2]:
+            raise ConfigError(f"batch profile needs integers 1 <= min <= opt <= max, found min/opt/max = {b}")
+        if not isinstance(self.workspace_mb, int) or self.workspace_mb < 1:
+            raise ConfigError(f"workspace_mb must be a positive integer, found {self.workspace_mb!r}")
+        if not isinstance(self.opt_level, int) or not 0 <= self.opt_level <= 5:
+            raise ConfigError(f"opt_level (builder_optimization_level) must be 0..5, found {self.opt_level!r}")
+        if self.flavour not in FLAVOURS:
+            raise ConfigError(f"flavour must be one of {FLAVOURS}, found {self.flavour!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EngineSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown engine settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# --- TensorRT plumbing -------------------------------------------------------------------------------------
+
+_LOGGERS: dict[str, Any] = {}
+
+
+def _logger(trt):
+    """One ILogger per TensorRT module (TensorRT keeps a process-wide logger): forwards to ``logging`` and
+    records error messages so that a failed parse or build can say why."""
+    if trt.__name__ not in _LOGGERS:
+
+        class _CaptureLogger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.errors: list[str] = []
+
+            def log(self, severity, msg):
+                level = int(severity)
+                if level <= int(trt.ILogger.ERROR):
+                    self.errors.append(msg)
+                    log.debug("TensorRT error: %s", msg)
+                elif level == int(trt.ILogger.WARNING):
+                    log.warning("TensorRT: %s", msg)
+                elif level == int(trt.ILogger.INFO):
+                    log.debug("TensorRT: %s", msg)
+
+        _LOGGERS[trt.__name__] = _CaptureLogger()
+    return _LOGGERS[trt.__name__]
+
+
+def _dtype_name(dt) -> str:
+    names = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
+             "INT8": "int8", "UINT8": "uint8", "BOOL": "bool", "FP8": "float8", "INT4": "int4"}
+    return names.get(dt.name, dt.name.lower())
+
+
+def _network(trt, builder):
+    """A strongly typed network (TensorRT 11 accepts the flag and makes every network strongly typed)."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return builder.create_network(0 if flag is None else 1 << int(flag))
+
+
+def _parse(trt, onnx_path: Path):
+    """Builder, strongly typed network and parser holding the parsed ONNX; ArtifactError with every parser error."""
+    if not onnx_path.is_file():
+        raise ArtifactError(f"expected an ONNX model at {onnx_path}, found no such file; export it with ddpm-export")
+    logger = _logger(trt)
+    logger.errors.clear()
+    builder = trt.Builder(logger)
+    network = _network(trt, builder)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = []
+        for i in range(parser.num_errors):
+            e = parser.get_error(i)
+            if e.node() < 0:
+                where = "the model"
+            else:
+                name = f"{e.node_name()!r}, " if e.node_name() else ""
+                where = f"node {e.node()} ({name}op {e.node_operator()})"
+            errors.append(f"  - {where}: {e.desc()}")
+        try:
+            unsupported = _unsupported(parser, onnx_path)
+        except ArtifactError:  # not even readable as ONNX
+            unsupported = []
+        hint = f"ops TensorRT does not support: {unsupported}; " if unsupported else ""
+        raise ArtifactError(
+            f"{onnx_path}: expected an ONNX model TensorRT can parse, found {parser.num_errors} parser error(s):\n"
+            + "\n".join(errors) + f"\n{hint}check that the file is complete (re-export it with ddpm-export) and "
+            "that every op in it is supported by TensorRT"
+        )
+    return builder, network, parser
+
+
+def _io_of(network, settings: EngineSettings) -> dict[str, list[dict[str, Any]]]:
+    """Names, dtypes and shapes as the network sees them, and the optimisation profile shapes of each input."""
+    batch = (settings.batch_min, settings.batch_opt, settings.batch_max)
+    inputs, outputs = [], []
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = tuple(tensor.shape)
+        if len(shape) == 0 or any(d < 0 for d in shape[1:]):
+            raise ArtifactError(
+                f"input {tensor.name!r} has shape {shape}; expected [batch, ...] with only the batch axis dynamic; "
+                "re-export the ONNX with static C, H, W"
+            )
+        if shape[0] >= 0 and set(batch) != {shape[0]}:
+            raise ConfigError(
+                f"input {tensor.name!r} has a fixed batch of {shape[0]}, the requested profile is min/opt/max = "
+                f"{batch}; use batch {shape[0]} for all three, or re-export with a dynamic batch axis"
+            )
+        profile = {k: [b, *shape[1:]] for k, b in zip(("min", "opt", "max"), batch)}
+        inputs.append({"name": tensor.name, "dtype": _dtype_name(tensor.dtype), "shape": list(shape),
+                       "profile": profile})
+    for i in range(network.num_outputs):
+        tensor = network.get_output(i)
+        outputs.append({"name": tensor.name, "dtype": _dtype_name(tensor.dtype), "shape": list(tensor.shape)})
+    found_in, found_out = sorted(t["name"] for t in inputs), sorted(t["name"] for t in outputs)
+    if found_in != sorted(EXPECTED_INPUTS) or found_out != sorted(EXPECTED_OUTPUTS):
+        raise ArtifactError(
+            f"expected a DDPM ε-model with inputs {list(EXPECTED_INPUTS)} and outputs {list(EXPECTED_OUTPUTS)}, "
+            f"found inputs {found_in} and outputs {found_out}; export the model with ddpm-export"
+        )
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def network_io(onnx_path: str | os.PathLike, settings: EngineSettings | None = None, trt=None) -> dict[str, Any]:
+    """Parse ``onnx_path`` and return ``{"inputs": [...], "outputs": [...]}`` as the builder sees them."""
+    settings = settings or EngineSettings()
+    trt = trt or load_tensorrt(settings.flavour)[0]
+    _, network, _ = _parse(trt, Path(onnx_path))
+    return _io_of(network, settings)
+
+
+# --- ONNX inspection ---------------------------------------------------------------------------------------
+
+def _load_onnx(onnx_path: Path):
+    onnx = lazy_import("onnx", "reading ONNX models", "pip install 'ddpm-deploy[export]'")
+    try:
+        return onnx, onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as e:  # DecodeError and friends
+        raise ArtifactError(f"{onnx_path}: expected an ONNX model, found an unreadable file ({e})") from e
+
+
+def _graphs(onnx, model):
+    """Every graph of the model: the main graph, subgraphs of If/Loop/Scan, and local function bodies."""
+    stack, functions = [model.graph], list(model.functions)
+    while stack:
+        graph = stack.pop()
+        yield graph, graph.node
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    stack.append(attr.g)
+                stack.extend(attr.graphs)
+    for fn in functions:
+        yield None, fn.node
+
+
+def _unsupported(parser, onnx_path: Path) -> list[str]:
+    onnx, model = _load_onnx(onnx_path)
+    local = {(f.domain, f.name) for f in model.functions}
+    ops = {n.op_type for _, nodes in _graphs(onnx, model) for n in nodes if (n.domain, n.op_type) not in local}
+    return sorted(op for op in ops if not parser.supports_operator(op))
+
+
+def unsupported_ops(onnx_path: str | os.PathLike, trt=None) -> list[str]:
+    """Op types of the ONNX graph for which the TensorRT parser's ``supports_operator`` says no (sorted)."""
+    trt = trt or load_tensorrt("auto")[0]
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise ArtifactError(f"expected an ONNX model at {onnx_path}, found no such file; export it with ddpm-export")
+    builder = trt.Builder(_logger(trt))
+    return _unsupported(trt.OnnxParser(_network(trt, builder), _logger(trt)), onnx_path)
+
+
+def _precision(onnx, model) -> str:
+    """'fp16' if any float16 initializer, typed tensor, Cast-to-fp16 or fp16 constant is in the ONNX."""
+    fp16 = onnx.TensorProto.FLOAT16
+    for graph, nodes in _graphs(onnx, model):
+        if graph is not None:
+            if any(init.data_type == fp16 for init in graph.initializer):
+                return "fp16"
+            for vi in (*graph.input, *graph.output, *graph.value_info):
+                if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == fp16:
+                    return "fp16"
+        for node in nodes:
+            for attr in node.attribute:
+                if (node.op_type == "Cast" and attr.name == "to" and attr.i == fp16) or (
+                    attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == fp16
+                ):
+                    return "fp16"
+    return "fp32"
+
+
+def _model_card(model, onnx_path: Path) -> dict[str, Any]:
+    meta = {p.key: p.value for p in model.metadata_props}
+    if ONNX_METADATA_KEY not in meta:
+        raise ArtifactError(
+            f"{onnx_path}: expected the DDPM config under metadata_props[{ONNX_METADATA_KEY!r}], found keys "
+            f"{sorted(meta)}; export the model with ddpm-export (it writes the config into the ONNX)"
+        )
+    return ModelCard.from_json(meta[ONNX_METADATA_KEY], f"{onnx_path} [{ONNX_METADATA_KEY}]").to_dict()
+
+
+# --- build -------------------------------------------------------------------------------------------------
+
+def _gpu_info() -> dict[str, str] | None:
+    """Name and compute capability of the current CUDA device via cuda-python, or None (no binding, no GPU)."""
+    try:
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            from cuda import cudart  # cuda-python < 12.6
+    except ImportError:
+        log.debug("cuda-python is not installed: the sidecar records no GPU")
+        return None
+    try:
+        ok = cudart.cudaError_t.cudaSuccess
+        err, count = cudart.cudaGetDeviceCount()
+        if err != ok or count == 0:
+            log.debug("no CUDA device (%s, count %s): the sidecar records no GPU", err, count)
+            return None
+        err, device = cudart.cudaGetDevice()
+        err, prop = cudart.cudaGetDeviceProperties(device)
+        if err != ok:
+            return None
+        name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+        return {"name": name.rstrip("\x00").strip(), "compute_capability": f"{prop.major}.{prop.minor}"}
+    except Exception as e:  # a broken driver must not fail a CPU-only build
+        log.debug("CUDA device query failed (%s): the sidecar records no GPU", e)
+        return None
+
+
+def _configure(trt, flavour: str, builder, config, io: dict, settings: EngineSettings) -> dict[str, Any]:
+    """Profile, memory pool and the optional knobs; returns what was applied (for the sidecar)."""
+    profile = builder.create_optimization_profile()
+    for inp in io["inputs"]:
+        profile.set_shape(inp["name"], *(tuple(inp["profile"][k]) for k in ("min", "opt", "max")))
+    config.add_optimization_profile(profile)
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
+    applied: dict[str, Any] = {"opt_level": None, "version_compatible": False, "timing_cache": None}
+    if hasattr(config, "builder_optimization_level"):
+        config.builder_optimization_level = settings.opt_level
+        applied["opt_level"] = settings.opt_level
+    else:
+        log.debug("%s has no builder_optimization_level; opt_level=%s ignored", trt.__name__, settings.opt_level)
+    if settings.version_compatible:
+        if flavour == "tensorrt" and hasattr(trt.BuilderFlag, "VERSION_COMPATIBLE"):
+            config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+            applied["version_compatible"] = True
+        else:
+            log.debug("version-compatible plans are not supported with %s; building a version-specific plan",
+                      trt.__name__)
+    return applied
+
+
+def _timing_cache(flavour: str, config, path: str | None):
+    """Attach the timing cache stored at ``path`` (or a new one); None where unsupported or not requested."""
+    if path is None:
+        return None
+    if flavour != "tensorrt" or not hasattr(config, "create_timing_cache"):
+        log.debug("timing cache %s not used: a no-op for the %s flavour", path, flavour)
+        return None
+    p = Path(path)
+    cache = config.create_timing_cache(p.read_bytes() if p.is_file() else b"")
+    if not config.set_timing_cache(cache, False):
+        log.debug("timing cache %s does not match this TensorRT/GPU; starting a new one", p)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+    return cache
+
+
+def build_engine(
+    onnx_path: str | os.PathLike, plan_path: str | os.PathLike, settings: EngineSettings | None = None
+) -> dict[str, Any]:
+    """Build ``plan_path`` from ``onnx_path`` and write ``plan_path + '.json'``; returns the sidecar dict."""
+    settings = settings or EngineSettings()
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    trt, flavour = load_tensorrt(settings.flavour)
+    builder, network, _parser = _parse(trt, onnx_path)
+    onnx, model = _load_onnx(onnx_path)
+    card = _model_card(model, onnx_path)
+    io = _io_of(network, settings)
+
+    config = builder.create_builder_config()
+    applied = _configure(trt, flavour, builder, config, io, settings)
+    cache = _timing_cache(flavour, config, settings.timing_cache)
+    logger = _logger(trt)
+    logger.errors.clear()
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    batch = {"min": settings.batch_min, "opt": settings.batch_opt, "max": settings.batch_max}
+    if serialized is None:
+        reported = "\n".join(f"  - {m}" for m in logger.errors) or "  (no error message; see the TensorRT log)"
+        raise ArtifactError(
+            f"{onnx_path}: TensorRT ({trt.__name__} {trt.__version__}) could not build an engine for the batch "
+            f"profile min/opt/max = {batch['min']}/{batch['opt']}/{batch['max']} with {settings.workspace_mb} MiB "
+            f"of workspace. TensorRT reported:\n{reported}\nCheck the log (DEBUG level shows the TensorRT log), "
+            "try a smaller batch_max or a larger workspace"
+        )
+    plan = bytes(serialized)
+    if cache is not None:
+        atomic_write_bytes(settings.timing_cache, bytes(config.get_timing_cache().serialize()))
+        applied["timing_cache"] = str(settings.timing_cache)
+    atomic_write_bytes(plan_path, plan)
+    sidecar = {
+        "schema": PLAN_SCHEMA,
+        "schema_version": PLAN_SCHEMA_VERSION,
+        "ddpm": card,
+        "trt": {"flavour": flavour, "module": trt.__name__.split(".")[0], "version": trt.__version__},
+        "precision": _precision(onnx, model),
+        "profile": batch,
+        "inputs": [{k: t[k] for k in ("name", "dtype", "shape")} for t in io["inputs"]],
+        "outputs": io["outputs"],
+        "gpu": _gpu_info(),
+        "onnx": {"path": onnx_path.name, "sha256": sha256_file(onnx_path)},
+        "plan": {"path": plan_path.name, "sha256": hashlib.sha256(plan).hexdigest(), "bytes": len(plan)},
+        "build": {
+            "seconds": round(seconds, 3),
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "opt_level": applied["opt_level"],
+            "workspace_mb": settings.workspace_mb,
+            "version_compatible": applied["version_compatible"],
+            "timing_cache": applied["timing_cache"],
+        },
+    }
+    write_json(sidecar_path(plan_path), sidecar)
+    log.info("built %s (%d bytes, %s, %.1f s) from %s", plan_path, len(plan), flavour, seconds, onnx_path.name)
+    return sidecar

@@ -1,0 +1,1 @@
+"""ε backends: runners with one interface, ``eps(x, t) -> eps``, usable as context managers."""

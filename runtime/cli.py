@@ -1,0 +1,150 @@
+"""`ddpm-run`: sample with the framework-free runtime (and, later, check parity and benchmark)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .clitools import clean_errors, latest_run, setup_logging
+from .config import DataSpec, ModelCard
+from .errors import ArtifactError, ConfigError
+from .schedule import DiffusionConfig, Schedule
+
+CTX = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+@click.group(context_settings=CTX)
+def main():
+    """Run DDPM models without a deep-learning framework: NumPy + ONNX Runtime (CPU, CUDA)."""
+
+
+def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, variance_type, clip) -> ModelCard:
+    card = runner.card
+    flags = dict(schedule=schedule, beta_start=beta_start, beta_end=beta_end, num_timesteps=num_timesteps,
+                 variance_type=variance_type, clip_denoised=clip)
+    given = {k: v for k, v in flags.items() if v is not None}
+    if card is None:
+        if not {"schedule", "num_timesteps"} <= set(given):
+            raise ArtifactError(
+                f"{runner.path}: has no ddpm-deploy metadata (key ddpm_deploy.config), so the diffusion schedule is "
+                f"unknown; export it with ddpm-export, or give --schedule and --num-timesteps (and --beta-start, "
+                f"--beta-end, --variance-type, --clip/--no-clip as needed)"
+            )
+        c, h, w = runner.sample_shape
+        if None in (c, h, w) or h != w:
+            raise ArtifactError(f"{runner.path}: input x must have static square C,H,W; found {runner.sample_shape}")
+        return ModelCard(diffusion=DiffusionConfig(**given), data=DataSpec(c, h), source="onnx-without-metadata")
+    if given:
+        return dataclasses.replace(card, diffusion=dataclasses.replace(card.diffusion, **given))
+    return card
+
+
+@main.command(context_settings=CTX)
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="ONNX model from ddpm-export. Default: runs/latest/export/model.onnx.")
+@click.option("--num", "-n", type=int, default=64, help="Number of images.")
+@click.option("--batch", "-b", type=int, default=16, help="Images per model call.")
+@click.option("--seed", type=int, default=0, envvar="DDPM_SEED", help="Seed; image i of seed s is the same at any batch size.")
+@click.option("--start-index", type=int, default=0, help="Index of the first image (resume or shard a large job).")
+@click.option("--steps", type=int, default=None, help="Respaced sampling with K < T steps. Default: all T steps.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output directory. Default: samples/ beside the model.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
+              help="ONNX Runtime provider (cuda needs onnxruntime-gpu).")
+@click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--graph-opt", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
+              help="ONNX Runtime graph optimisation level.")
+@click.option("--no-pngs", is_flag=True, help="Skip images/NNNNNN.png (grid.png and samples.npz are still written).")
+@click.option("--schedule", type=click.Choice(["linear", "cosine"]), default=None,
+              help="Override / supply the β schedule (for ONNX files without our metadata).")
+@click.option("--beta-start", type=float, default=None, help="Override / supply β_1.")
+@click.option("--beta-end", type=float, default=None, help="Override / supply β_T.")
+@click.option("--num-timesteps", type=int, default=None, help="Override / supply T.")
+@click.option("--variance-type", type=click.Choice(["fixed_small", "fixed_large"]), default=None,
+              help="Override the sampler variance.")
+@click.option("--clip/--no-clip", default=None, help="Override clipping of x̂0 to [-1, 1].")
+@click.option("--no-progress", is_flag=True, envvar="DDPM_NO_PROGRESS", help="No progress bar.")
+@click.option("-v", "--verbose", count=True, help="More logging.")
+@clean_errors
+def sample(onnx_path, num, batch, seed, start_index, steps, out, device, threads, graph_opt, no_pngs, schedule,
+           beta_start, beta_end, num_timesteps, variance_type, clip, no_progress, verbose):
+    """Sample images with ancestral sampling (NumPy step, ε from ONNX Runtime).
+
+    Writes grid.png, images/NNNNNN.png, samples.npz (uint8 images + indices) and run.json.
+    """
+    setup_logging(verbose)
+    from .backends.ort import OrtRunner
+    from .output import SampleWriter
+    from .sampler import LoopTimings
+    from .sampler import sample as run_loop
+
+    if num <= 0 or batch <= 0:
+        raise ConfigError(f"--num and --batch must be positive, found --num {num} --batch {batch}")
+    if start_index < 0 or seed < 0:
+        raise ConfigError(f"--start-index and --seed must be >= 0, found {start_index}, {seed}")
+    onnx_path = onnx_path or latest_run() / "export" / "model.onnx"
+    runner = OrtRunner(onnx_path, device=device, threads=threads, opt_level=graph_opt)
+    card = _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, variance_type, clip)
+    shape = (card.data.channels, card.data.image_size, card.data.image_size)
+    runner.check_shape(shape)
+    sched = Schedule(card.diffusion, steps=steps)
+    out = out or Path(onnx_path).parent / "samples"
+    writer = SampleWriter(out, num, shape, card.data.value_range, write_pngs=not no_pngs)
+    timings = LoopTimings()
+    bar = None
+    if not no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num * len(sched), unit="img·step", unit_scale=True, dynamic_ncols=True, desc="sample")
+    t0 = time.perf_counter()
+    try:
+        for lo in range(0, num, batch):
+            idx = np.arange(start_index + lo, start_index + min(lo + batch, num), dtype=np.int64)
+            cb = (lambda done, total, n=len(idx): bar.update(n)) if bar is not None else None
+            x = run_loop(runner, sched, shape, seed, idx, callback=cb, timings=timings)
+            writer.add(x, idx)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    total = time.perf_counter() - t0
+    info = {
+        "seed": seed, "num": num, "batch": batch, "start_index": start_index, "steps": len(sched),
+        "num_timesteps": card.diffusion.num_timesteps, "backend": runner.name, "precision":
+        "fp16" if ".fp16." in Path(onnx_path).name else "fp32", "model": str(onnx_path),
+        "diffusion": card.diffusion.to_dict(), "total_seconds": total, "images_per_second": num / total,
+        "timings": timings.summary(), "host": {"machine": platform.machine(), "processor": platform.processor(),
+                                               "python": platform.python_version()},
+    }
+    writer.close(info)
+    click.echo(f"sampled {num} images ({len(sched)} steps, batch {batch}) in {total:.1f}s "
+               f"({num / total:.2f} images/s; ε {info['timings']['eps_ms_median']:.1f} ms/step median)")
+    click.echo(f"wrote {out}/grid.png, images/, samples.npz, run.json")
+
+
+@main.command(context_settings=CTX)
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="ONNX model to describe.")
+@clean_errors
+def info(onnx_path):
+    """Print what an artifact holds (DDPM config, inputs, outputs)."""
+    from .backends.ort import OrtRunner
+
+    onnx_path = onnx_path or latest_run() / "export" / "model.onnx"
+    runner = OrtRunner(onnx_path)
+    click.echo(f"model: {onnx_path}")
+    click.echo(f"inputs: {[(i.name, i.type, i.shape) for i in runner.session.get_inputs()]}")
+    click.echo(f"outputs: {[(o.name, o.type, o.shape) for o in runner.session.get_outputs()]}")
+    click.echo("ddpm config: " + (runner.card.to_json() if runner.card else "none (no ddpm-deploy metadata)"))
+
+
+if __name__ == "__main__":
+    main()

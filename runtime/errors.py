@@ -1,0 +1,44 @@
+"""One exception family for user mistakes. The CLIs print these without a traceback and exit non-zero."""
+
+from __future__ import annotations
+
+
+class DDPMError(Exception):
+    """A user-facing error: the message says what was expected, what was found and what to do."""
+
+    exit_code = 2
+
+
+class ArtifactError(DDPMError):
+    """A missing, corrupt or mismatched file (checkpoint, ONNX, plan, dataset)."""
+
+
+class ConfigError(DDPMError):
+    """An invalid option or configuration value."""
+
+
+class DataError(DDPMError):
+    """A dataset that cannot be read or does not match the model."""
+
+
+class SamplingError(DDPMError):
+    """NaN/Inf or another failure during sampling."""
+
+
+class MissingDependencyError(DDPMError):
+    """An optional package that the requested feature needs is not installed."""
+
+    def __init__(self, package: str, feature: str, install: str | None = None):
+        self.package = package
+        hint = install or f"pip install {package}"
+        super().__init__(f"{feature} needs the Python package '{package}', which is not installed. Install it with: {hint}")
+
+
+def lazy_import(module: str, feature: str, install: str | None = None):
+    """Import an optional module, or raise MissingDependencyError naming what to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:  # pragma: no cover - exercised by tests that hide modules
+        raise MissingDependencyError(module.split(".")[0], feature, install) from e

@@ -1,0 +1,94 @@
+"""The host sampling loop: ancestral sampling t = T−1 … 0 with NumPy steps and ε from any host backend.
+
+Noise is counter-based (runtime.rng), so the images depend only on (seed, sample index), not on the batch
+size, the backend or the shard.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from . import rng
+from .errors import SamplingError
+from .schedule import Schedule
+
+
+class EpsModel(Protocol):
+    def eps(self, x: np.ndarray, t: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class LoopTimings:
+    """Seconds spent in the ε calls and in the rest of the loop (noise + step + checks)."""
+
+    eps: list[float] = field(default_factory=list)
+    other: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        e, o = np.asarray(self.eps), np.asarray(self.other)
+        tot = float(e.sum() + o.sum())
+        return {
+            "steps": int(len(e)),
+            "eps_ms_median": float(np.median(e) * 1e3) if len(e) else 0.0,
+            "eps_ms_mean": float(e.mean() * 1e3) if len(e) else 0.0,
+            "loop_ms_median": float(np.median(o) * 1e3) if len(o) else 0.0,
+            "eps_seconds": float(e.sum()),
+            "loop_seconds": float(o.sum()),
+            "total_seconds": tot,
+            "overhead_ratio": tot / float(e.sum()) if e.sum() > 0 else float("nan"),
+        }
+
+
+def initial_noise(seed: int, indices: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    return rng.normals(seed, indices, rng.INITIAL_STEP, tuple(shape))
+
+
+def sample(
+    model: EpsModel,
+    schedule: Schedule,
+    shape: Sequence[int],
+    seed: int,
+    indices: Sequence[int],
+    callback: Callable[[int, int], None] | None = None,
+    timings: LoopTimings | None = None,
+    x_T: np.ndarray | None = None,
+    noise_fn: Callable[[int, np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Sample one batch; returns float32 x_0 [B, *shape]. ``callback(done, total)`` after each step.
+
+    ``x_T`` and ``noise_fn(t, indices)`` let tests inject the noise; by default both come from runtime.rng.
+    """
+    idx = np.asarray(indices, dtype=np.int64)
+    shape = tuple(int(s) for s in shape)
+    x = initial_noise(seed, idx, shape) if x_T is None else np.array(x_T, dtype=np.float32)
+    n = len(schedule)
+    t_buf = np.empty(len(idx), dtype=np.int32)
+    clock = time.perf_counter
+    for k, i in enumerate(range(n - 1, -1, -1)):
+        t_val = int(schedule.timesteps[i])
+        t_buf.fill(t_val)
+        c0 = clock()
+        eps = model.eps(x, t_buf)
+        c1 = clock()
+        z = None
+        if i > 0:
+            z = noise_fn(t_val, idx) if noise_fn is not None else rng.normals(seed, idx, t_val, shape)
+        x = schedule.step(x, eps, i, z)
+        if not np.isfinite(x).all():
+            bad = np.argwhere(~np.isfinite(x.reshape(len(idx), -1)).all(axis=1))[:, 0]
+            src = "ε" if not np.isfinite(eps).all() else "the step"
+            raise SamplingError(
+                f"non-finite values at step t={t_val} (loop step {k + 1}/{n}) in sample index "
+                f"{int(idx[bad[0]])} ({len(bad)} of {len(idx)} samples affected; first non-finite from {src}); "
+                f"check the model file and its precision (try the fp32 model)"
+            )
+        if timings is not None:
+            timings.eps.append(c1 - c0)
+            timings.other.append(clock() - c1)
+        if callback is not None:
+            callback(k + 1, n)
+    return x

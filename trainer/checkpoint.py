@@ -1,0 +1,139 @@
+"""Run directories and checkpoints.
+
+Layout (shared/DESIGN.md): ``model.json`` (ModelCard), ``weights.safetensors`` (``ema.*`` and ``raw.*``),
+``state.pt`` (optimizer + step, loaded with ``torch.load(weights_only=True)``), ``loss.jsonl``,
+``loss.png``, ``samples/``, and ``checkpoints/step_NNNNNNNN/`` (the last K, each written as a temporary
+directory then renamed, so a checkpoint is either whole or absent).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ddpm_deploy.runtime.config import ModelCard, atomic_write_bytes, atomic_write_text
+from ddpm_deploy.runtime.errors import ArtifactError
+
+from .unet import UNet, UNetConfig
+
+WEIGHTS = "weights.safetensors"
+STATE = "state.pt"
+MODEL_JSON = "model.json"
+CKPT_DIR = "checkpoints"
+
+
+def _weights_bytes(raw: torch.nn.Module, ema: torch.nn.Module, step: int) -> bytes:
+    tensors = {f"raw.{k}": v.detach().cpu().contiguous() for k, v in raw.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
+    return st_save(tensors, metadata={"step": str(step), "format": "ddpm-deploy"})
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer, step: int) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "step": step}, buf)
+    return buf.getvalue()
+
+
+def save_checkpoint(run_dir: Path, raw, ema, optimizer, step: int, keep: int) -> Path:
+    """Write checkpoints/step_N atomically, refresh the top-level weights/state, prune to the last ``keep``."""
+    run_dir = Path(run_dir)
+    ckpts = run_dir / CKPT_DIR
+    ckpts.mkdir(parents=True, exist_ok=True)
+    wbytes, sbytes = _weights_bytes(raw, ema, step), _state_bytes(optimizer, step)
+    final = ckpts / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=ckpts, prefix=".tmp_step_"))
+    try:
+        (tmp / WEIGHTS).write_bytes(wbytes)
+        (tmp / STATE).write_bytes(sbytes)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_bytes(run_dir / WEIGHTS, wbytes)
+    atomic_write_bytes(run_dir / STATE, sbytes)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    d = Path(run_dir) / CKPT_DIR
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def load_weights(path: Path, which: str = "ema") -> tuple[dict[str, torch.Tensor], int]:
+    """Load one set ('ema' or 'raw') of weights from a safetensors file; clear errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: weights file not found (expected {WEIGHTS} written by ddpm-train)")
+    data = path.read_bytes()
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise ArtifactError(
+            f"{path}: not a readable safetensors file ({e}); it may be truncated or corrupt — "
+            f"use an earlier checkpoint from {CKPT_DIR}/"
+        ) from None
+    prefix = f"{which}."
+    sel = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not sel:
+        raise ArtifactError(f"{path}: has no '{which}' weights (found prefixes {sorted({k.split('.')[0] for k in tensors})})")
+    step = 0
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            step = int((f.metadata() or {}).get("step", 0))
+    except Exception:  # metadata is informative only
+        pass
+    return sel, step
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: optimizer state not found; cannot resume from this run")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated/corrupt zip files
+        raise ArtifactError(
+            f"{path}: optimizer state is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"resume from an earlier checkpoint in {CKPT_DIR}/"
+        ) from None
+
+
+def load_model(run_dir: str | os.PathLike, which: str = "ema", weights: str | os.PathLike | None = None):
+    """Build the UNet of a run dir and load its weights. Returns (model in eval mode, ModelCard, step)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ArtifactError(f"{run_dir}: run directory not found (train one with ddpm-train, or pass --out of a run)")
+    card = ModelCard.load(run_dir / MODEL_JSON)
+    arch = dict(card.architecture)
+    if arch.get("type", "ddpm-unet") != "ddpm-unet":
+        raise ArtifactError(f"{run_dir}: architecture type {arch.get('type')!r} is not a ddpm-deploy UNet")
+    model = UNet(UNetConfig.from_dict(arch))
+    sd, step = load_weights(Path(weights) if weights else run_dir / WEIGHTS, which)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{run_dir}: weights do not match model.json's architecture "
+            f"(missing {len(missing)}: {missing[:3]}, unexpected {len(unexpected)}: {unexpected[:3]})"
+        )
+    return model.eval(), card, step
+
+
+def write_model_json(run_dir: Path, card: ModelCard) -> None:
+    atomic_write_text(Path(run_dir) / MODEL_JSON, card.to_json() + "\n")
