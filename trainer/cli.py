@@ -74,7 +74,7 @@ def main(preset, dataset, channels, out, resume, schedule, num_timesteps, varian
             click.echo(f"{name:14s} {p.description}  [dataset: {p.dataset}]")
         return
     from .data import load_dataset
-    from .train import Trainer
+    from .train import DistEnv, Trainer
 
     if resume:
         run_dir = out or (runs_dir() / "latest")
@@ -103,16 +103,18 @@ def main(preset, dataset, channels, out, resume, schedule, num_timesteps, varian
         raise ConfigError("--resume cannot change the architecture of an existing run")
 
     data = load_dataset(dataset, image_size=ucfg.image_size, channels=ucfg.in_channels)
+    env = DistEnv()
     if not resume:
         if out is None:
             tag = dataset.split(":")[0]
             run_dir = runs_dir() / f"{preset}-{tag}-{time.strftime('%Y%m%d-%H%M%S')}"
         else:
             run_dir = out
+        run_dir = env.broadcast(str(run_dir))  # every torchrun rank uses rank 0's name
         if (Path(run_dir) / "model.json").exists():
             raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
     bar = None
-    if not no_progress:
+    if not no_progress and env.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=tcfg.steps, unit="step", dynamic_ncols=True, desc="train")
@@ -123,7 +125,8 @@ def main(preset, dataset, channels, out, resume, schedule, num_timesteps, varian
             bar.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.1e}")
             bar.refresh()
 
-    trainer = Trainer(run_dir, ucfg, tcfg, dcfg, data.images, data.name, preset=preset, resume=resume, callback=on_step)
+    trainer = Trainer(run_dir, ucfg, tcfg, dcfg, data.images, data.name, preset=preset, resume=resume, callback=on_step,
+                      env=env)
     if bar is not None:
         bar.n = trainer.step
         bar.refresh()

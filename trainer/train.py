@@ -83,6 +83,14 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def broadcast(self, obj):
+        """Rank 0's value of a picklable object on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def close(self):
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -100,6 +108,7 @@ class Trainer:
         preset: str = "custom",
         resume: bool = False,
         callback: Callable[[StepInfo], None] | None = None,
+        env: "DistEnv | None" = None,
     ):
         self.run_dir = Path(run_dir)
         self.ucfg, self.tcfg, self.dcfg = unet_cfg, train_cfg, diffusion_cfg
@@ -113,7 +122,7 @@ class Trainer:
         self.preset = preset
         self.callback = callback
         self.stop_requested = False
-        self.env = DistEnv()
+        self.env = env or DistEnv()
         if train_cfg.batch_size % self.env.world:
             raise ConfigError(f"batch_size {train_cfg.batch_size} must be divisible by the {self.env.world} ranks")
         self.local_batch = train_cfg.batch_size // self.env.world

@@ -7,7 +7,6 @@ they run on CPU-only CI; a flavour whose module is missing is skipped with the r
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import shutil
@@ -85,8 +84,11 @@ def flavour(request) -> str:
     """Each TensorRT flavour whose module imports; the others skip with the reason."""
     if request.param == "tensorrt":
         pytest.importorskip("tensorrt", minversion="10", reason="tensorrt >= 10 is not installed")
-    elif not any(importlib.util.find_spec(m) for m in engine.RTX_MODULES):
-        pytest.skip(f"tensorrt_rtx_bindings is not installed ({engine.INSTALL_RTX})")
+    else:
+        try:
+            engine.load_tensorrt("rtx")
+        except MissingDependencyError as e:
+            pytest.skip(str(e))
     return request.param
 
 

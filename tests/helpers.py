@@ -1,0 +1,26 @@
+"""Helpers shared by the tests: tiny seeded models trained by the tests themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# A micro UNet (8×8 digits) that trains in seconds; the same block structure as the presets.
+MICRO_UNET = dict(image_size=8, in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                  dropout=0.0, norm_groups=8)
+
+
+def train_run(run_dir: Path, steps: int = 30, unet: dict | None = None, image_size: int = 8, **train_kw):
+    """Train a seeded model into run_dir with the library API; returns the TrainResult."""
+    from ddpm_deploy.runtime.schedule import DiffusionConfig
+    from ddpm_deploy.trainer.config import TrainConfig
+    from ddpm_deploy.trainer.data import load_dataset
+    from ddpm_deploy.trainer.train import Trainer
+    from ddpm_deploy.trainer.unet import UNetConfig
+
+    ucfg = UNetConfig(**(unet or MICRO_UNET))
+    kw = dict(steps=steps, batch_size=16, lr=2e-3, warmup_steps=5, ema_decay=0.9, sample_every=0, save_every=10,
+              log_every=5, seed=0)
+    kw.update(train_kw)
+    tcfg = TrainConfig(**kw)
+    data = load_dataset("digits", image_size=ucfg.image_size, channels=ucfg.in_channels)
+    return Trainer(run_dir, ucfg, tcfg, DiffusionConfig(), data.images, data.name, preset="test").run()
