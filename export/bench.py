@@ -1,0 +1,270 @@
+"""The benchmark harness (`ddpm-run bench`): our runtime against the tools users would pick instead.
+
+Each (model, backend, batch) measurement runs in a fresh spawned process, so peak RSS is its own and one
+backend's threads or caches never colour another's numbers. Medians after warm-up; wall-clock on the CPU
+(CUDA events on a GPU, where the GPU harness runs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ddpm_deploy.runtime.config import atomic_write_bytes, atomic_write_text, write_json
+
+log = logging.getLogger(__name__)
+
+CPU_BACKENDS = ("ort-cpu", "torch-eager-fp32", "torch-eager-bf16", "torch-compile-fp32", "diffusers-loop")
+PRESETS = ("tiny", "ddpm-cifar10")
+
+
+def _median_ms(fn, warmup: int, repeat: int, min_seconds: float = 0.0) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeat or (time.perf_counter() - start < min_seconds and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _model(preset: str, seed: int = 0):
+    import torch
+
+    from ddpm_deploy.trainer.presets import get_preset
+    from ddpm_deploy.trainer.unet import UNet
+
+    torch.manual_seed(seed)
+    cfg = get_preset(preset).unet
+    m = UNet(cfg).eval()
+    with torch.no_grad():  # random weights everywhere (zero-initialised convs too): speed does not care
+        for p in m.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return m, cfg
+
+
+def _onnx_for(preset: str, workdir: Path) -> Path:
+    from ddpm_deploy.export.onnx import export_torch, finalize, save_onnx
+    from ddpm_deploy.runtime.config import DataSpec, ModelCard
+    from ddpm_deploy.runtime.schedule import DiffusionConfig
+
+    path = workdir / f"{preset}.onnx"
+    if not path.exists():
+        m, cfg = _model(preset)
+        card = ModelCard(DiffusionConfig(), DataSpec(cfg.in_channels, cfg.image_size),
+                         architecture={"type": "ddpm-unet", **cfg.to_dict()})
+        save_onnx(finalize(export_torch(m, cfg.in_channels, cfg.image_size), card), path)
+    return path
+
+
+def _diffusers_unet(preset: str):
+    """A diffusers UNet2DModel with the same block structure as our preset (google/ddpm-cifar10-32 style)."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from ddpm_deploy.trainer.presets import get_preset
+
+    cfg = get_preset(preset).unet
+    down, up = [], []
+    res = cfg.image_size
+    for level in range(len(cfg.ch_mult)):
+        down.append("AttnDownBlock2D" if res in cfg.attn_resolutions else "DownBlock2D")
+        res //= 2
+    up = ["AttnUpBlock2D" if t == "AttnDownBlock2D" else "UpBlock2D" for t in reversed(down)]
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+                       block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult), layers_per_block=cfg.num_res_blocks,
+                       down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=cfg.norm_groups,
+                       norm_eps=cfg.norm_eps, dropout=cfg.dropout, flip_sin_to_cos=False, freq_shift=1,
+                       resnet_time_scale_shift="default", add_attention=True).eval()
+
+
+def measure(job: dict[str, Any]) -> dict[str, Any]:
+    """One measurement, in its own process. job: preset, backend, batch, warmup, repeat, workdir, threads."""
+    threads = job.get("threads") or os.cpu_count()
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    preset, backend, b = job["preset"], job["backend"], job["batch"]
+    out: dict[str, Any] = {"preset": preset, "backend": backend, "batch": b}
+    rng = np.random.default_rng(0)
+    from ddpm_deploy.trainer.presets import get_preset
+
+    cfg = get_preset(preset).unet
+    x = rng.standard_normal((b, cfg.in_channels, cfg.image_size, cfg.image_size)).astype(np.float32)
+    t = np.full((b,), 500, np.int32)
+    warm, rep = job["warmup"], job["repeat"]
+    if backend == "ort-cpu":
+        from ddpm_deploy.runtime.backends.ort import OrtRunner
+
+        runner = OrtRunner(_onnx_for(preset, Path(job["workdir"])), threads=threads)
+        out["eps_ms"] = _median_ms(lambda: runner.eps(x, t), warm, rep)
+        if job.get("e2e_steps"):
+            from ddpm_deploy.runtime.sampler import LoopTimings, sample
+            from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
+
+            sched, tm = Schedule(DiffusionConfig(), steps=job["e2e_steps"]), LoopTimings()
+            t0 = time.perf_counter()
+            sample(runner, sched, x.shape[1:], seed=0, indices=range(b), timings=tm)
+            wall = time.perf_counter() - t0
+            s = tm.summary()
+            out.update(e2e_steps=len(sched), e2e_seconds=wall, e2e_eps_seconds=s["eps_seconds"],
+                       loop_overhead_ratio=wall / s["eps_seconds"],
+                       images_per_s_1000_steps=b / (wall / len(sched) * 1000))
+    else:
+        import torch
+
+        torch.set_num_threads(threads)
+        xt, tt = torch.from_numpy(x), torch.from_numpy(t)
+        if backend == "diffusers-loop":
+            from diffusers import DDPMScheduler
+
+            m = _diffusers_unet(preset)
+            sch = DDPMScheduler(num_train_timesteps=1000)
+            sch.set_timesteps(1000)
+
+            def step():
+                with torch.no_grad():
+                    eps = m(xt, 500).sample
+                    sch.step(eps, 500, xt)
+
+            out["eps_ms"] = _median_ms(step, warm, rep)
+        else:
+            m, _ = _model(preset)
+            if backend == "torch-compile-fp32":
+                t0 = time.perf_counter()
+                m = torch.compile(m)
+                with torch.no_grad():
+                    m(xt, tt)
+                out["compile_seconds"] = time.perf_counter() - t0
+            bf16 = backend == "torch-eager-bf16"
+
+            def call():
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    m(xt, tt)
+
+            out["eps_ms"] = _median_ms(call, warm, rep)
+    out["ms_per_image_step"] = out["eps_ms"] / b
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+            "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    vers = {}
+    for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "numpy", "diffusers", "onnx", "tensorrt-rtx-cu13-bindings"):
+        try:
+            vers[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    info["versions"] = vers
+    return info
+
+
+def run(out_dir: Path, presets=PRESETS, backends=CPU_BACKENDS, batches=(1, 8, 64), warmup: int = 2, repeat: int = 5,
+        e2e_steps: int = 50, threads: int = 0, max_batch: dict[str, int] | None = None, echo=print) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        ctx = get_context("spawn")
+        for preset in presets:
+            for backend in backends:
+                for b in batches:
+                    if max_batch and b > max_batch.get(preset, b):
+                        continue
+                    job = dict(preset=preset, backend=backend, batch=b, warmup=warmup, repeat=repeat, workdir=work,
+                               threads=threads, e2e_steps=e2e_steps if backend == "ort-cpu" else 0)
+                    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
+                        try:
+                            r = ex.submit(measure, job).result()
+                        except Exception as e:  # one failing peer must not sink the run; record why
+                            r = {**{k: job[k] for k in ("preset", "backend", "batch")}, "error": f"{type(e).__name__}: {e}"}
+                    results.append(r)
+                    echo(f"{preset:13s} {backend:20s} b={b:<4d} " +
+                         (f"{r['eps_ms']:9.2f} ms/step  {r['ms_per_image_step']:8.3f} ms/img-step  "
+                          f"rss {r['peak_rss_mb']:.0f} MB" if "eps_ms" in r else r["error"]))
+    doc = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "warmup": warmup,
+           "repeat": repeat, "statistic": "median", "command": " ".join(sys.argv), "results": results}
+    write_json(out_dir / "results.json", doc)
+    atomic_write_text(out_dir / "results.md", markdown(doc))
+    plot(doc, out_dir / "images_per_s.png")
+    return doc
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    lines = [f"Machine: {m.get('cpu', m['machine'])}, {m['cpus']} CPUs; {doc['date']}; median of {doc['repeat']} "
+             f"after {doc['warmup']} warm-up calls; versions {m['versions']}", ""]
+    lines += ["| model | backend | batch | ε ms/step | ms per image-step | vs torch eager fp32 | peak RSS MB | notes |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
+    eager = {(r["preset"], r["batch"]): r.get("eps_ms") for r in doc["results"] if r["backend"] == "torch-eager-fp32"}
+    for r in doc["results"]:
+        if "eps_ms" not in r:
+            lines.append(f"| {r['preset']} | {r['backend']} | {r['batch']} | – | – | – | – | {r['error'][:80]} |")
+            continue
+        ref = eager.get((r["preset"], r["batch"]))
+        notes = []
+        if "loop_overhead_ratio" in r:
+            notes.append(f"loop overhead ×{r['loop_overhead_ratio']:.3f} ({r['e2e_steps']} steps); "
+                         f"{r['images_per_s_1000_steps']:.3f} img/s at 1000 steps")
+        if "compile_seconds" in r:
+            notes.append(f"compile {r['compile_seconds']:.0f}s")
+        lines.append(f"| {r['preset']} | {r['backend']} | {r['batch']} | {r['eps_ms']:.2f} | {r['ms_per_image_step']:.3f} "
+                     f"| {'%.2f' % (r['eps_ms'] / ref) if ref else '–'} | {r['peak_rss_mb']:.0f} | {'; '.join(notes)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = sorted({r["preset"] for r in doc["results"]})
+    fig, axes = plt.subplots(1, len(presets), figsize=(5.5 * len(presets), 4), dpi=100, squeeze=False)
+    for ax, preset in zip(axes[0], presets):
+        for backend in sorted({r["backend"] for r in doc["results"]}):
+            rows = sorted((r for r in doc["results"] if r["preset"] == preset and r["backend"] == backend
+                           and "eps_ms" in r), key=lambda r: r["batch"])
+            if rows:  # images/s for a 1000-step sampling run, from the ε time per step
+                ax.plot([r["batch"] for r in rows], [r["batch"] / (r["eps_ms"] * 1e-3 * 1000) for r in rows],
+                        marker="o", label=backend)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("images/s (1000 steps, ε time)")
+        ax.set_title(preset)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
