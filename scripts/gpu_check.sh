@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The GPU check of issue 6, for a machine with an NVIDIA GPU (run from anywhere; it works in the repo root):
+#   bash scripts/gpu_check.sh            # results in $OUT (default /tmp/gpu-check-out)
+# It installs what travelled with the working tree, never touching the machine's own packages:
+#   .whl/*.whl                  wheels (e.g. cuda-python, nvidia-cuda-nvrtc) -> /tmp/site
+#   .gpu-parts/p*/part0*        onnxruntime-gpu in parts (shared/gpu/ort-gpu-parts.sh) -> /tmp/gpu-parts
+#   .gpu-parts-*/p*/part0*      any other package packed the same way (e.g. TensorRT-RTX) -> /tmp/<dir>
+# then this repo (pip install --no-deps --no-build-isolation -e .), runs `pytest -m gpu` and the benchmark
+# (scripts/gpu_check.py; extra arguments, e.g. --trt --torch --steps 200, go to it) and prints the table.
+# Environment: OUT, PYTHON (default python3). Exit status: non-zero if a gpu test failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-/tmp/gpu-check-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 DDPM_NO_PROGRESS=1
+log() { echo "[gpu_check] $*"; }
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  log "installing $(ls .whl/*.whl | wc -l) carried wheels into /tmp/site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+for dir in .gpu-parts .gpu-parts-*; do
+  compgen -G "$dir/p*/part0*" >/dev/null || continue
+  dest=/tmp/${dir#.}
+  log "unpacking $dir into $dest"
+  mkdir -p "$dest" && cat "$dir"/p*/part0* | xz -d -T0 | tar x -C "$dest" \
+    && export PYTHONPATH=$dest${PYTHONPATH:+:$PYTHONPATH}
+done
+
+log "installing this repo (editable, no dependencies)"
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
+"$PY" - <<'EOF' 2>&1 | tee "$OUT/versions.txt"
+import importlib, sys
+print("python", sys.version.split()[0])
+for name in ("numpy", "onnxruntime", "cuda.bindings", "torch", "onnx", "tensorrt_rtx_bindings", "tensorrt"):
+    try:
+        mod = importlib.import_module(name)
+        extra = f" providers={mod.get_available_providers()}" if name == "onnxruntime" else ""
+        print(f"{name} {getattr(mod, '__version__', '?')} ({mod.__file__}){extra}")
+    except Exception as e:
+        print(f"{name}: not importable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+try:
+    from ddpm_deploy.runtime.device import kernels
+    print("nvrtc", kernels.nvrtc_version(), "archs", kernels.supported_archs())
+except Exception as e:
+    print("nvrtc: unavailable:", e)
+EOF
+
+log "pytest -m gpu"
+"$PY" -m pytest -m gpu tests/runtime/test_device_gpu.py -p no:cacheprovider -rA \
+  --junitxml="$OUT/pytest-gpu.xml" -o junit_family=xunit1 2>&1 | tee "$OUT/pytest-gpu.log"
+status=${PIPESTATUS[0]}
+
+log "benchmark"
+"$PY" scripts/gpu_check.py --junit "$OUT/pytest-gpu.xml" --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+bench=${PIPESTATUS[0]}
+log "pytest exit $status, benchmark exit $bench; results in $OUT"
+[ "$status" -eq 0 ] || [ "$status" -eq 5 ] && exit "$bench"
+exit "$status"

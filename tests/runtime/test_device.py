@@ -1,0 +1,523 @@
+"""The GPU runtime without a GPU: NVRTC compiles of the real kernels, the same kernel source built by the host
+C++ compiler and checked against the NumPy reference, the device loop on the host stand-in of the driver
+(``device.hostsim``), error paths, and the TensorRT / ONNX Runtime CUDA runners up to the point that needs a
+GPU. The checks on a real GPU are in test_device_gpu.py (marker ``gpu``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+from ddpm_deploy.runtime import rng
+from ddpm_deploy.runtime.backends import trt as trt_backend
+from ddpm_deploy.runtime.backends.ort_cuda import provider_options, run_options
+from ddpm_deploy.runtime.device import cuda, kernels
+from ddpm_deploy.runtime.device.kernels import KernelCompileError
+from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, DDPMError, MissingDependencyError, SamplingError
+from ddpm_deploy.runtime.plan import sidecar_path
+from ddpm_deploy.runtime.sampler import LoopTimings
+from ddpm_deploy.runtime.sampler import sample as host_sample
+from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
+from ddpm_deploy.runtime.tolerances import L4_STEP_RTOL, assert_close
+
+
+def _nvrtc_or_skip():
+    pytest.importorskip("cuda.bindings", reason="cuda-python is not installed (" + kernels.INSTALL_GPU + ")")
+    try:
+        return kernels.nvrtc_version()
+    except KernelCompileError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def nvrtc():
+    return _nvrtc_or_skip()
+
+
+@pytest.fixture()
+def sim(nvrtc):
+    """device.cuda talking to the host stand-in (kernels built by the host C++ compiler)."""
+    from ddpm_deploy.runtime.device import hostsim
+
+    if hostsim.host_compiler() is None:
+        pytest.skip("no host C++ compiler (g++, c++ or clang++) for the host build of the kernels")
+    with hostsim.HostDriver.installed(hostsim.LINEAR_EPS_SOURCE, hostsim.LINEAR_EPS_SIGNATURES) as drv:
+        yield drv
+
+
+@pytest.fixture()
+def gpu(sim):
+    from ddpm_deploy.runtime.device.loop import GpuContext
+
+    with GpuContext(0) as ctx:
+        yield ctx
+
+
+# --- the source is generated from the reference constants ------------------------------------------------
+
+def test_kernel_constants_are_the_reference_constants():
+    src = kernels.kernel_source()
+    defines = dict(re.findall(r"^#define (\w+) (\S+)$", src, re.M))
+
+    assert int(defines["PHILOX_M0"].rstrip("u"), 16) == rng.PHILOX_M0
+    assert int(defines["PHILOX_M1"].rstrip("u"), 16) == rng.PHILOX_M1
+    assert int(defines["PHILOX_W0"].rstrip("u"), 16) == rng.PHILOX_W0
+    assert int(defines["PHILOX_W1"].rstrip("u"), 16) == rng.PHILOX_W1
+    assert int(defines["PHILOX_ROUNDS"]) == rng.PHILOX_ROUNDS == 10
+    assert int(defines["INITIAL_STEP"].rstrip("u"), 16) == rng.INITIAL_STEP
+    assert float.fromhex(defines["TWO_PI"]) == rng.TWO_PI == 6.283185307179586
+    assert float.fromhex(defines["TWO_POW_M32"]) == 2.0**-32
+
+
+def test_every_kernel_signature_matches_its_launch_table():
+    src = kernels.kernel_source()
+    kinds = {"unsigned": "u32", "int": "i32"}
+
+    for name in kernels.ENTRY_POINTS:
+        params = re.search(rf"DDPM_KERNEL {name}\(([^)]*)\)", src).group(1).split(",")
+        found = tuple("ptr" if "*" in p else kinds[p.split()[-2]] for p in params)
+        assert found == kernels.SIGNATURES[name], name
+
+
+def test_select_target():
+    supported = [75, 80, 86, 89, 90, 100, 120]
+
+    assert kernels.select_target((9, 0), supported) == "sm_90"
+    assert kernels.select_target((8, 9), supported) == "sm_89"
+    assert kernels.select_target((12, 1), supported) == "compute_120"  # newer GPU: PTX, JIT by the driver
+    with pytest.raises(KernelCompileError, match="compute capability 7.0"):
+        kernels.select_target((7, 0), supported)
+
+
+# --- NVRTC: the real compile, no GPU needed ----------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_90", "compute_80"])
+def test_nvrtc_compiles_every_kernel(nvrtc, target, record_property):
+    out = kernels.compile_kernels(target)
+
+    ptx = out.ptx.decode()
+    assert out.log == ""
+    assert [e for e in kernels.ENTRY_POINTS if f".entry {e}(" in ptx] == list(kernels.ENTRY_POINTS)
+    assert "fma.rn.f32" not in ptx  # float32 arithmetic is never contracted: the step rounds like NumPy
+    if target.startswith("sm_"):
+        assert out.cubin.startswith(b"\x7fELF") and out.image is out.cubin
+    else:
+        assert out.cubin is None and out.image.endswith(b"\0")
+    record_property("nvrtc", {"target": target, "seconds": round(out.seconds, 3), "ptx_bytes": len(out.ptx),
+                              "cubin_bytes": len(out.cubin or b""), "version": out.nvrtc_version})
+
+
+def test_nvrtc_supports_ampere_and_hopper(nvrtc):
+    assert {80, 90} <= set(kernels.supported_archs())
+
+
+def test_nvrtc_error_carries_the_compile_log(nvrtc):
+    with pytest.raises(KernelCompileError, match=r"nvrtcCompileProgram failed for sm_90(.|\n)*error"):
+        kernels.compile_kernels("sm_90", source="__global__ void broken( { }")
+    with pytest.raises(KernelCompileError, match="target must look like"):
+        kernels.compile_kernels("gfx90a")
+
+
+# --- the kernels, built by the host compiler from the same source ----------------------------------------
+
+def _words(seed, idx, step, n):
+    from ddpm_deploy.runtime.device.loop import GpuContext
+
+    nb = -(-n // 4)
+    with GpuContext() as g:
+        mod = cuda.Module(b".entry", kernels.SIGNATURES)
+        out, i, k = cuda.DeviceArray(len(idx) * nb * 4, np.uint32), cuda.DeviceArray(len(idx), np.uint32), \
+            cuda.DeviceArray(2, np.uint32)
+        i.upload(np.asarray(idx, np.uint32), g.stream)
+        k.upload(np.asarray(rng.key_from_seed(seed), np.uint32), g.stream)
+        mod.launch("ddpm_philox_words", (-(-nb // 256), len(idx), 1), (256, 1, 1),
+                   (out.address, i.address, k.address, step, nb), g.stream)
+        return out.download(np.empty((len(idx), nb * 4), np.uint32), g.stream)
+
+
+@pytest.mark.parametrize("seed, idx, step, n", [(0, [0, 1, 2], 999, 3 * 32 * 32), (2**64 - 1, [2**32 - 1, 7], 0, 13),
+                                               (123456789, [5], rng.INITIAL_STEP, 1)])
+def test_host_built_words_are_bitwise_the_reference(sim, seed, idx, step, n):
+    got = _words(seed, idx, step, n)
+
+    np.testing.assert_array_equal(got, rng.uniform_words(seed, idx, step, n))
+
+
+def _ulps(a, b):
+    ia = np.asarray(a, np.float32).view(np.int32).astype(np.int64)
+    ib = np.asarray(b, np.float32).view(np.int32).astype(np.int64)
+    ia = np.where(ia < 0, -(2**31) - ia, ia)  # monotone integer order of the floats
+    ib = np.where(ib < 0, -(2**31) - ib, ib)
+    return np.abs(ia - ib)
+
+
+def test_host_built_normals_within_two_ulp(gpu):
+    from ddpm_deploy.runtime.device.hostsim import LinearEpsBackend
+    from ddpm_deploy.runtime.device.loop import DeviceSampler
+
+    shape, idx = (3, 16, 16), [0, 3, 2**32 - 1]
+    with DeviceSampler(LinearEpsBackend(gpu, shape), Schedule(DiffusionConfig(), steps=2), shape, 3, gpu) as s:
+        s.idx.upload(np.asarray(idx, np.uint32), gpu.stream)
+        s.key.upload(np.asarray(rng.key_from_seed(42), np.uint32), gpu.stream)
+        s._launch_normals(3, 17)
+        got = s.x.download(np.empty(3 * s.n, np.float32), gpu.stream).reshape(3, *shape)
+
+    assert _ulps(got, rng.normals(42, idx, 17, shape)).max() <= 2
+
+
+@pytest.mark.parametrize("variance, clip", [("fixed_small", True), ("fixed_large", False)])
+def test_host_built_step_matches_schedule_step(gpu, variance, clip):
+    from ddpm_deploy.runtime.device.hostsim import LinearEpsBackend
+    from ddpm_deploy.runtime.device.loop import DeviceSampler
+
+    sched = Schedule(DiffusionConfig(variance_type=variance, clip_denoised=clip), steps=50)
+    shape, idx, seed = (3, 8, 8), np.array([4, 9]), 7
+    x = np.random.default_rng(0).normal(size=(2, *shape)).astype(np.float32) * 3
+    eps = np.random.default_rng(1).normal(size=(2, *shape)).astype(np.float32)
+    with DeviceSampler(LinearEpsBackend(gpu, shape), sched, shape, 2, gpu) as s:
+        s.idx.upload(idx.astype(np.uint32), gpu.stream)
+        s.key.upload(np.asarray(rng.key_from_seed(seed), np.uint32), gpu.stream)
+        for i in (len(sched) - 1, 25, 1, 0):
+            s.x.upload(x.reshape(-1), gpu.stream)
+            s.eps.upload(eps.reshape(-1), gpu.stream)
+            s.state.upload(np.array([len(sched) - 1 - i, 0, -1, 0], np.int32), gpu.stream)
+            s._enqueue_update(2, gpu.stream)
+            got = s.x.download(np.empty((2, *shape), np.float32).reshape(-1), gpu.stream).reshape(2, *shape)
+            z = rng.normals(seed, idx, int(sched.timesteps[i]), shape) if i else None
+
+            want = sched.step(x.copy(), eps, i, z)
+
+            assert_close(f"step i={i}", got, want, L4_STEP_RTOL * np.abs(want).max())
+
+
+# --- the device loop on the host stand-in -----------------------------------------------------------------
+
+def _sampler(gpu, sched, shape, max_batch, **kw):
+    from ddpm_deploy.runtime.device.hostsim import LinearEpsBackend
+    from ddpm_deploy.runtime.device.loop import DeviceSampler
+
+    backend = LinearEpsBackend(gpu, shape, **{k: kw.pop(k) for k in ("nan_t", "capture") if k in kw})
+    return backend, DeviceSampler(backend, sched, shape, max_batch, gpu, **kw)
+
+
+@pytest.mark.parametrize("steps", [None, 20])
+def test_device_loop_matches_host_loop_with_and_without_graph(gpu, sim, steps):
+    sched, shape, idx = Schedule(DiffusionConfig(), steps=steps), (1, 8, 8), [0, 5, 9]
+    backend, graphed = _sampler(gpu, sched, shape, 4, cuda_graph=True)
+    with graphed:
+        x_graph, t_graph = graphed.sample(11, idx)
+    _, plain = _sampler(gpu, sched, shape, 4, cuda_graph=False)
+    with plain:
+        x_plain, t_plain = plain.sample(11, idx)
+
+    want = host_sample(backend, sched, shape, 11, idx)
+
+    assert t_graph.graph == "captured" and t_plain.graph == "off" and len(t_graph.step_ms) == len(sched)
+    np.testing.assert_array_equal(x_graph, x_plain)
+    assert_close("device loop vs host loop", x_graph, want, L4_STEP_RTOL)
+    assert sim.calls["cuGraphLaunch"] == len(sched) and sim.calls["cuStreamBeginCapture"] == 1
+
+
+def test_device_loop_is_batch_invariant_and_recaptures_per_batch_size(gpu, sim):
+    sched, shape = Schedule(DiffusionConfig(), steps=10), (1, 4, 4)
+    _, sampler = _sampler(gpu, sched, shape, 6)
+    with sampler:
+        x_all, _ = sampler.sample(3, range(6))
+        x_part, _ = sampler.sample(3, [2, 3])
+        x_again, _ = sampler.sample(3, [4, 5])
+        x_seed, _ = sampler.sample(4, [4, 5])
+
+    np.testing.assert_array_equal(x_part, x_all[2:4])
+    np.testing.assert_array_equal(x_again, x_all[4:6])
+    assert not np.array_equal(x_seed, x_again)
+    assert sim.calls["cuStreamBeginCapture"] == 2  # batch 6, then batch 2 (reused for the 3rd and 4th)
+
+
+def test_device_loop_reports_the_first_non_finite_step(gpu):
+    sched = Schedule(DiffusionConfig(), steps=10)
+    _, sampler = _sampler(gpu, sched, (1, 4, 4), 2, nan_t=int(sched.timesteps[6]))
+
+    with sampler, pytest.raises(SamplingError, match=rf"t={int(sched.timesteps[6])} \(loop step 4/10\).*sample index 0"):
+        sampler.sample(0, [0, 1])
+
+
+def test_capture_failure_falls_back_to_no_graph(gpu, sim, caplog):
+    sched, shape = Schedule(DiffusionConfig(), steps=5), (1, 4, 4)
+    backend, sampler = _sampler(gpu, sched, shape, 2)
+    backend.enqueue = lambda stream, launch=backend.enqueue: (stream.synchronize(), launch(stream))  # capture-unsafe
+
+    with sampler:
+        x, timings = sampler.sample(1, [0, 1])
+
+    assert timings.graph == "off" and "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED" in sampler.graph_error
+    assert "cuStreamSynchronize failed" in caplog.text
+    assert_close("fallback vs host", x, host_sample(backend, sched, shape, 1, [0, 1]), L4_STEP_RTOL)
+
+
+def test_timings_summary_has_the_host_loop_keys(gpu):
+    from ddpm_deploy.runtime.device.loop import DeviceTimings
+
+    _, sampler = _sampler(gpu, Schedule(DiffusionConfig(), steps=4), (1, 4, 4), 1, cuda_graph=False)
+    with sampler:
+        _, timings = sampler.sample(0, [0])
+
+    summary = timings.summary()
+    assert set(LoopTimings().summary()) <= set(summary) and summary["steps"] == 4 and summary["graph"] == "off"
+    total = DeviceTimings().extend(timings).extend(timings)
+    assert len(total.step_ms) == len(total.eps_ms) == 8
+    assert total.extend(DeviceTimings(step_ms=[1.0], graph="captured")).eps_ms is None
+    assert summary["eps_ms_median"] is not None and summary["overhead_ratio"] >= 1.0
+    json.dumps(summary)
+
+
+def test_sampler_rejects_bad_indices_and_shapes(gpu):
+    from ddpm_deploy.runtime.device.loop import check_indices, check_shape
+
+    with pytest.raises(ConfigError, match="does not fit"):
+        check_indices(range(5), 4)
+    with pytest.raises(ConfigError, match=r"\[0, 2\*\*32 - 1\]"):
+        check_indices([-1], 4)
+    with pytest.raises(ConfigError, match="1-D integer"):
+        check_indices([[0]], 4)
+    with pytest.raises(ConfigError, match=r"\(C, H, W\)"):
+        check_shape((3, 32))
+
+
+# --- errors name the call, and say what is missing --------------------------------------------------------
+
+def test_failed_calls_name_the_call_and_the_error(gpu, sim):
+    codes = cuda.driver().CUresult
+    sim.fail["cuMemAlloc"] = codes.CUDA_ERROR_OUT_OF_MEMORY
+    with pytest.raises(cuda.CudaError, match=r"cuMemAlloc failed: CUDA_ERROR_OUT_OF_MEMORY.*smaller --batch"):
+        cuda.DeviceArray(16, np.float32)
+    sim.fail["cuInit"] = codes.CUDA_ERROR_NO_DEVICE
+    with pytest.raises(cuda.NoDeviceError, match="cuInit failed: CUDA_ERROR_NO_DEVICE.*nvidia-smi"):
+        cuda.query_device()
+    sim.fail["cuInit"] = codes.CUDA_ERROR_CALL_REQUIRES_NEWER_DRIVER
+    with pytest.raises(cuda.NoDeviceError, match="580 or newer"):
+        cuda.query_device()
+    sim.fail["cuLaunchKernel"] = codes.CUDA_ERROR_LAUNCH_FAILED
+    with pytest.raises(cuda.CudaError, match=r"cuLaunchKernel\(ddpm_advance\) failed"):
+        cuda.Module(b".entry", kernels.SIGNATURES).launch("ddpm_advance", (1, 1, 1), (1, 1, 1), (0,), gpu.stream)
+
+
+def test_pack_args_checks_count_and_range():
+    holders, params = cuda.pack_args("k", ("ptr", "u32", "i32"), (2**40, 7, -3))
+
+    assert [int(h[0]) for h in holders] == [2**40, 7, -3] and params.dtype == np.uint64
+    with pytest.raises(ValueError, match="takes 3 arguments"):
+        cuda.pack_args("k", ("ptr", "u32", "i32"), (1, 2))
+    with pytest.raises(ValueError, match=r"argument 1 \(u32\)"):
+        cuda.pack_args("k", ("ptr", "u32"), (1, -1))
+
+
+def _driver_is_present() -> bool:
+    try:
+        cuda.query_device()
+        return True
+    except DDPMError:  # no driver, no GPU, or no cuda-python
+        return False
+
+
+def test_no_driver_gives_a_clear_error(nvrtc):
+    if _driver_is_present():
+        pytest.skip("an NVIDIA driver and GPU are present here")
+    from ddpm_deploy.runtime.device.loop import GpuContext
+
+    with pytest.raises(cuda.NoDeviceError, match=r"cuInit: the NVIDIA driver library \(libcuda.so.1\) was not found"):
+        GpuContext(0)
+
+
+def test_real_binding_accepts_our_argument_types(nvrtc):
+    """Without a driver, cuda-python converts every argument before it fails to load libcuda: a TypeError here
+    would be a wrong argument type in our wrappers."""
+    if _driver_is_present():
+        pytest.skip("an NVIDIA driver is present: the GPU tests exercise these calls for real")
+    d = cuda.driver()
+    host = np.zeros(8, np.float32)
+    _, params = cuda.pack_args("ddpm_advance", ("ptr",), (0,))
+    calls = [("cuMemcpyHtoDAsync", d.CUdeviceptr(0), host.ctypes.data, host.nbytes, d.CUstream(0)),
+             ("cuMemcpyDtoHAsync", host.ctypes.data, d.CUdeviceptr(0), host.nbytes, d.CUstream(0)),
+             ("cuMemsetD32Async", d.CUdeviceptr(0), 0xFFFFFFFF, 8, d.CUstream(0)),
+             ("cuLaunchKernel", d.CUfunction(), 1, 2, 1, 256, 1, 1, 0, d.CUstream(0), params.ctypes.data, 0),
+             ("cuStreamCreate", d.CUstream_flags.CU_STREAM_NON_BLOCKING),
+             ("cuStreamBeginCapture", d.CUstream(0), d.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
+             ("cuGraphInstantiate", d.CUgraph(), 0), ("cuGraphLaunch", d.CUgraphExec(), d.CUstream(0)),
+             ("cuModuleLoadData", b"\x7fELF"), ("cuModuleGetFunction", d.CUmodule(), b"ddpm_step"),
+             ("cuEventCreate", d.CUevent_flags.CU_EVENT_DEFAULT), ("cuEventElapsedTime", d.CUevent(), d.CUevent()),
+             ("cuDeviceGetAttribute", d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, d.CUdevice(0))]
+    for name, *args in calls:
+        with pytest.raises(cuda.NoDeviceError):
+            cuda.call(name, *args)
+
+
+def test_missing_cuda_python_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cuda.bindings.driver", None)
+    previous = cuda.use_driver(None)
+    try:
+        with pytest.raises(MissingDependencyError, match=r"cuda-python==13\.4\.4"):
+            cuda.query_device()
+    finally:
+        cuda.use_driver(previous)
+
+
+def test_device_modules_import_neither_torch_nor_cuda():
+    code = textwrap.dedent("""
+        import sys
+        import ddpm_deploy.runtime.device, ddpm_deploy.runtime.backends.trt, ddpm_deploy.runtime.backends.ort_cuda
+        heavy = [m for m in sys.modules if m.split(".")[0] in ("torch", "cuda", "tensorrt", "tensorrt_rtx_bindings")]
+        assert heavy == [], heavy
+        print("OK")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr
+
+
+# --- TensorRT runner: everything up to the GPU ------------------------------------------------------------
+
+@pytest.mark.parametrize("batch", [0, 17, 100])
+def test_batch_outside_profile_is_refused(batch):
+    with pytest.raises(ConfigError, match=rf"batch {batch} is outside the plan's optimisation profile "
+                                          r"\(min/opt/max = 1/4/16\); use --batch between 1 and 16"):
+        trt_backend.check_batch_in_profile(batch, {"min": 1, "opt": 4, "max": 16}, "model.plan")
+
+
+def test_batch_inside_profile_is_accepted():
+    for batch in (1, 4, 16):
+        trt_backend.check_batch_in_profile(batch, {"min": 1, "opt": 4, "max": 16})
+
+
+def test_sidecar_io_contract():
+    io = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3, 32, 32]},
+                     {"name": "t", "dtype": "int32", "shape": [-1]}],
+          "outputs": [{"name": "eps", "dtype": "float32", "shape": [-1, 3, 32, 32]}]}
+    assert trt_backend.sidecar_io(io, "p") == (3, 32, 32)
+    io["inputs"][1]["dtype"] = "int64"
+    with pytest.raises(ArtifactError, match="t int32"):
+        trt_backend.sidecar_io(io, "p")
+
+
+def test_missing_tensorrt_names_the_wheel(monkeypatch):
+    for name in (*trt_backend.RTX_MODULES, "tensorrt"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(MissingDependencyError, match="tensorrt-rtx-cu13-bindings==1.7.1.116"):
+        trt_backend.import_tensorrt("rtx")
+    with pytest.raises(MissingDependencyError, match="tensorrt>=10"):
+        trt_backend.import_tensorrt("tensorrt")
+
+
+@pytest.fixture(scope="module")
+def rtx_plan(tmp_path_factory):
+    """A real TensorRT-RTX plan (+ sidecar) of a tiny ε-model, built without a GPU."""
+    torch = pytest.importorskip("torch")
+    onnx = pytest.importorskip("onnx")
+    engine = pytest.importorskip("ddpm_deploy.export.engine")
+    try:
+        engine.load_tensorrt("rtx")
+    except MissingDependencyError as e:
+        pytest.skip(str(e))
+    from ddpm_deploy.runtime.config import ONNX_METADATA_KEY, DataSpec, ModelCard
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x, t):
+            return self.conv(x) + t.to(torch.float32)[:, None, None, None] * 1e-3
+
+    d = tmp_path_factory.mktemp("rtx")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():  # the TorchScript exporter (dynamo=False) is deprecated; fine for a fixture
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(Tiny().eval(), (torch.randn(2, 1, 8, 8), torch.tensor([0, 1], dtype=torch.int32)),
+                          str(d / "model.onnx"), input_names=["x", "t"], output_names=["eps"], opset_version=17,
+                          dynamic_axes={k: {0: "batch"} for k in ("x", "t", "eps")}, dynamo=False)
+    proto = onnx.load(str(d / "model.onnx"))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, ModelCard(DiffusionConfig(), DataSpec(1, 8)).to_json()
+    onnx.save(proto, str(d / "model.onnx"))
+    engine.build_engine(d / "model.onnx", d / "model.plan", engine.EngineSettings(1, 4, 16, flavour="rtx"))
+    return d / "model.plan"
+
+
+def _copy_plan(plan, tmp_path):
+    import shutil
+
+    shutil.copy(plan, tmp_path / plan.name)
+    shutil.copy(sidecar_path(plan), sidecar_path(tmp_path / plan.name))
+    return tmp_path / plan.name
+
+
+def test_trt_runner_refuses_missing_sidecar_and_tampered_plan(rtx_plan, tmp_path):
+    plan = _copy_plan(rtx_plan, tmp_path)
+    plan.write_bytes(plan.read_bytes() + b"\0")
+    with pytest.raises(ArtifactError, match="modified after it was built"):
+        trt_backend.TrtRunner(plan, gpu=None)
+    sidecar_path(plan).unlink()
+    with pytest.raises(ArtifactError, match="expected the plan's sidecar"):
+        trt_backend.TrtRunner(plan, gpu=None)
+
+
+def test_trt_runner_refuses_a_plan_for_another_tensorrt(rtx_plan, tmp_path, gpu):
+    plan = _copy_plan(rtx_plan, tmp_path)
+    side = json.loads(sidecar_path(plan).read_text())
+    side["trt"]["version"] = "1.0.0.1"
+    sidecar_path(plan).write_text(json.dumps(side))
+
+    with pytest.raises(ArtifactError, match=r"cannot run here:\n  - the plan was built with .* 1\.0\.0\.1"):
+        trt_backend.TrtRunner(plan, gpu)
+
+
+def test_trt_runner_without_a_real_gpu_says_deserialization_failed(rtx_plan, gpu):
+    with pytest.raises(ArtifactError, match=r"could not deserialize the plan on hostsim(.|\n)*TensorRT reported"):
+        trt_backend.TrtRunner(rtx_plan, gpu)
+
+
+def test_engine_info_on_a_machine_without_gpu(rtx_plan):
+    from ddpm_deploy.runtime.device.info import engine_info, format_engine_info
+
+    if _driver_is_present():
+        pytest.skip("an NVIDIA driver is present here")
+    info = engine_info(rtx_plan)
+
+    text = format_engine_info(info)
+    assert info["runnable"] is False and info["tensorrt"]["module"].startswith("tensorrt_rtx")
+    assert any("no usable GPU" in r for r in info["reasons"]) or any("cuda-python" in r for r in info["reasons"])
+    assert "batch profile: min/opt/max = 1/4/16" in text and "runnable here: no" in text
+
+
+# --- ONNX Runtime CUDA runner: options, and the message without onnxruntime-gpu ---------------------------
+
+def test_ort_provider_and_run_options():
+    ort = pytest.importorskip("onnxruntime")
+
+    assert provider_options(0, 1234, True) == {"device_id": "0", "enable_cuda_graph": "1", "user_compute_stream": "1234",
+                                               "has_user_compute_stream": "1", "arena_extend_strategy": "kSameAsRequested",
+                                               "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": "0"}
+    plain = provider_options(1, None, False, tf32=True, conv_algo_search="HEURISTIC")
+    assert "user_compute_stream" not in plain and plain["use_tf32"] == "1" and plain["enable_cuda_graph"] == "0"
+    with pytest.raises(ConfigError, match="cudnn_conv_algo_search"):
+        provider_options(0, None, False, conv_algo_search="FAST")
+    opts = run_options(ort, True, 2)
+    assert opts.get_run_config_entry("disable_synchronize_execution_providers") == "1"
+    assert opts.get_run_config_entry("gpu_graph_id") == "2"
+
+
+def test_ort_cuda_without_onnxruntime_gpu_names_the_package(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    from ddpm_deploy.runtime.backends.ort_cuda import OrtCudaRunner
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"not used")
+    with pytest.raises(ConfigError, match="install onnxruntime-gpu instead of onnxruntime"):
+        OrtCudaRunner(model, gpu=None)

@@ -1,0 +1,259 @@
+"""The GPU runtime on a real NVIDIA GPU (marker ``gpu``; skipped where cuda-python, the driver or a GPU is
+missing). Run by scripts/gpu_check.sh. Level L4 of the parity suite: GPU kernels and engines vs the NumPy
+step and RNG and ONNX Runtime on the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ddpm_deploy.runtime import rng
+from ddpm_deploy.runtime.errors import ConfigError, DDPMError, MissingDependencyError
+from ddpm_deploy.runtime.imageio import to_uint8
+from ddpm_deploy.runtime.sampler import sample as host_sample
+from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
+from ddpm_deploy.runtime.tolerances import L2_EPS_FP32_ATOL, L3_TRAJECTORY_FP32_ATOL, L4_STEP_RTOL, assert_close
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    from ddpm_deploy.runtime.device.loop import GpuContext
+
+    try:
+        ctx = GpuContext(0)
+    except DDPMError as e:  # NoDeviceError, MissingDependencyError: say which
+        pytest.skip(f"no usable GPU: {e}")
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def kernels_module(gpu):
+    from ddpm_deploy.runtime.device import cuda, kernels
+
+    target = kernels.select_target(gpu.props.compute_capability, kernels.supported_archs())
+    compiled = kernels.compile_kernels(target)
+    module = cuda.Module(compiled.image, kernels.SIGNATURES)
+    yield module, compiled
+    module.close()
+
+
+def _ulps(a, b):
+    ia = np.asarray(a, np.float32).view(np.int32).astype(np.int64)
+    ib = np.asarray(b, np.float32).view(np.int32).astype(np.int64)
+    return np.abs(np.where(ia < 0, -(2**31) - ia, ia) - np.where(ib < 0, -(2**31) - ib, ib))
+
+
+def _upload(gpu, array, dtype):
+    from ddpm_deploy.runtime.device.cuda import DeviceArray
+
+    host = np.ascontiguousarray(array, dtype=dtype).reshape(-1)
+    dev = DeviceArray(host.size, dtype)
+    dev.upload(host, gpu.stream)
+    return dev
+
+
+def test_kernels_compile_and_load_for_this_gpu(gpu, kernels_module, record_property):
+    _, compiled = kernels_module
+
+    assert compiled.log == ""
+    record_property("gpu", gpu.props.to_dict())
+    record_property("kernel_target", compiled.target)
+
+
+CASES = [(0, [0, 1, 2, 255], 999, 3 * 32 * 32), (2**64 - 1, [2**32 - 1, 7], 0, 13),
+         (123456789, [5, 6], rng.INITIAL_STEP, 3 * 32 * 32)]
+
+
+@pytest.mark.parametrize("seed, idx, step, n", CASES)
+def test_philox_words_bitwise_equal_to_numpy(gpu, kernels_module, seed, idx, step, n):
+    from ddpm_deploy.runtime.device.cuda import DeviceArray
+
+    module, _ = kernels_module
+    nb = -(-n // 4)
+    out = DeviceArray(len(idx) * nb * 4, np.uint32)
+    d_idx, d_key = _upload(gpu, idx, np.uint32), _upload(gpu, rng.key_from_seed(seed), np.uint32)
+    module.launch("ddpm_philox_words", (-(-nb // 256), len(idx), 1), (256, 1, 1),
+                  (out.address, d_idx.address, d_key.address, step, nb), gpu.stream)
+
+    got = out.download(np.empty((len(idx), nb * 4), np.uint32), gpu.stream)
+
+    np.testing.assert_array_equal(got, rng.uniform_words(seed, idx, step, n))
+    for arr in (out, d_idx, d_key):
+        arr.close()
+
+
+@pytest.mark.parametrize("seed, idx, step, n", CASES)
+def test_normals_within_two_ulp_of_numpy(gpu, kernels_module, seed, idx, step, n, record_property):
+    from ddpm_deploy.runtime.device.cuda import DeviceArray
+
+    module, _ = kernels_module
+    nb = -(-n // 4)
+    out = DeviceArray(len(idx) * n, np.float32)
+    d_idx, d_key = _upload(gpu, idx, np.uint32), _upload(gpu, rng.key_from_seed(seed), np.uint32)
+    module.launch("ddpm_normals", (-(-nb // 256), len(idx), 1), (256, 1, 1),
+                  (out.address, d_idx.address, d_key.address, step, n, nb), gpu.stream)
+
+    got = out.download(np.empty((len(idx), n), np.float32), gpu.stream)
+
+    ulps = _ulps(got, rng.normals(seed, idx, step, n))
+    record_property("normals", {"max_ulp": int(ulps.max()), "not_bitwise": int((ulps > 0).sum()), "n": int(ulps.size)})
+    assert ulps.max() <= 2
+    for arr in (out, d_idx, d_key):
+        arr.close()
+
+
+def _linear_sampler(gpu, sched, shape, max_batch, **kw):
+    from ddpm_deploy.runtime.device.hostsim import LinearEpsBackend
+    from ddpm_deploy.runtime.device.loop import DeviceSampler
+
+    backend = LinearEpsBackend(gpu, shape, **{k: kw.pop(k) for k in ("nan_t", "capture") if k in kw})
+    return backend, DeviceSampler(backend, sched, shape, max_batch, gpu, **kw)
+
+
+@pytest.mark.parametrize("variance, clip", [("fixed_small", True), ("fixed_large", False)])
+def test_step_kernel_matches_numpy_step(gpu, variance, clip):
+    sched = Schedule(DiffusionConfig(variance_type=variance, clip_denoised=clip))
+    shape, idx, seed = (3, 32, 32), np.array([0, 17, 2**31]), 5
+    x = np.random.default_rng(0).normal(size=(3, *shape)).astype(np.float32) * 2
+    eps = np.random.default_rng(1).normal(size=(3, *shape)).astype(np.float32)
+    _, s = _linear_sampler(gpu, sched, shape, 3)
+    with s:
+        s.idx.upload(idx.astype(np.uint32), gpu.stream)
+        s.key.upload(np.asarray(rng.key_from_seed(seed), np.uint32), gpu.stream)
+        for i in (999, 500, 1, 0):
+            s.x.upload(x.reshape(-1), gpu.stream)
+            s.eps.upload(eps.reshape(-1), gpu.stream)
+            s.state.upload(np.array([999 - i, 0, -1, 0], np.int32), gpu.stream)
+            s._enqueue_update(3, gpu.stream)
+            got = s.x.download(np.empty(x.size, np.float32), gpu.stream).reshape(x.shape)
+            z = rng.normals(seed, idx, int(sched.timesteps[i]), shape) if i else None
+
+            want = sched.step(x.copy(), eps, i, z)
+
+            assert_close(f"step i={i}", got, want, L4_STEP_RTOL * np.abs(want).max())
+
+
+def test_device_loop_matches_host_loop_and_graph_is_identical(gpu, record_property):
+    sched, shape, idx = Schedule(DiffusionConfig()), (3, 32, 32), list(range(8))
+    backend, graphed = _linear_sampler(gpu, sched, shape, 8, cuda_graph=True)
+    with graphed:
+        x_graph, t_graph = graphed.sample(2024, idx)
+    _, plain = _linear_sampler(gpu, sched, shape, 8, cuda_graph=False)
+    with plain:
+        x_plain, t_plain = plain.sample(2024, idx)
+
+    want = host_sample(backend, sched, shape, 2024, idx)
+
+    assert t_graph.graph == "captured" and t_plain.graph == "off"
+    np.testing.assert_array_equal(x_graph, x_plain)
+    c = assert_close("device loop (linear ε) vs host loop", x_graph, want, L4_STEP_RTOL * 10)
+    np.testing.assert_array_equal(to_uint8(x_graph), to_uint8(want))  # same seed, same image on CPU and GPU
+    record_property("linear_loop", {"max_abs": c.max_abs, "graph_step_ms": t_graph.summary()["step_ms_median"],
+                                    "plain_step_ms": t_plain.summary()["step_ms_median"]})
+
+
+def test_device_loop_reports_nan(gpu):
+    from ddpm_deploy.runtime.errors import SamplingError
+
+    sched = Schedule(DiffusionConfig(), steps=10)
+    _, s = _linear_sampler(gpu, sched, (1, 8, 8), 2, nan_t=int(sched.timesteps[3]))
+    with s, pytest.raises(SamplingError, match=f"t={int(sched.timesteps[3])}"):
+        s.sample(0, [0, 1])
+
+
+# --- ONNX Runtime CUDA -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ort_cuda():
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu)")
+    return ort
+
+
+def test_ort_cuda_trajectory_matches_cpu_runtime(gpu, ort_cuda, request, record_property):
+    micro_onnx = request.getfixturevalue("micro_onnx")  # only once the GPU is known to be there (it trains)
+    from ddpm_deploy.runtime.backends.ort import OrtRunner
+    from ddpm_deploy.runtime.backends.ort_cuda import OrtCudaRunner
+    from ddpm_deploy.runtime.device.loop import DeviceSampler
+
+    cpu = OrtRunner(micro_onnx)
+    card = cpu.card
+    shape = (card.data.channels, card.data.image_size, card.data.image_size)
+    sched, idx = Schedule(card.diffusion), [0, 1, 2, 3]
+    results = {}
+    for graph in (True, False):
+        backend = OrtCudaRunner(micro_onnx, gpu, cuda_graph=graph, conv_algo_search="HEURISTIC")
+        with backend, DeviceSampler(backend, sched, shape, 4, gpu, cuda_graph=graph) as s:
+            results[graph] = s.sample(9, idx)
+            results[f"uses_graphs_{graph}"] = backend.uses_graphs
+
+    want = host_sample(cpu, sched, shape, 9, idx)
+
+    x = results[True][0]
+    np.testing.assert_array_equal(x, results[False][0])  # ORT's CUDA graph vs plain runs
+    c = assert_close("ORT CUDA loop vs ORT CPU loop", x, want, L3_TRAJECTORY_FP32_ATOL)
+    diff = np.abs(to_uint8(x).astype(int) - to_uint8(want).astype(int))
+    record_property("ort_cuda", {"max_abs": c.max_abs, "uint8_max_diff": int(diff.max()),
+                                 "uint8_pixels_differing": float((diff > 0).mean()),
+                                 "ort_graphs": results["uses_graphs_True"],
+                                 "step_ms": results[True][1].summary()["step_ms_median"]})
+    assert diff.max() <= 1 and (diff > 0).mean() <= 1e-3
+
+
+def test_ort_cuda_eps_matches_cpu(gpu, ort_cuda, request):
+    micro_onnx = request.getfixturevalue("micro_onnx")
+    from ddpm_deploy.runtime.backends.ort import OrtRunner
+    from ddpm_deploy.runtime.backends.ort_cuda import OrtCudaRunner
+
+    cpu = OrtRunner(micro_onnx)
+    x = np.random.default_rng(0).normal(size=(5, *cpu.sample_shape)).astype(np.float32)
+    t = np.array([0, 1, 500, 998, 999], np.int32)
+    with OrtCudaRunner(micro_onnx, gpu, cuda_graph=False) as cuda_runner:
+        assert_close("ε ORT CUDA vs CPU", cuda_runner.eps(x, t), cpu.eps(x, t), L2_EPS_FP32_ATOL)
+
+
+# --- TensorRT-RTX (or TensorRT) on this GPU ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpu_plan(gpu, request, tmp_path_factory):
+    engine = pytest.importorskip("ddpm_deploy.export.engine")
+    try:
+        _, flavour = engine.load_tensorrt("auto")
+    except MissingDependencyError as e:
+        pytest.skip(str(e))
+    micro_onnx = request.getfixturevalue("micro_onnx")
+    plan = tmp_path_factory.mktemp("plan") / "model.plan"
+    engine.build_engine(micro_onnx, plan, engine.EngineSettings(1, 4, 8, flavour=flavour))
+    return plan
+
+
+def test_trt_engine_eps_and_trajectory(gpu, gpu_plan, request, record_property):
+    micro_onnx = request.getfixturevalue("micro_onnx")
+    from ddpm_deploy.runtime.backends.ort import OrtRunner
+    from ddpm_deploy.runtime.backends.trt import TrtRunner
+    from ddpm_deploy.runtime.device.loop import DeviceSampler
+
+    cpu = OrtRunner(micro_onnx)
+    x = np.random.default_rng(0).normal(size=(4, *cpu.sample_shape)).astype(np.float32)
+    t = np.array([0, 1, 500, 999], np.int32)
+    sched, shape, idx = Schedule(cpu.card.diffusion), cpu.sample_shape, [0, 1, 2, 3]
+    with TrtRunner(gpu_plan, gpu) as runner:
+        eps_err = float(np.abs(runner.eps(x, t) - cpu.eps(x, t)).max())
+        with pytest.raises(ConfigError, match="outside the plan's optimisation profile"):
+            runner.check_batch(9)
+        with DeviceSampler(runner, sched, shape, 4, gpu, cuda_graph=True) as s:
+            x_graph, timings = s.sample(3, idx)
+    with TrtRunner(gpu_plan, gpu, cuda_graph=False) as runner, DeviceSampler(runner, sched, shape, 4, gpu, cuda_graph=False) as s:
+        x_plain, _ = s.sample(3, idx)
+
+    want = host_sample(cpu, sched, shape, 3, idx)
+
+    record_property("trt", {"flavour": runner.flavour, "eps_max_abs": eps_err, "graph": timings.graph,
+                            "traj_max_abs": float(np.abs(x_graph - want).max()),
+                            "graph_vs_plain_max_abs": float(np.abs(x_graph - x_plain).max())})
+    assert eps_err <= 1e-3  # TensorRT may pick TF32 tactics for fp32 layers
+    assert_close("TensorRT loop vs ORT CPU loop", x_graph, want, 1e-2)
