@@ -1,14 +1,14 @@
 """Run directories and checkpoints.
 
 Layout (shared/DESIGN.md): ``model.json`` (ModelCard), ``weights.safetensors`` (``ema.*`` and ``raw.*``),
-``state.pt`` (optimizer + step, loaded with ``torch.load(weights_only=True)``), ``loss.jsonl``,
+``state.safetensors`` (optimizer tensors + step; param groups as JSON metadata — no pickle anywhere), ``loss.jsonl``,
 ``loss.png``, ``samples/``, and ``checkpoints/step_NNNNNNNN/`` (the last K, each written as a temporary
 directory then renamed, so a checkpoint is either whole or absent).
 """
 
 from __future__ import annotations
 
-import io
+import json
 import os
 import shutil
 import tempfile
@@ -26,7 +26,7 @@ from ddpm_deploy.runtime.errors import ArtifactError
 from .unet import UNet, UNetConfig
 
 WEIGHTS = "weights.safetensors"
-STATE = "state.pt"
+STATE = "state.safetensors"
 MODEL_JSON = "model.json"
 CKPT_DIR = "checkpoints"
 
@@ -38,9 +38,18 @@ def _weights_bytes(raw: torch.nn.Module, ema: torch.nn.Module, step: int) -> byt
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer, step: int) -> bytes:
-    buf = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "step": step}, buf)
-    return buf.getvalue()
+    """Optimizer state as safetensors: tensors under ``state.<param>.<name>``, the rest as JSON metadata."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"state.{pid}.{name}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = v
+    meta = {"step": str(step), "param_groups": json.dumps(sd["param_groups"]), "scalars": json.dumps(scalars),
+            "format": "ddpm-deploy-optimizer"}
+    return st_save(tensors, metadata=meta)
 
 
 def save_checkpoint(run_dir: Path, raw, ema, optimizer, step: int, keep: int) -> Path:
@@ -103,12 +112,28 @@ def load_weights(path: Path, which: str = "ema") -> tuple[dict[str, torch.Tensor
 
 
 def load_state(path: Path) -> dict[str, Any]:
+    """Read state.safetensors back into ``{"optimizer": state_dict, "step": int}``."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: optimizer state not found; cannot resume from this run")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated/corrupt zip files
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") != "ddpm-deploy-optimizer":
+            raise ValueError(f"format {meta.get('format')!r} is not ddpm-deploy-optimizer")
+        state: dict[int, dict[str, Any]] = {}
+        for k, v in tensors.items():
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+        for k, v in json.loads(meta["scalars"]).items():
+            pid, name = k.split(".", 1)
+            state.setdefault(int(pid), {})[name] = v
+        opt = {"state": state, "param_groups": json.loads(meta["param_groups"])}
+        return {"optimizer": opt, "step": int(meta["step"])}
+    except (SafetensorError, ValueError, KeyError, OSError, json.JSONDecodeError) as e:
         raise ArtifactError(
             f"{path}: optimizer state is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             f"resume from an earlier checkpoint in {CKPT_DIR}/"

@@ -25,7 +25,7 @@ MICRO_SET = ["--set", "image_size=8", "--set", "ch=16", "--set", "ch_mult=1,2", 
 
 
 def test_run_dir_has_every_artifact(micro_run):
-    for name in ("model.json", "weights.safetensors", "state.pt", "loss.jsonl", "loss.png"):
+    for name in ("model.json", "weights.safetensors", "state.safetensors", "loss.jsonl", "loss.png"):
         assert (micro_run / name).is_file(), name
     card = json.loads((micro_run / "model.json").read_text())
     assert card["schema_version"] == 1 and card["diffusion"]["num_timesteps"] == 1000
@@ -62,7 +62,11 @@ def test_resume_is_bitwise_exact(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # the optimizer state too, and the loss log has no duplicated steps
-    sa, sb = load_state(straight / "state.pt"), load_state(split / "state.pt")
+    sa, sb = load_state(straight / "state.safetensors"), load_state(split / "state.safetensors")
+    assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
+    for pid, st in sa["optimizer"]["state"].items():
+        for name, v in st.items():
+            assert torch.equal(v, sb["optimizer"]["state"][pid][name]), (pid, name)
     assert sa["step"] == sb["step"] == 20
     steps = [json.loads(x)["step"] for x in (split / "loss.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20]
@@ -123,20 +127,20 @@ def test_truncated_weights_give_clear_error(micro_run, tmp_path):
 
 
 def test_corrupt_state_gives_clear_error(micro_run, tmp_path):
-    bad = tmp_path / "state.pt"
-    bad.write_bytes((micro_run / "state.pt").read_bytes()[:200])
+    bad = tmp_path / "state.safetensors"
+    bad.write_bytes((micro_run / "state.safetensors").read_bytes()[:200])
     with pytest.raises(ArtifactError, match="state is truncated or corrupt"):
         load_state(bad)
 
 
-def test_pickled_code_in_state_is_refused(tmp_path):
+def test_a_pickle_in_place_of_the_state_is_refused(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.getcwd, ())
 
-    bad = tmp_path / "state.pt"
-    torch.save({"x": Evil()}, bad)
-    with pytest.raises(ArtifactError):
+    bad = tmp_path / "state.safetensors"
+    torch.save({"x": Evil()}, bad)  # a torch pickle where our safetensors state should be: never unpickled
+    with pytest.raises(ArtifactError, match="truncated or corrupt"):
         load_state(bad)
 
 
