@@ -11,7 +11,7 @@ import click
 
 from ddpm_deploy.runtime.clitools import clean_errors, latest_run, setup_logging
 from ddpm_deploy.runtime.config import write_json
-from ddpm_deploy.runtime.errors import ArtifactError
+from ddpm_deploy.runtime.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,33 @@ def export_onnx_from_run(run_dir: Path, out_dir: Path, raw: bool = False, echo=l
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output directory. Default: RUN_DIR/export/.")
 @click.option("--raw", is_flag=True, help="Export the raw weights instead of the EMA weights.")
+@click.option("--from-diffusers", "from_diffusers", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Export a diffusers UNet2DModel directory instead of a run (config.json + "
+                   "diffusion_pytorch_model.safetensors, scheduler_config.json beside it or one level up, e.g. a "
+                   "local copy of google/ddpm-cifar10-32). Default --out: DIR/export/.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @clean_errors
-def main(run_dir, out, raw, verbose):
+def main(run_dir, out, raw, from_diffusers, verbose):
     """Export a trained run to ONNX (and, with --fp16 / --engine, to mixed precision and TensorRT).
 
     RUN_DIR defaults to runs/latest (the last ddpm-train run). The ONNX model has inputs x float32
     [B,C,H,W] and t int32 [B], output eps float32 [B,C,H,W], a dynamic batch axis, and the DDPM config
     as JSON in its metadata (key ddpm_deploy.config). Right after export it is run in ONNX Runtime and
     compared with the PyTorch checkpoint; the comparison is saved as export_report.json.
+
+    With --from-diffusers DIR, a diffusers UNet2DModel (ε-prediction, DDPMScheduler config) is exported with
+    the same contract and metadata, and verified against the diffusers model in PyTorch.
     """
     setup_logging(verbose)
+    if from_diffusers is not None:
+        if run_dir is not None or raw:
+            raise ConfigError("--from-diffusers exports a diffusers directory: give no RUN_DIR and no --raw with it")
+        from .diffusers import export_diffusers
+
+        out = out or (Path(from_diffusers) / "export")
+        out.mkdir(parents=True, exist_ok=True)
+        export_diffusers(from_diffusers, out, echo=click.echo)
+        return
     run_dir = Path(run_dir) if run_dir else latest_run()
     if not run_dir.exists():
         raise ArtifactError(f"{run_dir}: run directory not found; train one with ddpm-train or pass RUN_DIR")

@@ -146,5 +146,58 @@ def info(onnx_path):
     click.echo("ddpm config: " + (runner.card.to_json() if runner.card else "none (no ddpm-deploy metadata)"))
 
 
+@main.command(context_settings=CTX)
+@click.option("--checkpoint", "checkpoint", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The PyTorch reference: a ddpm-train run dir (model.json) or a diffusers UNet2DModel dir. "
+                   "Default: runs/latest.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="ONNX model to check. Default: CHECKPOINT/export/model.onnx when it exists.")
+@click.option("--engine", "engine", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TensorRT plan (with its model.plan.json sidecar). Runs only on an NVIDIA GPU; elsewhere the "
+                   "sidecar is validated and the engine levels are reported as not run.")
+@click.option("--steps", type=int, default=None, help="Respaced L3 trajectory with K steps. Default: all T steps.")
+@click.option("--batch", "-b", type=int, default=4, help="Samples in the L3 trajectory (and the largest L2 batch).")
+@click.option("--seed", type=int, default=0, envvar="DDPM_SEED", help="Seed of the inputs and the sampling noise.")
+@click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema",
+              help="Which weights of a ddpm-train run the ONNX was exported from.")
+@click.option("--threads", type=int, default=0,
+              help="PyTorch and ONNX Runtime intra-op threads (0: the libraries' defaults; 1 is fastest for small "
+                   "models on a busy CPU).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where parity.json and parity.md go. Default: parity/ beside the ONNX (or in CHECKPOINT).")
+@click.option("-v", "--verbose", count=True, help="More logging.")
+@clean_errors
+def parity(checkpoint, onnx_path, engine, steps, batch, seed, weights, threads, out, verbose):
+    """Check every parity level the given artifacts allow and write parity.json + parity.md.
+
+    L0 schedule tables and L1 one step (vs the paper's equations in float64 and diffusers' DDPMScheduler), L2 ε
+    of the ONNX (and plan) vs PyTorch through Polygraphy's Comparator, L3 the whole sampling loop vs the PyTorch
+    reference loop with the same noise, L4 GPU backends vs CPU. Exits non-zero if any level fails. Needs the
+    export extra (torch): pip install 'ddpm-deploy[export]'.
+    """
+    setup_logging(verbose)
+    from .errors import lazy_import
+
+    lazy_import("torch", "ddpm-run parity (the PyTorch reference)", "pip install 'ddpm-deploy[export]'")
+    lazy_import("polygraphy", "ddpm-run parity (Polygraphy's Comparator)", "pip install polygraphy")
+    from ddpm_deploy.export import parity as parity_mod  # torch: imported only for this command
+
+    checkpoint = Path(checkpoint) if checkpoint else latest_run()
+    settings = parity_mod.ParitySettings(checkpoint=checkpoint, onnx=onnx_path, engine=engine, steps=steps,
+                                         batch=batch, seed=seed, weights=weights, threads=threads)
+    rep = parity_mod.run_parity(settings, echo=lambda m: click.echo(m, err=True))
+    out = out or ((onnx_path.parent if onnx_path else checkpoint) / "parity")
+    json_path, md_path = parity_mod.write_reports(rep, out)
+    for lv in rep["levels"]:
+        worst = f"max abs {lv['max_abs']:.3g}" if lv["max_abs"] is not None else lv["reason"]
+        if "psnr_db" in lv["metrics"]:
+            worst += f", PSNR {lv['metrics']['psnr_db']:.1f} dB"
+        click.echo(f"{lv['status']:>8}  {lv['level']:<14} {lv['backend']} vs {lv['reference']}: {worst}")
+    click.echo(f"wrote {json_path} and {md_path}")
+    if not rep["passed"]:
+        click.echo("parity FAILED at: " + "; ".join(rep["failed"]), err=True)
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":
     main()

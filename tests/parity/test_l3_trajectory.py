@@ -33,7 +33,6 @@ def test_full_1000_step_trajectory_matches_pytorch(tiny_trained):
     assert len(sched) == 1000
     shape = (card.data.channels, card.data.image_size, card.data.image_size)
     idx = [0, 1, 2, 3]
-    torch.set_num_threads(2)
     want = sample_torch(model, sched, shape, seed=11, indices=idx)
     got = sample(OrtRunner(onnx_path), sched, shape, seed=11, indices=idx)
     c = assert_close("L3 tiny 1000 steps ORT vs PyTorch", got, want, L3_TRAJECTORY_FP32_ATOL)

@@ -1,0 +1,325 @@
+"""diffusers ``UNet2DModel`` directories → our ONNX contract (ε-prediction DDPM models only).
+
+Two layouts on disk, both handled (no hub download: the user points at files):
+
+- **flat** (google/ddpm-cifar10-32): ``DIR/config.json`` (UNet2DModel), ``DIR/diffusion_pytorch_model.safetensors``
+  and ``DIR/scheduler_config.json`` side by side (also accepted one level up, ``DIR/../scheduler_config.json``);
+- **pipeline** (``DDPMPipeline.save_pretrained``): ``ROOT/unet/{config.json, diffusion_pytorch_model.safetensors}``
+  and ``ROOT/scheduler/scheduler_config.json``; either ROOT or ROOT/unet may be given.
+
+The scheduler config is mapped onto our ``DiffusionConfig``; what the runtime cannot sample (learned variance,
+v- or x0-prediction, thresholding, trained or scaled β, zero-terminal-SNR rescaling) is refused with a message
+that names the key. ``step_with_noise`` runs ``DDPMScheduler.step`` with injected noise: diffusers 0.42's DDPM
+step has no ``variance_noise`` argument (only DDIM's has), so the module's ``randn_tensor`` is replaced for the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddpm_deploy.runtime.config import DataSpec, ModelCard, write_json
+from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, lazy_import
+from ddpm_deploy.runtime.schedule import DiffusionConfig
+
+log = logging.getLogger(__name__)
+
+UNET_CONFIG = "config.json"
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+SCHEDULER_CONFIG = "scheduler_config.json"
+SOURCE = "diffusers"
+ARCH_TYPE = "diffusers.UNet2DModel"
+INSTALL = "pip install 'diffusers>=0.30'"
+
+# DDPMScheduler's own defaults, applied to keys a config leaves out (as DDPMScheduler.from_config does).
+SCHEDULER_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+    "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True, "prediction_type": "epsilon",
+    "thresholding": False, "clip_sample_range": 1.0, "rescale_betas_zero_snr": False,
+}
+SCHEDULER_CLASSES = ("DDPMScheduler", "GaussianDDPMScheduler")  # the latter: 2022 configs (key "timesteps")
+BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
+# fixed_small_log is the same σ as fixed_small (diffusers computes it as exp(½·log β̃_t)).
+VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
+
+
+@dataclass(frozen=True)
+class DiffusersLayout:
+    """Where the UNet and its scheduler config were found."""
+
+    unet_dir: Path
+    scheduler_config: Path
+    layout: str  # "flat" or "pipeline"
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: expected a JSON {what}, found an unreadable file ({e})") from None
+    if not isinstance(d, dict):
+        raise ArtifactError(f"{path}: expected a JSON object ({what}), found {type(d).__name__}")
+    return d
+
+
+def find_layout(path: str | Path) -> DiffusersLayout:
+    """Locate the UNet directory and scheduler_config.json of a flat or pipeline diffusers directory."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ArtifactError(f"{p}: expected a diffusers model directory, found no such directory")
+    if (p / UNET_CONFIG).is_file():
+        unet_dir = p
+        candidates = [p / SCHEDULER_CONFIG, p.parent / SCHEDULER_CONFIG, p.parent / "scheduler" / SCHEDULER_CONFIG]
+        layout = "flat" if candidates[0].is_file() else "pipeline"
+    elif (p / "unet" / UNET_CONFIG).is_file():
+        unet_dir = p / "unet"
+        candidates = [p / "scheduler" / SCHEDULER_CONFIG, p / SCHEDULER_CONFIG]
+        layout = "pipeline"
+    else:
+        raise ArtifactError(
+            f"{p}: expected a diffusers UNet2DModel directory ({UNET_CONFIG} + {UNET_WEIGHTS}, as in "
+            f"google/ddpm-cifar10-32) or a pipeline directory with unet/{UNET_CONFIG}; found neither. Point "
+            f"--from-diffusers at the folder that holds {UNET_CONFIG}"
+        )
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ArtifactError(
+            f"{unet_dir}: expected {SCHEDULER_CONFIG} beside the UNet or one level up, looked at "
+            f"{[str(c) for c in candidates]}; without it the diffusion schedule (T, β range, variance type, "
+            f"clipping) is unknown. Copy the model's {SCHEDULER_CONFIG} next to {UNET_CONFIG}"
+        )
+    return DiffusersLayout(unet_dir, found, layout)
+
+
+def scheduler_to_diffusion(cfg: dict[str, Any], where: str = SCHEDULER_CONFIG) -> DiffusionConfig:
+    """Map a DDPMScheduler config onto our DiffusionConfig; refuse what the runtime cannot reproduce."""
+    cls = cfg.get("_class_name", "DDPMScheduler")
+    if cls not in SCHEDULER_CLASSES:
+        raise ConfigError(
+            f"{where}: expected a DDPMScheduler config, found _class_name {cls!r}; the variance type of an "
+            f"ancestral DDPM sampler is not defined by it. Use the model's DDPMScheduler config"
+        )
+    c = dict(SCHEDULER_DEFAULTS)
+    c.update({k: v for k, v in cfg.items() if not k.startswith("_")})
+    if "timesteps" in cfg and "num_train_timesteps" not in cfg:
+        c["num_train_timesteps"] = cfg["timesteps"]
+
+    def refuse(key: str, found: Any, expected: str, what: str):
+        raise ConfigError(f"{where}: {key} = {found!r} is not supported ({what}); expected {expected}")
+
+    if c["prediction_type"] != "epsilon":
+        refuse("prediction_type", c["prediction_type"], "'epsilon'",
+               "the runtime samples ε-prediction models only; v- and x0-prediction need another step")
+    if c["variance_type"] not in VARIANCE_TYPES:
+        refuse("variance_type", c["variance_type"], f"one of {sorted(VARIANCE_TYPES)}",
+               "learned variances need the model's second output; fixed_large_log is Glide's log-variance")
+    if c["trained_betas"] is not None:
+        refuse("trained_betas", "[...]", "null", "an explicit β table is not a schedule ddpm-deploy can describe")
+    if c["beta_schedule"] not in BETA_SCHEDULES:
+        refuse("beta_schedule", c["beta_schedule"], f"one of {sorted(BETA_SCHEDULES)}",
+               "only the DDPM linear and the improved-DDPM cosine schedules are implemented")
+    if c["thresholding"]:
+        refuse("thresholding", True, "false", "dynamic thresholding of x̂0 is not implemented")
+    if c["rescale_betas_zero_snr"]:
+        refuse("rescale_betas_zero_snr", True, "false", "zero-terminal-SNR rescaling is not implemented")
+    if c["clip_sample"] and float(c["clip_sample_range"]) != 1.0:
+        refuse("clip_sample_range", c["clip_sample_range"], "1.0", "x̂0 is clipped to [-1, 1]")
+    kw: dict[str, Any] = dict(
+        schedule=BETA_SCHEDULES[c["beta_schedule"]], num_timesteps=int(c["num_train_timesteps"]),
+        variance_type=VARIANCE_TYPES[c["variance_type"]], clip_denoised=bool(c["clip_sample"]),
+    )
+    if kw["schedule"] == "linear":  # the cosine schedule ignores β_start/β_end (diffusers does too)
+        kw.update(beta_start=float(c["beta_start"]), beta_end=float(c["beta_end"]))
+    try:
+        return DiffusionConfig(**kw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def unet_card(unet_cfg: dict[str, Any], diffusion: DiffusionConfig, scheduler_cfg: dict[str, Any],
+              where: str = UNET_CONFIG) -> ModelCard:
+    """The ModelCard of a diffusers UNet2DModel (source 'diffusers')."""
+    cls = unet_cfg.get("_class_name", "UNet2DModel")
+    if cls != "UNet2DModel":
+        raise ConfigError(f"{where}: expected _class_name 'UNet2DModel', found {cls!r} (only unconditional "
+                          f"pixel-space UNets can be exported)")
+    cin, cout = unet_cfg.get("in_channels", 3), unet_cfg.get("out_channels", 3)
+    if cin != cout:
+        raise ConfigError(f"{where}: in_channels {cin} != out_channels {cout}; a model that predicts ε and a "
+                          f"variance (out = 2·in) is not supported, the runtime needs ε only")
+    if unet_cfg.get("class_embed_type") is not None or unet_cfg.get("num_class_embeds") is not None:
+        raise ConfigError(f"{where}: class-conditional UNets (class_embed_type / num_class_embeds) are not "
+                          f"supported; the ONNX contract has inputs x and t only")
+    size = unet_cfg.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ConfigError(f"{where}: expected a square sample_size, found {size}")
+        size = size[0]
+    if not isinstance(size, int) or size <= 0:
+        raise ConfigError(f"{where}: expected an integer sample_size, found {size!r}")
+    arch = {"type": ARCH_TYPE, "unet_config": {k: v for k, v in unet_cfg.items() if not k.startswith("_")},
+            "scheduler_config": scheduler_cfg}
+    return ModelCard(diffusion=diffusion, data=DataSpec(int(cin), int(size)), architecture=arch, source=SOURCE)
+
+
+class DiffusersEps(torch.nn.Module):
+    """(x, t) → ε: a UNet2DModel with the ``.sample`` of its output unwrapped."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t).sample
+
+
+def load_diffusers(path: str | Path) -> tuple[DiffusersEps, ModelCard, DiffusersLayout]:
+    """Load the UNet (safetensors, from disk only) and build its ModelCard. Returns (ε-model in eval mode, card, layout)."""
+    diffusers = lazy_import("diffusers", "Loading diffusers models", INSTALL)
+    lay = find_layout(path)
+    unet_cfg = _read_json(lay.unet_dir / UNET_CONFIG, "UNet config")
+    sched_cfg = _read_json(lay.scheduler_config, "scheduler config")
+    card = unet_card(unet_cfg, scheduler_to_diffusion(sched_cfg, str(lay.scheduler_config)), sched_cfg,
+                     str(lay.unet_dir / UNET_CONFIG))
+    weights = lay.unet_dir / UNET_WEIGHTS
+    if not weights.is_file():
+        others = sorted(p.name for p in lay.unet_dir.glob("diffusion_pytorch_model*"))
+        raise ArtifactError(
+            f"{lay.unet_dir}: expected {UNET_WEIGHTS}, found {others or 'no weights file'}; pickled .bin weights "
+            f"are not loaded: convert them once with UNet2DModel.from_pretrained(DIR).save_pretrained(DIR) "
+            f"(writes safetensors)"
+        )
+    try:
+        unet, info = diffusers.UNet2DModel.from_pretrained(
+            str(lay.unet_dir), use_safetensors=True, local_files_only=True, output_loading_info=True,
+            low_cpu_mem_usage=False)
+    except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError/safetensors errors
+        raise ArtifactError(f"{lay.unet_dir}: diffusers could not load the UNet ({str(e).splitlines()[0][:300]})") from None
+    bad = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if bad:
+        raise ArtifactError(f"{weights}: weights do not match {UNET_CONFIG} ({ {k: v[:3] for k, v in bad.items()} })")
+    return DiffusersEps(unet.float().eval()).eval(), card, lay
+
+
+def export_diffusers(src: str | Path, out_dir: str | Path, echo=lambda s: None) -> tuple[Path, dict]:
+    """Export a diffusers UNet2DModel directory to out_dir/model.onnx and verify it against diffusers in PyTorch."""
+    from .onnx import export_torch, finalize, save_onnx, verify
+
+    out_dir = Path(out_dir)
+    model, card, lay = load_diffusers(src)
+    t0 = time.perf_counter()
+    proto = finalize(export_torch(model, card.data.channels, card.data.image_size), card)
+    onnx_path = save_onnx(proto, out_dir / "model.onnx")
+    export_s = time.perf_counter() - t0
+    echo(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB, {len(proto.graph.node)} nodes) from the "
+         f"diffusers UNet in {lay.unet_dir} ({lay.layout} layout, scheduler {lay.scheduler_config}) in {export_s:.1f}s")
+    rep = verify(onnx_path, model, card)
+    report = {"onnx": onnx_path.name, "source": SOURCE, "unet_dir": str(lay.unet_dir),
+              "scheduler_config": str(lay.scheduler_config), "layout": lay.layout,
+              "diffusion": card.diffusion.to_dict(), "export_seconds": export_s, "verify_fp32": rep.to_dict()}
+    write_json(out_dir / "export_report.json", report)
+    if not rep.passed:
+        worst = max(rep.cases, key=lambda c: c["max_abs"])
+        raise ArtifactError(
+            f"ONNX Runtime and diffusers (PyTorch) disagree: max |Δε| = {rep.max_abs:.3g} > tolerance {rep.atol:g} "
+            f"(worst at batch {worst['batch']}, t={worst['t']}, index {worst['index']}: onnx {worst['onnx']:.6g} vs "
+            f"torch {worst['torch']:.6g}); report: {out_dir / 'export_report.json'}"
+        )
+    echo(f"verified against diffusers: max |Δε| = {rep.max_abs:.2e} (tolerance {rep.atol:g}); DDPM config: "
+         f"{card.diffusion.to_dict()}")
+    return onnx_path, report
+
+
+# --- the reference sampler: diffusers' own DDPMScheduler, with our noise ------------------------------------
+
+def scheduler_for(cfg: DiffusionConfig, float64_betas: np.ndarray | None = None):
+    """diffusers' DDPMScheduler for our DiffusionConfig; with ``float64_betas`` its own formulas run on float64
+    tables (diffusers builds β in float32 by design)."""
+    diffusers = lazy_import("diffusers", "The diffusers reference scheduler", INSTALL)
+    s = diffusers.DDPMScheduler(
+        num_train_timesteps=cfg.num_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+        beta_schedule={v: k for k, v in BETA_SCHEDULES.items()}[cfg.schedule], variance_type=cfg.variance_type,
+        clip_sample=cfg.clip_denoised)
+    if float64_betas is not None:
+        s.betas = torch.from_numpy(np.asarray(float64_betas, np.float64))
+        s.alphas = 1.0 - s.betas
+        s.alphas_cumprod = torch.cumprod(s.alphas, 0)
+        s.one = torch.tensor(1.0, dtype=torch.float64)
+    return s
+
+
+def make_scheduler(scheduler_cfg: dict[str, Any]):
+    """A DDPMScheduler from a scheduler config (legacy 'timesteps' key mapped as diffusers' loader does not)."""
+    diffusers = lazy_import("diffusers", "The diffusers reference sampler", INSTALL)
+    cfg = {k: v for k, v in scheduler_cfg.items() if not k.startswith("_")}
+    if "timesteps" in cfg and "num_train_timesteps" not in cfg:
+        cfg["num_train_timesteps"] = cfg.pop("timesteps")
+    return diffusers.DDPMScheduler.from_config(cfg)
+
+
+@contextlib.contextmanager
+def _injected_randn(module, noise: torch.Tensor):
+    orig = module.randn_tensor
+
+    def fake(shape, generator=None, device=None, dtype=None, layout=None):
+        if tuple(shape) != tuple(noise.shape):
+            raise ValueError(f"injected noise has shape {tuple(noise.shape)}, the scheduler asked for {tuple(shape)}")
+        return noise.to(device=device or noise.device, dtype=dtype or noise.dtype)
+
+    module.randn_tensor = fake
+    try:
+        yield
+    finally:
+        module.randn_tensor = orig
+
+
+def step_with_noise(scheduler, eps: torch.Tensor, t: int, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """``scheduler.step(eps, t, x)`` with z = ``noise`` instead of a fresh ``randn_tensor`` draw; returns x_{t-1}.
+
+    Uses ``variance_noise=`` where the installed diffusers has it, else swaps the module's ``randn_tensor``.
+    """
+    if noise is None:
+        noise = torch.zeros_like(x)
+    if "variance_noise" in inspect.signature(scheduler.step).parameters:
+        return scheduler.step(eps, t, x, variance_noise=noise).prev_sample
+    module = inspect.getmodule(type(scheduler))
+    with _injected_randn(module, noise):
+        return scheduler.step(eps, t, x).prev_sample
+
+
+@torch.no_grad()
+def sample_diffusers(model: torch.nn.Module, scheduler, timesteps: np.ndarray, shape, seed: int, indices,
+                     eps_hook=None) -> np.ndarray:
+    """diffusers' DDPM loop (``scheduler.step`` at ``timesteps``, ascending kept steps) with our counter-based noise.
+
+    x_T and z come from ``runtime.rng`` exactly as the runtime draws them, so the result is comparable sample by
+    sample. ``eps_hook(t, eps)`` sees every ε (for per-timestep error tables).
+    """
+    from ddpm_deploy.runtime import rng
+
+    idx = np.asarray(indices, dtype=np.int64)
+    shape = tuple(int(s) for s in shape)
+    T = scheduler.config.num_train_timesteps
+    ts = [int(v) for v in np.asarray(timesteps)[::-1]]
+    if len(ts) == T:
+        scheduler.set_timesteps(T)  # what DDPMPipeline does: T−1 … 0
+    else:
+        scheduler.set_timesteps(timesteps=ts)  # respaced: diffusers' custom timesteps (ᾱ-ratio β, like ours)
+    x = torch.from_numpy(rng.normals(seed, idx, rng.INITIAL_STEP, shape))
+    for t in scheduler.timesteps:
+        t = int(t)
+        eps = model(x, torch.full((len(idx),), t, dtype=torch.int32)).float()
+        if eps_hook is not None:
+            eps_hook(t, eps.numpy())
+        z = torch.from_numpy(rng.normals(seed, idx, t, shape)) if t > 0 else None
+        x = step_with_noise(scheduler, eps, t, x, z)
+    return x.numpy()

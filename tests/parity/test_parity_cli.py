@@ -1,0 +1,191 @@
+"""`ddpm-run parity`: both reports on a passing model, a non-zero exit that names the level on a broken one,
+and plans validated (not run) without a GPU."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from ddpm_deploy.export.parity import gpu_status
+from ddpm_deploy.runtime.cli import main as run_cli
+
+FAST = ["--steps", "20", "--batch", "2", "--threads", "1"]
+
+
+def parity(*args):
+    return CliRunner().invoke(run_cli, ["parity", *map(str, args)])
+
+
+def levels(path):
+    return {(lv["level"], lv["backend"]): lv for lv in json.loads(path.read_text())["levels"]}
+
+
+def perturbed(onnx_path, out, delta=0.5):
+    """A copy of the ONNX with one element of its largest weight changed."""
+    m = onnx.load(str(onnx_path))
+    init = max(m.graph.initializer, key=lambda i: int(np.prod(i.dims)))
+    w = numpy_helper.to_array(init).copy()
+    w.flat[0] += delta
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(m, str(out))
+    return out
+
+
+def test_passing_model_writes_both_reports(micro_run, micro_onnx, tmp_path):
+    r = parity("--checkpoint", micro_run, "--onnx", micro_onnx, *FAST, "--out", tmp_path)
+
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "parity.json").read_text())
+    md = (tmp_path / "parity.md").read_text()
+    assert rep["passed"] and rep["failed"] == [] and rep["steps"] == 20 and rep["reference"] == "ddpm-deploy"
+    lv = levels(tmp_path / "parity.json")
+    assert {k[0] for k in lv} == {"L0 schedule", "L1 step", "L2 eps", "L3 trajectory", "L4 backend"}
+    assert all(v["status"] in ("pass", "skipped", "not run") for v in lv.values())
+    assert all(v["reason"] for v in lv.values() if v["status"] in ("skipped", "not run"))  # never silent
+    l2 = lv["L2 eps", "onnxruntime-cpu (fp32)"]
+    assert l2["status"] == "pass" and len(l2["metrics"]["buckets"]) == 10 and l2["max_abs"] <= l2["checks"][0]["tolerance"]
+    l3 = lv["L3 trajectory", "onnxruntime-cpu (fp32) + numpy step"]
+    assert l3["status"] == "pass" and l3["metrics"]["psnr_db"] > 60 and l3["metrics"]["uint8_max_diff"] <= 1
+    assert "# Parity report: PASS" in md and "PSNR" in md and "ε error per timestep bucket" in md
+    assert "wrote" in r.output and "parity.md" in r.output
+
+
+def test_perturbed_weight_fails_and_names_the_level(micro_run, micro_onnx, tmp_path):
+    broken = perturbed(micro_onnx, tmp_path / "broken.onnx")
+
+    r = parity("--checkpoint", micro_run, "--onnx", broken, *FAST, "--out", tmp_path / "rep")
+
+    assert r.exit_code == 1, r.output
+    assert "parity FAILED at: L2 eps [onnxruntime-cpu (fp32) vs pytorch-cpu (ddpm-deploy)]" in r.output
+    rep = json.loads((tmp_path / "rep" / "parity.json").read_text())
+    assert not rep["passed"] and any(f.startswith("L2 eps") for f in rep["failed"])
+    l2 = levels(tmp_path / "rep" / "parity.json")["L2 eps", "onnxruntime-cpu (fp32)"]
+    worst = max(l2["checks"], key=lambda c: c["max_abs"])
+    assert not worst["passed"] and worst["max_abs"] > 1e-3 and len(worst["index"]) == 4  # where, and both values
+    assert "# Parity report: FAIL" in (tmp_path / "rep" / "parity.md").read_text()
+
+
+def test_onnx_with_another_ddpm_config_fails_l0(micro_run, micro_onnx, tmp_path):
+    from ddpm_deploy.export.onnx import read_card, set_card
+    from ddpm_deploy.runtime.config import ModelCard
+    from ddpm_deploy.runtime.schedule import DiffusionConfig
+
+    m = onnx.load(str(micro_onnx))
+    card = read_card(m)
+    set_card(m, ModelCard(DiffusionConfig(variance_type="fixed_large"), card.data, card.architecture))
+    onnx.save(m, str(tmp_path / "other.onnx"))
+
+    r = parity("--checkpoint", micro_run, "--onnx", tmp_path / "other.onnx", *FAST, "--out", tmp_path / "rep")
+
+    assert r.exit_code == 1 and "L0 schedule [artifact metadata" in r.output, r.output
+
+
+def test_missing_checkpoint_is_a_clean_error(tmp_path):
+    r = parity("--checkpoint", tmp_path / "nope", "--out", tmp_path)
+
+    assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
+
+
+@pytest.fixture(scope="module")
+def rtx_plan(micro_onnx, tmp_path_factory):
+    engine = pytest.importorskip("ddpm_deploy.export.engine")
+    from ddpm_deploy.runtime.errors import MissingDependencyError
+
+    try:
+        engine.load_tensorrt("rtx")
+    except MissingDependencyError as e:
+        pytest.skip(f"no TensorRT-RTX to build a plan with: {e}")
+    plan = tmp_path_factory.mktemp("plan") / "model.plan"
+    engine.build_engine(micro_onnx, plan, engine.EngineSettings(batch_min=1, batch_opt=2, batch_max=8, flavour="rtx"))
+    return plan
+
+
+def test_engine_is_validated_and_reported_not_run_without_gpu(micro_run, micro_onnx, rtx_plan, tmp_path):
+    if gpu_status()[0]:
+        pytest.skip("this machine has a GPU: the plan is run, not skipped")
+
+    r = parity("--checkpoint", micro_run, "--onnx", micro_onnx, "--engine", rtx_plan, *FAST, "--out", tmp_path)
+
+    assert r.exit_code == 0, r.output
+    lv = levels(tmp_path / "parity.json")
+    eng = lv["L2 eps", "tensorrt plan (rtx)"]
+    assert eng["status"] == "not run" and "no GPU" in eng["reason"] and "sidecar was validated" in eng["reason"]
+    assert lv["L4 backend", "tensorrt plan (rtx)"]["status"] == "not run"
+    assert "plan model.plan" in lv["L0 schedule", "artifact metadata"]["reason"]
+
+
+def test_engine_with_a_tampered_plan_or_another_onnx_is_refused(micro_run, micro_onnx, rtx_plan, tmp_path):
+    plan = tmp_path / "model.plan"
+    shutil.copy(rtx_plan, plan)
+    shutil.copy(str(rtx_plan) + ".json", str(plan) + ".json")
+    broken = perturbed(micro_onnx, tmp_path / "broken.onnx")
+
+    r_other = parity("--checkpoint", micro_run, "--onnx", broken, "--engine", plan, *FAST, "--out", tmp_path / "a")
+    with open(plan, "ab") as f:
+        f.write(b"\0")
+    r_tampered = parity("--checkpoint", micro_run, "--onnx", micro_onnx, "--engine", plan, *FAST, "--out", tmp_path / "b")
+
+    assert r_other.exit_code == 1 and "plan sidecar" in r_other.output
+    other = levels(tmp_path / "a" / "parity.json")["L0 schedule", "plan sidecar"]
+    assert "rebuild the plan" in other["reason"]
+    assert r_tampered.exit_code == 2 and "sha256" in r_tampered.output and "Traceback" not in r_tampered.output
+
+
+def test_levels_without_diffusers_are_skipped_with_the_reason(monkeypatch):
+    import ddpm_deploy.export.diffusers as dmod
+    from ddpm_deploy.export.parity import level0, level1
+    from ddpm_deploy.runtime.config import DataSpec, ModelCard
+    from ddpm_deploy.runtime.errors import MissingDependencyError
+    from ddpm_deploy.runtime.schedule import DiffusionConfig
+
+    def missing(module, feature, install=None):
+        raise MissingDependencyError(module, feature, install)
+
+    monkeypatch.setattr(dmod, "lazy_import", missing)
+    results = level0(ModelCard(DiffusionConfig(), DataSpec(1, 8)), None, {}) + level1(DiffusionConfig(), None)
+
+    skipped = [r for r in results if "diffusers" in r.reference]
+    assert len(skipped) == 2 and all(r.status == "skipped" and "pip install" in r.reason for r in skipped)
+    assert all(r.status == "pass" for r in results if "paper" in r.reference)
+
+
+def test_parity_without_torch_says_what_to_install(micro_onnx, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, Block())
+        from ddpm_deploy.runtime.cli import main
+        main(["parity", "--checkpoint", r"{tmp_path}", "--onnx", r"{micro_onnx}"])
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    assert r.returncode == 2, r.stderr
+    assert "torch" in r.stderr and "ddpm-deploy[export]" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fp16_model_is_judged_by_relative_l2_and_its_trajectory_reported(micro_run, micro_onnx, tmp_path):
+    fp16 = pytest.importorskip("ddpm_deploy.export.fp16", reason="fp16 export needs nvidia-modelopt")
+    try:
+        path, _ = fp16.export_fp16(micro_onnx, tmp_path / "fp16")
+    except ImportError as e:
+        pytest.skip(f"fp16 export unavailable: {e}")
+
+    r = parity("--checkpoint", micro_run, "--onnx", path, *FAST, "--out", tmp_path / "rep")
+
+    assert r.exit_code == 0, r.output
+    lv = levels(tmp_path / "rep" / "parity.json")
+    l2 = lv["L2 eps", "onnxruntime-cpu (fp16)"]
+    assert l2["status"] == "pass" and all(c["metric"] == "rel_l2" for c in l2["checks"])
+    l3 = lv["L3 trajectory", "onnxruntime-cpu (fp16) + numpy step"]
+    assert l3["status"] == "reported" and "not judged" in l3["reason"]
