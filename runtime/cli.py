@@ -47,7 +47,9 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
 
 @main.command(context_settings=CTX)
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="ONNX model from ddpm-export. Default: runs/latest/export/model.onnx.")
+              help="ONNX model from ddpm-export. Default: runs/latest/export/model.onnx (unless --engine).")
+@click.option("--engine", "engine", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TensorRT / TensorRT-RTX plan (with its model.plan.json sidecar): the GPU device loop.")
 @click.option("--num", "-n", type=int, default=64, help="Number of images.")
 @click.option("--batch", "-b", type=int, default=16, help="Images per model call.")
 @click.option("--seed", type=int, default=0, envvar="DDPM_SEED", help="Seed; image i of seed s is the same at any batch size.")
@@ -56,7 +58,10 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output directory. Default: samples/ beside the model.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
-              help="ONNX Runtime provider (cuda needs onnxruntime-gpu).")
+              help="cpu: NumPy loop + ONNX Runtime CPU. cuda: the GPU device loop (fused NVRTC step kernel) with "
+                   "ONNX Runtime CUDA (needs onnxruntime-gpu and cuda-python). --engine implies cuda.")
+@click.option("--cuda-graph/--no-cuda-graph", default=True, help="Capture the device loop's step in a CUDA graph "
+              "where the backend allows it (results are identical either way).")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores).")
 @click.option("--graph-opt", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
               help="ONNX Runtime graph optimisation level.")
@@ -72,14 +77,21 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
 @click.option("--no-progress", is_flag=True, envvar="DDPM_NO_PROGRESS", help="No progress bar.")
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @clean_errors
-def sample(onnx_path, num, batch, seed, start_index, steps, out, device, threads, graph_opt, no_pngs, schedule,
-           beta_start, beta_end, num_timesteps, variance_type, clip, no_progress, verbose):
-    """Sample images with ancestral sampling (NumPy step, ε from ONNX Runtime).
+def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device, cuda_graph, threads, graph_opt,
+           no_pngs, schedule, beta_start, beta_end, num_timesteps, variance_type, clip, no_progress, verbose):
+    """Sample images with ancestral sampling.
 
-    Writes grid.png, images/NNNNNN.png, samples.npz (uint8 images + indices) and run.json.
+    \b
+    CPU:  ddpm-run sample --onnx model.onnx            (NumPy step, ε from ONNX Runtime CPU)
+    GPU:  ddpm-run sample --engine model.plan          (device loop, ε from TensorRT / TensorRT-RTX)
+          ddpm-run sample --onnx model.onnx --device cuda   (device loop, ε from ONNX Runtime CUDA)
+
+    Writes grid.png, images/NNNNNN.png, samples.npz (uint8 images + indices) and run.json. The same seed
+    gives the same images on every backend and batch size (counter-based Philox noise).
     """
     setup_logging(verbose)
-    from .backends.ort import OrtRunner
+    from contextlib import ExitStack
+
     from .output import SampleWriter
     from .sampler import LoopTimings
     from .sampler import sample as run_loop
@@ -88,54 +100,91 @@ def sample(onnx_path, num, batch, seed, start_index, steps, out, device, threads
         raise ConfigError(f"--num and --batch must be positive, found --num {num} --batch {batch}")
     if start_index < 0 or seed < 0:
         raise ConfigError(f"--start-index and --seed must be >= 0, found {start_index}, {seed}")
-    onnx_path = onnx_path or latest_run() / "export" / "model.onnx"
-    runner = OrtRunner(onnx_path, device=device, threads=threads, opt_level=graph_opt)
-    card = _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, variance_type, clip)
-    shape = (card.data.channels, card.data.image_size, card.data.image_size)
-    runner.check_shape(shape)
-    sched = Schedule(card.diffusion, steps=steps)
-    out = out or Path(onnx_path).parent / "samples"
-    writer = SampleWriter(out, num, shape, card.data.value_range, write_pngs=not no_pngs)
-    timings = LoopTimings()
-    bar = None
-    if not no_progress:
-        from tqdm import tqdm
+    if engine is not None and onnx_path is not None:
+        raise ConfigError("give either --onnx or --engine, not both")
+    gpu_loop = engine is not None or device == "cuda"
+    model_path = engine or onnx_path or latest_run() / "export" / "model.onnx"
+    with ExitStack() as stack:
+        if gpu_loop:
+            from .device.loop import DeviceSampler, DeviceTimings, GpuContext
 
-        bar = tqdm(total=num * len(sched), unit="img·step", unit_scale=True, dynamic_ncols=True, desc="sample")
-    t0 = time.perf_counter()
-    try:
-        for lo in range(0, num, batch):
-            idx = np.arange(start_index + lo, start_index + min(lo + batch, num), dtype=np.int64)
-            cb = (lambda done, total, n=len(idx): bar.update(n)) if bar is not None else None
-            x = run_loop(runner, sched, shape, seed, idx, callback=cb, timings=timings)
-            writer.add(x, idx)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    total = time.perf_counter() - t0
-    info = {
-        "seed": seed, "num": num, "batch": batch, "start_index": start_index, "steps": len(sched),
-        "num_timesteps": card.diffusion.num_timesteps, "backend": runner.name, "precision":
-        "fp16" if ".fp16." in Path(onnx_path).name else "fp32", "model": str(onnx_path),
-        "diffusion": card.diffusion.to_dict(), "total_seconds": total, "images_per_second": num / total,
-        "timings": timings.summary(), "host": {"machine": platform.machine(), "processor": platform.processor(),
-                                               "python": platform.python_version()},
-    }
-    writer.close(info)
-    click.echo(f"sampled {num} images ({len(sched)} steps, batch {batch}) in {total:.1f}s "
-               f"({num / total:.2f} images/s; ε {info['timings']['eps_ms_median']:.1f} ms/step median)")
+            gpu = stack.enter_context(GpuContext(0))
+            if engine is not None:
+                from .backends.trt import TrtRunner
+
+                runner = stack.enter_context(TrtRunner(engine, gpu, cuda_graph=cuda_graph))
+            else:
+                from .backends.ort_cuda import OrtCudaRunner
+
+                runner = stack.enter_context(OrtCudaRunner(model_path, gpu, cuda_graph=cuda_graph, opt_level=graph_opt))
+        else:
+            from .backends.ort import OrtRunner
+
+            runner = stack.enter_context(OrtRunner(model_path, device="cpu", threads=threads, opt_level=graph_opt))
+        card = _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, variance_type, clip)
+        shape = (card.data.channels, card.data.image_size, card.data.image_size)
+        if hasattr(runner, "check_shape"):
+            runner.check_shape(shape)
+        sched = Schedule(card.diffusion, steps=steps)
+        out = out or Path(model_path).parent / "samples"
+        timings = DeviceTimings() if gpu_loop else LoopTimings()
+        if gpu_loop:
+            dev = stack.enter_context(DeviceSampler(runner, sched, shape, max_batch=min(batch, num), gpu=gpu,
+                                                    cuda_graph=cuda_graph))
+        writer = SampleWriter(out, num, shape, card.data.value_range, write_pngs=not no_pngs)
+        bar = None
+        if not no_progress:
+            from tqdm import tqdm
+
+            bar = stack.enter_context(tqdm(total=num * len(sched), unit="img·step", unit_scale=True,
+                                           dynamic_ncols=True, desc="sample"))
+        t0 = time.perf_counter()
+        try:
+            for lo in range(0, num, batch):
+                idx = np.arange(start_index + lo, start_index + min(lo + batch, num), dtype=np.int64)
+                cb = (lambda done, total, n=len(idx): bar.update(n)) if bar is not None else None
+                if gpu_loop:
+                    x, tm = dev.sample(seed, idx, callback=cb)
+                    timings.extend(tm)
+                else:
+                    x = run_loop(runner, sched, shape, seed, idx, callback=cb, timings=timings)
+                writer.add(x, idx)
+        except BaseException:
+            writer.abort()
+            raise
+        total = time.perf_counter() - t0
+        precision = getattr(runner, "precision", None) or ("fp16" if ".fp16." in Path(model_path).name else "fp32")
+        info = {
+            "seed": seed, "num": num, "batch": batch, "start_index": start_index, "steps": len(sched),
+            "num_timesteps": card.diffusion.num_timesteps, "backend": runner.name, "loop": "device" if gpu_loop
+            else "host", "precision": precision, "model": str(model_path), "diffusion": card.diffusion.to_dict(),
+            "total_seconds": total, "images_per_second": num / total, "timings": timings.summary(),
+            "host": {"machine": platform.machine(), "processor": platform.processor(),
+                     "python": platform.python_version()},
+        }
+        writer.close(info)
+    med = info["timings"].get("eps_ms_median") or info["timings"].get("step_ms_median") or 0.0
+    click.echo(f"sampled {num} images ({len(sched)} steps, batch {batch}, {runner.name}) in {total:.1f}s "
+               f"({num / total:.2f} images/s; {med:.1f} ms/step median)")
     click.echo(f"wrote {out}/grid.png, images/, samples.npz, run.json")
 
 
 @main.command(context_settings=CTX)
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="ONNX model to describe.")
+@click.option("--engine", "engine", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TensorRT plan to describe: its sidecar, and whether this GPU and TensorRT can run it.")
 @clean_errors
-def info(onnx_path):
-    """Print what an artifact holds (DDPM config, inputs, outputs)."""
+def info(onnx_path, engine):
+    """Print what an artifact holds (DDPM config, inputs, outputs) and, for a plan, whether it runs here."""
+    if engine is not None:
+        from .device.info import engine_info, format_engine_info
+
+        inf = engine_info(engine)
+        click.echo(format_engine_info(inf))
+        if not inf.get("runnable", False):
+            raise SystemExit(1)
+        return
     from .backends.ort import OrtRunner
 
     onnx_path = onnx_path or latest_run() / "export" / "model.onnx"
@@ -198,6 +247,36 @@ def parity(checkpoint, onnx_path, engine, steps, batch, seed, weights, threads, 
         click.echo("parity FAILED at: " + "; ".join(rep["failed"]), err=True)
         raise SystemExit(1)
 
+
+
+@main.command(context_settings=CTX)
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results/latest"),
+              help="Where results.json, results.md and images_per_s.png go.")
+@click.option("--presets", default="tiny,ddpm-cifar10", help="Models (random weights), comma-separated.")
+@click.option("--backends", default="ort-cpu,torch-eager-fp32,torch-eager-bf16,diffusers-loop",
+              help="Comma-separated: ort-cpu, torch-eager-fp32, torch-eager-bf16, torch-compile-fp32, diffusers-loop.")
+@click.option("--batches", default="1,8,64", help="Batch sizes, comma-separated.")
+@click.option("--max-batch-cifar", type=int, default=64, help="Largest batch for ddpm-cifar10 (CPU time and memory).")
+@click.option("--repeat", type=int, default=5, help="Timed calls per measurement (median reported).")
+@click.option("--warmup", type=int, default=2, help="Untimed warm-up calls.")
+@click.option("--e2e-steps", type=int, default=50, help="Steps of the end-to-end runtime run (loop overhead).")
+@click.option("--threads", type=int, default=0, help="Threads for every backend (0: all cores).")
+@clean_errors
+def bench(out, presets, backends, batches, max_batch_cifar, repeat, warmup, e2e_steps, threads):
+    """Benchmark our runtime against PyTorch eager/bf16/compile and a diffusers-style loop (needs the
+    [test] extra: torch, diffusers). Each measurement runs in its own process; medians after warm-up."""
+    try:
+        from ddpm_deploy.export import bench as harness
+    except ImportError as e:
+        raise ConfigError(f"ddpm-run bench needs torch and the export extra ({e}); pip install 'ddpm-deploy[test]'") from None
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    unknown = set(split(backends)) - set(harness.CPU_BACKENDS)
+    if unknown:
+        raise ConfigError(f"unknown backends {sorted(unknown)}; available: {', '.join(harness.CPU_BACKENDS)}")
+    harness.run(Path(out), presets=tuple(split(presets)), backends=tuple(split(backends)),
+                batches=tuple(int(b) for b in split(batches)), warmup=warmup, repeat=repeat, e2e_steps=e2e_steps,
+                threads=threads, max_batch={"ddpm-cifar10": max_batch_cifar}, echo=click.echo)
+    click.echo(f"wrote {out}/results.json, results.md, images_per_s.png")
 
 if __name__ == "__main__":
     main()
