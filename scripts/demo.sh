@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job, end to end on a CPU: train `tiny` on the built-in digits, export to ONNX (verified against
-# PyTorch), sample 64 images with the framework-free runtime (ONNX Runtime), and score them with a
+# PyTorch), to calibrated fp16 ONNX and to a TensorRT-RTX plan (its builder needs no GPU), sample 64 images with the framework-free runtime (ONNX Runtime), and score them with a
 # classifier trained on the real digits. Everything lands in runs/latest/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,8 +10,8 @@ STEPS=${DEMO_STEPS:-1500}
 start=$(date +%s)
 echo "== 1/4 train: tiny UNet on digits, $STEPS steps (bf16 autocast) =="
 ddpm-train --preset tiny --dataset digits --steps "$STEPS" --bf16
-echo "== 2/4 export: ONNX, checked against PyTorch =="
-ddpm-export
+echo "== 2/4 export: ONNX (checked against PyTorch), calibrated fp16 ONNX, TensorRT-RTX engine =="
+ddpm-export --fp16 --engine
 echo "== 3/4 sample: 64 images, 1000 steps, ONNX Runtime CPU, no torch =="
 ddpm-run sample --num 64 --batch 64 --seed 0 --out runs/latest/export/samples
 echo "== 4/4 quality: a digits classifier labels the samples =="
