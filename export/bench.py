@@ -7,7 +7,6 @@ backend's threads or caches never colour another's numbers. Medians after warm-u
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform

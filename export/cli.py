@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import click
 
 from ddpm_deploy.runtime.clitools import clean_errors, latest_run, setup_logging
-from ddpm_deploy.runtime.config import write_json
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -20,29 +18,12 @@ def export_onnx_from_run(run_dir: Path, out_dir: Path, raw: bool = False, echo=l
     """Export the run's EMA (or raw) weights to out_dir/model.onnx and verify it against PyTorch."""
     from ddpm_deploy.trainer.checkpoint import load_model
 
-    from .onnx import export_torch, finalize, save_onnx, verify
+    from .onnx import export_verified
 
     model, card, step = load_model(run_dir, "raw" if raw else "ema")
-    t0 = time.perf_counter()
-    proto = export_torch(model, card.data.channels, card.data.image_size)
-    proto = finalize(proto, card)
-    onnx_path = save_onnx(proto, out_dir / "model.onnx")
-    export_s = time.perf_counter() - t0
-    echo(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB, {len(proto.graph.node)} nodes, "
-         f"{'raw' if raw else 'EMA'} weights of step {step}) in {export_s:.1f}s")
-    rep = verify(onnx_path, model, card)
-    report = {"onnx": onnx_path.name, "run_dir": str(run_dir), "weights": "raw" if raw else "ema", "step": step,
-              "export_seconds": export_s, "verify_fp32": rep.to_dict()}
-    write_json(out_dir / "export_report.json", report)
-    if not rep.passed:
-        worst = max(rep.cases, key=lambda c: c["max_abs"])
-        raise ArtifactError(
-            f"ONNX Runtime and PyTorch disagree: max |Δε| = {rep.max_abs:.3g} > tolerance {rep.atol:g} "
-            f"(worst at batch {worst['batch']}, t={worst['t']}, index {worst['index']}: onnx {worst['onnx']:.6g} vs "
-            f"torch {worst['torch']:.6g}); report: {out_dir / 'export_report.json'}"
-        )
-    echo(f"verified against PyTorch: max |Δε| = {rep.max_abs:.2e} (tolerance {rep.atol:g}) at t ∈ "
-         f"{sorted({c['t'] for c in rep.cases})}, batch {sorted({c['batch'] for c in rep.cases})}")
+    echo(f"exporting the {'raw' if raw else 'EMA'} weights of step {step} from {run_dir}")
+    onnx_path, report = export_verified(model, card, out_dir, "PyTorch", {
+        "run_dir": str(run_dir), "weights": "raw" if raw else "ema", "step": step}, echo)
     return onnx_path, report
 
 

@@ -19,7 +19,6 @@ import contextlib
 import inspect
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpm_deploy.runtime.config import DataSpec, ModelCard, write_json
+from ddpm_deploy.runtime.config import DataSpec, ModelCard
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, lazy_import
 from ddpm_deploy.runtime.schedule import DiffusionConfig
 
@@ -212,30 +211,13 @@ def load_diffusers(path: str | Path) -> tuple[DiffusersEps, ModelCard, Diffusers
 
 def export_diffusers(src: str | Path, out_dir: str | Path, echo=lambda s: None) -> tuple[Path, dict]:
     """Export a diffusers UNet2DModel directory to out_dir/model.onnx and verify it against diffusers in PyTorch."""
-    from .onnx import export_torch, finalize, save_onnx, verify
+    from .onnx import export_verified
 
-    out_dir = Path(out_dir)
     model, card, lay = load_diffusers(src)
-    t0 = time.perf_counter()
-    proto = finalize(export_torch(model, card.data.channels, card.data.image_size), card)
-    onnx_path = save_onnx(proto, out_dir / "model.onnx")
-    export_s = time.perf_counter() - t0
-    echo(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB, {len(proto.graph.node)} nodes) from the "
-         f"diffusers UNet in {lay.unet_dir} ({lay.layout} layout, scheduler {lay.scheduler_config}) in {export_s:.1f}s")
-    rep = verify(onnx_path, model, card)
-    report = {"onnx": onnx_path.name, "source": SOURCE, "unet_dir": str(lay.unet_dir),
-              "scheduler_config": str(lay.scheduler_config), "layout": lay.layout,
-              "diffusion": card.diffusion.to_dict(), "export_seconds": export_s, "verify_fp32": rep.to_dict()}
-    write_json(out_dir / "export_report.json", report)
-    if not rep.passed:
-        worst = max(rep.cases, key=lambda c: c["max_abs"])
-        raise ArtifactError(
-            f"ONNX Runtime and diffusers (PyTorch) disagree: max |Δε| = {rep.max_abs:.3g} > tolerance {rep.atol:g} "
-            f"(worst at batch {worst['batch']}, t={worst['t']}, index {worst['index']}: onnx {worst['onnx']:.6g} vs "
-            f"torch {worst['torch']:.6g}); report: {out_dir / 'export_report.json'}"
-        )
-    echo(f"verified against diffusers: max |Δε| = {rep.max_abs:.2e} (tolerance {rep.atol:g}); DDPM config: "
-         f"{card.diffusion.to_dict()}")
+    echo(f"exporting the diffusers UNet in {lay.unet_dir} ({lay.layout} layout, scheduler {lay.scheduler_config})")
+    onnx_path, report = export_verified(model, card, out_dir, "diffusers (PyTorch)", {
+        "source": SOURCE, "unet_dir": str(lay.unet_dir), "scheduler_config": str(lay.scheduler_config),
+        "layout": lay.layout, "diffusion": card.diffusion.to_dict()}, echo)
     return onnx_path, report
 
 

@@ -336,7 +336,6 @@ def convert_to_fp16(
     save_onnx(model, out_path)
 
     names = {n.name for n in src.graph.node}
-    ops = {n.name: n.op_type for n in src.graph.node}
     prec = node_precisions(model, names)
     msgs = _skip_reasons(records, names)
     unsupported = set(getattr(getattr(autocast, "precisionconverter", None), "OP_TYPES_NOT_SUPPORTED_IN_LOW_PRECISION",

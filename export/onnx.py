@@ -159,3 +159,32 @@ def verify(
             rep.cases.append(case)
             rep.max_abs = max(rep.max_abs, case["max_abs"])
     return rep
+
+
+def export_verified(model: torch.nn.Module, card: ModelCard, out_dir: str | os.PathLike, reference: str,
+                    report: dict[str, Any], echo=lambda s: None) -> tuple[Path, dict[str, Any]]:
+    """Export → finalize → save ``out_dir/model.onnx`` → verify against ``model``; writes export_report.json
+    (``report`` plus timings and the comparison) and raises ArtifactError with the worst case if it fails."""
+    import time
+
+    from ddpm_deploy.runtime.config import write_json
+
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    proto = finalize(export_torch(model, card.data.channels, card.data.image_size), card)
+    onnx_path = save_onnx(proto, out_dir / "model.onnx")
+    export_s = time.perf_counter() - t0
+    echo(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB, {len(proto.graph.node)} nodes) in {export_s:.1f}s")
+    rep = verify(onnx_path, model, card)
+    report = {"onnx": onnx_path.name, **report, "export_seconds": export_s, "verify_fp32": rep.to_dict()}
+    write_json(out_dir / "export_report.json", report)
+    if not rep.passed:
+        worst = max(rep.cases, key=lambda c: c["max_abs"])
+        raise ArtifactError(
+            f"ONNX Runtime and {reference} disagree: max |Δε| = {rep.max_abs:.3g} > tolerance {rep.atol:g} "
+            f"(worst at batch {worst['batch']}, t={worst['t']}, index {worst['index']}: onnx {worst['onnx']:.6g} vs "
+            f"torch {worst['torch']:.6g}); report: {out_dir / 'export_report.json'}"
+        )
+    echo(f"verified against {reference}: max |Δε| = {rep.max_abs:.2e} (tolerance {rep.atol:g}) at t ∈ "
+         f"{sorted({c['t'] for c in rep.cases})}, batch {sorted({c['batch'] for c in rep.cases})}")
+    return onnx_path, report
