@@ -78,6 +78,7 @@ __all__ = [
     "box_muller",
     "key_from_seed",
     "normals",
+    "normals_steps",
     "philox4x32_10",
     "uniform_words",
 ]
@@ -281,3 +282,33 @@ def normals(seed: int, sample_indices, step: int, shape_per_sample) -> np.ndarra
     if nb * WORDS_PER_BLOCK != n:
         flat = flat[:, :n]
     return np.ascontiguousarray(flat).reshape((idx.shape[0], *shape))
+
+
+def normals_steps(seed: int, sample_indices, steps, shape_per_sample) -> np.ndarray:
+    """The noise of several steps at once: float32 [len(steps), B, *shape_per_sample], where entry ``[k]`` is
+    bitwise ``normals(seed, sample_indices, steps[k], shape_per_sample)``.
+
+    One vectorised pass over all (step, sample) rows: the sampler prefetches noise this way so that small
+    batches do not pay NumPy's per-call overhead on every step.
+    """
+    key = key_from_seed(seed)
+    st = np.asarray([_check_int(v, "step", 0, MAX_WORD) for v in steps], dtype=np.uint64)
+    idx = _check_indices(sample_indices)
+    shape = _check_shape(shape_per_sample)
+    n = math.prod(shape)
+    nb = _n_blocks(n)
+    n_rows = st.shape[0] * idx.shape[0]
+    row_step = np.repeat(st, idx.shape[0])[:, None]
+    row_idx = np.tile(idx, st.shape[0])[:, None]
+    out = np.empty((n_rows, nb, WORDS_PER_BLOCK), dtype=np.float32)
+    for rows, b in _chunks(n_rows, nb):
+        c0 = np.arange(b.start, b.stop, dtype=np.uint64)[None, :]
+        w = _philox_rounds(c0, row_step[rows], row_idx[rows], np.uint64(0), key[0], key[1])
+        w0, w1, w2, w3 = (np.broadcast_to(x, (rows.stop - rows.start, b.stop - b.start)) for x in w)
+        o = out[rows, b]
+        _box_muller_into(w0, w1, o[..., 0], o[..., 1])
+        _box_muller_into(w2, w3, o[..., 2], o[..., 3])
+    flat = out.reshape(n_rows, nb * WORDS_PER_BLOCK)
+    if nb * WORDS_PER_BLOCK != n:
+        flat = flat[:, :n]
+    return np.ascontiguousarray(flat).reshape((st.shape[0], idx.shape[0], *shape))

@@ -47,6 +47,31 @@ def initial_noise(seed: int, indices: np.ndarray, shape: Sequence[int]) -> np.nd
     return rng.normals(seed, indices, rng.INITIAL_STEP, tuple(shape))
 
 
+PREFETCH_BYTES = 4 << 20  # noise generated ahead, per refill (bounds memory; amortises NumPy call overhead)
+PREFETCH_MAX_STEPS = 64
+
+
+class NoisePrefetch:
+    """Noise of the coming steps, generated a chunk of steps at a time (``rng.normals_steps``), in loop order."""
+
+    def __init__(self, seed: int, indices: np.ndarray, shape: tuple[int, ...], steps_in_order: Sequence[int]):
+        self.seed, self.idx, self.shape = seed, indices, shape
+        self.order = [int(s) for s in steps_in_order]
+        per_step = max(1, len(indices) * int(np.prod(shape)) * 4)
+        self.chunk = int(max(1, min(PREFETCH_MAX_STEPS, PREFETCH_BYTES // per_step)))
+        self.pos, self.buf, self.buf_start = 0, None, 0
+
+    def next(self, step: int) -> np.ndarray:
+        if self.order[self.pos] != step:
+            raise ValueError(f"noise requested for step {step}, expected {self.order[self.pos]}")
+        k = self.pos - self.buf_start
+        if self.buf is None or k >= len(self.buf):
+            self.buf_start, k = self.pos, 0
+            self.buf = rng.normals_steps(self.seed, self.idx, self.order[self.pos:self.pos + self.chunk], self.shape)
+        self.pos += 1
+        return self.buf[k]
+
+
 def sample(
     model: EpsModel,
     schedule: Schedule,
@@ -67,6 +92,7 @@ def sample(
     x = initial_noise(seed, idx, shape) if x_T is None else np.array(x_T, dtype=np.float32)
     n = len(schedule)
     t_buf = np.empty(len(idx), dtype=np.int32)
+    noise = NoisePrefetch(seed, idx, shape, [int(schedule.timesteps[i]) for i in range(n - 1, 0, -1)])
     clock = time.perf_counter
     for k, i in enumerate(range(n - 1, -1, -1)):
         t_val = int(schedule.timesteps[i])
@@ -76,7 +102,7 @@ def sample(
         c1 = clock()
         z = None
         if i > 0:
-            z = noise_fn(t_val, idx) if noise_fn is not None else rng.normals(seed, idx, t_val, shape)
+            z = noise_fn(t_val, idx) if noise_fn is not None else noise.next(t_val)
         x = schedule.step(x, eps, i, z)
         if not np.isfinite(x).all():
             bad = np.argwhere(~np.isfinite(x.reshape(len(idx), -1)).all(axis=1))[:, 0]
