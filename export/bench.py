@@ -207,12 +207,43 @@ def run(out_dir: Path, presets=PRESETS, backends=CPU_BACKENDS, batches=(1, 8, 64
                     echo(f"{preset:13s} {backend:20s} b={b:<4d} " +
                          (f"{r['eps_ms']:9.2f} ms/step  {r['ms_per_image_step']:8.3f} ms/img-step  "
                           f"rss {r['peak_rss_mb']:.0f} MB" if "eps_ms" in r else r["error"]))
-    doc = {"machine": machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "warmup": warmup,
+        builds = engine_builds(presets, Path(work), echo)
+    doc = {"machine": machine_info(), "engine_builds": builds, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "warmup": warmup,
            "repeat": repeat, "statistic": "median", "command": " ".join(sys.argv), "results": results}
     write_json(out_dir / "results.json", doc)
     atomic_write_text(out_dir / "results.md", markdown(doc))
     plot(doc, out_dir / "images_per_s.png")
     return doc
+
+
+def engine_builds(presets, work: Path, echo=print) -> list[dict[str, Any]]:
+    """Engine build time per preset and precision, with whichever TensorRT flavour is installed (TensorRT-RTX
+    builds without a GPU). fp16 means the calibrated mixed-precision ONNX of ``ddpm-export --fp16``."""
+    rows: list[dict[str, Any]] = []
+    try:
+        from .engine import EngineSettings, build_engine, load_tensorrt
+
+        load_tensorrt("auto")
+    except Exception as e:  # no TensorRT flavour here: say so in the results
+        return [{"error": f"no engine builds: {e}"}]
+    for preset in presets:
+        onnx_path = _onnx_for(preset, work)
+        sources = [("fp32", onnx_path)]
+        try:
+            from .fp16 import export_fp16
+
+            fp16_path, _ = export_fp16(onnx_path, work / f"{preset}-fp16", dataset="digits")
+            sources.append(("fp16", fp16_path))
+        except Exception as e:
+            rows.append({"preset": preset, "precision": "fp16", "error": f"{type(e).__name__}: {e}"})
+        for precision, src in sources:
+            side = build_engine(src, work / f"{preset}-{precision}.plan", EngineSettings(batch_opt=8, batch_max=64))
+            rows.append({"preset": preset, "precision": precision, "flavour": side["trt"]["flavour"],
+                         "version": side["trt"]["version"], "seconds": side["build"]["seconds"],
+                         "plan_mb": side["plan"]["bytes"] / 1e6, "gpu": side.get("gpu")})
+            echo(f"{preset:13s} engine {precision}: built in {side['build']['seconds']:.1f}s "
+                 f"({side['trt']['flavour']} {side['trt']['version']}, {side['plan']['bytes'] / 1e6:.1f} MB)")
+    return rows
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -235,6 +266,15 @@ def markdown(doc: dict[str, Any]) -> str:
             notes.append(f"compile {r['compile_seconds']:.0f}s")
         lines.append(f"| {r['preset']} | {r['backend']} | {r['batch']} | {r['eps_ms']:.2f} | {r['ms_per_image_step']:.3f} "
                      f"| {'%.2f' % (r['eps_ms'] / ref) if ref else '–'} | {r['peak_rss_mb']:.0f} | {'; '.join(notes)} |")
+    builds = doc.get("engine_builds") or []
+    if builds:
+        lines += ["", "| model | engine precision | flavour | build s | plan MB |", "|---|---|---|---:|---:|"]
+        for b in builds:
+            if "seconds" in b:
+                lines.append(f"| {b['preset']} | {b['precision']} | {b['flavour']} {b['version']} | {b['seconds']:.1f} "
+                             f"| {b['plan_mb']:.1f} |")
+            else:
+                lines.append(f"| {b.get('preset', '–')} | {b.get('precision', '–')} | {b['error'][:100]} | – | – |")
     return "\n".join(lines) + "\n"
 
 
