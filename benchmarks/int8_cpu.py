@@ -10,7 +10,7 @@ on forward-process inputs — an int8 model is only worth shipping where that co
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
 import tempfile
 import time
@@ -46,7 +46,6 @@ def main() -> None:
         work = Path(work)
         fp32 = _onnx_for("ddpm-cifar10", work)
         pre = work / "pre.onnx"
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         feeds = calibration_batch(card, images, n_timesteps=args.calib, per_t=1, seed=0)
 
         class Reader(CalibrationDataReader):
@@ -57,11 +56,17 @@ def main() -> None:
                 return next(self.items, None)
 
         int8 = work / "int8.onnx"
-        t0 = time.perf_counter()
-        quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["Conv", "MatMul", "Gemm"])
-        quant_s = time.perf_counter() - t0
+        cwd = os.getcwd()
+        os.chdir(work)  # ORT's quantization tools leave temporary files in the working directory
+        try:
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            t0 = time.perf_counter()
+            quantize_static(str(pre), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+            quant_s = time.perf_counter() - t0
+        finally:
+            os.chdir(cwd)
 
         def session(p):
             so = ort.SessionOptions()
