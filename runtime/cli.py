@@ -20,7 +20,8 @@ CTX = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 @click.group(context_settings=CTX)
 def main():
-    """Run DDPM models without a deep-learning framework: NumPy + ONNX Runtime (CPU, CUDA)."""
+    """Run DDPM models without a deep-learning framework: NumPy + ONNX Runtime on CPUs; TensorRT or ONNX
+    Runtime CUDA with a fused NVRTC step kernel on NVIDIA GPUs. Also: parity checks and benchmarks."""
 
 
 def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, variance_type, clip) -> ModelCard:
