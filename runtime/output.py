@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import write_json
+from .config import atomic_write_bytes, write_json
 from .errors import ConfigError
 from .imageio import grid_scale, make_grid, png_bytes, save_png, to_uint8
 
@@ -44,8 +44,6 @@ class SampleWriter:
         self._npy.write(np.ascontiguousarray(imgs).tobytes())
         for img, i in zip(imgs, indices):
             if self.write_pngs:
-                from .config import atomic_write_bytes
-
                 atomic_write_bytes(self.out / "images" / f"{int(i):06d}.png", png_bytes(img))
             if len(self.grid_images) < GRID_MAX:
                 self.grid_images.append(img)

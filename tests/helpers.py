@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 # A micro UNet (8×8 digits) that trains in seconds; the same block structure as the presets.
@@ -24,3 +27,19 @@ def train_run(run_dir: Path, steps: int = 30, unet: dict | None = None, image_si
     tcfg = TrainConfig(**kw)
     data = load_dataset("digits", image_size=ucfg.image_size, channels=ucfg.in_channels)
     return Trainer(run_dir, ucfg, tcfg, DiffusionConfig(), data.images, data.name, preset="test").run()
+
+
+_BLOCK_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_without_torch(body: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``body`` in a fresh interpreter in which any import of torch raises ImportError."""
+    code = _BLOCK_TORCH + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)

@@ -101,12 +101,10 @@ def load_weights(path: Path, which: str = "ema") -> tuple[dict[str, torch.Tensor
     if not sel:
         raise ArtifactError(f"{path}: has no '{which}' weights (found prefixes {sorted({k.split('.')[0] for k in tensors})})")
     step = 0
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            step = int((f.metadata() or {}).get("step", 0))
-    except Exception:  # metadata is informative only
+    try:  # the metadata sits in the header of the bytes already read: 8-byte length, then JSON
+        n = int.from_bytes(data[:8], "little")
+        step = int(json.loads(data[8:8 + n]).get("__metadata__", {}).get("step", 0))
+    except (ValueError, TypeError, AttributeError):  # metadata is informative only
         pass
     return sel, step
 

@@ -129,8 +129,8 @@ class Trainer:
         self.data = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         self.schedule = Schedule(diffusion_cfg)
         abar = torch.from_numpy(self.schedule.base_alphas_cumprod)
-        self.sqrt_abar = abar.sqrt().float()
-        self.sqrt_1m_abar = (1.0 - abar).sqrt().float()
+        self.sqrt_abar = abar.sqrt().float().to(self.env.device)
+        self.sqrt_1m_abar = (1.0 - abar).sqrt().float().to(self.env.device)
 
         torch.manual_seed(train_cfg.seed)
         self.model = UNet(unet_cfg).to(self.env.device)
@@ -203,7 +203,7 @@ class Trainer:
         sl = slice(lo, lo + self.local_batch)
         dev = self.env.device
         x0, t, noise = x0[sl].to(dev), t[sl].to(dev), noise[sl].to(dev)
-        xt = self.sqrt_abar.to(dev)[t, None, None, None] * x0 + self.sqrt_1m_abar.to(dev)[t, None, None, None] * noise
+        xt = self.sqrt_abar[t, None, None, None] * x0 + self.sqrt_1m_abar[t, None, None, None] * noise
         torch.manual_seed(step_seed(self.tcfg.seed, self.step, 1 + self.env.rank))  # dropout
         self.ddp.train()
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.tcfg.bf16):

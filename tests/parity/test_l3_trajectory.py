@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from ddpm_deploy.runtime.backends.ort import OrtRunner
 from ddpm_deploy.runtime.sampler import sample
@@ -35,8 +34,7 @@ def test_full_1000_step_trajectory_matches_pytorch(tiny_trained):
     idx = [0, 1, 2, 3]
     want = sample_torch(model, sched, shape, seed=11, indices=idx)
     got = sample(OrtRunner(onnx_path), sched, shape, seed=11, indices=idx)
-    c = assert_close("L3 tiny 1000 steps ORT vs PyTorch", got, want, L3_TRAJECTORY_FP32_ATOL)
-    assert c.max_abs > 0 or np.array_equal(got, want)
+    assert_close("L3 tiny 1000 steps ORT vs PyTorch", got, want, L3_TRAJECTORY_FP32_ATOL)
     # the model is not trivial: its ε moves samples away from the ε=0 trajectory
     zero = sample(type("Z", (), {"eps": staticmethod(lambda x, t: np.zeros_like(x))})(), sched, shape, 11, idx)
     assert np.abs(zero - want).max() > 0.1

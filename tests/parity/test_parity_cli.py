@@ -154,21 +154,12 @@ def test_levels_without_diffusers_are_skipped_with_the_reason(monkeypatch):
 
 
 def test_parity_without_torch_says_what_to_install(micro_onnx, tmp_path):
-    import subprocess
-    import sys
-    import textwrap
+    from helpers import run_without_torch
 
-    code = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this test")
-        sys.meta_path.insert(0, Block())
+    r = run_without_torch(f"""
         from ddpm_deploy.runtime.cli import main
         main(["parity", "--checkpoint", r"{tmp_path}", "--onnx", r"{micro_onnx}"])
-    """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    """, timeout=120)
 
     assert r.returncode == 2, r.stderr
     assert "torch" in r.stderr and "ddpm-deploy[export]" in r.stderr and "Traceback" not in r.stderr

@@ -1,18 +1,10 @@
 """The runtime must never import torch: sample with torch blocked."""
 
-import subprocess
-import sys
-import textwrap
+from helpers import run_without_torch
 
 
 def test_runtime_samples_with_torch_import_blocked(micro_onnx, tmp_path):
-    code = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "torch" or name.startswith("torch."):
-                    raise ImportError("torch is blocked in this test")
-        sys.meta_path.insert(0, Block())
+    r = run_without_torch(f"""
         from ddpm_deploy.runtime.cli import main
         try:
             main(["sample", "--onnx", r"{micro_onnx}", "--num", "3", "--batch", "2", "--steps", "5",
@@ -22,7 +14,6 @@ def test_runtime_samples_with_torch_import_blocked(micro_onnx, tmp_path):
         assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
         print("OK")
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "OK" in r.stdout
     assert (tmp_path / "out" / "samples.npz").is_file()
