@@ -4,7 +4,7 @@ raises ``CudaError`` naming the call, the CUDA error and what to do.
 
 The device's *primary* context is made current, so TensorRT and ONNX Runtime (which use the CUDA runtime
 API, i.e. the primary context) share our buffers and our stream. ``use_driver`` swaps the driver module
-(``device.hostsim`` supplies a CPU stand-in for the tests).
+(the tests' ``tests/hostsim.py`` supplies a CPU stand-in).
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 INSTALL_GPU = "pip install cuda-python==13.4.4 nvidia-cuda-nvrtc==13.4.92"
 NO_GPU_HINT = ("the GPU runtime needs an NVIDIA GPU with a CUDA 13 driver (580 or newer); on a machine "
                "without one, sample with ONNX Runtime on the CPU (ddpm-run sample --onnx … --device cpu)")
+# The oldest driver API version (cuDriverGetVersion: 1000 * major + 10 * minor) the cuda-python 13 bindings work
+# with. An older driver can pass cuInit and fail later at an unrelated-looking call, so query_device checks it.
+MIN_DRIVER_VERSION = 13000
 
 
 class CudaError(DDPMError):
@@ -149,9 +152,27 @@ def _attribute(attr_name: str, dev) -> int:
     return int(call("cuDeviceGetAttribute", getattr(d.CUdevice_attribute, attr_name), dev))
 
 
+def _cuda_version(version: int) -> str:
+    """``cuDriverGetVersion``'s integer as "major.minor" (12040 -> "12.4")."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def check_driver_version(version: int) -> int:
+    """``version`` (from ``cuDriverGetVersion``) if it is at least MIN_DRIVER_VERSION, else NoDeviceError."""
+    if version < MIN_DRIVER_VERSION:
+        raise NoDeviceError(
+            f"the NVIDIA driver supports CUDA {_cuda_version(version)} (cuDriverGetVersion: {version}), but this "
+            f"cuda-python needs CUDA {_cuda_version(MIN_DRIVER_VERSION)} or newer (driver 580 or newer on Linux): "
+            f"upgrade the NVIDIA driver, or sample on the CPU (ddpm-run sample --onnx … --device cpu)"
+        )
+    return version
+
+
 def query_device(ordinal: int = 0) -> DeviceProps:
-    """Initialise the driver and describe GPU ``ordinal``; NoDeviceError if there is none."""
+    """Initialise the driver and describe GPU ``ordinal``; NoDeviceError if there is none or the driver is too
+    old (below MIN_DRIVER_VERSION)."""
     call("cuInit", 0)
+    version = check_driver_version(int(call("cuDriverGetVersion")))
     count = int(call("cuDeviceGetCount"))
     if count == 0:
         raise NoDeviceError(f"cuDeviceGetCount found no CUDA device; {NO_GPU_HINT}")
@@ -162,7 +183,6 @@ def query_device(ordinal: int = 0) -> DeviceProps:
     name = (raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)).split("\0")[0].strip()
     cc = (_attribute("CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR", dev),
           _attribute("CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR", dev))
-    version = int(call("cuDriverGetVersion"))
     return DeviceProps(ordinal, name, cc, int(call("cuDeviceTotalMem", dev)),
                        _attribute("CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT", dev), (version // 1000, version % 1000 // 10))
 

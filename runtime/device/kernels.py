@@ -6,7 +6,7 @@ rounded float32 operations (``__fmul_rn`` …, which are never contracted into F
 ``Schedule.step``: x̂0 = a·x − b·ε; clip; μ = c1·x̂0 + c2·x; x ← μ + σ·z (eq. 11 via eq. 15).
 
 The same source also compiles as host C++ (no ``__CUDACC_RTC__``): every kernel body is written as a loop
-over its threads, which is one thread on the device and all of them on the host. ``device.hostsim`` uses
+over its threads, which is one thread on the device and all of them on the host. ``tests/hostsim.py`` uses
 that to run the device loop on a CPU in the tests.
 
 Kernels (grid x over Philox blocks or samples, 256 threads; grid y over the batch):
@@ -301,26 +301,29 @@ def compile_kernels(target: str = "sm_90", source: str | None = None, name: str 
         opts = [o.encode() for o in options]
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         size = _check(nvrtc, "nvrtcGetProgramLogSize", nvrtc.nvrtcGetProgramLogSize(prog))
-        buf = b" " * size
+        # bytearray, never b" " * size: NVRTC writes into the buffer, and b" " * 1 (an empty log) is CPython's
+        # shared one-byte object, which would then read b"\0" everywhere in the process.
+        buf = bytearray(size)
         _check(nvrtc, "nvrtcGetProgramLog", nvrtc.nvrtcGetProgramLog(prog, buf))
-        compile_log = buf.rstrip(b"\0").decode(errors="replace").strip()
+        compile_log = bytes(buf).rstrip(b"\0").decode(errors="replace").strip()
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise KernelCompileError(
                 f"nvrtcCompileProgram failed for {target} (NVRTC {version[0]}.{version[1]}, options "
                 f"{' '.join(options)}):\n{compile_log}"
             )
         size = _check(nvrtc, "nvrtcGetPTXSize", nvrtc.nvrtcGetPTXSize(prog))
-        ptx = b" " * size
+        ptx = bytearray(size)
         _check(nvrtc, "nvrtcGetPTX", nvrtc.nvrtcGetPTX(prog, ptx))
         cubin = None
         if target.startswith("sm_"):
             size = _check(nvrtc, "nvrtcGetCUBINSize", nvrtc.nvrtcGetCUBINSize(prog))
-            cubin = b" " * size
-            _check(nvrtc, "nvrtcGetCUBIN", nvrtc.nvrtcGetCUBIN(prog, cubin))
+            cubin_buf = bytearray(size)
+            _check(nvrtc, "nvrtcGetCUBIN", nvrtc.nvrtcGetCUBIN(prog, cubin_buf))
+            cubin = bytes(cubin_buf)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
     seconds = time.perf_counter() - start
     if compile_log:
         log.debug("NVRTC log for %s: %s", target, compile_log)
     log.debug("compiled %d kernels for %s in %.2f s", len(ENTRY_POINTS), target, seconds)
-    return CompiledKernels(target, ptx.rstrip(b"\0"), cubin, compile_log, seconds, version, options)
+    return CompiledKernels(target, bytes(ptx).rstrip(b"\0"), cubin, compile_log, seconds, version, options)
