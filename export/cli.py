@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ddpm_deploy.runtime.clitools import clean_errors, latest_run, setup_logging
+from ddpm_deploy.runtime.clitools import CONTEXT, clean_errors, latest_run, setup_logging, version_option
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,7 @@ def export_onnx_from_run(run_dir: Path, out_dir: Path, raw: bool = False, echo=l
     """Export the run's EMA (or raw) weights to out_dir/model.onnx and verify it against PyTorch."""
     from ddpm_deploy.trainer.checkpoint import load_model
 
-    from .onnx import export_verified
+    from .onnx_export import export_verified
 
     model, card, step = load_model(run_dir, "raw" if raw else "ema")
     echo(f"exporting the {'raw' if raw else 'EMA'} weights of step {step} from {run_dir}")
@@ -30,7 +30,8 @@ def export_onnx_from_run(run_dir: Path, out_dir: Path, raw: bool = False, echo=l
 DEFAULT_ENGINE = "__out__/model.plan"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(context_settings=CONTEXT)
+@version_option()
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output directory. Default: RUN_DIR/export/.")
@@ -56,10 +57,12 @@ DEFAULT_ENGINE = "__out__/model.plan"
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache file, read and updated across builds (TensorRT; a no-op for TensorRT-RTX).")
 @click.option("--version-compatible", is_flag=True, help="Build a version-compatible engine (TensorRT lean runtime).")
+@click.option("--tf32", is_flag=True, help="Allow TF32 tactics for fp32 layers (faster on Ampere and newer; ε moves "
+              "by ~1e-3). Off by default, so an fp32 plan matches ONNX Runtime fp32 within the parity tolerance.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @clean_errors
 def main(run_dir, out, raw, from_diffusers, fp16, calib_dataset, engine, trt_flavour, batch_min, batch_opt, batch_max,
-         workspace_mb, opt_level, timing_cache, version_compatible, verbose):
+         workspace_mb, opt_level, timing_cache, version_compatible, tf32, verbose):
     """Export a trained run to ONNX, and optionally to fp16 mixed precision and a TensorRT engine.
 
     \b
@@ -82,11 +85,11 @@ def main(run_dir, out, raw, from_diffusers, fp16, calib_dataset, engine, trt_fla
 
         settings = EngineSettings(batch_min=batch_min, batch_opt=batch_opt, batch_max=batch_max,
                                   workspace_mb=workspace_mb, opt_level=opt_level, timing_cache=timing_cache,
-                                  version_compatible=version_compatible, flavour=trt_flavour)
+                                  version_compatible=version_compatible, flavour=trt_flavour, tf32=tf32)
     if from_diffusers is not None:
         if run_dir is not None or raw:
             raise ConfigError("--from-diffusers exports a diffusers directory: give no RUN_DIR and no --raw with it")
-        from .diffusers import export_diffusers
+        from ddpm_deploy.export.from_diffusers import export_diffusers
 
         out = out or (Path(from_diffusers) / "export")
         out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +107,7 @@ def main(run_dir, out, raw, from_diffusers, fp16, calib_dataset, engine, trt_fla
 
         t0 = time.perf_counter()
         onnx_path, rep = export_fp16(onnx_path, out, dataset=calib_dataset)
-        err, nodes = rep["error"], rep["conversion"]["nodes"]
+        err, nodes = rep.error, rep.conversion["nodes"]
         click.echo(f"wrote {onnx_path} in {time.perf_counter() - t0:.1f}s: {nodes['fp16']} nodes fp16, "
                    f"{nodes['fp32']} kept fp32 (reasons in precision.json); ε rel L2 vs fp32 ≤ "
                    f"{err['worst_rel_l2']:.2e} over {len(err['buckets'])} timestep buckets (tolerance {err['tolerance']:g})")
@@ -113,9 +116,9 @@ def main(run_dir, out, raw, from_diffusers, fp16, calib_dataset, engine, trt_fla
 
         plan = out / "model.plan" if engine == DEFAULT_ENGINE else Path(engine)
         side = build_engine(onnx_path, plan, settings)
-        click.echo(f"wrote {plan} ({side['plan']['bytes'] / 1e6:.1f} MB, {side['precision']}, "
-                   f"{side['trt']['flavour']} {side['trt']['version']}, batch {batch_min}/{batch_opt}/{batch_max}) "
-                   f"in {side['build']['seconds']:.1f}s, and {plan}.json")
+        click.echo(f"wrote {plan} ({side.plan['bytes'] / 1e6:.1f} MB, {side.precision}, "
+                   f"{side.trt['flavour']} {side.trt['version']}, batch {batch_min}/{batch_opt}/{batch_max}) "
+                   f"in {side.build['seconds']:.1f}s, and {plan}.json")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ log line:
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 import os
 import time
@@ -25,72 +24,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ddpm_deploy.runtime.config import ONNX_METADATA_KEY, ModelCard, atomic_write_bytes, write_json
-from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, DDPMError, MissingDependencyError, lazy_import
-from ddpm_deploy.runtime.plan import PLAN_SCHEMA, PLAN_SCHEMA_VERSION, sha256_file, sidecar_path
+from ddpm_deploy.runtime.backends.trt import FLAVOURS, INSTALL, RTX_MODULES, load_tensorrt  # noqa: F401
+from ddpm_deploy.runtime.backends.trt import trt_logger as _logger
+from ddpm_deploy.runtime.config import ModelCard
+from ddpm_deploy.runtime.contract import (INPUT_NAMES, ONNX_METADATA_KEY, OUTPUT_NAMES, PlanSidecar, detect_precision,
+                                          onnx_graphs)
+from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, lazy_import
+from ddpm_deploy.runtime.fileio import atomic_write_bytes, sha256_file
+from ddpm_deploy.runtime.plan import sidecar_path
 
 log = logging.getLogger(__name__)
 
-FLAVOURS = ("auto", "tensorrt", "rtx")
-MIN_TENSORRT_MAJOR = 10
-INSTALL_RTX = "pip install tensorrt-rtx-cu13-bindings==1.7.1.116 tensorrt-rtx-cu13-libs==1.7.1.116"
-INSTALL_TENSORRT = "pip install 'tensorrt>=10' (NVIDIA's wheel, for the CUDA version of this machine)"
-RTX_MODULES = ("tensorrt_rtx_bindings", "tensorrt_rtx")  # the cu13 pip wheels; the name NVIDIA's API docs use
-EXPECTED_INPUTS, EXPECTED_OUTPUTS = ("x", "t"), ("eps",)
-
+INSTALL_RTX, INSTALL_TENSORRT = INSTALL["rtx"], INSTALL["tensorrt"]
 DEFAULT_BATCH_MIN, DEFAULT_BATCH_OPT, DEFAULT_BATCH_MAX = 1, 8, 64
 DEFAULT_WORKSPACE_MB = 4096
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default builder_optimization_level
-
-
-class TensorRTVersionError(MissingDependencyError):
-    """TensorRT is installed but older than the API this module is written against."""
-
-    def __init__(self, version: str):
-        self.package = "tensorrt"
-        DDPMError.__init__(
-            self,
-            f"building engines needs TensorRT >= {MIN_TENSORRT_MAJOR}, found tensorrt {version}; upgrade with "
-            f"{INSTALL_TENSORRT}, or use TensorRT-RTX: {INSTALL_RTX}",
-        )
-
-
-def _import_tensorrt():
-    trt = lazy_import("tensorrt", "building TensorRT engines", INSTALL_TENSORRT)
-    major = int(str(trt.__version__).split(".")[0])
-    if major < MIN_TENSORRT_MAJOR:
-        raise TensorRTVersionError(trt.__version__)
-    return trt
-
-
-def _import_rtx():
-    for name in RTX_MODULES:
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            log.debug("module %s is not importable", name)
-    raise MissingDependencyError("tensorrt_rtx_bindings", "building TensorRT-RTX engines", INSTALL_RTX)
-
-
-def load_tensorrt(flavour: str = "auto") -> tuple[Any, str]:
-    """Import the TensorRT flavour and return ``(module, flavour)``; "auto" tries tensorrt, then TensorRT-RTX."""
-    if flavour == "tensorrt":
-        return _import_tensorrt(), "tensorrt"
-    if flavour == "rtx":
-        return _import_rtx(), "rtx"
-    if flavour != "auto":
-        raise ConfigError(f"TensorRT flavour must be one of {FLAVOURS}, found {flavour!r}")
-    try:
-        return _import_tensorrt(), "tensorrt"
-    except MissingDependencyError as first:
-        log.debug("tensorrt unavailable (%s); trying TensorRT-RTX", first)
-        try:
-            return _import_rtx(), "rtx"
-        except MissingDependencyError:
-            raise MissingDependencyError(
-                "tensorrt", "building TensorRT engines (neither tensorrt nor tensorrt_rtx_bindings imports)",
-                f"{INSTALL_RTX}  -- or NVIDIA's TensorRT: {INSTALL_TENSORRT}",
-            ) from first
 
 
 @dataclass(frozen=True)
@@ -104,6 +52,7 @@ class EngineSettings:
     opt_level: int = DEFAULT_OPT_LEVEL
     timing_cache: str | None = None
     version_compatible: bool = False
+    tf32: bool = False  # TF32 tactics for fp32 layers: off keeps fp32 layers in full fp32 (the parity contract)
     flavour: str = "auto"
 
     def __post_init__(self):
@@ -130,33 +79,6 @@ class EngineSettings:
 
 
 # --- TensorRT plumbing -------------------------------------------------------------------------------------
-
-_LOGGERS: dict[str, Any] = {}
-
-
-def _logger(trt):
-    """One ILogger per TensorRT module (TensorRT keeps a process-wide logger): forwards to ``logging`` and
-    records error messages so that a failed parse or build can say why."""
-    if trt.__name__ not in _LOGGERS:
-
-        class _CaptureLogger(trt.ILogger):
-            def __init__(self):
-                trt.ILogger.__init__(self)
-                self.errors: list[str] = []
-
-            def log(self, severity, msg):
-                level = int(severity)
-                if level <= int(trt.ILogger.ERROR):
-                    self.errors.append(msg)
-                    log.debug("TensorRT error: %s", msg)
-                elif level == int(trt.ILogger.WARNING):
-                    log.warning("TensorRT: %s", msg)
-                elif level == int(trt.ILogger.INFO):
-                    log.debug("TensorRT: %s", msg)
-
-        _LOGGERS[trt.__name__] = _CaptureLogger()
-    return _LOGGERS[trt.__name__]
-
 
 def _dtype_name(dt) -> str:
     names = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
@@ -226,9 +148,9 @@ def _io_of(network, settings: EngineSettings) -> dict[str, list[dict[str, Any]]]
         tensor = network.get_output(i)
         outputs.append({"name": tensor.name, "dtype": _dtype_name(tensor.dtype), "shape": list(tensor.shape)})
     found_in, found_out = sorted(t["name"] for t in inputs), sorted(t["name"] for t in outputs)
-    if found_in != sorted(EXPECTED_INPUTS) or found_out != sorted(EXPECTED_OUTPUTS):
+    if found_in != sorted(INPUT_NAMES) or found_out != sorted(OUTPUT_NAMES):
         raise ArtifactError(
-            f"expected a DDPM ε-model with inputs {list(EXPECTED_INPUTS)} and outputs {list(EXPECTED_OUTPUTS)}, "
+            f"expected a DDPM ε-model with inputs {list(INPUT_NAMES)} and outputs {list(OUTPUT_NAMES)}, "
             f"found inputs {found_in} and outputs {found_out}; export the model with ddpm-export"
         )
     return {"inputs": inputs, "outputs": outputs}
@@ -252,25 +174,10 @@ def _load_onnx(onnx_path: Path):
         raise ArtifactError(f"{onnx_path}: expected an ONNX model, found an unreadable file ({e})") from e
 
 
-def _graphs(onnx, model):
-    """Every graph of the model: the main graph, subgraphs of If/Loop/Scan, and local function bodies."""
-    stack, functions = [model.graph], list(model.functions)
-    while stack:
-        graph = stack.pop()
-        yield graph, graph.node
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    stack.append(attr.g)
-                stack.extend(attr.graphs)
-    for fn in functions:
-        yield None, fn.node
-
-
 def _unsupported(parser, onnx_path: Path) -> list[str]:
-    onnx, model = _load_onnx(onnx_path)
+    _, model = _load_onnx(onnx_path)
     local = {(f.domain, f.name) for f in model.functions}
-    ops = {n.op_type for _, nodes in _graphs(onnx, model) for n in nodes if (n.domain, n.op_type) not in local}
+    ops = {n.op_type for _, nodes in onnx_graphs(model) for n in nodes if (n.domain, n.op_type) not in local}
     return sorted(op for op in ops if not parser.supports_operator(op))
 
 
@@ -282,25 +189,6 @@ def unsupported_ops(onnx_path: str | os.PathLike, trt=None) -> list[str]:
         raise ArtifactError(f"expected an ONNX model at {onnx_path}, found no such file; export it with ddpm-export")
     builder = trt.Builder(_logger(trt))
     return _unsupported(trt.OnnxParser(_network(trt, builder), _logger(trt)), onnx_path)
-
-
-def _precision(onnx, model) -> str:
-    """'fp16' if any float16 initializer, typed tensor, Cast-to-fp16 or fp16 constant is in the ONNX."""
-    fp16 = onnx.TensorProto.FLOAT16
-    for graph, nodes in _graphs(onnx, model):
-        if graph is not None:
-            if any(init.data_type == fp16 for init in graph.initializer):
-                return "fp16"
-            for vi in (*graph.input, *graph.output, *graph.value_info):
-                if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type == fp16:
-                    return "fp16"
-        for node in nodes:
-            for attr in node.attribute:
-                if (node.op_type == "Cast" and attr.name == "to" and attr.i == fp16) or (
-                    attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == fp16
-                ):
-                    return "fp16"
-    return "fp32"
 
 
 def _model_card(model, onnx_path: Path) -> dict[str, Any]:
@@ -316,30 +204,14 @@ def _model_card(model, onnx_path: Path) -> dict[str, Any]:
 # --- build -------------------------------------------------------------------------------------------------
 
 def _gpu_info() -> dict[str, str] | None:
-    """Name and compute capability of the current CUDA device via cuda-python, or None (no binding, no GPU)."""
-    try:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart  # cuda-python < 12.6
-    except ImportError:
-        log.debug("cuda-python is not installed: the sidecar records no GPU")
+    """Name and compute capability of GPU 0 (the runtime's one GPU probe), or None: no binding, driver or GPU."""
+    from ddpm_deploy.runtime.device.info import probe_gpu
+
+    props, why = probe_gpu(0)
+    if props is None:
+        log.debug("%s: the sidecar records no GPU", why)
         return None
-    try:
-        ok = cudart.cudaError_t.cudaSuccess
-        err, count = cudart.cudaGetDeviceCount()
-        if err != ok or count == 0:
-            log.debug("no CUDA device (%s, count %s): the sidecar records no GPU", err, count)
-            return None
-        err, device = cudart.cudaGetDevice()
-        err, prop = cudart.cudaGetDeviceProperties(device)
-        if err != ok:
-            return None
-        name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-        return {"name": name.rstrip("\x00").strip(), "compute_capability": f"{prop.major}.{prop.minor}"}
-    except Exception as e:  # a broken driver must not fail a CPU-only build
-        log.debug("CUDA device query failed (%s): the sidecar records no GPU", e)
-        return None
+    return {"name": props.name, "compute_capability": f"{props.compute_capability[0]}.{props.compute_capability[1]}"}
 
 
 def _configure(trt, flavour: str, builder, config, io: dict, settings: EngineSettings) -> dict[str, Any]:
@@ -349,7 +221,10 @@ def _configure(trt, flavour: str, builder, config, io: dict, settings: EngineSet
         profile.set_shape(inp["name"], *(tuple(inp["profile"][k]) for k in ("min", "opt", "max")))
     config.add_optimization_profile(profile)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mb << 20)
-    applied: dict[str, Any] = {"opt_level": None, "version_compatible": False, "timing_cache": None}
+    applied: dict[str, Any] = {"opt_level": None, "version_compatible": False, "timing_cache": None, "tf32": None}
+    if hasattr(trt.BuilderFlag, "TF32"):  # on by default in TensorRT; fp32 layers then round inputs to 10 bits
+        (config.set_flag if settings.tf32 else config.clear_flag)(trt.BuilderFlag.TF32)
+        applied["tf32"] = bool(config.get_flag(trt.BuilderFlag.TF32))
     if hasattr(config, "builder_optimization_level"):
         config.builder_optimization_level = settings.opt_level
         applied["opt_level"] = settings.opt_level
@@ -383,13 +258,13 @@ def _timing_cache(flavour: str, config, path: str | None):
 
 def build_engine(
     onnx_path: str | os.PathLike, plan_path: str | os.PathLike, settings: EngineSettings | None = None
-) -> dict[str, Any]:
-    """Build ``plan_path`` from ``onnx_path`` and write ``plan_path + '.json'``; returns the sidecar dict."""
+) -> PlanSidecar:
+    """Build ``plan_path`` from ``onnx_path`` and write ``plan_path + '.json'``; returns the sidecar."""
     settings = settings or EngineSettings()
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     trt, flavour = load_tensorrt(settings.flavour)
     builder, network, _parser = _parse(trt, onnx_path)
-    onnx, model = _load_onnx(onnx_path)
+    _, model = _load_onnx(onnx_path)
     card = _model_card(model, onnx_path)
     io = _io_of(network, settings)
 
@@ -415,27 +290,28 @@ def build_engine(
         atomic_write_bytes(settings.timing_cache, bytes(config.get_timing_cache().serialize()))
         applied["timing_cache"] = str(settings.timing_cache)
     atomic_write_bytes(plan_path, plan)
-    sidecar = {
-        "schema": PLAN_SCHEMA,
-        "schema_version": PLAN_SCHEMA_VERSION,
-        "ddpm": card,
-        "trt": {"flavour": flavour, "module": trt.__name__.split(".")[0], "version": trt.__version__},
-        "precision": _precision(onnx, model),
-        "profile": batch,
-        "inputs": [{k: t[k] for k in ("name", "dtype", "shape")} for t in io["inputs"]],
-        "outputs": io["outputs"],
-        "gpu": _gpu_info(),
-        "onnx": {"path": onnx_path.name, "sha256": sha256_file(onnx_path)},
-        "plan": {"path": plan_path.name, "sha256": hashlib.sha256(plan).hexdigest(), "bytes": len(plan)},
-        "build": {
+    onnx_sha = sha256_file(onnx_path)
+    sidecar = PlanSidecar(
+        ddpm=card,
+        trt={"flavour": flavour, "module": trt.__name__.split(".")[0], "version": trt.__version__},
+        precision=detect_precision(model),
+        profile=batch,
+        inputs=[{k: t[k] for k in ("name", "dtype", "shape")} for t in io["inputs"]],
+        outputs=io["outputs"],
+        gpu=_gpu_info(),
+        onnx={"path": onnx_path.name, "sha256": onnx_sha},
+        plan={"path": plan_path.name, "sha256": hashlib.sha256(plan).hexdigest(), "bytes": len(plan)},
+        build={
             "seconds": round(seconds, 3),
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "opt_level": applied["opt_level"],
             "workspace_mb": settings.workspace_mb,
             "version_compatible": applied["version_compatible"],
+            "tf32": applied["tf32"],
             "timing_cache": applied["timing_cache"],
         },
-    }
-    write_json(sidecar_path(plan_path), sidecar)
+        model_sha256=onnx_sha,
+    )
+    sidecar.save(sidecar_path(plan_path))
     log.info("built %s (%d bytes, %s, %.1f s) from %s", plan_path, len(plan), flavour, seconds, onnx_path.name)
     return sidecar

@@ -33,19 +33,19 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ddpm_deploy.runtime.config import ModelCard, write_json
+from ddpm_deploy.runtime.config import ModelCard
+from ddpm_deploy.runtime.contract import INPUT_T, INPUT_X, PrecisionReport
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, DataError, lazy_import
+from ddpm_deploy.runtime.fileio import sha256_file
 from ddpm_deploy.runtime.schedule import Schedule
 from ddpm_deploy.runtime.tolerances import L2_EPS_FP16_REL_L2, compare
 
-from .onnx import load_onnx, save_onnx
+from .onnx_export import load_onnx, save_onnx, set_precision
 
 log = logging.getLogger(__name__)
 
 FP16_ONNX_NAME = "model.fp16.onnx"
 PRECISION_JSON_NAME = "precision.json"
-PRECISION_SCHEMA = "ddpm-deploy/precision"
-PRECISION_SCHEMA_VERSION = 1
 MODELOPT_INSTALL = ('pip install "nvidia-modelopt==0.47.0" onnxslim lief  '
                     '(not the [onnx] extra: it pins onnxruntime-gpu)')
 
@@ -134,8 +134,8 @@ def calibration_batch(
     noise = g.standard_normal(x0.shape).astype(np.float32)
     x = sched.q_sample(x0, ts, noise).astype(np.float32)
     pure = g.standard_normal((n_noise, C, S, S)).astype(np.float32)
-    return {"x": np.ascontiguousarray(np.concatenate([x, pure])),
-            "t": np.concatenate([ts, np.full(n_noise, T - 1)]).astype(np.int32)}
+    return {INPUT_X: np.ascontiguousarray(np.concatenate([x, pure])),
+            INPUT_T: np.concatenate([ts, np.full(n_noise, T - 1)]).astype(np.int32)}
 
 
 # --- graph queries ----------------------------------------------------------------------------------------
@@ -333,6 +333,7 @@ def convert_to_fp16(
     model.metadata_props.extend(src.metadata_props)
     model.producer_name = src.producer_name or model.producer_name
     _check_io(model, src, fp32_path)
+    set_precision(model, "fp16")
     save_onnx(model, out_path)
 
     names = {n.name for n in src.graph.node}
@@ -466,14 +467,14 @@ def export_fp16(
     n_timesteps: int = DEFAULT_CALIB_TIMESTEPS, per_t: int = DEFAULT_CALIB_PER_T, calib_seed: int = 0,
     data_max: float = DEFAULT_DATA_MAX, buckets: int = DEFAULT_BUCKETS, per_bucket: int = DEFAULT_PER_BUCKET,
     **convert_kw,
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, PrecisionReport]:
     """fp32 ONNX → ``out_dir/model.fp16.onnx`` + ``out_dir/precision.json``; returns (path, report).
 
     ``card`` defaults to the one in the ONNX metadata; ``images`` to ``calibration_images(card, dataset)``.
     Raises ArtifactError naming the failing timestep buckets when the ε error exceeds ``tol``; precision.json
     is written either way, and the rejected model is kept as ``model.fp16.rejected.onnx`` for inspection.
     """
-    from .onnx import read_card
+    from .onnx_export import read_card
 
     fp32_path, out_dir = Path(fp32_path), Path(out_dir)
     card = card or read_card(fp32_path)
@@ -490,22 +491,20 @@ def export_fp16(
     try:
         conv = convert_to_fp16(fp32_path, candidate, feeds, data_max=data_max, **convert_kw)
         err = fp16_error_report(fp32_path, candidate, card, images, buckets=buckets, per_bucket=per_bucket, tol=tol)
-        report = {
-            "schema": PRECISION_SCHEMA, "schema_version": PRECISION_SCHEMA_VERSION, "precision": "fp16-mixed",
-            "onnx_fp32": fp32_path.name, "onnx_fp16": FP16_ONNX_NAME if err["passed"] else None,
-            "passed": err["passed"],
-            "tolerance": {"name": "L2_EPS_FP16_REL_L2", "metric": "rel_l2", "value": tol},
-            "calibration": {"samples": int(len(feeds["t"])), "timesteps": sorted({int(v) for v in feeds["t"]}),
-                            "per_t": per_t, "pure_noise_at": card.diffusion.num_timesteps - 1, "seed": calib_seed,
-                            "dataset": source},
-            "conversion": conv, "error": err,
-        }
+        report = PrecisionReport(
+            precision="fp16-mixed", onnx_fp32=fp32_path.name, onnx_fp16=FP16_ONNX_NAME if err["passed"] else None,
+            passed=err["passed"], tolerance={"name": "L2_EPS_FP16_REL_L2", "metric": "rel_l2", "value": tol},
+            calibration={"samples": int(len(feeds["t"])), "timesteps": sorted({int(v) for v in feeds["t"]}),
+                         "per_t": per_t, "pure_noise_at": card.diffusion.num_timesteps - 1, "seed": calib_seed,
+                         "dataset": source},
+            conversion=conv, error=err, model_sha256=sha256_file(fp32_path),
+        )
         if err["passed"]:
             os.replace(candidate, final)
         else:
             os.replace(candidate, out_dir / "model.fp16.rejected.onnx")
             final.unlink(missing_ok=True)  # a stale fp16 model would not match this precision.json
-        write_json(out_dir / PRECISION_JSON_NAME, report)
+        report.save(out_dir / PRECISION_JSON_NAME)
     finally:
         candidate.unlink(missing_ok=True)
     if not err["passed"]:

@@ -15,15 +15,12 @@ step has no ``variance_noise`` argument (only DDIM's has), so the module's ``ran
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ddpm_deploy.runtime.config import DataSpec, ModelCard
@@ -211,7 +208,7 @@ def load_diffusers(path: str | Path) -> tuple[DiffusersEps, ModelCard, Diffusers
 
 def export_diffusers(src: str | Path, out_dir: str | Path, echo=lambda s: None) -> tuple[Path, dict]:
     """Export a diffusers UNet2DModel directory to out_dir/model.onnx and verify it against diffusers in PyTorch."""
-    from .onnx import export_verified
+    from .onnx_export import export_verified
 
     model, card, lay = load_diffusers(src)
     echo(f"exporting the diffusers UNet in {lay.unet_dir} ({lay.layout} layout, scheduler {lay.scheduler_config})")
@@ -219,89 +216,3 @@ def export_diffusers(src: str | Path, out_dir: str | Path, echo=lambda s: None) 
         "source": SOURCE, "unet_dir": str(lay.unet_dir), "scheduler_config": str(lay.scheduler_config),
         "layout": lay.layout, "diffusion": card.diffusion.to_dict()}, echo)
     return onnx_path, report
-
-
-# --- the reference sampler: diffusers' own DDPMScheduler, with our noise ------------------------------------
-
-def scheduler_for(cfg: DiffusionConfig, float64_betas: np.ndarray | None = None):
-    """diffusers' DDPMScheduler for our DiffusionConfig; with ``float64_betas`` its own formulas run on float64
-    tables (diffusers builds β in float32 by design)."""
-    diffusers = lazy_import("diffusers", "The diffusers reference scheduler", INSTALL)
-    s = diffusers.DDPMScheduler(
-        num_train_timesteps=cfg.num_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-        beta_schedule={v: k for k, v in BETA_SCHEDULES.items()}[cfg.schedule], variance_type=cfg.variance_type,
-        clip_sample=cfg.clip_denoised)
-    if float64_betas is not None:
-        s.betas = torch.from_numpy(np.asarray(float64_betas, np.float64))
-        s.alphas = 1.0 - s.betas
-        s.alphas_cumprod = torch.cumprod(s.alphas, 0)
-        s.one = torch.tensor(1.0, dtype=torch.float64)
-    return s
-
-
-def make_scheduler(scheduler_cfg: dict[str, Any]):
-    """A DDPMScheduler from a scheduler config (legacy 'timesteps' key mapped as diffusers' loader does not)."""
-    diffusers = lazy_import("diffusers", "The diffusers reference sampler", INSTALL)
-    cfg = {k: v for k, v in scheduler_cfg.items() if not k.startswith("_")}
-    if "timesteps" in cfg and "num_train_timesteps" not in cfg:
-        cfg["num_train_timesteps"] = cfg.pop("timesteps")
-    return diffusers.DDPMScheduler.from_config(cfg)
-
-
-@contextlib.contextmanager
-def _injected_randn(module, noise: torch.Tensor):
-    orig = module.randn_tensor
-
-    def fake(shape, generator=None, device=None, dtype=None, layout=None):
-        if tuple(shape) != tuple(noise.shape):
-            raise ValueError(f"injected noise has shape {tuple(noise.shape)}, the scheduler asked for {tuple(shape)}")
-        return noise.to(device=device or noise.device, dtype=dtype or noise.dtype)
-
-    module.randn_tensor = fake
-    try:
-        yield
-    finally:
-        module.randn_tensor = orig
-
-
-def step_with_noise(scheduler, eps: torch.Tensor, t: int, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-    """``scheduler.step(eps, t, x)`` with z = ``noise`` instead of a fresh ``randn_tensor`` draw; returns x_{t-1}.
-
-    Uses ``variance_noise=`` where the installed diffusers has it, else swaps the module's ``randn_tensor``.
-    """
-    if noise is None:
-        noise = torch.zeros_like(x)
-    if "variance_noise" in inspect.signature(scheduler.step).parameters:
-        return scheduler.step(eps, t, x, variance_noise=noise).prev_sample
-    module = inspect.getmodule(type(scheduler))
-    with _injected_randn(module, noise):
-        return scheduler.step(eps, t, x).prev_sample
-
-
-@torch.no_grad()
-def sample_diffusers(model: torch.nn.Module, scheduler, timesteps: np.ndarray, shape, seed: int, indices,
-                     eps_hook=None) -> np.ndarray:
-    """diffusers' DDPM loop (``scheduler.step`` at ``timesteps``, ascending kept steps) with our counter-based noise.
-
-    x_T and z come from ``runtime.rng`` exactly as the runtime draws them, so the result is comparable sample by
-    sample. ``eps_hook(t, eps)`` sees every ε (for per-timestep error tables).
-    """
-    from ddpm_deploy.runtime import rng
-
-    idx = np.asarray(indices, dtype=np.int64)
-    shape = tuple(int(s) for s in shape)
-    T = scheduler.config.num_train_timesteps
-    ts = [int(v) for v in np.asarray(timesteps)[::-1]]
-    if len(ts) == T:
-        scheduler.set_timesteps(T)  # what DDPMPipeline does: T−1 … 0
-    else:
-        scheduler.set_timesteps(timesteps=ts)  # respaced: diffusers' custom timesteps (ᾱ-ratio β, like ours)
-    x = torch.from_numpy(rng.normals(seed, idx, rng.INITIAL_STEP, shape))
-    for t in scheduler.timesteps:
-        t = int(t)
-        eps = model(x, torch.full((len(idx),), t, dtype=torch.int32)).float()
-        if eps_hook is not None:
-            eps_hook(t, eps.numpy())
-        z = torch.from_numpy(rng.normals(seed, idx, t, shape)) if t > 0 else None
-        x = step_with_noise(scheduler, eps, t, x, z)
-    return x.numpy()

@@ -18,8 +18,11 @@ import numpy as np
 import onnx
 import torch
 
-from ddpm_deploy.runtime.config import ONNX_METADATA_KEY, ModelCard, atomic_write_bytes
+from ddpm_deploy.runtime.config import ModelCard
+from ddpm_deploy.runtime.contract import (INPUT_NAMES, ONNX_METADATA_KEY, OUTPUT_NAMES, PRECISION_METADATA_KEY,
+                                          PRECISIONS, ExportReport)
 from ddpm_deploy.runtime.errors import ArtifactError
+from ddpm_deploy.runtime.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +52,34 @@ def export_torch(model: torch.nn.Module, channels: int, size: int, opset: int = 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (x, t), buf, dynamo=False, opset_version=opset, input_names=["x", "t"], output_names=["eps"],
-            dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, "eps": {0: "batch"}}, do_constant_folding=True,
+            model, (x, t), buf, dynamo=False, opset_version=opset, input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES), dynamic_axes={n: {0: "batch"} for n in (*INPUT_NAMES, *OUTPUT_NAMES)},
+            do_constant_folding=True,
         )
     return onnx.load_from_string(buf.getvalue())
 
 
-def set_card(model: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> onnx.ModelProto:
+    """Set one ``metadata_props`` entry (replacing an old value), keeping the others."""
     props = {p.key: p.value for p in model.metadata_props}
-    props[ONNX_METADATA_KEY] = card.to_json()
+    props[key] = value
     del model.metadata_props[:]
     for k, v in props.items():
         model.metadata_props.add(key=k, value=v)
+    return model
+
+
+def set_card(model: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
+    set_metadata(model, ONNX_METADATA_KEY, card.to_json())
     model.producer_name = "ddpm-deploy"
     return model
+
+
+def set_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+    """Record the model's precision (``runtime.contract.detect_precision`` reads it) in its metadata."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, found {precision!r}")
+    return set_metadata(model, PRECISION_METADATA_KEY, precision)
 
 
 def read_card(path_or_model) -> ModelCard | None:
@@ -103,7 +120,7 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def finalize(model: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
     model = cleanup(model)
-    model = set_card(model, card)
+    model = set_precision(set_card(model, card), "fp32")
     try:
         onnx.checker.check_model(model, full_check=True)
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
@@ -162,12 +179,12 @@ def verify(
 
 
 def export_verified(model: torch.nn.Module, card: ModelCard, out_dir: str | os.PathLike, reference: str,
-                    report: dict[str, Any], echo=lambda s: None) -> tuple[Path, dict[str, Any]]:
+                    report: dict[str, Any], echo=lambda s: None) -> tuple[Path, ExportReport]:
     """Export → finalize → save ``out_dir/model.onnx`` → verify against ``model``; writes export_report.json
     (``report`` plus timings and the comparison) and raises ArtifactError with the worst case if it fails."""
     import time
 
-    from ddpm_deploy.runtime.config import write_json
+    from ddpm_deploy.runtime.fileio import sha256_file
 
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
@@ -176,8 +193,9 @@ def export_verified(model: torch.nn.Module, card: ModelCard, out_dir: str | os.P
     export_s = time.perf_counter() - t0
     echo(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB, {len(proto.graph.node)} nodes) in {export_s:.1f}s")
     rep = verify(onnx_path, model, card)
-    report = {"onnx": onnx_path.name, **report, "export_seconds": export_s, "verify_fp32": rep.to_dict()}
-    write_json(out_dir / "export_report.json", report)
+    report = ExportReport(onnx=onnx_path.name, source=report, export_seconds=export_s, verify_fp32=rep.to_dict(),
+                          model_sha256=sha256_file(onnx_path))
+    report.save(out_dir / "export_report.json")
     if not rep.passed:
         worst = max(rep.cases, key=lambda c: c["max_abs"])
         raise ArtifactError(

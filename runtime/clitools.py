@@ -13,6 +13,12 @@ import click
 from .errors import DDPMError
 
 RUNS_DIR_ENV = "DDPM_RUNS_DIR"
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+def version_option():
+    """``--version``: the installed ddpm-deploy version (the same on all three commands)."""
+    return click.version_option(package_name="ddpm-deploy", message="%(prog)s (ddpm-deploy) %(version)s")
 
 
 def runs_dir() -> Path:

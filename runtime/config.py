@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .contract import ONNX_METADATA_KEY  # noqa: F401  (the key the ModelCard is stored under in ONNX)
 from .errors import ArtifactError, ConfigError
 from .schedule import DiffusionConfig
 
 SCHEMA = "ddpm-deploy/model"
 SCHEMA_VERSION = 1
-ONNX_METADATA_KEY = "ddpm_deploy.config"
 
 
 @dataclass(frozen=True)
@@ -93,30 +92,3 @@ class ModelCard:
         if not p.is_file():
             raise ArtifactError(f"{p}: model config not found (expected a model.json written by ddpm-train)")
         return cls.from_json(p.read_text(), str(p))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file so that a reader never sees it half-written: temporary file in the same dir, then rename."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

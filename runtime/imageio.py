@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import atomic_write_bytes
+from .fileio import atomic_write_bytes
 
 
 def to_uint8(x: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import atomic_write_bytes, write_json
+from .contract import RunInfo
 from .errors import ConfigError
+from .fileio import atomic_write_bytes
 from .imageio import grid_scale, make_grid, png_bytes, save_png, to_uint8
 
 GRID_MAX = 64
@@ -50,7 +51,7 @@ class SampleWriter:
         self.indices.extend(int(i) for i in indices)
         self.count += len(imgs)
 
-    def close(self, run_info: dict) -> None:
+    def close(self, run_info: RunInfo) -> None:
         self._npy.close()
         with self._zip.open("indices.npy", "w") as f:
             np.lib.format.write_array(f, np.asarray(self.indices, dtype=np.int64))
@@ -58,7 +59,7 @@ class SampleWriter:
         os.replace(self._tmp, self.out / "samples.npz")
         if self.grid_images:
             save_png(self.out / "grid.png", make_grid(np.stack(self.grid_images)), scale=self.scale)
-        write_json(self.out / "run.json", run_info)
+        run_info.save(self.out / "run.json")
 
     def abort(self) -> None:
         try:

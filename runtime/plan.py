@@ -1,34 +1,36 @@
-"""The TensorRT plan sidecar (``model.plan.json``): reading it, checking it against the plan, and compatibility.
+"""The TensorRT plan sidecar (``model.plan.json``): reading it, checking it against the plan, and where a plan runs.
 
-A plan is only usable together with its sidecar, written by ``ddpm_deploy.export.engine.build_engine``: the
-sidecar carries the DDPM config, the TensorRT flavour and version that built the plan, the batch profile and
-the SHA-256 of the plan bytes. The runtime refuses a plan whose sidecar is missing, unreadable, of another
-schema, or whose recorded hash does not match the plan file.
+A plan is only usable together with its sidecar (``contract.PlanSidecar``, written by
+``ddpm_deploy.export.engine.build_engine``): the DDPM config, the TensorRT flavour and version that built the
+plan, the batch profile and the SHA-256 of the plan bytes. The runtime refuses a plan whose sidecar is missing,
+unreadable, of another schema, or whose recorded hash does not match the plan file.
+
+Where plans run (``runs_on``, ``check_plan_compat``):
+
+- ``tensorrt``: on GPUs of the compute capability it was built on (TensorRT engines are specific to the
+  architecture unless built hardware-compatible, which we do not do).
+- ``rtx`` (TensorRT for RTX): the library runs on compute capability 7.5, 8.6, 8.9 and 12.0 only (its support
+  matrix) — not on A100 (8.0), H100/H200 (9.0) or B200 (10.0). Plans built with the default targets run on 8.6,
+  8.9 and 12.0; Turing (7.5) needs a plan built for it.
 
 This module imports neither TensorRT nor torch: ``ddpm-run info`` uses it on any machine.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from .config import ModelCard
+from .contract import PlanSidecar
 from .errors import ArtifactError
+from .fileio import sha256_file
 
-PLAN_SCHEMA = "ddpm-deploy/plan"
-PLAN_SCHEMA_VERSION = 1
 SIDECAR_SUFFIX = ".json"  # model.plan -> model.plan.json
-FLAVOURS = ("tensorrt", "rtx")
-# TensorRT-RTX plans built with the default targets run on compute capability 8.0 and later; Turing (7.5)
-# needs an engine built for it explicitly (TensorRT-RTX docs, "CPU-Only AOT and TensorRT-RTX Engines").
-RTX_MIN_DEFAULT_CC = (8, 0)
-
-_REBUILD = "rebuild the plan and its sidecar together with `ddpm-export --engine`"
-_REQUIRED_KEYS = ("ddpm", "trt", "precision", "profile", "inputs", "outputs", "onnx", "plan", "build")
+RTX_SUPPORTED_CC = ((7, 5), (8, 6), (8, 9), (12, 0))
+RTX_DEFAULT_TARGET_CC = ((8, 6), (8, 9), (12, 0))
+_REBUILD = PlanSidecar.REWRITE
 
 
 def sidecar_path(plan_path: str | os.PathLike) -> Path:
@@ -36,16 +38,8 @@ def sidecar_path(plan_path: str | os.PathLike) -> Path:
     return Path(str(plan_path) + SIDECAR_SUFFIX)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_plan_sidecar(plan_path: str | os.PathLike, verify_hash: bool = True) -> dict[str, Any]:
-    """Return the sidecar of ``plan_path`` after checking that it describes exactly this plan file."""
+def read_plan_sidecar(plan_path: str | os.PathLike, verify_hash: bool = True) -> PlanSidecar:
+    """The sidecar of ``plan_path`` after checking that it describes exactly this plan file."""
     plan = Path(plan_path)
     side = sidecar_path(plan)
     if not plan.is_file():
@@ -55,23 +49,9 @@ def read_plan_sidecar(plan_path: str | os.PathLike, verify_hash: bool = True) ->
             f"expected the plan's sidecar {side} next to {plan.name}, found none: without it the plan's model, "
             f"TensorRT version and batch profile are unknown; {_REBUILD}"
         )
-    try:
-        sidecar = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{side}: expected a JSON plan sidecar, found an unreadable file ({e}); {_REBUILD}") from e
-    if not isinstance(sidecar, dict) or sidecar.get("schema") != PLAN_SCHEMA:
-        found = sidecar.get("schema") if isinstance(sidecar, dict) else type(sidecar).__name__
-        raise ArtifactError(f"{side}: expected schema {PLAN_SCHEMA!r}, found {found!r}; {_REBUILD}")
-    if sidecar.get("schema_version") != PLAN_SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{side}: expected schema_version {PLAN_SCHEMA_VERSION}, found {sidecar.get('schema_version')!r}; "
-            f"{_REBUILD} using this ddpm-deploy"
-        )
-    missing = [k for k in _REQUIRED_KEYS if k not in sidecar]
-    if missing:
-        raise ArtifactError(f"{side}: expected keys {list(_REQUIRED_KEYS)}, missing {missing}; {_REBUILD}")
-    ModelCard.from_dict(sidecar["ddpm"], where=f"{side} [ddpm]")
-    recorded = sidecar["plan"]
+    sidecar = PlanSidecar.load(side)
+    ModelCard.from_dict(sidecar.ddpm, where=f"{side} [ddpm]")
+    recorded = sidecar.plan
     if not isinstance(recorded, dict) or "sha256" not in recorded or "bytes" not in recorded:
         raise ArtifactError(f"{side}: expected plan.sha256 and plan.bytes, found {recorded!r}; {_REBUILD}")
     if verify_hash:
@@ -116,8 +96,22 @@ def _cc_tuple(cc: str | Sequence[int] | None) -> tuple[int, int] | None:
     return int(major), int(minor)
 
 
+def _cc_text(ccs) -> str:
+    return ", ".join(f"{a}.{b}" for a, b in ccs)
+
+
+def runs_on(sidecar: PlanSidecar) -> list[str]:
+    """The compute capabilities ("8.6", …) this plan can run on; empty when unknown (a tensorrt plan built
+    without a GPU in sight)."""
+    if sidecar.trt.get("flavour") == "rtx":
+        targets = sidecar.build.get("compute_capabilities")
+        return [str(c) for c in targets] if targets else [f"{a}.{b}" for a, b in RTX_DEFAULT_TARGET_CC]
+    cc = (sidecar.gpu or {}).get("compute_capability")
+    return [str(cc)] if cc else []
+
+
 def check_plan_compat(
-    sidecar: dict[str, Any],
+    sidecar: PlanSidecar,
     trt_module_name: str,
     trt_version: str,
     gpu_cc: str | Sequence[int] | None = None,
@@ -125,7 +119,7 @@ def check_plan_compat(
     """Reasons why this plan cannot run with the given TensorRT module/version on a GPU of compute capability
     ``gpu_cc`` ("8.6" or (8, 6); None = unknown, not checked). An empty list means no known obstacle."""
     reasons: list[str] = []
-    trt = sidecar.get("trt", {})
+    trt = sidecar.trt
     built_flavour, built_version = trt.get("flavour"), str(trt.get("version"))
     try:
         flavour = flavour_of_module(trt_module_name)
@@ -138,7 +132,7 @@ def check_plan_compat(
             f"it with the {flavour!r} flavour"
         )
         return reasons  # versions and GPUs of different products are not comparable
-    version_compatible = bool(sidecar.get("build", {}).get("version_compatible"))
+    version_compatible = bool(sidecar.build.get("version_compatible"))
     if not version_compatible and built_version != str(trt_version):
         reasons.append(
             f"the plan was built with {trt.get('module')} {built_version} but the runtime has {trt_version}, and "
@@ -150,19 +144,28 @@ def check_plan_compat(
             f"{trt_version}; version compatibility only runs on the same or a newer TensorRT: upgrade or rebuild"
         )
     cc = _cc_tuple(gpu_cc)
-    if cc is not None:
-        if flavour == "tensorrt":
-            built_gpu = sidecar.get("gpu") or {}
-            built_cc = _cc_tuple(built_gpu.get("compute_capability"))
-            if built_cc is not None and built_cc != cc:
-                reasons.append(
-                    f"the plan was built on {built_gpu.get('name')} (compute capability {built_cc[0]}.{built_cc[1]}) "
-                    f"but this GPU has compute capability {cc[0]}.{cc[1]}; TensorRT engines are specific to the GPU "
-                    f"architecture: rebuild the plan on this GPU"
-                )
-        elif cc < RTX_MIN_DEFAULT_CC:
+    if cc is None:
+        return reasons
+    if flavour == "tensorrt":
+        built_gpu = sidecar.gpu or {}
+        built_cc = _cc_tuple(built_gpu.get("compute_capability"))
+        if built_cc is not None and built_cc != cc:
             reasons.append(
-                f"TensorRT-RTX plans built for the default targets need compute capability "
-                f"{RTX_MIN_DEFAULT_CC[0]}.{RTX_MIN_DEFAULT_CC[1]} or newer, this GPU has {cc[0]}.{cc[1]}"
+                f"the plan was built on {built_gpu.get('name')} (compute capability {built_cc[0]}.{built_cc[1]}) "
+                f"but this GPU has compute capability {cc[0]}.{cc[1]}; TensorRT engines are specific to the GPU "
+                f"architecture: rebuild the plan on this GPU"
+            )
+    elif cc not in RTX_SUPPORTED_CC:
+        reasons.append(
+            f"TensorRT for RTX runs on compute capability {_cc_text(RTX_SUPPORTED_CC)} only, this GPU has "
+            f"{cc[0]}.{cc[1]} (A100 is 8.0, H100/H200 9.0, B200 10.0: data-centre GPUs need the 'tensorrt' "
+            f"flavour, or use ONNX Runtime CUDA: ddpm-run sample --onnx model.onnx --device cuda)"
+        )
+    else:
+        targets = [_cc_tuple(c) for c in runs_on(sidecar)]
+        if cc not in targets:
+            reasons.append(
+                f"this TensorRT-RTX plan was built for compute capability {_cc_text(targets)}, this GPU has "
+                f"{cc[0]}.{cc[1]}; rebuild the plan for it"
             )
     return reasons

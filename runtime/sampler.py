@@ -13,11 +13,15 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from . import rng
+from .backends.base import Runner, Sampler
 from .errors import SamplingError
 from .schedule import Schedule
 
 
 class EpsModel(Protocol):
+    """What the host loop needs of a model: ``eps(x, t)`` on host arrays (every ``Runner`` has it; tests pass
+    PyTorch models wrapped in an object with this one method)."""
+
     def eps(self, x: np.ndarray, t: np.ndarray) -> np.ndarray: ...
 
 
@@ -27,6 +31,12 @@ class LoopTimings:
 
     eps: list[float] = field(default_factory=list)
     other: list[float] = field(default_factory=list)
+
+    def extend(self, other: "LoopTimings") -> "LoopTimings":
+        """Append another batch's timings (one run.json over all batches)."""
+        self.eps += other.eps
+        self.other += other.other
+        return self
 
     def summary(self) -> dict[str, float]:
         e, o = np.asarray(self.eps), np.asarray(self.other)
@@ -118,3 +128,21 @@ def sample(
         if callback is not None:
             callback(k + 1, n)
     return x
+
+
+class HostSampler(Sampler):
+    """The host loop as a ``Sampler``: NumPy step, ε from ``runner.eps`` (any runner, or any ``EpsModel``)."""
+
+    loop = "host"
+
+    def __init__(self, runner: Runner | EpsModel, schedule: Schedule, shape: Sequence[int]):
+        self.runner, self.schedule, self.shape = runner, schedule, tuple(int(s) for s in shape)
+
+    def new_timings(self) -> LoopTimings:
+        return LoopTimings()
+
+    def sample(self, seed: int, indices, callback: Callable[[int, int], None] | None = None
+               ) -> tuple[np.ndarray, LoopTimings]:
+        timings = LoopTimings()
+        x = sample(self.runner, self.schedule, self.shape, seed, indices, callback=callback, timings=timings)
+        return x, timings

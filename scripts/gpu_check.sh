@@ -6,7 +6,7 @@
 #   .gpu-parts/p*/part0*        onnxruntime-gpu in parts (shared/gpu/ort-gpu-parts.sh) -> /tmp/gpu-parts
 #   .gpu-parts-*/p*/part0*      any other package packed the same way (e.g. TensorRT-RTX) -> /tmp/<dir>
 # then this repo (pip install --no-deps --no-build-isolation -e .), runs `pytest -m gpu` and the benchmark
-# (scripts/gpu_check.py; extra arguments, e.g. --trt --torch --steps 200, go to it) and prints the table.
+# (python -m ddpm_deploy.verify.gpu_check; extra arguments, e.g. --trt --torch --steps 200, go to it) and prints the table.
 # Environment: OUT, PYTHON (default python3). Exit status: non-zero if a gpu test failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,22 +15,29 @@ OUT=${OUT:-/tmp/gpu-check-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 DDPM_NO_PROGRESS=1
 log() { echo "[gpu_check] $*"; }
+die() { echo "[gpu_check] FAILED: $*" >&2; exit 3; }
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   log "installing $(ls .whl/*.whl | wc -l) carried wheels into /tmp/site"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    || die "installing the carried wheels failed"
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 for dir in .gpu-parts .gpu-parts-*; do
   compgen -G "$dir/p*/part0*" >/dev/null || continue
   dest=/tmp/${dir#.}
   log "unpacking $dir into $dest"
-  mkdir -p "$dest" && cat "$dir"/p*/part0* | xz -d -T0 | tar x -C "$dest" \
-    && export PYTHONPATH=$dest${PYTHONPATH:+:$PYTHONPATH}
+  mkdir -p "$dest" && cat "$dir"/p*/part0* | xz -d -T0 | tar x -C "$dest" || die "unpacking $dir failed"
+  export PYTHONPATH=$dest${PYTHONPATH:+:$PYTHONPATH}
 done
 
 log "installing this repo (editable, no dependencies)"
-"$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
+# PEP 668 Pythons refuse a plain install: retry with --break-system-packages (our package only, no dependencies)
+if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip-install.log" 2>&1; then
+  "$PY" -m pip install -q --no-deps --no-build-isolation --break-system-packages -e . >>"$OUT/pip-install.log" 2>&1 \
+    || { tail -5 "$OUT/pip-install.log"; die "pip install -e . failed (log: $OUT/pip-install.log)"; }
+fi
+"$PY" -c "import ddpm_deploy.runtime, ddpm_deploy.verify" || die "ddpm_deploy is not importable after the install"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
 "$PY" - <<'EOF' 2>&1 | tee "$OUT/versions.txt"
@@ -56,7 +63,7 @@ log "pytest -m gpu"
 status=${PIPESTATUS[0]}
 
 log "benchmark"
-"$PY" scripts/gpu_check.py --junit "$OUT/pytest-gpu.xml" --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+"$PY" -m ddpm_deploy.verify.gpu_check --junit "$OUT/pytest-gpu.xml" --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
 bench=${PIPESTATUS[0]}
 log "pytest exit $status, benchmark exit $bench; results in $OUT"
 [ "$status" -eq 0 ] || [ "$status" -eq 5 ] && exit "$bench"

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from helpers import train_run
 
 os.environ.setdefault("DDPM_NO_PROGRESS", "1")
@@ -25,4 +26,19 @@ def micro_onnx(micro_run, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("micro_export")
     path, _ = export_onnx_from_run(micro_run, out)
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_micro_onnx(tmp_path_factory) -> Path:
+    """The micro UNet with seeded random weights, exported by our exporter. Needs only torch and onnx: the GPU
+    machine has no scikit-learn (digits) or safetensors to train and checkpoint ``micro_run`` with."""
+    pytest.importorskip("torch", reason="exporting the test model needs torch")
+    pytest.importorskip("onnx", reason="exporting the test model needs onnx")
+    from helpers import MICRO_UNET
+
+    from ddpm_deploy.trainer.unet import UNetConfig
+    from ddpm_deploy.verify.models import random_unet_onnx
+
+    path, _ = random_unet_onnx(UNetConfig(**MICRO_UNET), tmp_path_factory.mktemp("random_micro") / "model.onnx")
     return path

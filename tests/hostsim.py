@@ -25,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import cuda, kernels
+from ddpm_deploy.runtime.backends.base import DeviceRunner, Runner
+from ddpm_deploy.runtime.device import cuda, kernels
 
 _CTYPES = {"ptr": ctypes.c_void_p, "u32": ctypes.c_uint32, "i32": ctypes.c_int32}
 _READ = {"ptr": ctypes.c_uint64, "u32": ctypes.c_uint32, "i32": ctypes.c_int32}
@@ -327,24 +328,27 @@ DDPM_KERNEL test_eps_linear(float* eps, const float* x, const int* t, unsigned n
 LINEAR_EPS_SIGNATURES = {"test_eps_linear": ("ptr", "ptr", "ptr", "u32", "i32", "i32")}
 
 
-class LinearEpsBackend:
-    """A device ε backend for tests, on a GPU or on ``HostDriver``: ε = 0.1·x − 1e-4·t in float32 (NaN where
+class LinearEpsBackend(Runner, DeviceRunner):
+    """A device runner for tests, on a GPU or on ``HostDriver``: ε = 0.1·x − 1e-4·t in float32 (NaN where
     t == ``nan_t``). ``eps(x, t)`` is the same model in NumPy, for the host sampler."""
 
-    name = "test-linear"
+    device = "cuda"
     uses_graphs = False
+    precision = "fp32"
 
     def __init__(self, gpu, shape, nan_t: int = -1, capture: bool = True):
         import math
 
+        self.gpu, self.path, self.sample_shape = gpu, Path("<test-linear>"), tuple(shape)
         self.n, self.nan_t, self.capture = math.prod(shape), int(nan_t), capture
         target = kernels.select_target(gpu.props.compute_capability, kernels.supported_archs())
         compiled = kernels.compile_kernels(target, kernels.kernel_source() + LINEAR_EPS_SOURCE)
         self.module = cuda.Module(compiled.image, LINEAR_EPS_SIGNATURES)
         self.args = None
 
-    def check_batch(self, batch: int) -> None:
-        pass
+    @property
+    def name(self) -> str:
+        return "test-linear"
 
     def bind(self, x: int, t: int, eps: int, batch: int) -> None:
         self.args, self.batch = (eps, x, t, self.n, batch, self.nan_t), batch

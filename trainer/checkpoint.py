@@ -20,8 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ddpm_deploy.runtime.config import ModelCard, atomic_write_bytes, atomic_write_text
+from ddpm_deploy.runtime.config import ModelCard
 from ddpm_deploy.runtime.errors import ArtifactError
+from ddpm_deploy.runtime.fileio import atomic_write_bytes, atomic_write_text
 
 from .unet import UNet, UNetConfig
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ddpm_deploy.runtime.clitools import clean_errors, point_latest, runs_dir, setup_logging
+from ddpm_deploy.runtime.clitools import CONTEXT, clean_errors, point_latest, runs_dir, setup_logging, version_option
 from ddpm_deploy.runtime.config import ModelCard
 from ddpm_deploy.runtime.errors import ConfigError
 from ddpm_deploy.runtime.schedule import DiffusionConfig
@@ -18,14 +18,9 @@ from .config import TrainConfig, parse_override
 from .presets import PRESETS, get_preset
 from .unet import UNetConfig
 
-_TRAIN_FLAGS = {  # CLI option → TrainConfig field (1:1)
-    "steps": "steps", "batch_size": "batch_size", "lr": "lr", "warmup_steps": "warmup_steps",
-    "grad_clip": "grad_clip", "ema_decay": "ema_decay", "flip": "flip", "bf16": "bf16", "seed": "seed",
-    "sample_every": "sample_every", "save_every": "save_every", "keep": "keep", "log_every": "log_every",
-}
 
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(context_settings=CONTEXT)
+@version_option()
 @click.option("--preset", default="tiny", type=click.Choice(sorted(PRESETS)), help="Model and training preset.")
 @click.option("--dataset", default=None, help="digits (built in), folder:PATH, cifar10:PATH (cifar-10-batches-py), "
               "npz:PATH. Default: the preset's.")
@@ -54,7 +49,7 @@ _TRAIN_FLAGS = {  # CLI option → TrainConfig field (1:1)
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
               help="Override any preset field (UNet or training), e.g. --set ch=64 --set attn_resolutions=8,4.")
 @click.option("--list-presets", is_flag=True, help="List presets and exit.")
-@click.option("--no-progress", is_flag=True, envvar="DDPM_NO_PROGRESS", help="No progress bar.")
+@click.option("--no-progress", is_flag=True, envvar="DDPM_NO_PROGRESS", show_envvar=True, help="No progress bar.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @clean_errors
 def main(preset, dataset, channels, out, resume, schedule, num_timesteps, variance_type, overrides, list_presets,
@@ -93,7 +88,7 @@ def main(preset, dataset, channels, out, resume, schedule, num_timesteps, varian
         if channels:
             ucfg = dataclasses.replace(ucfg, in_channels=int(channels))
     # explicit flags, then --set overrides
-    tcfg = dataclasses.replace(tcfg, **{_TRAIN_FLAGS[k]: v for k, v in train_flags.items() if v is not None})
+    tcfg = dataclasses.replace(tcfg, **{k: v for k, v in train_flags.items() if v is not None})
     objs = {"unet": ucfg, "train": tcfg}
     for item in overrides:
         which, key, val = parse_override(objs, item)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ddpm_deploy.runtime.config import write_json
 from ddpm_deploy.runtime.errors import ArtifactError, DataError
+from ddpm_deploy.runtime.fileio import write_json
 
 CONFIDENT = 0.9
 

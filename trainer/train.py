@@ -309,7 +309,7 @@ def plot_loss(run_dir: Path) -> Path | None:
 
     import matplotlib.pyplot as plt
 
-    from ddpm_deploy.runtime.config import atomic_write_bytes
+    from ddpm_deploy.runtime.fileio import atomic_write_bytes
 
     steps = np.array([r["step"] for r in rows])
     loss = np.array([r["loss"] for r in rows])

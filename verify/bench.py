@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ddpm_deploy.runtime.config import atomic_write_bytes, atomic_write_text, write_json
+from ddpm_deploy.runtime.contract import BenchResults
+from ddpm_deploy.runtime.fileio import atomic_write_bytes, atomic_write_text
+from ddpm_deploy.verify.models import random_preset_model, random_preset_onnx
 
 log = logging.getLogger(__name__)
 
@@ -43,33 +45,11 @@ def _median_ms(fn, warmup: int, repeat: int, min_seconds: float = 0.0) -> float:
 
 
 def _model(preset: str, seed: int = 0):
-    import torch
-
-    from ddpm_deploy.trainer.presets import get_preset
-    from ddpm_deploy.trainer.unet import UNet
-
-    torch.manual_seed(seed)
-    cfg = get_preset(preset).unet
-    m = UNet(cfg).eval()
-    with torch.no_grad():  # random weights everywhere (zero-initialised convs too): speed does not care
-        for p in m.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    return m, cfg
+    return random_preset_model(preset, seed)
 
 
 def _onnx_for(preset: str, workdir: Path) -> Path:
-    from ddpm_deploy.export.onnx import export_torch, finalize, save_onnx
-    from ddpm_deploy.runtime.config import DataSpec, ModelCard
-    from ddpm_deploy.runtime.schedule import DiffusionConfig
-
-    path = workdir / f"{preset}.onnx"
-    if not path.exists():
-        m, cfg = _model(preset)
-        card = ModelCard(DiffusionConfig(), DataSpec(cfg.in_channels, cfg.image_size),
-                         architecture={"type": "ddpm-unet", **cfg.to_dict()})
-        save_onnx(finalize(export_torch(m, cfg.in_channels, cfg.image_size), card), path)
-    return path
+    return random_preset_onnx(preset, workdir / f"{preset}.onnx")[0]
 
 
 def _diffusers_unet(preset: str):
@@ -108,17 +88,18 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     t = np.full((b,), 500, np.int32)
     warm, rep = job["warmup"], job["repeat"]
     if backend == "ort-cpu":
-        from ddpm_deploy.runtime.backends.ort import OrtRunner
+        from ddpm_deploy.runtime.backends.base import open_runner, open_sampler
 
-        runner = OrtRunner(_onnx_for(preset, Path(job["workdir"])), threads=threads)
+        runner = open_runner(_onnx_for(preset, Path(job["workdir"])), "cpu", threads=threads)
         out["eps_ms"] = _median_ms(lambda: runner.eps(x, t), warm, rep)
+        out["runner"] = type(runner).__name__
         if job.get("e2e_steps"):
-            from ddpm_deploy.runtime.sampler import LoopTimings, sample
             from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
 
-            sched, tm = Schedule(DiffusionConfig(), steps=job["e2e_steps"]), LoopTimings()
+            sched = Schedule(DiffusionConfig(), steps=job["e2e_steps"])
+            sampler = open_sampler(runner, sched, x.shape[1:], max_batch=b)
             t0 = time.perf_counter()
-            sample(runner, sched, x.shape[1:], seed=0, indices=range(b), timings=tm)
+            _, tm = sampler.sample(seed=0, indices=np.arange(b))
             wall = time.perf_counter() - t0
             s = tm.summary()
             out.update(e2e_steps=len(sched), e2e_seconds=wall, e2e_eps_seconds=s["eps_seconds"],
@@ -182,7 +163,25 @@ def machine_info() -> dict[str, Any]:
         except md.PackageNotFoundError:
             pass
     info["versions"] = vers
+    info["cpu_flags"] = cpu_flags()
     return info
+
+
+CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                         "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags that decide fp32/bf16/int8 speed (from /proc/cpuinfo; empty where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in CPU_FLAGS_OF_INTEREST if flag in have]
+    except OSError:
+        pass
+    return []
 
 
 def run(out_dir: Path, presets=PRESETS, backends=CPU_BACKENDS, batches=(1, 8, 64), warmup: int = 2, repeat: int = 5,
@@ -208,9 +207,10 @@ def run(out_dir: Path, presets=PRESETS, backends=CPU_BACKENDS, batches=(1, 8, 64
                          (f"{r['eps_ms']:9.2f} ms/step  {r['ms_per_image_step']:8.3f} ms/img-step  "
                           f"rss {r['peak_rss_mb']:.0f} MB" if "eps_ms" in r else r["error"]))
         builds = engine_builds(presets, Path(work), echo)
-    doc = {"machine": machine_info(), "engine_builds": builds, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "warmup": warmup,
-           "repeat": repeat, "statistic": "median", "command": " ".join(sys.argv), "results": results}
-    write_json(out_dir / "results.json", doc)
+    bench = BenchResults(machine=machine_info(), engine_builds=builds, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                         warmup=warmup, repeat=repeat, statistic="median", command=" ".join(sys.argv), results=results)
+    bench.save(out_dir / "results.json")
+    doc = bench.to_dict()
     atomic_write_text(out_dir / "results.md", markdown(doc))
     plot(doc, out_dir / "images_per_s.png")
     return doc
@@ -221,7 +221,7 @@ def engine_builds(presets, work: Path, echo=print) -> list[dict[str, Any]]:
     builds without a GPU). fp16 means the calibrated mixed-precision ONNX of ``ddpm-export --fp16``."""
     rows: list[dict[str, Any]] = []
     try:
-        from .engine import EngineSettings, build_engine, load_tensorrt
+        from ddpm_deploy.export.engine import EngineSettings, build_engine, load_tensorrt
 
         load_tensorrt("auto")
     except Exception as e:  # no TensorRT flavour here: say so in the results
@@ -230,7 +230,7 @@ def engine_builds(presets, work: Path, echo=print) -> list[dict[str, Any]]:
         onnx_path = _onnx_for(preset, work)
         sources = [("fp32", onnx_path)]
         try:
-            from .fp16 import export_fp16
+            from ddpm_deploy.export.fp16 import export_fp16
 
             fp16_path, _ = export_fp16(onnx_path, work / f"{preset}-fp16", dataset="digits")
             sources.append(("fp16", fp16_path))
@@ -238,11 +238,11 @@ def engine_builds(presets, work: Path, echo=print) -> list[dict[str, Any]]:
             rows.append({"preset": preset, "precision": "fp16", "error": f"{type(e).__name__}: {e}"})
         for precision, src in sources:
             side = build_engine(src, work / f"{preset}-{precision}.plan", EngineSettings(batch_opt=8, batch_max=64))
-            rows.append({"preset": preset, "precision": precision, "flavour": side["trt"]["flavour"],
-                         "version": side["trt"]["version"], "seconds": side["build"]["seconds"],
-                         "plan_mb": side["plan"]["bytes"] / 1e6, "gpu": side.get("gpu")})
-            echo(f"{preset:13s} engine {precision}: built in {side['build']['seconds']:.1f}s "
-                 f"({side['trt']['flavour']} {side['trt']['version']}, {side['plan']['bytes'] / 1e6:.1f} MB)")
+            rows.append({"preset": preset, "precision": precision, "flavour": side.trt["flavour"],
+                         "version": side.trt["version"], "seconds": side.build["seconds"],
+                         "plan_mb": side.plan["bytes"] / 1e6, "gpu": side.gpu})
+            echo(f"{preset:13s} engine {precision}: built in {side.build['seconds']:.1f}s "
+                 f"({side.trt['flavour']} {side.trt['version']}, {side.plan['bytes'] / 1e6:.1f} MB)")
     return rows
 
 

@@ -6,14 +6,13 @@ Benchmark rows (ONNX Runtime CUDA, IO binding on our buffers and stream; TensorR
 beyond ε: (step − ε) / ε, which the issue wants ≤ 3%. "fp16" here is the preset exported from a ``.half()``
 model (speed only; not the calibrated mixed-precision ONNX of ddpm-export --fp16).
 
-    python scripts/gpu_check.py --junit OUT/pytest-gpu.xml --out OUT [--batch 256] [--steps 1000] [--trt] [--torch]
+    python -m ddpm_deploy.verify.gpu_check --junit OUT/pytest-gpu.xml --out OUT [--batch 256] [--steps 1000] [--trt] [--torch]
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import json
 import platform
 import statistics
 import sys
@@ -23,6 +22,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+
+from ddpm_deploy.runtime.contract import BenchResults
 
 TARGET_OVERHEAD = 0.03  # loop beyond ε, fraction of the bare ε time
 TORCH_COMPILE_H100_MS = 15.0  # issue 6: torch.compile, this model, batch 256, on an H100
@@ -54,22 +55,14 @@ def export_preset(out: Path, half: bool) -> Path:
     """The ddpm-cifar10 UNet with random weights as ONNX (x f32, t i32 -> eps f32), fp32 or all-fp16 inside."""
     import onnx
     import torch
-    from ddpm_deploy.export.onnx import export_torch, set_card
-    from ddpm_deploy.runtime.config import DataSpec, ModelCard
-    from ddpm_deploy.runtime.schedule import DiffusionConfig
-    from ddpm_deploy.trainer.presets import get_preset
-    from ddpm_deploy.trainer.unet import UNet
+
+    from ddpm_deploy.export.onnx_export import export_torch, set_card, set_precision
+    from ddpm_deploy.verify.models import preset_card, random_preset_model
 
     path = out / f"cifar10-random{'.fp16' if half else ''}.onnx"
     if path.exists():
         return path
-    torch.manual_seed(0)
-    cfg = get_preset("ddpm-cifar10").unet
-    model = UNet(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:  # zero-initialised output convs: random too, speed does not care
-                p.normal_(0, 0.02)
+    model, cfg = random_preset_model("ddpm-cifar10")
     if half:
         class ToHalf(torch.nn.Module):
             def forward(self, v):
@@ -86,9 +79,7 @@ def export_preset(out: Path, half: bool) -> Path:
 
         model = HalfEps(model)
     proto = export_torch(model, cfg.in_channels, cfg.image_size)  # traced on the CPU (fp16 kernels exist there)
-    card = ModelCard(DiffusionConfig(), DataSpec(cfg.in_channels, cfg.image_size),
-                     architecture={"type": "ddpm-unet", **cfg.to_dict()})
-    onnx.save(set_card(proto, card), str(path))
+    onnx.save(set_precision(set_card(proto, preset_card("ddpm-cifar10")), "fp16" if half else "fp32"), str(path))
     return path
 
 
@@ -152,6 +143,7 @@ def bench_backend(label: str, make, gpu, batch: int, shape, steps: int, rows: li
 
 def bench_torch(onnx_rows: list, batch: int, half: bool) -> None:
     import torch
+
     from ddpm_deploy.trainer.presets import get_preset
     from ddpm_deploy.trainer.unet import UNet
 
@@ -267,8 +259,9 @@ def main(argv=None) -> int:
     text = report(device, tests, bench, args.batch)
     print(text)
     (args.out / "gpu_check.txt").write_text(text + "\n")
-    doc = {"device": device, "tests": tests, "bench": bench, "batch": args.batch, "python": platform.python_version()}
-    (args.out / "gpu_check.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    BenchResults(machine={"device": device, "python": platform.python_version()}, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                 command=" ".join(sys.argv), statistic="median", warmup=3, repeat=20,
+                 results=[{**r, "batch": args.batch} for r in bench], checks=tests).save(args.out / "gpu_check.json")
     failed = [r for r in tests if r["outcome"] in ("failure", "error")]
     return 1 if failed else 0
 

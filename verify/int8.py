@@ -1,7 +1,7 @@
 """CPU path to beat PyTorch bf16 autocast at batch 8 on ddpm-cifar10: ONNX Runtime int8 (QDQ, static,
 calibrated on forward-process x_t over the timesteps). Reports speed and parity cost against fp32.
 
-    .venv/bin/python benchmarks/int8_cpu.py --out benchmarks/results/cpu-int8
+    .venv/bin/python -m ddpm_deploy.verify.int8 --out benchmarks/results/cpu-int8
 
 Random weights (speed does not care); the parity cost is ε relative L2 vs the fp32 ONNX per timestep bucket,
 on forward-process inputs — an int8 model is only worth shipping where that cost is acceptable.
@@ -32,12 +32,14 @@ def main() -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from ddpm_deploy.export.bench import _model, _onnx_for
     from ddpm_deploy.export.fp16 import calibration_batch
-    from ddpm_deploy.runtime.config import DataSpec, ModelCard, atomic_write_text, write_json
+    from ddpm_deploy.runtime.config import DataSpec, ModelCard
+    from ddpm_deploy.runtime.contract import BenchResults
+    from ddpm_deploy.runtime.fileio import atomic_write_text
     from ddpm_deploy.runtime.schedule import DiffusionConfig
     from ddpm_deploy.runtime.tolerances import compare
     from ddpm_deploy.trainer.data import load_dataset
+    from ddpm_deploy.verify.bench import _model, _onnx_for, machine_info
 
     args.out.mkdir(parents=True, exist_ok=True)
     card = ModelCard(DiffusionConfig(), DataSpec(3, 32))
@@ -117,7 +119,9 @@ def main() -> None:
     doc = {"model": "ddpm-cifar10 (random weights)", "batch": args.batch, "repeat": args.repeat,
            "quantize_seconds": quant_s, "ms_per_step": {"ort-fp32": ms32, "ort-int8-qdq": ms8, "torch-bf16-autocast": ms_bf16},
            "int8_eps_rel_l2_by_bucket": rows, "int8_worst_rel_l2": max(r["rel_l2"] for r in rows)}
-    write_json(args.out / "results.json", doc)
+    BenchResults(machine=machine_info(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), command="python -m "
+                 "ddpm_deploy.verify.int8", statistic="median", warmup=2, repeat=args.repeat,
+                 results=[doc]).save(args.out / "results.json")
     md = [f"ddpm-cifar10, batch {args.batch}, median of {args.repeat}, ms per step:", "",
           "| backend | ms/step | vs torch bf16 |", "|---|---:|---:|"]
     for k, v in doc["ms_per_step"].items():

@@ -23,13 +23,13 @@ import torch
 
 from ddpm_deploy.runtime import rng
 from ddpm_deploy.runtime import tolerances as tol
-from ddpm_deploy.runtime.config import ModelCard, atomic_write_text, write_json
+from ddpm_deploy.runtime.config import ModelCard
+from ddpm_deploy.runtime.contract import ParityReport
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, MissingDependencyError
+from ddpm_deploy.runtime.fileio import atomic_write_text
 from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
 from ddpm_deploy.runtime.tolerances import Comparison, compare
 
-SCHEMA = "ddpm-deploy/parity"
-SCHEMA_VERSION = 1
 BUCKETS = 10  # per-timestep-bucket ε tables: t in [k·T/10, (k+1)·T/10)
 L4_MAX_STEPS = 50  # the CPU batch-independence check runs a respaced loop of at most this many steps
 
@@ -44,6 +44,7 @@ class ParitySettings:
     seed: int = 0
     weights: str = "ema"
     threads: int = 0  # PyTorch and ONNX Runtime intra-op threads; 0 leaves the libraries' defaults
+    device: str = "cpu"  # "cuda": L4 also runs the device loop (ONNX Runtime CUDA, and the plan) against the host loop
 
 
 @dataclass
@@ -53,6 +54,7 @@ class LevelResult:
     reference: str
     status: str = "pass"
     reason: str = ""
+    runner: str = ""  # the class that computed the backend's side (OrtRunner, OrtCudaRunner, TrtRunner, ...)
     checks: list[Comparison] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -64,7 +66,7 @@ class LevelResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"level": self.level, "backend": self.backend, "reference": self.reference, "status": self.status,
-                "reason": self.reason, "max_abs": max((c.max_abs for c in self.checks), default=None),
+                "runner": self.runner, "reason": self.reason, "max_abs": max((c.max_abs for c in self.checks), default=None),
                 "rel_l2": max((c.rel_l2 for c in self.checks), default=None),
                 "checks": [c.to_dict() for c in self.checks], "metrics": self.metrics}
 
@@ -81,25 +83,11 @@ def compare_rel(name: str, got, want, rtol: float, cond=1.0) -> Comparison:
 
 
 def gpu_status() -> tuple[bool, str]:
-    """(True, device name) when cuda-python sees a CUDA device, else (False, why not)."""
-    try:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart  # cuda-python < 12.6
-    except ImportError:
-        return False, "no GPU: cuda-python is not installed (pip install 'ddpm-deploy[gpu]') and no CUDA device is visible"
-    try:
-        err, count = cudart.cudaGetDeviceCount()
-        if err != cudart.cudaError_t.cudaSuccess:
-            return False, f"no GPU: the CUDA runtime reports {getattr(err, 'name', err)} (no NVIDIA driver or device)"
-        if count == 0:
-            return False, "no GPU: the CUDA runtime sees 0 devices"
-        err, prop = cudart.cudaGetDeviceProperties(0)
-        name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-        return True, name.rstrip("\x00").strip()
-    except Exception as e:  # a broken driver is "no GPU" for parity purposes
-        return False, f"no GPU: the CUDA device query failed ({e})"
+    """(True, device name) when a CUDA device is usable, else (False, why not): the runtime's one GPU probe."""
+    from ddpm_deploy.runtime.device.info import probe_gpu
+
+    props, why = probe_gpu(0)
+    return props is not None, why
 
 
 # --- the reference model ----------------------------------------------------------------------------------
@@ -121,7 +109,7 @@ def load_reference(path: Path, weights: str = "ema") -> Reference:
         model, card, _ = load_model(path, weights)
         return Reference("ddpm-deploy", path, model, card)
     if (path / "config.json").is_file() or (path / "unet" / "config.json").is_file():
-        from .diffusers import load_diffusers
+        from ddpm_deploy.export.from_diffusers import load_diffusers
 
         model, card, _ = load_diffusers(path)
         return Reference("diffusers", path, model, card, card.architecture.get("scheduler_config"))
@@ -198,7 +186,7 @@ def level0(card: ModelCard, steps: int | None, artifact_cards: dict[str, dict]) 
 
 
 def _level0_diffusers(cfg: DiffusionConfig, sched: Schedule) -> LevelResult:
-    from .diffusers import scheduler_for
+    from ddpm_deploy.verify.diffusers_ref import scheduler_for
 
     r = LevelResult("L0 schedule", "numpy float64 tables", "diffusers DDPMScheduler (float32 β, by design)")
     try:
@@ -233,7 +221,7 @@ def _level0_diffusers(cfg: DiffusionConfig, sched: Schedule) -> LevelResult:
 
 def level1(cfg: DiffusionConfig, steps: int | None, seed: int = 0) -> list[LevelResult]:
     """One step with injected noise at a spread of steps, vs the float64 paper step and diffusers' step."""
-    from .diffusers import scheduler_for, step_with_noise
+    from ddpm_deploy.verify.diffusers_ref import scheduler_for, step_with_noise
 
     sched, ref = Schedule(cfg, steps), paper_tables(cfg, steps)
     n = len(sched)
@@ -313,87 +301,141 @@ def _bucket_table(per_t: dict[int, tuple[float, float, float]], T: int) -> list[
     return rows
 
 
-def onnx_precision(path: Path) -> str:
-    import onnx
+class _Hooked:
+    """A runner seen by the host loop through one more ``eps`` hop: records every ε by timestep."""
 
-    m = onnx.load(str(path), load_external_data=False)
-    return "fp16" if any(i.data_type == onnx.TensorProto.FLOAT16 for i in m.graph.initializer) else "fp32"
+    def __init__(self, runner):
+        self.runner, self.seen = runner, {}
 
-
-def level2(ref: Reference, onnx_path: Path, batches: tuple[int, ...], seed: int, engine: dict | None) -> list[LevelResult]:
-    import onnxruntime as ort
-    from polygraphy import comparator as pgc
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.logger import G_LOGGER
-
-    T, C, S = ref.card.diffusion.num_timesteps, ref.card.data.channels, ref.card.data.image_size
-    precision = onnx_precision(onnx_path)
-    g = np.random.default_rng(seed)
-    feeds = [OrderedDict(x=g.standard_normal((b, C, S, S)).astype(np.float32), t=np.full(b, tv, np.int32))
-             for b in batches for tv in l2_times(T)]
-    runners = {"onnxruntime-cpu": OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["cpu"]))}
-    notes: list[LevelResult] = []
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        runners["onnxruntime-cuda"] = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["cuda"]))
-    else:
-        notes.append(LevelResult("L2 eps", "onnxruntime-cuda", "pytorch", "skipped",
-                               "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU machine)"))
-    if engine is not None:
-        trt_runner, why = _trt_runner(engine)
-        if trt_runner is None:
-            notes.append(LevelResult("L2 eps", f"tensorrt plan ({engine['sidecar']['trt']['flavour']})", "pytorch",
-                                   "not run", why))
-        else:
-            lo, hi = engine["sidecar"]["profile"]["min"], engine["sidecar"]["profile"]["max"]
-            feeds = [f for f in feeds if lo <= len(f["t"]) <= hi]
-            runners["tensorrt"] = trt_runner
-    torch_runner = _polygraphy()(ref.model.eval(), (C, S, S))
-    # fp16 is judged by relative L2 below; Polygraphy's fp32-bound verdict is kept in the JSON, not printed.
-    with G_LOGGER.verbosity(G_LOGGER.CRITICAL if precision == "fp16" else G_LOGGER.ERROR):
-        results = pgc.Comparator.run([torch_runner, *runners.values()], data_loader=feeds)
-        simple = (pgc.SimpleCompareFunc if hasattr(pgc, "SimpleCompareFunc") else pgc.CompareFunc.simple)
-        acc = pgc.Comparator.compare_accuracy(results, compare_func=simple(atol=tol.L2_EPS_FP32_ATOL, rtol=0.0))
-    acc = acc if hasattr(acc, "items") else acc[0]  # polygraphy 0.53: AccuracyResults, one per compare_func
-    ref_outs = results[0][1]
-    measured: list[LevelResult] = []
-    for name, (runner_name, outs) in zip(runners, list(results)[1:]):
-        r = LevelResult("L2 eps", f"{name} ({precision})", f"pytorch-cpu ({ref.kind})")
-        per_t: dict[int, tuple[float, float, float]] = {}
-        for feed, got, want in zip(feeds, outs, ref_outs):
-            b, tv = len(feed["t"]), int(feed["t"][0])
-            gv, wv = got["eps"], want["eps"]
-            if precision == "fp16":
-                c = r.add(compare(f"eps b={b} t={tv}", gv, wv, tol.L2_EPS_FP16_REL_L2, metric="rel_l2"))
-            else:
-                c = r.add(compare(f"eps b={b} t={tv}", gv, wv, tol.L2_EPS_FP32_ATOL))
-            m, s2, r2 = per_t.get(tv, (0.0, 0.0, 0.0))
-            per_t[tv] = (max(m, c.max_abs), s2 + float(((gv - wv) ** 2).sum()), r2 + float((wv ** 2).sum()))
-        iters = dict(acc.items()).get((results[0][0], runner_name), [])
-        matched = sum(all(bool(v) for v in it.values()) for it in iters)
-        r.metrics = {"batches": sorted({len(f["t"]) for f in feeds}), "timesteps": l2_times(T), "precision": precision,
-                     "polygraphy_comparator": {"compare_func": f"simple(atol={tol.L2_EPS_FP32_ATOL:g}, rtol=0)"
-                                               + (" (fp32 bound; fp16 is judged by relative L2)" if precision == "fp16" else ""),
-                                               "iterations_matched": matched, "iterations": len(iters)},
-                     "buckets": _bucket_table(per_t, T)}
-        measured.append(r)
-    return measured + notes
+    def eps(self, x, t):
+        self.seen[int(t[0])] = e = self.runner.eps(x, t)
+        return e
 
 
-def _trt_runner(engine: dict):
-    """A Polygraphy TrtRunner for the plan, or (None, why not). Only on a machine with a GPU."""
+def _adapter(runner, label: str):
+    """One of our runners as a Polygraphy runner, so the Comparator drives the code we ship."""
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class ShippedRunner(BaseRunner):
+        def __init__(self):
+            super().__init__(name=label, prefix=label)
+
+        def get_input_metadata_impl(self):
+            return TensorMetadata().add("x", np.float32, (-1, *runner.sample_shape)).add("t", np.int32, (-1,))
+
+        def infer_impl(self, feed_dict):
+            start = time.perf_counter()
+            eps = runner.eps(feed_dict["x"], feed_dict["t"])
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict(eps=eps)
+
+    return ShippedRunner()
+
+
+def _engine_runner(engine: Path):
+    """Our TensorRT runner for the plan, or (None, why not): no GPU, no TensorRT, or a GPU it cannot run on."""
+    from ddpm_deploy.runtime.backends.base import open_runner
+    from ddpm_deploy.runtime.errors import DDPMError
+
     ok, why = gpu_status()
     if not ok:
         return None, f"not run: {why}; TensorRT plans execute on NVIDIA GPUs only (the sidecar was validated)"
-    flavour = engine["sidecar"]["trt"]["flavour"]
     try:
-        import polygraphy.config
+        return open_runner(engine, "cuda", cuda_graph=False), ""
+    except DDPMError as e:
+        return None, f"not run: {e}"
 
-        polygraphy.config.USE_TENSORRT_RTX = flavour == "rtx"
-        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-        return TrtRunner(EngineFromBytes(Path(engine["path"]).read_bytes())), ""
-    except Exception as e:  # missing module, plan/GPU mismatch
-        return None, f"not run: the {flavour} runtime could not load the plan on {why} ({e})"
+def _ort_cuda_runner(onnx_path: Path):
+    """Our ONNX Runtime CUDA runner, or (None, status, why not)."""
+    import onnxruntime as ort
+
+    from ddpm_deploy.runtime.backends.base import open_runner
+    from ddpm_deploy.runtime.errors import DDPMError
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None, "skipped", "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU machine)"
+    ok, why = gpu_status()
+    if not ok:
+        return None, "not run", why
+    try:
+        return open_runner(onnx_path, "cuda", cuda_graph=False), "", ""
+    except DDPMError as e:
+        return None, "not run", str(e)
+
+
+def level2(ref: Reference, onnx_path: Path, batches: tuple[int, ...], seed: int, engine: dict | None,
+           threads: int = 0) -> list[LevelResult]:
+    """ε of our runners (ONNX Runtime CPU; ONNX Runtime CUDA and the plan's TensorRT runner where a GPU runs them)
+    vs the PyTorch model, side by side in Polygraphy's Comparator."""
+    from polygraphy import comparator as pgc
+    from polygraphy.logger import G_LOGGER
+
+    from ddpm_deploy.runtime.backends.base import open_runner
+
+    T, C, S = ref.card.diffusion.num_timesteps, ref.card.data.channels, ref.card.data.image_size
+    g = np.random.default_rng(seed)
+    feeds = [OrderedDict(x=g.standard_normal((b, C, S, S)).astype(np.float32), t=np.full(b, tv, np.int32))
+             for b in batches for tv in l2_times(T)]
+    runners = {"onnxruntime-cpu": open_runner(onnx_path, "cpu", threads=threads)}
+    notes: list[LevelResult] = []
+    cuda, status, why = _ort_cuda_runner(onnx_path)
+    if cuda is None:
+        notes.append(LevelResult("L2 eps", "onnxruntime-cuda", "pytorch", status, why, runner="OrtCudaRunner"))
+    else:
+        runners["onnxruntime-cuda"] = cuda
+    engine_feeds = feeds
+    if engine is not None:
+        side = engine["sidecar"]
+        trt_runner, why = _engine_runner(Path(engine["path"]))
+        if trt_runner is None:
+            notes.append(LevelResult("L2 eps", f"tensorrt plan ({side.trt['flavour']})", "pytorch", "not run", why,
+                                     runner="TrtRunner"))
+        else:
+            lo, hi = side.profile["min"], side.profile["max"]
+            engine_feeds = [f for f in feeds if lo <= len(f["t"]) <= hi]
+            runners["tensorrt"] = trt_runner
+    torch_runner = _polygraphy()(ref.model.eval(), (C, S, S))
+    measured: list[LevelResult] = []
+    try:
+        for name, runner in runners.items():
+            use = engine_feeds if name == "tensorrt" else feeds
+            # fp16 is judged by relative L2 below; Polygraphy's fp32-bound verdict is kept in the JSON, not printed.
+            with G_LOGGER.verbosity(G_LOGGER.CRITICAL if runner.precision == "fp16" else G_LOGGER.ERROR):
+                results = pgc.Comparator.run([torch_runner, _adapter(runner, name)], data_loader=use)
+                simple = (pgc.SimpleCompareFunc if hasattr(pgc, "SimpleCompareFunc") else pgc.CompareFunc.simple)
+                acc = pgc.Comparator.compare_accuracy(results, compare_func=simple(atol=tol.L2_EPS_FP32_ATOL, rtol=0.0))
+            acc = acc if hasattr(acc, "items") else acc[0]  # polygraphy 0.53: AccuracyResults, one per compare_func
+            measured.append(_l2_result(ref, name, runner, use, results, acc, T))
+    finally:
+        for runner in runners.values():
+            runner.close()
+    return measured + notes
+
+
+def _l2_result(ref: Reference, name: str, runner, feeds, results, acc, T: int) -> LevelResult:
+    precision = runner.precision
+    r = LevelResult("L2 eps", f"{name} ({precision})", f"pytorch-cpu ({ref.kind})", runner=type(runner).__name__)
+    (ref_name, ref_outs), (runner_name, outs) = list(results)
+    per_t: dict[int, tuple[float, float, float]] = {}
+    for feed, got, want in zip(feeds, outs, ref_outs):
+        b, tv = len(feed["t"]), int(feed["t"][0])
+        gv, wv = got["eps"], want["eps"]
+        if precision == "fp16":
+            c = r.add(compare(f"eps b={b} t={tv}", gv, wv, tol.L2_EPS_FP16_REL_L2, metric="rel_l2"))
+        else:
+            c = r.add(compare(f"eps b={b} t={tv}", gv, wv, tol.L2_EPS_FP32_ATOL))
+        m, s2, r2 = per_t.get(tv, (0.0, 0.0, 0.0))
+        per_t[tv] = (max(m, c.max_abs), s2 + float(((gv - wv) ** 2).sum()), r2 + float((wv ** 2).sum()))
+    iters = dict(acc.items()).get((ref_name, runner_name), [])
+    matched = sum(all(bool(v) for v in it.values()) for it in iters)
+    r.metrics = {"batches": sorted({len(f["t"]) for f in feeds}), "timesteps": l2_times(T), "precision": precision,
+                 "polygraphy_comparator": {"compare_func": f"simple(atol={tol.L2_EPS_FP32_ATOL:g}, rtol=0)"
+                                           + (" (fp32 bound; fp16 is judged by relative L2)" if precision == "fp16" else ""),
+                                           "iterations_matched": matched, "iterations": len(iters)},
+                 "buckets": _bucket_table(per_t, T)}
+    return r
 
 
 # --- L3: the whole loop -----------------------------------------------------------------------------------
@@ -407,7 +449,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def reference_loop(ref: Reference, sched: Schedule, shape, seed: int, idx, hook=None) -> np.ndarray:
     if ref.kind == "diffusers":
-        from .diffusers import make_scheduler, sample_diffusers
+        from ddpm_deploy.verify.diffusers_ref import make_scheduler, sample_diffusers
 
         return sample_diffusers(ref.model, make_scheduler(ref.scheduler_config), sched.timesteps, shape, seed, idx,
                                 eps_hook=hook)
@@ -428,25 +470,19 @@ def reference_loop(ref: Reference, sched: Schedule, shape, seed: int, idx, hook=
 
 
 def level3(ref: Reference, onnx_path: Path, steps: int | None, batch: int, seed: int, threads: int = 0) -> LevelResult:
-    from ddpm_deploy.runtime.backends.ort import OrtRunner
-    from ddpm_deploy.runtime.sampler import sample
+    from ddpm_deploy.runtime.backends.base import open_runner
+    from ddpm_deploy.runtime.sampler import HostSampler
 
     card = ref.card
     sched = Schedule(card.diffusion, steps)
     shape = (card.data.channels, card.data.image_size, card.data.image_size)
     idx = np.arange(batch)
-    runner = OrtRunner(onnx_path, threads=threads)
-    seen: dict[int, np.ndarray] = {}  # ε of the runtime's trajectory, by timestep
-
-    class Model:
-        @staticmethod
-        def eps(x, t):
-            seen[int(t[0])] = e = runner.eps(x, t)
-            return e
-
-    t0 = time.perf_counter()
-    got = sample(Model(), sched, shape, seed, idx)
-    t1 = time.perf_counter()
+    with open_runner(onnx_path, "cpu", threads=threads) as runner:
+        hooked = _Hooked(runner)  # ε of the runtime's trajectory, by timestep
+        t0 = time.perf_counter()
+        got, _ = HostSampler(hooked, sched, shape).sample(seed, idx)
+        t1 = time.perf_counter()
+    seen = hooked.seen
     per_t: dict[int, tuple[float, float, float]] = {}
 
     def hook(t, e):  # ε of the reference trajectory at t vs the runtime's
@@ -456,9 +492,10 @@ def level3(ref: Reference, onnx_path: Path, steps: int | None, batch: int, seed:
     with torch.no_grad():
         want = reference_loop(ref, sched, shape, seed, idx, hook)
     t2 = time.perf_counter()
-    precision = onnx_precision(onnx_path)
+    precision = runner.precision
     refname = "diffusers DDPMScheduler loop" if ref.kind == "diffusers" else "pytorch reference loop (trainer.sample)"
-    r = LevelResult("L3 trajectory", f"onnxruntime-cpu ({precision}) + numpy step", f"{refname}, same noise")
+    r = LevelResult("L3 trajectory", f"onnxruntime-cpu ({precision}) + host loop", f"{refname}, same noise",
+                    runner=f"{type(runner).__name__} + HostSampler")
     c = compare(f"x_0 after {len(sched)} steps, batch {batch}, seed {seed}", got, want, tol.L3_TRAJECTORY_FP32_ATOL)
     if precision == "fp32":
         r.add(c)
@@ -474,60 +511,100 @@ def level3(ref: Reference, onnx_path: Path, steps: int | None, batch: int, seed:
 
 # --- L4: GPU backends vs CPU (and the CPU-checkable parts) -------------------------------------------------
 
-def level4(ref: Reference, onnx_path: Path | None, engine: dict | None, steps: int | None, batch: int,
-           seed: int, threads: int = 0) -> list[LevelResult]:
-    import onnxruntime as ort
+def _device_loop_level(name: str, open_fn, host_x0: np.ndarray | None, sched: Schedule, shape, seed: int,
+                       idx: np.ndarray, runner_cls: str) -> LevelResult:
+    """The device loop (kernels + a device runner) vs the host loop on ONNX Runtime CPU, same seed and indices."""
+    from ddpm_deploy.runtime.backends.base import open_sampler
 
-    ok, why = gpu_status()
-    out = []
-    gpu_reason = why if not ok else ("GPU step kernel and Philox vs NumPy are checked by tests/runtime/"
-                                     "test_device_gpu.py; not yet wired into ddpm-run parity")
-    out.append(LevelResult("L4 backend", "GPU step kernel + Philox", "numpy step and rng", "not run", gpu_reason))
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        out.append(LevelResult("L4 backend", "onnxruntime-cuda", "onnxruntime-cpu", "skipped",
-                               "onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU machine)"))
-    if engine is not None:
-        out.append(LevelResult("L4 backend", f"tensorrt plan ({engine['sidecar']['trt']['flavour']})",
-                               "onnxruntime-cpu", "not run", why if not ok else "covered by L2 on this GPU"))
-    r = LevelResult("L4 backend", "host loop, batch composition", "the same samples one at a time (CPU)")
+    r = LevelResult("L4 backend", f"device loop + {name}", "host loop + onnxruntime-cpu", runner=runner_cls)
+    runner, status, why = open_fn()
+    if runner is None:
+        r.status, r.reason = status or "not run", why
+        return r
+    with runner:
+        r.runner = f"{type(runner).__name__} + DeviceSampler"
+        with open_sampler(runner, sched, shape, max_batch=len(idx)) as sampler:
+            got, timings = sampler.sample(seed, idx)
+        c = compare(f"x_0 ({len(sched)} steps, batch {len(idx)}) device vs host loop", got, host_x0,
+                    tol.L3_TRAJECTORY_FP32_ATOL)
+        if runner.precision == "fp32":
+            r.add(c)
+        else:
+            r.checks.append(c)
+            r.status, r.reason = "reported", f"{runner.precision} model: reported, not judged (fp32 tolerance)"
+        r.metrics = {"steps": len(sched), "batch": len(idx), "psnr_db": psnr(got, host_x0),
+                     "graph": timings.graph, "precision": runner.precision}
+    return r
+
+
+def level4(ref: Reference, onnx_path: Path | None, engine: dict | None, steps: int | None, batch: int,
+           seed: int, threads: int = 0, device: str = "cpu") -> list[LevelResult]:
+    """The host loop's independence of the batch composition (CPU), and with ``device='cuda'`` the device loop
+    (ONNX Runtime CUDA, and the plan's TensorRT runner) against the host loop (ONNX Runtime CPU)."""
+    from ddpm_deploy.runtime.backends.base import open_runner
+    from ddpm_deploy.runtime.sampler import HostSampler
+
+    out: list[LevelResult] = []
+    k = min(len(Schedule(ref.card.diffusion, steps)), L4_MAX_STEPS)
+    sched = Schedule(ref.card.diffusion, k)
+    shape = (ref.card.data.channels, ref.card.data.image_size, ref.card.data.image_size)
+    r = LevelResult("L4 backend", "host loop, batch composition", "the same samples one at a time (CPU)",
+                    runner="HostSampler")
     g_rng = rng.normals(seed, np.arange(batch), 7, (3, 5, 5))
     one = np.concatenate([rng.normals(seed, [i], 7, (3, 5, 5)) for i in range(batch)])
     r.add(compare("rng.normals batch vs one by one (bitwise)", g_rng, one, 0.0))
     if onnx_path is None:
         r.reason = "no --onnx: only the noise was checked"
         return out + [r]
-    from ddpm_deploy.runtime.backends.ort import OrtRunner
-    from ddpm_deploy.runtime.sampler import sample
-
-    k = min(len(Schedule(ref.card.diffusion, steps)), L4_MAX_STEPS)
-    sched = Schedule(ref.card.diffusion, k)
-    shape = (ref.card.data.channels, ref.card.data.image_size, ref.card.data.image_size)
-    runner = OrtRunner(onnx_path, threads=threads)
-    whole = sample(runner, sched, shape, seed, np.arange(batch))
-    single = np.concatenate([sample(runner, sched, shape, seed, [i]) for i in range(batch)])
+    idx = np.arange(batch)
+    with open_runner(onnx_path, "cpu", threads=threads) as runner:
+        host = HostSampler(runner, sched, shape)
+        whole, _ = host.sample(seed, idx)
+        single = np.concatenate([host.sample(seed, [i])[0] for i in range(batch)])
+        r.runner = f"{type(runner).__name__} + HostSampler"
     c = r.add(compare(f"x_0 ({k} steps) batch {batch} vs one by one", whole, single, tol.L3_TRAJECTORY_FP32_ATOL))
     r.metrics = {"steps": k, "bitwise_equal": bool(np.array_equal(whole, single)), "max_abs": c.max_abs}
     out.append(r)
+    if device != "cuda":
+        out.append(LevelResult("L4 backend", "device loop + onnxruntime-cuda", "host loop + onnxruntime-cpu",
+                               "skipped", "the device loop runs with --device cuda", runner="OrtCudaRunner"))
+        if engine is not None:
+            out.append(LevelResult("L4 backend", f"device loop + tensorrt plan ({engine['sidecar'].trt['flavour']})",
+                                   "host loop + onnxruntime-cpu", "skipped", "the device loop runs with --device cuda",
+                                   runner="TrtRunner"))
+        return out
+    out.append(_device_loop_level("onnxruntime-cuda", lambda: _ort_cuda_runner(onnx_path), whole, sched, shape, seed,
+                                  idx, "OrtCudaRunner"))
+    if engine is not None:
+        def open_plan():
+            runner, why = _engine_runner(Path(engine["path"]))
+            return runner, "not run", why
+
+        out.append(_device_loop_level(f"tensorrt plan ({engine['sidecar'].trt['flavour']})", open_plan, whole, sched,
+                                      shape, seed, idx, "TrtRunner"))
     return out
 
 
 # --- orchestration and reports ----------------------------------------------------------------------------
 
 def _engine_info(plan: Path, onnx_path: Path | None) -> tuple[dict, list[str]]:
-    from ddpm_deploy.runtime.plan import read_plan_sidecar, sha256_file
+    from ddpm_deploy.runtime.fileio import sha256_file
+    from ddpm_deploy.runtime.plan import read_plan_sidecar
 
     sidecar = read_plan_sidecar(plan)
     problems = []
-    if onnx_path is not None and sidecar["onnx"].get("sha256") != sha256_file(onnx_path):
-        problems.append(f"the plan was built from an ONNX with sha256 {sidecar['onnx'].get('sha256')} "
-                        f"({sidecar['onnx'].get('path')}), not from {onnx_path}; rebuild the plan from this ONNX or "
+    if onnx_path is not None and sidecar.onnx.get("sha256") != sha256_file(onnx_path):
+        problems.append(f"the plan was built from an ONNX with sha256 {sidecar.onnx.get('sha256')} "
+                        f"({sidecar.onnx.get('path')}), not from {onnx_path}; rebuild the plan from this ONNX or "
                         f"pass the ONNX it was built from")
     return {"path": str(plan), "sidecar": sidecar}, problems
 
 
-def run_parity(s: ParitySettings, echo: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+def run_parity(s: ParitySettings, echo: Callable[[str], None] = lambda m: None) -> ParityReport:
     if s.batch <= 0:
         raise ConfigError(f"--batch must be positive, found {s.batch}")
+    if s.device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda, found {s.device!r}")
     start = time.perf_counter()
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -538,7 +615,7 @@ def run_parity(s: ParitySettings, echo: Callable[[str], None] = lambda m: None) 
         onnx_path = s.checkpoint / "export" / "model.onnx"
     cards: dict[str, dict] = {}
     if onnx_path is not None:
-        from .onnx import read_card
+        from ddpm_deploy.export.onnx_export import read_card
 
         card = read_card(onnx_path)
         if card is None:
@@ -547,7 +624,7 @@ def run_parity(s: ParitySettings, echo: Callable[[str], None] = lambda m: None) 
     engine, problems = None, []
     if s.engine is not None:
         engine, problems = _engine_info(s.engine, onnx_path)
-        cards[f"plan {s.engine.name}"] = engine["sidecar"]["ddpm"]["diffusion"]
+        cards[f"plan {s.engine.name}"] = engine["sidecar"].ddpm["diffusion"]
     levels: list[LevelResult] = []
     echo("L0 schedule …")
     levels += level0(ref.card, s.steps, cards)
@@ -557,51 +634,54 @@ def run_parity(s: ParitySettings, echo: Callable[[str], None] = lambda m: None) 
     levels += level1(ref.card.diffusion, s.steps, s.seed)
     if onnx_path is None:
         why = f"no --onnx given and {s.checkpoint / 'export' / 'model.onnx'} does not exist"
-        levels += [LevelResult("L2 eps", "onnxruntime-cpu", "pytorch", "skipped", why),
-                   LevelResult("L3 trajectory", "onnxruntime-cpu", "reference loop", "skipped", why)]
+        levels += [LevelResult("L2 eps", "onnxruntime-cpu", "pytorch", "skipped", why, runner="OrtRunner"),
+                   LevelResult("L3 trajectory", "onnxruntime-cpu", "reference loop", "skipped", why,
+                               runner="OrtRunner + HostSampler")]
     else:
         echo("L2 eps (Polygraphy Comparator) …")
-        levels += level2(ref, onnx_path, tuple(sorted({1, s.batch})), s.seed, engine)
+        levels += level2(ref, onnx_path, tuple(sorted({1, s.batch})), s.seed, engine, s.threads)
         echo(f"L3 trajectory ({len(Schedule(ref.card.diffusion, s.steps))} steps, batch {s.batch}) …")
         levels.append(level3(ref, onnx_path, s.steps, s.batch, s.seed, s.threads))
     echo("L4 backend …")
-    levels += level4(ref, onnx_path, engine, s.steps, s.batch, s.seed, s.threads)
+    levels += level4(ref, onnx_path, engine, s.steps, s.batch, s.seed, s.threads, s.device)
     failed = [lv for lv in levels if lv.status == "fail"]
-    import onnxruntime
-    import polygraphy
+    from ddpm_deploy.runtime.fileio import sha256_file
 
-    return {
-        "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "passed": not failed,
-        "failed": [f"{lv.level} [{lv.backend} vs {lv.reference}]" for lv in failed],
-        "checkpoint": str(s.checkpoint), "reference": ref.kind, "onnx": str(onnx_path) if onnx_path else None,
-        "engine": str(s.engine) if s.engine else None, "steps": len(Schedule(ref.card.diffusion, s.steps)),
-        "batch": s.batch, "seed": s.seed, "diffusion": ref.card.diffusion.to_dict(),
-        "tolerances": {k: getattr(tol, k) for k in dir(tol) if k[:2] in ("L0", "L1", "L2", "L3", "L4")},
-        "levels": [lv.to_dict() for lv in levels], "seconds": time.perf_counter() - start,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "onnxruntime": onnxruntime.__version__, "polygraphy": polygraphy.__version__,
-                        "gpu": gpu_status()[1]},
-    }
+    return ParityReport(
+        passed=not failed, failed=[f"{lv.level} [{lv.backend} vs {lv.reference}]" for lv in failed],
+        checkpoint=str(s.checkpoint), reference=ref.kind, onnx=str(onnx_path) if onnx_path else None,
+        engine=str(s.engine) if s.engine else None, device=s.device,
+        steps=len(Schedule(ref.card.diffusion, s.steps)), batch=s.batch, seed=s.seed,
+        diffusion=ref.card.diffusion.to_dict(),
+        tolerances={k: getattr(tol, k) for k in dir(tol) if k[:2] in ("L0", "L1", "L2", "L3", "L4")},
+        levels=[lv.to_dict() for lv in levels], seconds=time.perf_counter() - start,
+        environment={"python": platform.python_version(), "gpu": gpu_status()[1]},
+        model_sha256=sha256_file(onnx_path) if onnx_path else None,
+    )
 
 
 def _fmt(v) -> str:
     return "—" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def to_markdown(rep: dict[str, Any]) -> str:
+def to_markdown(rep: ParityReport) -> str:
+    rep = rep.to_dict()
     lines = [f"# Parity report: {'PASS' if rep['passed'] else 'FAIL'}", "",
-             f"checkpoint `{rep['checkpoint']}` ({rep['reference']}), ONNX `{rep['onnx']}`, engine `{rep['engine']}`; "
+             f"checkpoint `{rep['checkpoint']}` ({rep['reference']}), ONNX `{rep['onnx']}`, engine `{rep['engine']}`, "
+             f"device {rep['device']}; "
              f"{rep['steps']} steps, batch {rep['batch']}, seed {rep['seed']}; {rep['seconds']:.1f} s", ""]
     if rep["failed"]:
         lines += ["**Failed:** " + "; ".join(rep["failed"]), ""]
     lines += ["max abs / rel L2: of each level's checks (L0: relative error per condition number; L1: per unit of the "
               "step's magnitude; L2, L3: ε and x_0).", "",
-              "| level | backend | reference | status | max abs | rel L2 | worst check | note |", "|---|---|---|---|---|---|---|---|"]
+              "| level | backend | runner | reference | status | max abs | rel L2 | worst check | note |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for lv in rep["levels"]:
         worst = max(lv["checks"], key=lambda c: (not c["passed"], c["max_abs"] / (c["tolerance"] or 1)), default=None)
         w = f"{worst['name']}: {_fmt(worst['max_abs'])} (tol {worst['tolerance']:g})" if worst else ""
         note = lv["reason"] or ("PSNR %.1f dB" % lv["metrics"]["psnr_db"] if "psnr_db" in lv["metrics"] else "")
-        lines.append(f"| {lv['level']} | {lv['backend']} | {lv['reference']} | {lv['status']} | {_fmt(lv['max_abs'])} | "
+        lines.append(f"| {lv['level']} | {lv['backend']} | {lv['runner']} | {lv['reference']} | {lv['status']} | "
+                     f"{_fmt(lv['max_abs'])} | "
                      f"{_fmt(lv['rel_l2'])} | {w} | {note} |")
     for lv in rep["levels"]:
         for key, what in (("buckets", "same inputs"), ("eps_along_trajectories_buckets", "along the two trajectories")):
@@ -615,8 +695,8 @@ def to_markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_reports(rep: dict[str, Any], out: Path) -> tuple[Path, Path]:
+def write_reports(rep: ParityReport, out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "parity.json", rep)
+    rep.save(out / "parity.json")
     atomic_write_text(out / "parity.md", to_markdown(rep))
     return out / "parity.json", out / "parity.md"

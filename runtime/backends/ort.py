@@ -1,4 +1,9 @@
-"""ONNX Runtime ε backend (host arrays). CPU provider by default; CUDA when onnxruntime-gpu is installed."""
+"""ONNX Runtime: the session helper shared by the CPU and CUDA runners, and the CPU runner (host arrays).
+
+``OrtSession`` opens a model on one execution provider, refuses a session that silently fell back to another
+provider, and checks the model's I/O against ``runtime.contract``; ``OrtRunner`` (CPU) and
+``ort_cuda.OrtCudaRunner`` (CUDA, device buffers) are thin runners over it.
+"""
 
 from __future__ import annotations
 
@@ -8,86 +13,118 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ONNX_METADATA_KEY, ModelCard
+from ..config import ModelCard
+from ..contract import INPUT_T, INPUT_X, IO_TEXT, ONNX_METADATA_KEY, ORT_TYPES, OUTPUT_EPS, T_DTYPE, detect_precision
 from ..errors import ArtifactError, ConfigError, lazy_import
+from .base import Runner
 
 log = logging.getLogger(__name__)
 
-INPUT_X, INPUT_T, OUTPUT_EPS = "x", "t", "eps"
-T_DTYPE = np.int32  # the one integer type of input `t` (documented in the README)
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
               "all": "ORT_ENABLE_ALL"}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+INSTALL = {"cpu": "pip install onnxruntime",
+           "cuda": "install onnxruntime-gpu instead of onnxruntime (pip uninstall onnxruntime && pip install "
+                   "onnxruntime-gpu; never both in one environment)"}
 
 
-class OrtRunner:
-    """``eps(x, t)`` through an ONNX Runtime session; validates the model's I/O against our contract."""
+def first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
-    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int = 0, opt_level: str = "all"):
-        ort = lazy_import("onnxruntime", "The ONNX Runtime backend", "pip install onnxruntime")
+
+def check_provider(ort, device: str) -> None:
+    """ConfigError unless this onnxruntime offers the provider of ``device`` (before any GPU is touched)."""
+    available = ort.get_available_providers()
+    if PROVIDERS[device] not in available:
+        raise ConfigError(f"requested provider {PROVIDERS[device]}, but this onnxruntime offers {available}; "
+                          f"{INSTALL[device]}")
+
+
+class OrtSession:
+    """An ONNX Runtime session of a ddpm-deploy ε model on exactly one execution provider.
+
+    ``provider_options`` are the provider's options (strings); ``threads`` 0 leaves ONNX Runtime's default.
+    Attributes after opening: ``session``, ``sample_shape`` (C, H, W), ``fixed_batch``, ``card``, ``precision``.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str, opt_level: str = "all", threads: int = 0,
+                 provider_options: dict[str, str] | None = None):
+        self.ort = ort = lazy_import("onnxruntime", f"The ONNX Runtime {device.upper()} backend", INSTALL.get(device))
         self.path = Path(path)
-        if not self.path.is_file():
-            raise ArtifactError(f"{self.path}: ONNX file not found (export one with ddpm-export)")
         if device not in PROVIDERS:
             raise ConfigError(f"device must be one of {sorted(PROVIDERS)}, found {device!r}")
+        if not self.path.is_file():
+            raise ArtifactError(f"{self.path}: ONNX file not found (export one with ddpm-export)")
         if opt_level not in OPT_LEVELS:
             raise ConfigError(f"graph optimisation level must be one of {sorted(OPT_LEVELS)}, found {opt_level!r}")
-        available = ort.get_available_providers()
-        want = PROVIDERS[device]
-        if want not in available:
-            raise ConfigError(
-                f"requested provider {want}, but this onnxruntime offers {available}; for CUDA install "
-                f"onnxruntime-gpu instead of onnxruntime (pip uninstall onnxruntime && pip install onnxruntime-gpu)"
-            )
+        if int(threads) < 0:
+            raise ConfigError(f"threads must be >= 0 (0: ONNX Runtime's default), found {threads}")
+        self.provider = PROVIDERS[device]
+        check_provider(ort, device)
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[opt_level])
         if threads:
             so.intra_op_num_threads = int(threads)
         so.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=[want])
-        except Exception as e:  # ORT raises its own Fail/InvalidGraph/… types
-            raise ArtifactError(f"{self.path}: ONNX Runtime cannot load this model ({str(e).splitlines()[0][:300]})") from None
-        self.device = device
-        self.provider = want
+        providers = [(self.provider, provider_options)] if provider_options is not None else [self.provider]
+        self.session = ort.InferenceSession(str(self.path), so, providers=providers)  # callers map ORT's errors
+        got = self.session.get_providers()
+        if not got or got[0] != self.provider:
+            # ONNX Runtime builds a CPU session when the CUDA provider's libraries fail to load (a warning only)
+            raise ConfigError(
+                f"{self.path}: asked ONNX Runtime for {self.provider}, but the session runs on {got}: the provider "
+                f"failed to load (CUDA/cuDNN libraries missing or mismatched; run with -v for ONNX Runtime's log). "
+                f"{INSTALL[device]}"
+            )
         self._check_io()
         meta = self.session.get_modelmeta().custom_metadata_map
         self.card: ModelCard | None = (
             ModelCard.from_json(meta[ONNX_METADATA_KEY], f"{self.path} metadata") if ONNX_METADATA_KEY in meta else None
         )
+        self.precision = detect_precision(self.session, self.path)
 
-    def _check_io(self):
+    def _check_io(self) -> None:
         ins = {i.name: i for i in self.session.get_inputs()}
-        outs = [o.name for o in self.session.get_outputs()]
-        if set(ins) != {INPUT_X, INPUT_T} or outs != [OUTPUT_EPS]:
-            raise ArtifactError(
-                f"{self.path}: expected inputs ['x', 't'] and output ['eps'], found inputs {sorted(ins)} "
-                f"and outputs {outs}; export the model with ddpm-export"
-            )
-        xs = ins[INPUT_X].shape
-        if len(xs) != 4 or ins[INPUT_X].type != "tensor(float)":
-            raise ArtifactError(f"{self.path}: input x must be float32 [B,C,H,W], found {ins[INPUT_X].type} {xs}")
-        if ins[INPUT_T].type != "tensor(int32)":
-            raise ArtifactError(f"{self.path}: input t must be int32 [B], found {ins[INPUT_T].type}")
-        self.sample_shape = tuple(int(d) if isinstance(d, int) else None for d in xs[1:])
+        outs = {o.name: o for o in self.session.get_outputs()}
+        if set(ins) != {INPUT_X, INPUT_T} or list(outs) != [OUTPUT_EPS]:
+            raise ArtifactError(f"{self.path}: expected {IO_TEXT}, found inputs {sorted(ins)} and outputs "
+                                f"{list(outs)}; export the model with ddpm-export")
+        for name, arg in [*ins.items(), *outs.items()]:
+            if arg.type != ORT_TYPES[name]:
+                raise ArtifactError(f"{self.path}: expected {IO_TEXT}, found {name} of type {arg.type}")
+        xs, es = ins[INPUT_X].shape, outs[OUTPUT_EPS].shape
+        if len(xs) != 4 or len(es) != 4:
+            raise ArtifactError(f"{self.path}: expected {IO_TEXT}, found x {xs} and eps {es}")
+        static = lambda d: int(d) if isinstance(d, int) else None  # noqa: E731
+        self.sample_shape = tuple(static(d) for d in xs[1:])
+        eps_shape = tuple(static(d) for d in es[1:])
+        if any(a is not None and b is not None and a != b for a, b in zip(self.sample_shape, eps_shape)):
+            raise ArtifactError(f"{self.path}: eps must have the shape of x, found x {xs} and eps {es}")
+        self.fixed_batch = static(xs[0])
 
-    def check_shape(self, shape: tuple[int, ...]) -> None:
-        for want, got in zip(self.sample_shape, shape):
-            if want is not None and want != got:
-                raise ArtifactError(f"{self.path}: model input x is [B,{self.sample_shape}], the sampler asks for {shape}")
+
+class OrtRunner(Runner):
+    """``eps(x, t)`` through ONNX Runtime on the CPU."""
+
+    device = "cpu"
+
+    def __init__(self, path: str | os.PathLike, threads: int = 0, opt_level: str = "all"):
+        self.path = Path(path)
+        try:
+            self._s = OrtSession(path, "cpu", opt_level=opt_level, threads=threads)
+        except (ArtifactError, ConfigError):
+            raise
+        except Exception as e:  # ORT raises its own Fail/InvalidGraph/… types
+            raise ArtifactError(f"{self.path}: ONNX Runtime cannot load this model ({first_line(e)})") from None
+        self.session, self.card, self.precision = self._s.session, self._s.card, self._s.precision
+        self.sample_shape, self.fixed_batch = self._s.sample_shape, self._s.fixed_batch
+
+    @property
+    def name(self) -> str:
+        return "onnxruntime-cpu"
 
     def eps(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         return self.session.run([OUTPUT_EPS], {INPUT_X: x, INPUT_T: t.astype(T_DTYPE, copy=False)})[0]
 
-    @property
-    def name(self) -> str:
-        return f"onnxruntime-{self.device}"
-
-    def close(self):
+    def close(self) -> None:
         self.session = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -5,7 +5,10 @@ and no synchronisation is needed (run option ``disable_synchronize_execution_pro
 provider not take the stream, the loop synchronises our stream before each run and ONNX Runtime
 synchronises its own after it. ``enable_cuda_graph`` lets ONNX Runtime capture and replay the model (one
 graph per batch size, ``gpu_graph_id``); it needs every node on the GPU, and a model with CPU nodes is
-reloaded without it (logged). ONNX Runtime's run cannot be captured into our graph.
+reloaded without it (logged). ONNX Runtime's run cannot be captured into our graph. Note: ONNX Runtime's graph
+replay (``CUDAGraph::Replay``) synchronizes the stream after each launch, so with its graphs the host does not
+run ahead of the GPU; which of the two (ORT graphs, or plain runs on our stream) is faster per step is what
+``scripts/gpu_check.sh`` measures ("graph" and "no graph" rows) — not yet measured on a GPU.
 
 Needs ``onnxruntime-gpu`` (instead of ``onnxruntime``, never both).
 """
@@ -18,14 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ONNX_METADATA_KEY, ModelCard
+from ..contract import INPUT_T, INPUT_X, OUTPUT_EPS
 from ..errors import ArtifactError, ConfigError, SamplingError, lazy_import
-from .ort import INPUT_T, INPUT_X, OPT_LEVELS, OUTPUT_EPS, OrtRunner
+from .base import DeviceRunner, Runner
+from .ort import INSTALL, OrtSession, check_provider, first_line
 
 log = logging.getLogger(__name__)
 
 PROVIDER = "CUDAExecutionProvider"
-INSTALL_ORT_GPU = "pip uninstall onnxruntime && pip install onnxruntime-gpu"
+INSTALL_ORT_GPU = INSTALL["cuda"]
 
 
 CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
@@ -56,10 +60,6 @@ def run_options(ort, same_stream: bool, graph_id: int | None):
     return options
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
-
-
 def _preload(ort) -> None:
     """Load the CUDA/cuDNN libraries of the nvidia-* wheels if this onnxruntime-gpu can (>= 1.21)."""
     preload = getattr(ort, "preload_dlls", None)
@@ -70,69 +70,69 @@ def _preload(ort) -> None:
             log.debug("onnxruntime.preload_dlls() failed: %s", e)
 
 
-class OrtCudaRunner(OrtRunner):
-    """An ONNX model on ONNX Runtime's CUDA provider, as a device ε backend (and a host ``eps``)."""
+class OrtCudaRunner(Runner, DeviceRunner):
+    """An ONNX model on ONNX Runtime's CUDA provider, as a device runner (and a host ``eps``).
 
-    def __init__(self, path: str | os.PathLike, gpu, cuda_graph: bool = True, opt_level: str = "all",
-                 same_stream: bool = True, tf32: bool = False, conv_algo_search: str = "EXHAUSTIVE"):
-        ort = self._ort = lazy_import("onnxruntime", "The ONNX Runtime CUDA backend", INSTALL_ORT_GPU)
+    ``gpu``: a ``device.loop.GpuContext`` to share; without one the runner opens (and closes) its own on
+    ``device_id``. The session must really run on CUDA: a silent CPU fallback of ONNX Runtime is refused."""
+
+    device = "cuda"
+
+    def __init__(self, path: str | os.PathLike, gpu=None, cuda_graph: bool = True, opt_level: str = "all",
+                 same_stream: bool = True, tf32: bool = False, conv_algo_search: str = "EXHAUSTIVE",
+                 device_id: int = 0):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise ArtifactError(f"{self.path}: ONNX file not found (export one with ddpm-export)")
-        if opt_level not in OPT_LEVELS:
-            raise ConfigError(f"graph optimisation level must be one of {sorted(OPT_LEVELS)}, found {opt_level!r}")
-        available = ort.get_available_providers()
-        if PROVIDER not in available:
-            raise ConfigError(f"requested provider {PROVIDER}, but this onnxruntime offers {available}; install "
-                              f"onnxruntime-gpu instead of onnxruntime ({INSTALL_ORT_GPU})")
-        _preload(ort)
-        self.gpu, self.device, self.provider = gpu, "cuda", PROVIDER
+        check_provider(lazy_import("onnxruntime", "The ONNX Runtime CUDA backend", INSTALL_ORT_GPU), "cuda")
+        self._own_gpu = gpu is None
+        if gpu is None:
+            from ..device.loop import GpuContext
+
+            gpu = GpuContext(device_id)
+        self.gpu = gpu
+        self._bindings: dict[tuple, tuple] = {}
+        self._current: tuple | None = None
+        self.session = None
+        try:
+            self._open(cuda_graph, opt_level, same_stream, tf32, conv_algo_search)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, cuda_graph, opt_level, same_stream, tf32, conv_algo_search) -> None:
+        _preload(lazy_import("onnxruntime", "The ONNX Runtime CUDA backend", INSTALL_ORT_GPU))
+        gpu = self.gpu
         self.graph_error: str | None = None
         stream = gpu.stream.handle_int if same_stream else None
         options = lambda graph: provider_options(gpu.props.ordinal, stream, graph, tf32, conv_algo_search)  # noqa: E731
+
+        def session(graph: bool) -> OrtSession:
+            try:
+                return OrtSession(self.path, "cuda", opt_level=opt_level, provider_options=options(graph))
+            except (ArtifactError, ConfigError):
+                raise
+            except Exception as e:  # ORT's own exception types
+                if graph:
+                    raise _GraphsImpossible(first_line(e)) from None
+                raise ArtifactError(f"{self.path}: ONNX Runtime CUDA cannot load this model ({first_line(e)})") from None
+
         try:
-            self.session = self._session(options(cuda_graph), opt_level)
-        except Exception as e:  # ORT's own exception types
-            if not cuda_graph:
-                raise ArtifactError(f"{self.path}: ONNX Runtime CUDA cannot load this model ({_first_line(e)})") from None
-            self.graph_error = _first_line(e)
+            s = session(cuda_graph)
+        except _GraphsImpossible as e:
+            self.graph_error = str(e)
             log.warning("ONNX Runtime CUDA graphs are not possible for %s (%s); loading it without them",
                         self.path.name, self.graph_error)
-            try:
-                self.session = self._session(options(False), opt_level)
-            except Exception as e2:
-                raise ArtifactError(f"{self.path}: ONNX Runtime CUDA cannot load this model ({_first_line(e2)})") from None
+            s = session(False)
+        self._ort, self.session = s.ort, s.session
+        self.card, self.precision, self.sample_shape, self.fixed_batch = s.card, s.precision, s.sample_shape, s.fixed_batch
         effective = self.session.get_provider_options().get(PROVIDER, {})
         self.same_stream = bool(stream) and effective.get("has_user_compute_stream") == "1"
         if stream and not self.same_stream:
             log.warning("ONNX Runtime did not take our CUDA stream; synchronising around each run instead")
         self.uses_graphs = effective.get("enable_cuda_graph") == "1"
-        self._check_io()
-        self.precision = "fp16" if ".fp16." in self.path.name else "fp32"
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.card = ModelCard.from_json(meta[ONNX_METADATA_KEY], f"{self.path} metadata") if ONNX_METADATA_KEY in meta else None
-        batch_dim = self.session.get_inputs()[0].shape[0]
-        self.fixed_batch = batch_dim if isinstance(batch_dim, int) else None
-        self._bindings: dict[tuple, tuple] = {}
-        self._current: tuple | None = None
-
-    def _session(self, options: dict[str, str], opt_level: str):
-        ort = self._ort
-        so = ort.SessionOptions()
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[opt_level])
-        so.log_severity_level = 3
-        return ort.InferenceSession(str(self.path), so, providers=[(PROVIDER, options)])
-
-    # ----------------------------------------------------------------------------------- DeviceEpsBackend
 
     @property
     def name(self) -> str:
         return "onnxruntime-cuda"
-
-    def check_batch(self, batch: int) -> None:
-        if self.fixed_batch is not None and batch != self.fixed_batch:
-            raise ConfigError(f"{self.path}: the model has a fixed batch of {self.fixed_batch}, the sampler asks for "
-                              f"{batch}; use --batch {self.fixed_batch} or re-export with a dynamic batch")
 
     def bind(self, x: int, t: int, eps: int, batch: int) -> None:
         key = (int(x), int(t), int(eps), int(batch))
@@ -156,7 +156,7 @@ class OrtCudaRunner(OrtRunner):
         try:
             self.session.run_with_iobinding(binding, options)
         except Exception as e:
-            raise SamplingError(f"{self.path}: ONNX Runtime CUDA failed to run the model ({_first_line(e)})") from None
+            raise SamplingError(f"{self.path}: ONNX Runtime CUDA failed to run the model ({first_line(e)})") from None
 
     def eps(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         """ε for host arrays (parity tests); never captured into ONNX Runtime's graphs (gpu_graph_id -1)."""
@@ -167,7 +167,14 @@ class OrtCudaRunner(OrtRunner):
     def capturable(self, stream) -> bool:
         return False  # ONNX Runtime's run cannot be captured from outside; it has enable_cuda_graph instead
 
-    def close(self):
+    def close(self) -> None:
         self._bindings.clear()
         self._current = None
-        super().close()
+        self.session = None
+        if self._own_gpu and getattr(self, "gpu", None) is not None:
+            self.gpu.close()
+            self.gpu = None
+
+
+class _GraphsImpossible(Exception):
+    """The session could not be created with enable_cuda_graph (e.g. CPU nodes); retried without."""

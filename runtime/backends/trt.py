@@ -22,41 +22,102 @@ from typing import Any
 import numpy as np
 
 from ..config import ModelCard
-from ..device.cuda import CudaError, DeviceArray
-from ..errors import ArtifactError, ConfigError, MissingDependencyError
+from ..contract import INPUT_T, INPUT_X, IO_DTYPES, IO_TEXT, OUTPUT_EPS, PlanSidecar
+from ..errors import ArtifactError, ConfigError, DDPMError, MissingDependencyError
 from ..plan import check_plan_compat, read_plan_sidecar
+from .base import DeviceRunner, Runner
 
 log = logging.getLogger(__name__)
 
-RTX_MODULES = ("tensorrt_rtx_bindings", "tensorrt_rtx")
+FLAVOURS = ("auto", "tensorrt", "rtx")
+MIN_TENSORRT_MAJOR = 10
+RTX_MODULES = ("tensorrt_rtx_bindings", "tensorrt_rtx")  # the cu13 pip wheels; the name NVIDIA's API docs use
 INSTALL = {
     "rtx": "pip install tensorrt-rtx-cu13-bindings==1.7.1.116 tensorrt-rtx-cu13-libs==1.7.1.116",
-    "tensorrt": "pip install 'tensorrt>=10' (NVIDIA's wheel for this machine's CUDA)",
+    "tensorrt": "pip install 'tensorrt>=10' (NVIDIA's wheel, for the CUDA version of this machine)",
 }
-INPUT_X, INPUT_T, OUTPUT_EPS = "x", "t", "eps"
-_IO_DTYPES = {INPUT_X: "float32", INPUT_T: "int32", OUTPUT_EPS: "float32"}
-_REBUILD = "rebuild the plan and its sidecar with `ddpm-export --engine`"
+_REBUILD = PlanSidecar.REWRITE
 
 
-def import_tensorrt(flavour: str):
-    """The TensorRT module of a plan's flavour ('tensorrt' or 'rtx'); MissingDependencyError naming the wheel."""
+class TensorRTVersionError(MissingDependencyError):
+    """TensorRT is installed but older than the API this package is written against."""
+
+    def __init__(self, version: str, feature: str = "TensorRT"):
+        self.package = "tensorrt"
+        DDPMError.__init__(self, f"{feature} needs TensorRT >= {MIN_TENSORRT_MAJOR}, found tensorrt {version}; upgrade "
+                                 f"with {INSTALL['tensorrt']}, or use TensorRT-RTX: {INSTALL['rtx']}")
+
+
+def _import_one(flavour: str, feature: str):
     if flavour == "rtx":
         for name in RTX_MODULES:
             try:
                 return importlib.import_module(name)
             except ImportError:
                 log.debug("module %s is not importable", name)
-        raise MissingDependencyError("tensorrt_rtx_bindings", "Running a TensorRT-RTX plan", INSTALL["rtx"])
-    if flavour == "tensorrt":
+        raise MissingDependencyError("tensorrt_rtx_bindings", feature, INSTALL["rtx"])
+    try:
+        trt = importlib.import_module("tensorrt")
+    except ImportError:
+        raise MissingDependencyError("tensorrt", feature, INSTALL["tensorrt"]) from None
+    if int(str(trt.__version__).split(".")[0]) < MIN_TENSORRT_MAJOR:
+        raise TensorRTVersionError(trt.__version__, feature)
+    return trt
+
+
+def load_tensorrt(flavour: str = "auto", feature: str = "TensorRT") -> tuple[Any, str]:
+    """Import a TensorRT flavour: ``(module, flavour)``; "auto" tries tensorrt, then TensorRT-RTX.
+    MissingDependencyError names the wheel to install."""
+    if flavour in ("tensorrt", "rtx"):
+        return _import_one(flavour, feature), flavour
+    if flavour != "auto":
+        raise ConfigError(f"TensorRT flavour must be one of {FLAVOURS}, found {flavour!r}")
+    try:
+        return _import_one("tensorrt", feature), "tensorrt"
+    except MissingDependencyError as first:
+        log.debug("tensorrt unavailable (%s); trying TensorRT-RTX", first)
         try:
-            trt = importlib.import_module("tensorrt")
-        except ImportError:
-            raise MissingDependencyError("tensorrt", "Running a TensorRT plan", INSTALL["tensorrt"]) from None
-        if int(str(trt.__version__).split(".")[0]) < 10:
-            raise MissingDependencyError("tensorrt", f"Running plans needs TensorRT >= 10 (found {trt.__version__});"
-                                         " it", INSTALL["tensorrt"])
-        return trt
-    raise ArtifactError(f"the plan sidecar names TensorRT flavour {flavour!r}; expected 'tensorrt' or 'rtx'; {_REBUILD}")
+            return _import_one("rtx", feature), "rtx"
+        except MissingDependencyError:
+            raise MissingDependencyError(
+                "tensorrt", f"{feature} (neither tensorrt nor tensorrt_rtx_bindings imports)",
+                f"{INSTALL['rtx']}  -- or NVIDIA's TensorRT: {INSTALL['tensorrt']}",
+            ) from first
+
+
+def import_tensorrt(flavour: str):
+    """The TensorRT module of a plan's flavour ('tensorrt' or 'rtx')."""
+    if flavour not in ("tensorrt", "rtx"):
+        raise ArtifactError(f"the plan sidecar names TensorRT flavour {flavour!r}; expected 'tensorrt' or 'rtx'; "
+                            f"{_REBUILD}")
+    return load_tensorrt(flavour, f"Running a {'TensorRT-RTX' if flavour == 'rtx' else 'TensorRT'} plan")[0]
+
+
+_LOGGERS: dict[str, Any] = {}
+
+
+def trt_logger(trt):
+    """One ILogger per TensorRT module (TensorRT keeps a process-wide logger): forwards to ``logging`` and
+    records error messages (``.errors``) so that a failed parse, build or load can say why."""
+    if trt.__name__ not in _LOGGERS:
+
+        class _CaptureLogger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+                self.errors: list[str] = []
+
+            def log(self, severity, msg):
+                level = int(severity)
+                if level <= int(trt.ILogger.ERROR):
+                    self.errors.append(msg)
+                    log.debug("TensorRT error: %s", msg)
+                elif level == int(trt.ILogger.WARNING):
+                    log.warning("TensorRT: %s", msg)
+                else:
+                    log.debug("TensorRT: %s", msg)
+
+        _LOGGERS[trt.__name__] = _CaptureLogger()
+    return _LOGGERS[trt.__name__]
 
 
 def check_batch_in_profile(batch: int, profile: dict[str, int], plan: str | os.PathLike = "the plan") -> None:
@@ -70,71 +131,67 @@ def check_batch_in_profile(batch: int, profile: dict[str, int], plan: str | os.P
         )
 
 
-def sidecar_io(sidecar: dict[str, Any], where: str) -> tuple[int, int, int]:
-    """Check the sidecar's I/O against our contract; return the sample shape (C, H, W)."""
-    io = {t.get("name"): t for t in [*sidecar.get("inputs", []), *sidecar.get("outputs", [])]}
+def sidecar_io(inputs: list[dict], outputs: list[dict], where: str) -> tuple[int, int, int]:
+    """Check a sidecar's I/O (its ``inputs`` and ``outputs``) against our contract; return the sample shape."""
+    io = {t.get("name"): t for t in [*inputs, *outputs]}
     found = {name: (t.get("dtype"), t.get("shape")) for name, t in io.items()}
-    for name, dtype in _IO_DTYPES.items():
+    for name, dtype in IO_DTYPES.items():
         if name not in io or io[name].get("dtype") != dtype:
-            raise ArtifactError(f"{where}: expected inputs x float32 [B,C,H,W], t int32 [B] and output eps float32 "
-                                f"[B,C,H,W], found {found}; {_REBUILD} from a ddpm-export ONNX")
+            raise ArtifactError(f"{where}: expected {IO_TEXT}, found {found}; {_REBUILD} from a ddpm-export ONNX")
     shape = io[INPUT_X]["shape"]
     if len(shape) != 4 or any(int(d) < 1 for d in shape[1:]) or list(io[OUTPUT_EPS]["shape"])[1:] != list(shape[1:]):
         raise ArtifactError(f"{where}: expected x and eps of one static shape [B,C,H,W], found {found}; {_REBUILD}")
     return tuple(int(d) for d in shape[1:])  # type: ignore[return-value]
 
 
-def _logger(trt):
-    class _Capture(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
+class TrtRunner(Runner, DeviceRunner):
+    """A TensorRT / TensorRT-RTX plan (+ sidecar) as a device runner (and a host ``eps``).
 
-        def log(self, severity, msg):
-            if int(severity) <= int(trt.ILogger.ERROR):
-                self.errors.append(msg)
-                log.debug("TensorRT error: %s", msg)
-            elif int(severity) == int(trt.ILogger.WARNING):
-                log.warning("TensorRT: %s", msg)
-            else:
-                log.debug("TensorRT: %s", msg)
+    ``gpu``: a ``device.loop.GpuContext`` to share; without one the runner opens (and closes) its own on
+    ``device_id``. The sidecar is read and checked before TensorRT is imported or the GPU touched."""
 
-    return _Capture()
+    device = "cuda"
 
-
-class TrtRunner:
-    """A TensorRT / TensorRT-RTX plan as a device ε backend (see ``device.loop.DeviceEpsBackend``)."""
-
-    def __init__(self, plan_path: str | os.PathLike, gpu, cuda_graph: bool = True, verify_hash: bool = True):
-        self.path = Path(plan_path)
+    def __init__(self, path: str | os.PathLike, gpu=None, cuda_graph: bool = True, verify_hash: bool = True,
+                 device_id: int = 0):
+        self.path = Path(path)
         self.sidecar = read_plan_sidecar(self.path, verify_hash=verify_hash)
         where = str(self.path)
-        self.card = ModelCard.from_dict(self.sidecar["ddpm"], where=f"{where} sidecar [ddpm]")
-        self.sample_shape = sidecar_io(self.sidecar, where)
-        self.profile = {k: int(self.sidecar["profile"][k]) for k in ("min", "opt", "max")}
-        self.flavour = self.sidecar["trt"]["flavour"]
-        self.precision = self.sidecar.get("precision", "fp32")
+        self.card = ModelCard.from_dict(self.sidecar.ddpm, where=f"{where} sidecar [ddpm]")
+        self.sample_shape = sidecar_io(self.sidecar.inputs, self.sidecar.outputs, where)
+        self.profile = {k: int(self.sidecar.profile[k]) for k in ("min", "opt", "max")}
+        self.flavour = self.sidecar.trt["flavour"]
+        self.precision = self.sidecar.precision
         self.trt = trt = import_tensorrt(self.flavour)
-        if gpu is None:
-            raise ConfigError(f"{where}: running a plan needs a GPU context (device.loop.GpuContext), found None")
-        reasons = check_plan_compat(self.sidecar, trt.__name__, trt.__version__, gpu.props.compute_capability)
-        if reasons:
-            raise ArtifactError(f"{where}: this plan cannot run here:\n  - " + "\n  - ".join(reasons))
-        self.gpu = gpu
-        self.logger = _logger(trt)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise ArtifactError(
-                f"{where}: {trt.__name__} {trt.__version__} could not deserialize the plan on "
-                f"{gpu.props.name}. TensorRT reported:\n" + "\n".join(f"  - {m}" for m in self.logger.errors)
-                + f"\nA CUDA error above points at the GPU or driver; otherwise {_REBUILD}"
-            )
-        self._check_engine()
-        self.uses_graphs = False
-        self.context = self._create_context(cuda_graph)
+        self._own_gpu = gpu is None
+        self.context = self.engine = self.runtime = None
         self._bound: tuple | None = None
-        self._scratch: dict[str, DeviceArray] = {}
+        self._scratch: dict[str, Any] = {}
+        if gpu is None:
+            from ..device.loop import GpuContext
+
+            gpu = GpuContext(device_id)
+        self.gpu = gpu
+        try:
+            reasons = check_plan_compat(self.sidecar, trt.__name__, trt.__version__, gpu.props.compute_capability)
+            if reasons:
+                raise ArtifactError(f"{where}: this plan cannot run on {gpu.props.name}:\n  - " + "\n  - ".join(reasons))
+            self.logger = trt_logger(trt)
+            self.logger.errors.clear()
+            self.runtime = trt.Runtime(self.logger)
+            self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+            if self.engine is None:
+                raise ArtifactError(
+                    f"{where}: {trt.__name__} {trt.__version__} could not deserialize the plan on "
+                    f"{gpu.props.name}. TensorRT reported:\n" + "\n".join(f"  - {m}" for m in self.logger.errors)
+                    + f"\nA CUDA error above points at the GPU or driver; otherwise {_REBUILD}"
+                )
+            self._check_engine()
+            self.uses_graphs = False
+            self.context = self._create_context(cuda_graph)
+        except BaseException:
+            self.close()
+            raise
 
     def _check_engine(self) -> None:
         e = self.engine
@@ -149,6 +206,8 @@ class TrtRunner:
                                 f"{self.profile['min']}..{self.profile['max']}; {_REBUILD}")
 
     def _create_context(self, cuda_graph: bool):
+        from ..device.cuda import CudaError
+
         trt, e = self.trt, self.engine
         if self.flavour == "rtx" and cuda_graph and hasattr(e, "create_runtime_config"):
             config = e.create_runtime_config()
@@ -162,7 +221,7 @@ class TrtRunner:
                             f"{'; '.join(self.logger.errors) or 'no message'}); the GPU may be out of memory")
         return context
 
-    # ----------------------------------------------------------------------------------- DeviceEpsBackend
+    # ----------------------------------------------------------------------------------- DeviceRunner
 
     @property
     def name(self) -> str:
@@ -173,6 +232,8 @@ class TrtRunner:
 
     def _call(self, what: str, ok: bool) -> None:
         if not ok:
+            from ..device.cuda import CudaError
+
             raise CudaError(f"{self.path}: IExecutionContext.{what} returned False (TensorRT: "
                             f"{'; '.join(self.logger.errors[-3:]) or 'no message'})")
 
@@ -188,6 +249,8 @@ class TrtRunner:
 
     def enqueue(self, stream) -> None:
         if self._bound is None:
+            from ..device.cuda import CudaError
+
             raise CudaError(f"{self.path}: enqueue before bind: no buffers are bound")
         self._call("execute_async_v3", self.context.execute_async_v3(stream.handle_int))
 
@@ -200,7 +263,9 @@ class TrtRunner:
     # ----------------------------------------------------------------------------------- host convenience
 
     def eps(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """ε for host arrays (parity tests): copies in, runs on our stream, copies out."""
+        """ε for host arrays (parity): copies in, runs on our stream, copies out."""
+        from ..device.cuda import DeviceArray
+
         x = np.ascontiguousarray(x, dtype=np.float32)
         t = np.ascontiguousarray(t, dtype=np.int32)
         batch, stream = x.shape[0], self.gpu.stream
@@ -225,9 +290,6 @@ class TrtRunner:
             arr.close()
         self._scratch.clear()
         self.context = self.engine = self.runtime = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        if self._own_gpu and getattr(self, "gpu", None) is not None:
+            self.gpu.close()
+            self.gpu = None

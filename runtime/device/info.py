@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DDPMError
-from ..plan import check_plan_compat, read_plan_sidecar
+from ..plan import check_plan_compat, read_plan_sidecar, runs_on
 from . import kernels
-from .cuda import query_device
+from .cuda import DeviceProps, query_device
 
 
 def _cuda_python_version() -> str | None:
@@ -22,6 +22,18 @@ def _cuda_python_version() -> str | None:
     except ImportError:
         return None
     return getattr(bindings, "__version__", "unknown")
+
+
+def probe_gpu(ordinal: int = 0) -> tuple[DeviceProps | None, str]:
+    """(the GPU's properties, its name) or (None, why there is no usable GPU): the one GPU probe every layer uses
+    (the engine builder's sidecar, parity, info). Never raises for a missing driver, binding or device."""
+    try:
+        props = query_device(ordinal)
+    except DDPMError as e:
+        return None, f"no GPU: {e}"
+    except Exception as e:  # a broken driver is "no GPU" for every caller
+        return None, f"no GPU: the CUDA device query failed ({type(e).__name__}: {e})"
+    return props, props.name
 
 
 def device_info(ordinal: int = 0) -> dict[str, Any]:
@@ -48,9 +60,10 @@ def engine_info(plan: str | os.PathLike, ordinal: int = 0, load: bool = True) ->
 
     plan = Path(plan)
     sidecar = read_plan_sidecar(plan)
-    info: dict[str, Any] = {"plan": str(plan), "sidecar": sidecar, "tensorrt": None, "gpu": None, "reasons": []}
+    info: dict[str, Any] = {"plan": str(plan), "sidecar": sidecar.to_dict(), "runs_on": runs_on(sidecar),
+                            "tensorrt": None, "gpu": None, "reasons": []}
     try:
-        trt = import_tensorrt(sidecar["trt"]["flavour"])
+        trt = import_tensorrt(sidecar.trt["flavour"])
         info["tensorrt"] = {"module": trt.__name__, "version": trt.__version__}
     except DDPMError as e:
         info["reasons"].append(str(e))
@@ -69,10 +82,9 @@ def engine_info(plan: str | os.PathLike, ordinal: int = 0, load: bool = True) ->
 
 def _try_load(plan: Path, ordinal: int) -> list[str]:
     from ..backends.trt import TrtRunner
-    from .loop import GpuContext
 
     try:
-        with GpuContext(ordinal) as gpu, TrtRunner(plan, gpu, cuda_graph=False):
+        with TrtRunner(plan, cuda_graph=False, device_id=ordinal):
             return []
     except DDPMError as e:
         return [f"loading the plan failed: {e}"]
@@ -93,6 +105,8 @@ def format_engine_info(info: dict[str, Any]) -> str:
         f"T = {ddpm['diffusion']['num_timesteps']}, {ddpm['diffusion']['schedule']} schedule, "
         f"{ddpm['diffusion']['variance_type']}",
         f"source ONNX: {side['onnx']['path']} (sha256 {side['onnx']['sha256'][:16]}…)",
+        "runs on compute capability: " + (", ".join(info["runs_on"]) if info["runs_on"] else "unknown (built without a GPU)")
+        + (" (TensorRT for RTX: not on A100 8.0, H100/H200 9.0, B200 10.0)" if trt.get("flavour") == "rtx" else ""),
         "this machine: " + (f"{info['tensorrt']['module']} {info['tensorrt']['version']}" if info["tensorrt"]
                             else "no matching TensorRT")
         + (f"; GPU {info['gpu']['name']} (compute capability {info['gpu']['compute_capability']}, driver CUDA "

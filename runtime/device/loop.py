@@ -7,11 +7,10 @@ once into a CUDA graph and replayed K times when the backend allows capture; oth
 its own graphs (ONNX Runtime's ``enable_cuda_graph``, TensorRT-RTX's runtime strategy). ``cuda_graph=False``
 turns every graph off; the same kernels run either way, so the results are identical.
 
-Typical use (the CLI)::
+Typical use (what ``ddpm-run sample`` does)::
 
-    with GpuContext(0) as gpu:
-        backend = TrtRunner("model.plan", gpu)            # or OrtCudaRunner("model.onnx", gpu)
-        with DeviceSampler(backend, schedule, (3, 32, 32), max_batch=256, gpu=gpu) as sampler:
+    with open_runner("model.plan", "cuda") as runner:     # or "model.onnx" on "cuda": ONNX Runtime CUDA
+        with open_sampler(runner, schedule, (3, 32, 32), max_batch=256) as sampler:   # a DeviceSampler
             x0, timings = sampler.sample(seed, indices)    # float32 [B, 3, 32, 32] on the host
 """
 
@@ -22,32 +21,19 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
 from .. import rng
+from ..backends.base import DeviceRunner, Sampler
 from ..errors import ConfigError, SamplingError
 from ..schedule import Schedule
 from . import kernels as K
 from .cuda import CudaError, Device, DeviceArray, Event, Graph, Module, Stream
-from .info import device_info, engine_info  # noqa: F401  (re-exported for the CLI)
 
 log = logging.getLogger(__name__)
 
 GRAPH_OURS, GRAPH_BACKEND, GRAPH_OFF = "captured", "backend", "off"
-
-
-class DeviceEpsBackend(Protocol):
-    """ε on device buffers: ``bind`` the x [B,C,H,W] f32, t [B] i32 and eps [B,C,H,W] f32 addresses, then
-    ``enqueue`` ε = model(x, t) on our stream (asynchronously)."""
-
-    name: str
-
-    def check_batch(self, batch: int) -> None: ...
-    def bind(self, x: int, t: int, eps: int, batch: int) -> None: ...
-    def enqueue(self, stream: Stream) -> None: ...
-    def capturable(self, stream: Stream) -> bool: ...
 
 
 class GpuContext:
@@ -138,16 +124,21 @@ def check_indices(indices, max_batch: int) -> np.ndarray:
     return idx.astype(np.uint32)
 
 
-class DeviceSampler:
-    """Kernels, buffers and (once per batch size) the captured step graph of one backend and schedule."""
+class DeviceSampler(Sampler):
+    """The device loop as a ``Sampler``: kernels, buffers and (once per batch size) the captured step graph of
+    one device runner and schedule. ``gpu`` defaults to the runner's."""
 
-    def __init__(self, backend: DeviceEpsBackend, schedule: Schedule, shape: Sequence[int], max_batch: int,
-                 gpu: GpuContext, cuda_graph: bool = True):
+    loop = "device"
+
+    def __init__(self, backend: DeviceRunner, schedule: Schedule, shape: Sequence[int], max_batch: int,
+                 gpu: GpuContext | None = None, cuda_graph: bool = True):
+        gpu = gpu if gpu is not None else backend.gpu
         self.shape = check_shape(shape)
         if int(max_batch) < 1:
             raise ConfigError(f"max_batch must be >= 1, found {max_batch}")
         backend.check_batch(int(max_batch))
         self.backend, self.schedule, self.gpu, self.cuda_graph = backend, schedule, gpu, bool(cuda_graph)
+        self.runner = backend
         self.max_batch = int(max_batch)
         self.n = math.prod(self.shape)
         self.nblocks = -(-self.n // rng.WORDS_PER_BLOCK)
@@ -244,6 +235,9 @@ class DeviceSampler:
 
     # -------------------------------------------------------------------------------------- sampling
 
+    def new_timings(self) -> DeviceTimings:
+        return DeviceTimings()
+
     def sample(self, seed: int, indices, callback: Callable[[int, int], None] | None = None
                ) -> tuple[np.ndarray, DeviceTimings]:
         """Sample one batch; returns float32 x_0 [B, C, H, W] on the host and the batch's timings.
@@ -274,7 +268,7 @@ class DeviceSampler:
             ev[-1].synchronize()
             timings.step_ms = [ev[k].elapsed_ms(ev[k + 1]) for k in range(steps)]
         else:
-            timings.graph = GRAPH_BACKEND if getattr(self.backend, "uses_graphs", False) else GRAPH_OFF
+            timings.graph = GRAPH_BACKEND if self.backend.uses_graphs else GRAPH_OFF
             ev = self._ensure_events(3 * steps + 1)
             ev[0].record(stream)
             for k in range(steps):
@@ -324,13 +318,3 @@ class DeviceSampler:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def sample_device(backend: DeviceEpsBackend, schedule: Schedule, shape: Sequence[int], seed: int, indices,
-                  gpu: GpuContext, cuda_graph: bool = True,
-                  callback: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, DeviceTimings]:
-    """Sample one batch on the GPU: float32 x_0 [B, C, H, W] on the host, and the timings. For many batches
-    keep one ``DeviceSampler`` (kernels compile and buffers are allocated once)."""
-    idx = check_indices(indices, 2**31)
-    with DeviceSampler(backend, schedule, shape, len(idx), gpu, cuda_graph=cuda_graph) as sampler:
-        return sampler.sample(seed, idx, callback)

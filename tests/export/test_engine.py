@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from ddpm_deploy.runtime.config import ONNX_METADATA_KEY, DataSpec, ModelCard
+from ddpm_deploy.runtime.contract import PlanSidecar
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, MissingDependencyError
-from ddpm_deploy.runtime.plan import PLAN_SCHEMA, check_plan_compat, read_plan_sidecar, sidecar_path
+from ddpm_deploy.runtime.plan import check_plan_compat, read_plan_sidecar, runs_on, sidecar_path
 from ddpm_deploy.runtime.schedule import DiffusionConfig
 
 torch = pytest.importorskip("torch")
@@ -181,8 +182,9 @@ def test_tensorrt_older_than_10_is_refused(monkeypatch):
 
 def _sidecar(flavour="tensorrt", version="10.13.0.35", vc=False, cc="8.9"):
     module = "tensorrt" if flavour == "tensorrt" else "tensorrt_rtx_bindings"
-    return {"trt": {"flavour": flavour, "module": module, "version": version},
-            "build": {"version_compatible": vc}, "gpu": {"name": "NVIDIA L4", "compute_capability": cc}}
+    return PlanSidecar(ddpm={}, trt={"flavour": flavour, "module": module, "version": version}, precision="fp32",
+                       profile={"min": 1, "opt": 1, "max": 1}, inputs=[], outputs=[], onnx={}, plan={},
+                       build={"version_compatible": vc}, gpu={"name": "NVIDIA L4", "compute_capability": cc})
 
 
 def test_compat_same_everything_has_no_reasons():
@@ -209,7 +211,28 @@ def test_compat_rtx_plans_are_portable_from_ampere():
     assert check_plan_compat(side, "tensorrt_rtx_bindings", "1.7.1.116", "12.0") == []
     assert check_plan_compat(side, "tensorrt_rtx", "1.7.1.116", "8.6") == []
     [reason] = check_plan_compat(side, "tensorrt_rtx_bindings", "1.7.1.116", "7.5")
-    assert "7.5" in reason
+    assert "7.5" in reason and "built for compute capability 8.6, 8.9, 12.0" in reason
+    assert runs_on(side) == ["8.6", "8.9", "12.0"]
+
+
+@pytest.mark.parametrize("cc", ["8.0", "9.0", "10.0"])
+def test_compat_rtx_plans_are_refused_on_data_centre_gpus(cc):
+    [reason] = check_plan_compat(_sidecar("rtx", "1.7.1.116", cc=None), "tensorrt_rtx_bindings", "1.7.1.116", cc)
+    assert f"this GPU has {cc}" in reason and "7.5, 8.6, 8.9, 12.0" in reason and "ONNX Runtime CUDA" in reason
+
+
+@pytest.mark.trt
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_flag_is_cleared_unless_asked_for(flavour, tf32):
+    trt, _ = engine.load_tensorrt(flavour)
+    builder = trt.Builder(engine._logger(trt))
+    config = builder.create_builder_config()
+    assert config.get_flag(trt.BuilderFlag.TF32)  # TensorRT's default: on
+    io = {"inputs": [{"name": "x", "profile": {"min": [1, 1, 8, 8], "opt": [2, 1, 8, 8], "max": [4, 1, 8, 8]}}]}
+
+    applied = engine._configure(trt, flavour, builder, config, io, _settings(flavour, tf32=tf32))
+
+    assert applied["tf32"] is tf32 and config.get_flag(trt.BuilderFlag.TF32) is tf32
 
 
 # --- sidecar refusals that need no TensorRT ----------------------------------------------------------------
@@ -238,25 +261,28 @@ def test_fp32_build_writes_plan_and_sidecar(built_fp32, onnx_fp32, flavour):
 
     data = plan.read_bytes()
 
-    assert json.loads(sidecar_path(plan).read_text()) == sidecar
-    assert len(data) > 0 and sidecar["plan"] == {"path": "model.plan", "sha256": hashlib.sha256(data).hexdigest(),
+    assert PlanSidecar.load(sidecar_path(plan)) == sidecar
+    assert len(data) > 0 and sidecar.plan == {"path": "model.plan", "sha256": hashlib.sha256(data).hexdigest(),
                                                  "bytes": len(data)}
-    assert sidecar["schema"] == PLAN_SCHEMA and sidecar["schema_version"] == 1
-    assert ModelCard.from_dict(sidecar["ddpm"]) == ModelCard(DiffusionConfig(), DataSpec(CHANNELS, SIZE))
-    assert sidecar["trt"]["flavour"] == flavour and sidecar["trt"]["version"]
-    assert sidecar["precision"] == "fp32"
-    assert sidecar["profile"] == PROFILE
-    assert sidecar["inputs"] == [{"name": "x", "dtype": "float32", "shape": [-1, CHANNELS, SIZE, SIZE]},
+    saved = json.loads(sidecar_path(plan).read_text())
+    assert saved["schema"] == "ddpm-deploy/plan" and saved["schema_version"] == 2
+    assert saved["model_sha256"] == hashlib.sha256(onnx_fp32.read_bytes()).hexdigest() and "numpy" in saved["versions"]
+    assert ModelCard.from_dict(sidecar.ddpm) == ModelCard(DiffusionConfig(), DataSpec(CHANNELS, SIZE))
+    assert sidecar.trt["flavour"] == flavour and sidecar.trt["version"]
+    assert sidecar.precision == "fp32"
+    assert sidecar.profile == PROFILE
+    assert sidecar.inputs == [{"name": "x", "dtype": "float32", "shape": [-1, CHANNELS, SIZE, SIZE]},
                                  {"name": "t", "dtype": "int32", "shape": [-1]}]
-    assert sidecar["outputs"] == [{"name": "eps", "dtype": "float32", "shape": [-1, CHANNELS, SIZE, SIZE]}]
-    assert sidecar["onnx"] == {"path": "model.onnx", "sha256": hashlib.sha256(onnx_fp32.read_bytes()).hexdigest()}
-    assert sidecar["gpu"] is None or set(sidecar["gpu"]) == {"name", "compute_capability"}
-    build = sidecar["build"]
+    assert sidecar.outputs == [{"name": "eps", "dtype": "float32", "shape": [-1, CHANNELS, SIZE, SIZE]}]
+    assert sidecar.onnx == {"path": "model.onnx", "sha256": hashlib.sha256(onnx_fp32.read_bytes()).hexdigest()}
+    assert sidecar.gpu is None or set(sidecar.gpu) == {"name", "compute_capability"}
+    build = sidecar.build
     assert build["seconds"] >= 0 and build["timestamp"].endswith("+00:00")
     assert (build["workspace_mb"], build["version_compatible"], build["timing_cache"]) == (4096, False, None)
+    assert build["tf32"] is False  # fp32 layers stay full fp32 unless --tf32
     assert build["opt_level"] in (3, None)
     assert read_plan_sidecar(plan) == sidecar
-    assert check_plan_compat(sidecar, sidecar["trt"]["module"], sidecar["trt"]["version"]) == []
+    assert check_plan_compat(sidecar, sidecar.trt["module"], sidecar.trt["version"]) == []
 
 
 @pytest.mark.trt
@@ -265,10 +291,10 @@ def test_fp16_build_keeps_fp32_io(flavour, onnx_fp16, tmp_path):
 
     sidecar = engine.build_engine(onnx_fp16, plan, _settings(flavour))
 
-    assert sidecar["precision"] == "fp16"
-    assert [(t["name"], t["dtype"]) for t in sidecar["inputs"] + sidecar["outputs"]] == [
+    assert sidecar.precision == "fp16"
+    assert [(t["name"], t["dtype"]) for t in sidecar.inputs + sidecar.outputs] == [
         ("x", "float32"), ("t", "int32"), ("eps", "float32")]
-    assert plan.stat().st_size > 0 and read_plan_sidecar(plan)["plan"]["sha256"] == sidecar["plan"]["sha256"]
+    assert plan.stat().st_size > 0 and read_plan_sidecar(plan).plan["sha256"] == sidecar.plan["sha256"]
 
 
 @pytest.mark.trt
@@ -356,14 +382,14 @@ def test_timing_cache_and_version_compatible_options(flavour, onnx_fp32, tmp_pat
                                       _settings(flavour, timing_cache=str(cache), version_compatible=True))
 
     if flavour == "rtx":  # both unavailable / no-ops in TensorRT-RTX: skipped quietly, and the sidecar says so
-        assert sidecar["build"]["timing_cache"] is None and not cache.exists()
-        assert sidecar["build"]["version_compatible"] is False
+        assert sidecar.build["timing_cache"] is None and not cache.exists()
+        assert sidecar.build["version_compatible"] is False
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
         assert [str(w.message) for w in caught] == []
         assert any("timing cache" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
     else:
-        assert sidecar["build"]["timing_cache"] == str(cache) and cache.stat().st_size > 0
-        assert sidecar["build"]["version_compatible"] is True
+        assert sidecar.build["timing_cache"] == str(cache) and cache.stat().st_size > 0
+        assert sidecar.build["version_compatible"] is True
 
 
 @pytest.mark.trt

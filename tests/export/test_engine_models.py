@@ -3,32 +3,17 @@ Every op of the exported graphs must be in the parser's supported-operator list.
 
 import json
 
-import numpy as np
 import pytest
-import torch
 
-from ddpm_deploy.export.onnx import export_torch, finalize, save_onnx
-from ddpm_deploy.runtime.config import DataSpec, ModelCard
 from ddpm_deploy.runtime.plan import read_plan_sidecar
-from ddpm_deploy.runtime.schedule import DiffusionConfig
-from ddpm_deploy.trainer.presets import PRESETS
-from ddpm_deploy.trainer.unet import UNet
+from ddpm_deploy.verify.models import random_preset_onnx
 
 pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install '.[trt-rtx]')")
 pytestmark = pytest.mark.trt
 
 
 def _export(preset: str, path):
-    torch.manual_seed(0)
-    cfg = PRESETS[preset].unet
-    m = UNet(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    card = ModelCard(DiffusionConfig(), DataSpec(cfg.in_channels, cfg.image_size),
-                     architecture={"type": "ddpm-unet", **cfg.to_dict()}, training={"dataset": "digits"})
-    return save_onnx(finalize(export_torch(m, cfg.in_channels, cfg.image_size), card), path), card
+    return random_preset_onnx(preset, path, dataset="digits")
 
 
 def _build_and_check(onnx_path, plan, precision, io_dtype="float32"):
@@ -40,9 +25,9 @@ def _build_and_check(onnx_path, plan, precision, io_dtype="float32"):
     assert [i["name"] for i in io["inputs"]] == ["x", "t"] and [o["name"] for o in io["outputs"]] == ["eps"]
     assert [i["dtype"] for i in io["inputs"]] == [io_dtype, "int32"] and io["outputs"][0]["dtype"] == io_dtype
     side = build_engine(onnx_path, plan, settings)
-    assert plan.stat().st_size > 0 and side["precision"] == precision
-    assert side["profile"] == {"min": 1, "opt": 8, "max": 32}
-    assert read_plan_sidecar(plan)["plan"]["sha256"] == side["plan"]["sha256"]
+    assert plan.stat().st_size > 0 and side.precision == precision
+    assert side.profile == {"min": 1, "opt": 8, "max": 32}
+    assert read_plan_sidecar(plan).plan["sha256"] == side.plan["sha256"]
     return side
 
 
@@ -55,7 +40,7 @@ def tiny_fp32(tmp_path_factory):
 def test_tiny_fp32_plan(tiny_fp32, tmp_path):
     path, _ = tiny_fp32
     side = _build_and_check(path, tmp_path / "model.plan", "fp32")
-    assert side["ddpm"]["data"]["image_size"] == 16
+    assert side.ddpm["data"]["image_size"] == 16
 
 
 def test_tiny_fp16_plan_from_calibrated_onnx(tiny_fp32, tmp_path):
@@ -64,14 +49,14 @@ def test_tiny_fp16_plan_from_calibrated_onnx(tiny_fp32, tmp_path):
 
     path, card = tiny_fp32
     fp16, rep = export_fp16(path, tmp_path, card=card, dataset="digits")
-    assert rep["passed"]
+    assert rep.passed
     side = _build_and_check(fp16, tmp_path / "model.fp16.plan", "fp16")
-    assert side["onnx"]["path"] == "model.fp16.onnx"
+    assert side.onnx["path"] == "model.fp16.onnx"
 
 
 @pytest.mark.slow
 def test_cifar10_fp32_plan(tmp_path):
     path, _ = _export("ddpm-cifar10", tmp_path / "model.onnx")
     side = _build_and_check(path, tmp_path / "model.plan", "fp32")
-    assert side["ddpm"]["data"] == {"channels": 3, "image_size": 32, "value_range": [-1.0, 1.0]}
+    assert side.ddpm["data"] == {"channels": 3, "image_size": 32, "value_range": [-1.0, 1.0]}
     assert json.loads((tmp_path / "model.plan.json").read_text())["build"]["seconds"] > 0

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from ddpm_deploy.export.cli import main as export_cli
-from ddpm_deploy.runtime.cli import main as run_cli
+from ddpm_deploy.verify.cli import main as run_cli
 
 rtx = pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX is not installed (pip install '.[trt-rtx]')")
 pytest.importorskip("modelopt", reason="ModelOpt is not installed (pip install '.[fp16]')")

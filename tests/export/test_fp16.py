@@ -15,16 +15,26 @@ import onnx
 import pytest
 
 from ddpm_deploy.export.fp16 import (
-    FP16_ONNX_NAME, MODELOPT_INSTALL, PRECISION_JSON_NAME, calibration_batch, calibration_images,
-    calibration_timesteps, convert_to_fp16, export_fp16, timestep_buckets, timestep_embedding_nodes,
+    FP16_ONNX_NAME,
+    MODELOPT_INSTALL,
+    PRECISION_JSON_NAME,
+    calibration_batch,
+    calibration_images,
+    calibration_timesteps,
+    convert_to_fp16,
+    export_fp16,
+    timestep_buckets,
+    timestep_embedding_nodes,
 )
-from ddpm_deploy.export.onnx import read_card
+from ddpm_deploy.export.onnx_export import read_card
 from ddpm_deploy.runtime.backends.ort import OrtRunner
 from ddpm_deploy.runtime.config import DataSpec, ModelCard
+from ddpm_deploy.runtime.contract import PRECISION_METADATA_KEY, detect_precision
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, MissingDependencyError
 from ddpm_deploy.runtime.schedule import DiffusionConfig
 from ddpm_deploy.runtime.tolerances import L2_EPS_FP16_REL_L2
 from ddpm_deploy.trainer.data import load_dataset
+from ddpm_deploy.verify.models import random_preset_onnx
 
 # Found without importing (importing modelopt takes seconds): the packages AutoCast's import and run need.
 _MISSING = [m for m in ("modelopt", "onnxslim", "lief", "polygraphy", "onnx_graphsurgeon")
@@ -140,7 +150,7 @@ def micro_fp16(micro_onnx, tmp_path_factory):
     card = read_card(micro_onnx)
     t0 = time.perf_counter()
     path, report = export_fp16(micro_onnx, out, card, _digits(card))
-    report["_wall_s"] = time.perf_counter() - t0
+    report.wall_s = time.perf_counter() - t0  # not a field: measured here
     return path, report
 
 
@@ -154,7 +164,11 @@ def test_fp16_model_keeps_float32_io_and_metadata(micro_onnx, micro_fp16):
     assert io(m) == io(src)
     assert io(m)[0] == ("x", onnx.TensorProto.FLOAT, ["batch", 1, 8, 8])
     assert io(m)[1][1] == onnx.TensorProto.INT32 and io(m)[2][1] == onnx.TensorProto.FLOAT
-    assert {p.key: p.value for p in m.metadata_props} == {p.key: p.value for p in src.metadata_props}
+    meta = lambda model: {p.key: p.value for p in model.metadata_props}  # noqa: E731
+    assert meta(src)[PRECISION_METADATA_KEY] == "fp32" and meta(m)[PRECISION_METADATA_KEY] == "fp16"
+    assert {k: v for k, v in meta(m).items() if k != PRECISION_METADATA_KEY} == \
+        {k: v for k, v in meta(src).items() if k != PRECISION_METADATA_KEY}
+    assert detect_precision(path) == "fp16" and detect_precision(micro_onnx) == "fp32"
     assert read_card(path) == read_card(micro_onnx)
     runner = OrtRunner(path)  # our I/O contract check, in ONNX Runtime CPU
     for b in (1, 3):
@@ -170,9 +184,9 @@ def test_fp16_model_really_holds_float16_weights(micro_onnx, micro_fp16):
     conv_w = [inits[n.input[1]] for n in m.graph.node if n.op_type == "Conv" and n.input[1] in inits]
     n_conv = sum(n.op_type == "Conv" for n in onnx.load(str(micro_onnx)).graph.node)
     assert len(conv_w) == n_conv and all(w.data_type == onnx.TensorProto.FLOAT16 for w in conv_w)
-    assert report["conversion"]["initializers"]["conv_weights"] == {"float16": n_conv, "float32": 0}
+    assert report.conversion["initializers"]["conv_weights"] == {"float16": n_conv, "float32": 0}
     assert path.stat().st_size < 0.7 * micro_onnx.stat().st_size
-    nodes = report["conversion"]["nodes"]
+    nodes = report.conversion["nodes"]
     assert nodes["fp16"] > 4 * nodes["fp32"]
     assert nodes["fp16"] + nodes["fp32"] + nodes["non_float"] + nodes["removed"] == nodes["total"]
     assert nodes["autocast_total"] == nodes["total"]
@@ -181,7 +195,7 @@ def test_fp16_model_really_holds_float16_weights(micro_onnx, micro_fp16):
 @needs_modelopt
 def test_embedding_and_normalisation_stay_fp32_with_reasons(micro_onnx, micro_fp16):
     path, report = micro_fp16
-    conv = report["conversion"]
+    conv = report.conversion
     listed = {f["name"]: f for f in conv["fp32_nodes"]}
     src = onnx.load(str(micro_onnx))
     emb = timestep_embedding_nodes(src)
@@ -201,12 +215,12 @@ def test_embedding_and_normalisation_stay_fp32_with_reasons(micro_onnx, micro_fp
 @needs_modelopt
 def test_micro_error_per_bucket_within_tolerance(micro_fp16, tmp_path):
     path, report = micro_fp16
-    _assert_within_tolerance(report["error"])
+    _assert_within_tolerance(report.error)
     saved = json.loads((path.parent / PRECISION_JSON_NAME).read_text())
     assert saved["passed"] and saved["onnx_fp16"] == FP16_ONNX_NAME
     assert saved["tolerance"] == {"name": "L2_EPS_FP16_REL_L2", "metric": "rel_l2", "value": L2_EPS_FP16_REL_L2}
     assert 0 in saved["calibration"]["timesteps"] and T - 1 in saved["calibration"]["timesteps"]
-    assert saved["conversion"]["fp32_nodes"] == report["conversion"]["fp32_nodes"]
+    assert saved["conversion"]["fp32_nodes"] == report.conversion["fp32_nodes"]
 
 
 @needs_modelopt
@@ -257,31 +271,18 @@ def test_fp16_export_needs_a_model_card(micro_onnx, tmp_path):
 
 def _preset_onnx(preset, tmp_path, train_steps=0):
     """The preset's UNet in ONNX: briefly trained on digits (train_steps > 0) or seeded random weights."""
-    import torch
-
-    from ddpm_deploy.export.onnx import export_torch, finalize, save_onnx
     from ddpm_deploy.trainer.presets import PRESETS
-    from ddpm_deploy.trainer.unet import UNet
 
     cfg = PRESETS[preset].unet
     if train_steps:
-        from helpers import train_run
-
         from ddpm_deploy.export.cli import export_onnx_from_run
+        from helpers import train_run
 
         train_run(tmp_path / "run", steps=train_steps, unet=dataclasses.asdict(cfg), image_size=cfg.image_size,
                   batch_size=16, save_every=train_steps)
         path, _ = export_onnx_from_run(tmp_path / "run", tmp_path)
         return path
-    torch.manual_seed(0)
-    model = UNet(cfg).eval()
-    with torch.no_grad():  # the output convs are zero-initialised; give them weights so ε is non-trivial
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    card = ModelCard(DiffusionConfig(), DataSpec(cfg.in_channels, cfg.image_size),
-                     architecture={"type": "ddpm-unet", **cfg.to_dict()}, training={"dataset": PRESETS[preset].dataset})
-    return save_onnx(finalize(export_torch(model, cfg.in_channels, cfg.image_size), card), tmp_path / "model.onnx")
+    return random_preset_onnx(preset, tmp_path / "model.onnx", dataset=PRESETS[preset].dataset)[0]
 
 
 @needs_modelopt
@@ -290,10 +291,10 @@ def test_tiny_preset_fp16_within_tolerance(tmp_path):
     card = read_card(onnx_path)
     t0 = time.perf_counter()
     path, report = export_fp16(onnx_path, tmp_path / "fp16", card)  # images: the card's dataset (digits)
-    print(f"tiny fp16: {time.perf_counter() - t0:.1f}s, nodes {report['conversion']['nodes']}, "
-          f"worst rel L2 {report['error']['worst_rel_l2']:.2e}")
-    _assert_within_tolerance(report["error"])
-    assert report["conversion"]["fp32_reasons"].get("timestep-embedding", 0) >= 5
+    print(f"tiny fp16: {time.perf_counter() - t0:.1f}s, nodes {report.conversion['nodes']}, "
+          f"worst rel L2 {report.error['worst_rel_l2']:.2e}")
+    _assert_within_tolerance(report.error)
+    assert report.conversion["fp32_reasons"].get("timestep-embedding", 0) >= 5
     assert OrtRunner(path).card == card
 
 
@@ -305,8 +306,8 @@ def test_cifar10_preset_fp16_within_tolerance(tmp_path):
     images = load_dataset("digits", image_size=32, channels=3).images  # CIFAR-10 itself is not downloaded in CI
     t0 = time.perf_counter()
     path, report = export_fp16(onnx_path, tmp_path / "fp16", card, images)
-    print(f"ddpm-cifar10 fp16: {time.perf_counter() - t0:.1f}s, nodes {report['conversion']['nodes']}, "
-          f"worst rel L2 {report['error']['worst_rel_l2']:.2e}")
-    _assert_within_tolerance(report["error"])
-    assert report["conversion"]["initializers"]["conv_weights"]["float32"] == 0
+    print(f"ddpm-cifar10 fp16: {time.perf_counter() - t0:.1f}s, nodes {report.conversion['nodes']}, "
+          f"worst rel L2 {report.error['worst_rel_l2']:.2e}")
+    _assert_within_tolerance(report.error)
+    assert report.conversion["initializers"]["conv_weights"]["float32"] == 0
     assert path.stat().st_size < 0.6 * onnx_path.stat().st_size

@@ -5,16 +5,13 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 from click.testing import CliRunner
 
 from ddpm_deploy.export.cli import main as export_cli
-from ddpm_deploy.export.onnx import FP32_EXPORT_ATOL, export_torch, finalize, read_card, save_onnx, verify
+from ddpm_deploy.export.onnx_export import FP32_EXPORT_ATOL, read_card, save_onnx, verify
 from ddpm_deploy.runtime.backends.ort import OrtRunner
-from ddpm_deploy.runtime.config import DataSpec, ModelCard
 from ddpm_deploy.runtime.schedule import DiffusionConfig
-from ddpm_deploy.trainer.presets import PRESETS
-from ddpm_deploy.trainer.unet import UNet
+from ddpm_deploy.verify.models import random_preset_model, random_preset_onnx
 
 
 def test_exported_model_contract(micro_onnx):
@@ -57,16 +54,8 @@ def test_raw_and_ema_exports_differ(micro_run, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny", "ddpm-cifar10"])
 def test_presets_export_and_verify_at_full_size(preset, tmp_path):
-    torch.manual_seed(0)
-    cfg = PRESETS[preset].unet
-    model = UNet(cfg).eval()
-    with torch.no_grad():  # the output conv is zero-initialised; give it weights so ε is not trivially 0
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    card = ModelCard(DiffusionConfig(), DataSpec(cfg.in_channels, cfg.image_size),
-                     architecture={"type": "ddpm-unet", **cfg.to_dict()})
-    path = save_onnx(finalize(export_torch(model, cfg.in_channels, cfg.image_size), card), tmp_path / "m.onnx")
+    model, cfg = random_preset_model(preset)
+    path, card = random_preset_onnx(preset, tmp_path / "m.onnx")
     rep = verify(path, model, card)
     assert rep.passed, rep.to_dict()
     assert rep.max_abs > 0  # a real comparison of non-zero outputs

@@ -28,7 +28,7 @@ def tiny_diffusers_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_diffusers_onnx(tiny_diffusers_dir, tmp_path_factory) -> Path:
-    from ddpm_deploy.export.diffusers import export_diffusers
+    from ddpm_deploy.export.from_diffusers import export_diffusers
 
     path, _ = export_diffusers(tiny_diffusers_dir, tmp_path_factory.mktemp("tiny_diffusers_export"))
     return path

@@ -12,19 +12,23 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from parity.google_ddpm import (
+    GOOGLE_DDPM_CIFAR10_32_SCHEDULER,
+    GOOGLE_DDPM_CIFAR10_32_UNET,
+    TINY_WIDTH,
+    save_google_layout,
+)
 
 from ddpm_deploy.export.cli import main as export_cli
-from ddpm_deploy.export.diffusers import (find_layout, load_diffusers, make_scheduler, sample_diffusers,
-                                          scheduler_to_diffusion, unet_card)
-from ddpm_deploy.export.onnx import read_card
+from ddpm_deploy.export.from_diffusers import find_layout, load_diffusers, scheduler_to_diffusion, unet_card
+from ddpm_deploy.export.onnx_export import read_card
 from ddpm_deploy.runtime.backends.ort import OrtRunner
-from ddpm_deploy.runtime.cli import main as run_cli
 from ddpm_deploy.runtime.errors import ConfigError
 from ddpm_deploy.runtime.sampler import sample
 from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
 from ddpm_deploy.runtime.tolerances import L2_EPS_FP32_ATOL, L3_TRAJECTORY_FP32_ATOL, assert_close
-from parity.google_ddpm import (GOOGLE_DDPM_CIFAR10_32_SCHEDULER, GOOGLE_DDPM_CIFAR10_32_UNET, TINY_WIDTH,
-                                save_google_layout)
+from ddpm_deploy.verify.cli import main as run_cli
+from ddpm_deploy.verify.diffusers_ref import make_scheduler, sample_diffusers
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (a test dependency) is not installed")
 
@@ -141,7 +145,7 @@ def test_google_cifar10_config_exports_and_matches_diffusers_at_full_size(tmp_pa
     assert (card.data.channels, card.data.image_size) == (3, 32)
     assert card.architecture["unet_config"]["block_out_channels"] == [128, 256, 256, 256]
     report = json.loads((out / "export_report.json").read_text())
-    assert report["verify_fp32"]["passed"] and report["layout"] == "flat"
+    assert report["verify_fp32"]["passed"] and report["source"]["layout"] == "flat"
 
     model, _, _ = load_diffusers(src)
     assert sum(p.numel() for p in model.parameters()) == 35_746_307  # the paper's 35.7 M
@@ -183,7 +187,7 @@ def test_respaced_trajectory_fixed_small_matches_diffusers(tmp_path):
     model leave [-1, 1] by orders of magnitude (|x_0| ~ 800), where an absolute tolerance says nothing: the
     unclipped step is covered by L1."""
     src = save_google_layout(tmp_path / "m", TINY_WIDTH, {"variance_type": "fixed_small"}, seed=1)
-    from ddpm_deploy.export.diffusers import export_diffusers
+    from ddpm_deploy.export.from_diffusers import export_diffusers
 
     onnx_path, _ = export_diffusers(src, tmp_path / "export")
     model, card, _ = load_diffusers(src)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_deploy.export.parity import compare_rel, level0
 from ddpm_deploy.runtime.config import DataSpec, ModelCard
 from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
 from ddpm_deploy.runtime.tolerances import L0_DIFFUSERS_FLOAT32_RTOL, L0_FLOAT64_RTOL, assert_close
+from ddpm_deploy.verify.parity import compare_rel, level0
 
 T = 1000
 DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2"}

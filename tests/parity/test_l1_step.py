@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_deploy.export.diffusers import step_with_noise
-from ddpm_deploy.export.parity import level1, step_scale
 from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
 from ddpm_deploy.runtime.tolerances import L1_DIFFUSERS_FLOAT32_ATOL, L1_STEP_ATOL, assert_close
+from ddpm_deploy.verify.diffusers_ref import step_with_noise
+from ddpm_deploy.verify.parity import level1, step_scale
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (a test dependency) is not installed")
 

@@ -5,15 +5,14 @@ TensorRT-RTX plans only with a GPU (each skips with the reason otherwise). The d
 google/ddpm-cifar10-32 size is checked in test_diffusers_model.py.
 """
 
-from collections import OrderedDict
-
 import numpy as np
 import pytest
 import torch
 
-from ddpm_deploy.export.parity import gpu_status, level2, load_reference
+from ddpm_deploy.runtime.backends.base import open_runner
 from ddpm_deploy.runtime.backends.ort import OrtRunner
 from ddpm_deploy.runtime.tolerances import L2_EPS_FP32_ATOL, assert_close
+from ddpm_deploy.verify.parity import gpu_status, level2, load_reference
 
 BACKENDS = ["onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "tensorrt-rtx"]
 BATCHES = (1, 2, 5)
@@ -26,7 +25,7 @@ def _ort_has_cuda() -> bool:
 
 
 def _plan_runner(flavour: str, onnx_path, tmp_path):
-    """Build a plan of the flavour and wrap it in Polygraphy's TrtRunner, or skip saying why not."""
+    """Build a plan of the flavour and open it with our TrtRunner (what ddpm-run ships), or skip saying why not."""
     engine = pytest.importorskip("ddpm_deploy.export.engine")
     from ddpm_deploy.runtime.errors import MissingDependencyError
 
@@ -38,16 +37,18 @@ def _plan_runner(flavour: str, onnx_path, tmp_path):
     if not ok:
         pytest.skip(f"{trt.__name__} {trt.__version__} is installed and builds plans here (tests/export/"
                     f"test_engine.py), but executing a plan needs an NVIDIA GPU: {why}")
-    from ddpm_deploy.export.parity import _trt_runner
+    from ddpm_deploy.runtime.backends.base import open_runner
+    from ddpm_deploy.runtime.errors import ArtifactError
 
     plan = tmp_path / "model.plan"
-    sidecar = engine.build_engine(onnx_path, plan, engine.EngineSettings(batch_min=1, batch_opt=2, batch_max=8,
-                                                                          flavour=flavour))
-    runner, reason = _trt_runner({"path": str(plan), "sidecar": sidecar})
-    if runner is None:
-        pytest.fail(reason)
-    runner.activate()
-    return lambda x, t: runner.infer(OrderedDict(x=x, t=t))["eps"]
+    engine.build_engine(onnx_path, plan, engine.EngineSettings(batch_min=1, batch_opt=2, batch_max=8, flavour=flavour))
+    try:
+        runner = open_runner(plan, "cuda", cuda_graph=False)
+    except ArtifactError as e:
+        if "this plan cannot run on" in str(e):  # e.g. TensorRT-RTX on an H100: refused by the compatibility check
+            pytest.skip(str(e))
+        raise
+    return runner.eps
 
 
 @pytest.fixture(params=BACKENDS)
@@ -60,7 +61,7 @@ def backend(request, micro_onnx, tmp_path):
         if not _ort_has_cuda():
             pytest.skip("onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu (instead of onnxruntime) "
                         "on a machine with an NVIDIA GPU")
-        return name, OrtRunner(micro_onnx, device="cuda").eps
+        return name, open_runner(micro_onnx, "cuda", cuda_graph=False).eps
     return name, _plan_runner("rtx" if name == "tensorrt-rtx" else "tensorrt", micro_onnx, tmp_path)
 
 
@@ -105,6 +106,8 @@ def test_polygraphy_comparator_level(reference, micro_onnx):
     assert pg["iterations"] == len(ort_cpu.checks) == 2 * 14 and pg["iterations_matched"] == pg["iterations"]
     assert [b["t_range"][0] for b in ort_cpu.metrics["buckets"]] == list(range(0, 1000, 100))
     assert all(b["max_abs"] <= L2_EPS_FP32_ATOL for b in ort_cpu.metrics["buckets"])
-    cuda = [r for r in results if r.backend == "onnxruntime-cuda"]
+    assert ort_cpu.runner == "OrtRunner"  # the shipped runner, not Polygraphy's own
+    cuda = [r for r in results if r.backend.startswith("onnxruntime-cuda")]
+    assert cuda[0].runner == "OrtCudaRunner"
     if not _ort_has_cuda():
         assert cuda[0].status == "skipped" and "CUDAExecutionProvider" in cuda[0].reason

@@ -9,12 +9,14 @@ the batch.
 import numpy as np
 import pytest
 
-from ddpm_deploy.export.parity import compare_rel, gpu_status, level4, load_reference
 from ddpm_deploy.runtime import rng
+from ddpm_deploy.runtime.backends.base import open_runner
 from ddpm_deploy.runtime.backends.ort import OrtRunner
 from ddpm_deploy.runtime.sampler import sample
 from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule, respaced_timesteps
-from ddpm_deploy.runtime.tolerances import L0_FLOAT64_RTOL, L3_TRAJECTORY_FP32_ATOL, L4_STEP_RTOL, assert_close
+from ddpm_deploy.runtime.tolerances import (L0_FLOAT64_RTOL, L2_EPS_FP32_ATOL, L3_TRAJECTORY_FP32_ATOL,
+                                            assert_close)
+from ddpm_deploy.verify.parity import compare_rel, gpu_status, level4, load_reference
 
 GPU, GPU_WHY = gpu_status()
 needs_gpu = pytest.mark.skipif(not GPU, reason=f"L4 compares GPU backends with the CPU: {GPU_WHY}")
@@ -32,27 +34,39 @@ def test_onnxruntime_cuda_matches_cpu(micro_onnx):
     x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
     t = np.array([0, 1, 500, 999], np.int32)
 
-    assert_close("ORT CUDA vs CPU", OrtRunner(micro_onnx, device="cuda").eps(x, t), OrtRunner(micro_onnx).eps(x, t),
-                 1e-4)
+    with open_runner(micro_onnx, "cuda", cuda_graph=False) as cuda:
+        assert cuda.session.get_providers()[0] == "CUDAExecutionProvider"  # not a silent CPU fallback
+        assert_close("ORT CUDA vs CPU", cuda.eps(x, t), OrtRunner(micro_onnx).eps(x, t), L2_EPS_FP32_ATOL)
 
 
 @pytest.mark.gpu
 @needs_gpu
-def test_device_step_kernel_and_philox_match_numpy():
-    pytest.importorskip("ddpm_deploy.runtime.device.loop", reason="the device loop is not part of this build")
-    pytest.skip("a GPU is present: the device loop's kernel-vs-NumPy parity (L4_STEP_RTOL "
-                f"{L4_STEP_RTOL:g}, Philox words bitwise) is run by tests/runtime/test_device_gpu.py")
+def test_parity_level4_runs_the_device_loop_on_the_gpu(micro_run, micro_onnx):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("a GPU is present but onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu")
+    results = level4(load_reference(micro_run), micro_onnx, None, 20, 3, seed=0, threads=1, device="cuda")
+
+    dev = [r for r in results if r.backend.startswith("device loop")][0]
+    assert dev.runner == "OrtCudaRunner + DeviceSampler" and dev.status == "pass", dev.to_dict()
+    assert dev.checks and dev.checks[0].max_abs <= L3_TRAJECTORY_FP32_ATOL
 
 
-def test_ddpm_run_parity_reports_gpu_levels_as_not_run_without_a_gpu(micro_run, micro_onnx):
-    if GPU:
-        pytest.skip("this machine has a GPU; the not-run path is for CPU-only machines")
-    results = level4(load_reference(micro_run), micro_onnx, None, 20, 3, seed=0, threads=1)
+def test_parity_level4_device_loop_without_a_gpu_is_reported_not_run(micro_run, micro_onnx):
+    import onnxruntime as ort
 
-    gpu = [r for r in results if r.backend.startswith("GPU")][0]
-    assert gpu.status == "not run" and gpu.reason.startswith("no GPU")
-    cpu = [r for r in results if r.backend.startswith("host loop")][0]
-    assert cpu.status == "pass" and cpu.metrics["steps"] == 20
+    if GPU and "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine runs the device loop; the not-run path is for machines that cannot")
+    ref = load_reference(micro_run)
+    on_cpu = level4(ref, micro_onnx, None, 20, 3, seed=0, threads=1)
+    on_cuda = level4(ref, micro_onnx, None, 20, 3, seed=0, threads=1, device="cuda")
+
+    assert [r.status for r in on_cpu if r.backend.startswith("device loop")] == ["skipped"]
+    [dev] = [r for r in on_cuda if r.backend.startswith("device loop")]
+    assert dev.status in ("skipped", "not run") and dev.runner == "OrtCudaRunner" and dev.reason
+    cpu = [r for r in on_cuda if r.backend.startswith("host loop")][0]
+    assert cpu.status == "pass" and cpu.metrics["steps"] == 20 and cpu.runner == "OrtRunner + HostSampler"
 
 
 # --- CPU-checkable: respacing ---------------------------------------------------------------------------------

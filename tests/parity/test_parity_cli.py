@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from ddpm_deploy.export.parity import gpu_status
-from ddpm_deploy.runtime.cli import main as run_cli
+from ddpm_deploy.verify.cli import main as run_cli
+from ddpm_deploy.verify.parity import gpu_status
 
 FAST = ["--steps", "20", "--batch", "2", "--threads", "1"]
 
@@ -48,8 +48,13 @@ def test_passing_model_writes_both_reports(micro_run, micro_onnx, tmp_path):
     assert all(v["reason"] for v in lv.values() if v["status"] in ("skipped", "not run"))  # never silent
     l2 = lv["L2 eps", "onnxruntime-cpu (fp32)"]
     assert l2["status"] == "pass" and len(l2["metrics"]["buckets"]) == 10 and l2["max_abs"] <= l2["checks"][0]["tolerance"]
-    l3 = lv["L3 trajectory", "onnxruntime-cpu (fp32) + numpy step"]
+    assert l2["runner"] == "OrtRunner"  # the runner `ddpm-run sample` ships, not Polygraphy's own
+    l3 = lv["L3 trajectory", "onnxruntime-cpu (fp32) + host loop"]
     assert l3["status"] == "pass" and l3["metrics"]["psnr_db"] > 60 and l3["metrics"]["uint8_max_diff"] <= 1
+    assert l3["runner"] == "OrtRunner + HostSampler"
+    assert rep["schema"] == "ddpm-deploy/parity" and rep["schema_version"] == 2 and rep["device"] == "cpu"
+    assert all(v["runner"] for v in lv.values() if v["level"] in ("L2 eps", "L3 trajectory", "L4 backend"))
+    assert "[OrtRunner]" in r.output and "| runner |" in md
     assert "# Parity report: PASS" in md and "PSNR" in md and "ε error per timestep bucket" in md
     assert "wrote" in r.output and "parity.md" in r.output
 
@@ -70,7 +75,7 @@ def test_perturbed_weight_fails_and_names_the_level(micro_run, micro_onnx, tmp_p
 
 
 def test_onnx_with_another_ddpm_config_fails_l0(micro_run, micro_onnx, tmp_path):
-    from ddpm_deploy.export.onnx import read_card, set_card
+    from ddpm_deploy.export.onnx_export import read_card, set_card
     from ddpm_deploy.runtime.config import ModelCard
     from ddpm_deploy.runtime.schedule import DiffusionConfig
 
@@ -114,7 +119,18 @@ def test_engine_is_validated_and_reported_not_run_without_gpu(micro_run, micro_o
     lv = levels(tmp_path / "parity.json")
     eng = lv["L2 eps", "tensorrt plan (rtx)"]
     assert eng["status"] == "not run" and "no GPU" in eng["reason"] and "sidecar was validated" in eng["reason"]
-    assert lv["L4 backend", "tensorrt plan (rtx)"]["status"] == "not run"
+    assert eng["runner"] == "TrtRunner"  # with a GPU, L2 runs our TensorRT runner
+    assert lv["L4 backend", "device loop + tensorrt plan (rtx)"]["status"] == "skipped"  # the device loop: --device cuda
+
+    r_cuda = parity("--checkpoint", micro_run, "--onnx", micro_onnx, "--engine", rtx_plan, *FAST, "--device", "cuda",
+                    "--out", tmp_path / "cuda")
+
+    assert r_cuda.exit_code == 0, r_cuda.output
+    lv = levels(tmp_path / "cuda" / "parity.json")
+    dev = lv["L4 backend", "device loop + tensorrt plan (rtx)"]
+    assert dev["status"] == "not run" and "no GPU" in dev["reason"] and dev["runner"] == "TrtRunner"
+    ort_dev = lv["L4 backend", "device loop + onnxruntime-cuda"]
+    assert ort_dev["status"] in ("skipped", "not run") and ort_dev["reason"] and ort_dev["runner"] == "OrtCudaRunner"
     assert "plan model.plan" in lv["L0 schedule", "artifact metadata"]["reason"]
 
 
@@ -136,11 +152,11 @@ def test_engine_with_a_tampered_plan_or_another_onnx_is_refused(micro_run, micro
 
 
 def test_levels_without_diffusers_are_skipped_with_the_reason(monkeypatch):
-    import ddpm_deploy.export.diffusers as dmod
-    from ddpm_deploy.export.parity import level0, level1
+    import ddpm_deploy.verify.diffusers_ref as dmod
     from ddpm_deploy.runtime.config import DataSpec, ModelCard
     from ddpm_deploy.runtime.errors import MissingDependencyError
     from ddpm_deploy.runtime.schedule import DiffusionConfig
+    from ddpm_deploy.verify.parity import level0, level1
 
     def missing(module, feature, install=None):
         raise MissingDependencyError(module, feature, install)
@@ -157,7 +173,7 @@ def test_parity_without_torch_says_what_to_install(micro_onnx, tmp_path):
     from helpers import run_without_torch
 
     r = run_without_torch(f"""
-        from ddpm_deploy.runtime.cli import main
+        from ddpm_deploy.verify.cli import main
         main(["parity", "--checkpoint", r"{tmp_path}", "--onnx", r"{micro_onnx}"])
     """, timeout=120)
 
@@ -178,5 +194,5 @@ def test_fp16_model_is_judged_by_relative_l2_and_its_trajectory_reported(micro_r
     lv = levels(tmp_path / "rep" / "parity.json")
     l2 = lv["L2 eps", "onnxruntime-cpu (fp16)"]
     assert l2["status"] == "pass" and all(c["metric"] == "rel_l2" for c in l2["checks"])
-    l3 = lv["L3 trajectory", "onnxruntime-cpu (fp16) + numpy step"]
+    l3 = lv["L3 trajectory", "onnxruntime-cpu (fp16) + host loop"]
     assert l3["status"] == "reported" and "not judged" in l3["reason"]

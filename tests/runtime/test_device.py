@@ -1,6 +1,6 @@
 """The GPU runtime without a GPU: NVRTC compiles of the real kernels, the same kernel source built by the host
 C++ compiler and checked against the NumPy reference, the device loop on the host stand-in of the driver
-(``device.hostsim``), error paths, and the TensorRT / ONNX Runtime CUDA runners up to the point that needs a
+(``tests/hostsim.py``), error paths, and the TensorRT / ONNX Runtime CUDA runners up to the point that needs a
 GPU. The checks on a real GPU are in test_device_gpu.py (marker ``gpu``).
 """
 
@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 import pytest
+
 from ddpm_deploy.runtime import rng
 from ddpm_deploy.runtime.backends import trt as trt_backend
 from ddpm_deploy.runtime.backends.ort_cuda import provider_options, run_options
@@ -44,7 +45,7 @@ def nvrtc():
 @pytest.fixture()
 def sim(nvrtc):
     """device.cuda talking to the host stand-in (kernels built by the host C++ compiler)."""
-    from ddpm_deploy.runtime.device import hostsim
+    import hostsim
 
     if hostsim.host_compiler() is None:
         pytest.skip("no host C++ compiler (g++, c++ or clang++) for the host build of the kernels")
@@ -159,8 +160,8 @@ def _ulps(a, b):
 
 
 def test_host_built_normals_within_two_ulp(gpu):
-    from ddpm_deploy.runtime.device.hostsim import LinearEpsBackend
     from ddpm_deploy.runtime.device.loop import DeviceSampler
+    from hostsim import LinearEpsBackend
 
     shape, idx = (3, 16, 16), [0, 3, 2**32 - 1]
     with DeviceSampler(LinearEpsBackend(gpu, shape), Schedule(DiffusionConfig(), steps=2), shape, 3, gpu) as s:
@@ -174,8 +175,8 @@ def test_host_built_normals_within_two_ulp(gpu):
 
 @pytest.mark.parametrize("variance, clip", [("fixed_small", True), ("fixed_large", False)])
 def test_host_built_step_matches_schedule_step(gpu, variance, clip):
-    from ddpm_deploy.runtime.device.hostsim import LinearEpsBackend
     from ddpm_deploy.runtime.device.loop import DeviceSampler
+    from hostsim import LinearEpsBackend
 
     sched = Schedule(DiffusionConfig(variance_type=variance, clip_denoised=clip), steps=50)
     shape, idx, seed = (3, 8, 8), np.array([4, 9]), 7
@@ -200,8 +201,8 @@ def test_host_built_step_matches_schedule_step(gpu, variance, clip):
 # --- the device loop on the host stand-in -----------------------------------------------------------------
 
 def _sampler(gpu, sched, shape, max_batch, **kw):
-    from ddpm_deploy.runtime.device.hostsim import LinearEpsBackend
     from ddpm_deploy.runtime.device.loop import DeviceSampler
+    from hostsim import LinearEpsBackend
 
     backend = LinearEpsBackend(gpu, shape, **{k: kw.pop(k) for k in ("nan_t", "capture") if k in kw})
     return backend, DeviceSampler(backend, sched, shape, max_batch, gpu, **kw)
@@ -398,10 +399,10 @@ def test_sidecar_io_contract():
     io = {"inputs": [{"name": "x", "dtype": "float32", "shape": [-1, 3, 32, 32]},
                      {"name": "t", "dtype": "int32", "shape": [-1]}],
           "outputs": [{"name": "eps", "dtype": "float32", "shape": [-1, 3, 32, 32]}]}
-    assert trt_backend.sidecar_io(io, "p") == (3, 32, 32)
+    assert trt_backend.sidecar_io(io["inputs"], io["outputs"], "p") == (3, 32, 32)
     io["inputs"][1]["dtype"] = "int64"
     with pytest.raises(ArtifactError, match="t int32"):
-        trt_backend.sidecar_io(io, "p")
+        trt_backend.sidecar_io(io["inputs"], io["outputs"], "p")
 
 
 def test_missing_tensorrt_names_the_wheel(monkeypatch):
@@ -466,18 +467,36 @@ def test_trt_runner_refuses_missing_sidecar_and_tampered_plan(rtx_plan, tmp_path
         trt_backend.TrtRunner(plan, gpu=None)
 
 
-def test_trt_runner_refuses_a_plan_for_another_tensorrt(rtx_plan, tmp_path, gpu):
+@pytest.fixture()
+def rtx_gpu(sim):
+    """The stand-in driver posing as an RTX-class GPU (compute capability 8.9, which TensorRT-RTX supports)."""
+    from ddpm_deploy.runtime.device.loop import GpuContext
+
+    sim.cc = (8, 9)
+    with GpuContext(0) as ctx:
+        yield ctx
+
+
+def test_trt_runner_refuses_a_plan_for_another_tensorrt(rtx_plan, tmp_path, rtx_gpu):
     plan = _copy_plan(rtx_plan, tmp_path)
     side = json.loads(sidecar_path(plan).read_text())
     side["trt"]["version"] = "1.0.0.1"
     sidecar_path(plan).write_text(json.dumps(side))
 
-    with pytest.raises(ArtifactError, match=r"cannot run here:\n  - the plan was built with .* 1\.0\.0\.1"):
-        trt_backend.TrtRunner(plan, gpu)
+    with pytest.raises(ArtifactError, match=r"cannot run on hostsim.*:\n  - the plan was built with .* 1\.0\.0\.1"):
+        trt_backend.TrtRunner(plan, rtx_gpu)
 
 
-def test_trt_runner_without_a_real_gpu_says_deserialization_failed(rtx_plan, gpu):
+def test_trt_runner_without_a_real_gpu_says_deserialization_failed(rtx_plan, rtx_gpu):
     with pytest.raises(ArtifactError, match=r"could not deserialize the plan on hostsim(.|\n)*TensorRT reported"):
+        trt_backend.TrtRunner(rtx_plan, rtx_gpu)
+
+
+def test_rtx_plan_on_an_sm90_stand_in_is_refused_naming_the_supported_gpus(rtx_plan, gpu):
+    """H100/H200 (9.0) cannot run TensorRT-RTX: a clear refusal before deserializing, not a crash."""
+    assert gpu.props.compute_capability == (9, 0)
+    with pytest.raises(ArtifactError, match=r"cannot run on hostsim(.|\n)*runs on compute capability 7\.5, 8\.6, "
+                                            r"8\.9, 12\.0 only, this GPU has 9\.0"):
         trt_backend.TrtRunner(rtx_plan, gpu)
 
 

@@ -5,7 +5,7 @@ from helpers import run_without_torch
 
 def test_runtime_samples_with_torch_import_blocked(micro_onnx, tmp_path):
     r = run_without_torch(f"""
-        from ddpm_deploy.runtime.cli import main
+        from ddpm_deploy.verify.cli import main
         try:
             main(["sample", "--onnx", r"{micro_onnx}", "--num", "3", "--batch", "2", "--steps", "5",
                   "--out", r"{tmp_path / 'out'}", "--no-progress"])

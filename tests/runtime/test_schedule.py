@@ -5,6 +5,8 @@ import pytest
 
 from ddpm_deploy.runtime.errors import ConfigError
 from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule, respaced_timesteps
+from ddpm_deploy.runtime.tolerances import (L0_FLOAT64_ATOL, L0_FLOAT64_RTOL, L0_RESPACED_CUMPROD_RTOL, L1_STEP_GOLDEN_ATOL,
+                                            L1_STEP_GOLDEN_RTOL)
 
 
 def test_linear_schedule_matches_paper_formulas_in_float64():
@@ -12,13 +14,13 @@ def test_linear_schedule_matches_paper_formulas_in_float64():
     beta = 1e-4 + (0.02 - 1e-4) * np.arange(1000) / 999
     abar = np.cumprod(1 - beta)
     assert s.betas.dtype == np.float64
-    np.testing.assert_allclose(s.betas, beta, rtol=0, atol=1e-15)
-    np.testing.assert_allclose(s.alphas_cumprod, abar, rtol=1e-12)
+    np.testing.assert_allclose(s.betas, beta, rtol=0, atol=L0_FLOAT64_ATOL)
+    np.testing.assert_allclose(s.alphas_cumprod, abar, rtol=L0_FLOAT64_RTOL)
     # eq. 7 posterior variance and mean coefficients
     abar_prev = np.concatenate([[1.0], abar[:-1]])
-    np.testing.assert_allclose(s.posterior_variance, beta * (1 - abar_prev) / (1 - abar), rtol=1e-12)
-    np.testing.assert_allclose(s.posterior_mean_coef1, beta * np.sqrt(abar_prev) / (1 - abar), rtol=1e-12)
-    np.testing.assert_allclose(s.posterior_mean_coef2, (1 - abar_prev) * np.sqrt(1 - beta) / (1 - abar), rtol=1e-12)
+    np.testing.assert_allclose(s.posterior_variance, beta * (1 - abar_prev) / (1 - abar), rtol=L0_FLOAT64_RTOL)
+    np.testing.assert_allclose(s.posterior_mean_coef1, beta * np.sqrt(abar_prev) / (1 - abar), rtol=L0_FLOAT64_RTOL)
+    np.testing.assert_allclose(s.posterior_mean_coef2, (1 - abar_prev) * np.sqrt(1 - beta) / (1 - abar), rtol=L0_FLOAT64_RTOL)
     assert s.sigmas[0] == 0.0
     # known endpoint of the DDPM linear schedule: ᾱ_T ≈ 4.04e-5
     assert abar[-1] == pytest.approx(4.0358e-5, rel=1e-3)
@@ -27,8 +29,8 @@ def test_linear_schedule_matches_paper_formulas_in_float64():
 def test_fixed_large_uses_beta_and_fixed_small_uses_posterior_variance():
     small = Schedule(DiffusionConfig(variance_type="fixed_small"))
     large = Schedule(DiffusionConfig(variance_type="fixed_large"))
-    np.testing.assert_allclose(small.sigmas[1:] ** 2, small.posterior_variance[1:], rtol=1e-12)
-    np.testing.assert_allclose(large.sigmas[1:] ** 2, large.betas[1:], rtol=1e-12)
+    np.testing.assert_allclose(small.sigmas[1:] ** 2, small.posterior_variance[1:], rtol=L0_FLOAT64_RTOL)
+    np.testing.assert_allclose(large.sigmas[1:] ** 2, large.betas[1:], rtol=L0_FLOAT64_RTOL)
     assert (large.sigmas[1:] > small.sigmas[1:]).all()
 
 
@@ -51,9 +53,9 @@ def test_step_golden_values_with_arange_sample():
     x0 = np.clip(np.sqrt(1 / abar) * x - np.sqrt(1 / abar - 1) * eps, -1, 1)
     mean = b * np.sqrt(abar_prev) / (1 - abar) * x0 + (1 - abar_prev) * np.sqrt(1 - b) / (1 - abar) * x
     want = mean + np.sqrt(b * (1 - abar_prev) / (1 - abar)) * 0.5
-    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, want, rtol=L1_STEP_GOLDEN_RTOL, atol=L1_STEP_GOLDEN_ATOL)
     assert out.dtype == np.float32
-    assert float(out.sum()) == pytest.approx(float(want.sum()), rel=1e-5)
+    assert float(out.sum()) == pytest.approx(float(want.sum()), rel=L1_STEP_GOLDEN_RTOL)
 
 
 def test_last_step_adds_no_noise():
@@ -78,8 +80,8 @@ def test_respacing_keeps_both_ends_and_recomputes_beta_from_alphabar():
     s = Schedule(DiffusionConfig(), steps=50)
     assert len(s) == 50 and s.timesteps[0] == 0 and s.timesteps[-1] == 999
     base = Schedule(DiffusionConfig())
-    np.testing.assert_allclose(s.alphas_cumprod, base.alphas_cumprod[s.timesteps], rtol=1e-12)
-    np.testing.assert_allclose(np.cumprod(1 - s.betas), s.alphas_cumprod, rtol=1e-10)
+    np.testing.assert_allclose(s.alphas_cumprod, base.alphas_cumprod[s.timesteps], rtol=L0_FLOAT64_RTOL)
+    np.testing.assert_allclose(np.cumprod(1 - s.betas), s.alphas_cumprod, rtol=L0_RESPACED_CUMPROD_RTOL)
 
 
 def test_full_steps_equal_no_respacing():

@@ -1,0 +1,150 @@
+"""runtime.contract: every JSON artifact round-trips through its dataclass and carries schema + version;
+detect_precision; atomic files keep the user's umask; the runner registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from ddpm_deploy.runtime import contract
+from ddpm_deploy.runtime.backends.base import RUNNERS, DeviceRunner, Runner, open_runner, runner_class
+from ddpm_deploy.runtime.errors import ArtifactError, ConfigError
+from ddpm_deploy.runtime.fileio import atomic_write_bytes
+
+# one realistic instance of each artifact (values as the writers produce them)
+EXAMPLES = {
+    contract.PlanSidecar: dict(
+        ddpm={"schema": "ddpm-deploy/model"}, trt={"flavour": "rtx", "module": "tensorrt_rtx_bindings",
+                                                   "version": "1.7.1.116"},
+        precision="fp16", profile={"min": 1, "opt": 8, "max": 64},
+        inputs=[{"name": "x", "dtype": "float32", "shape": [-1, 3, 32, 32]}, {"name": "t", "dtype": "int32",
+                                                                               "shape": [-1]}],
+        outputs=[{"name": "eps", "dtype": "float32", "shape": [-1, 3, 32, 32]}],
+        onnx={"path": "model.fp16.onnx", "sha256": "ab" * 32}, plan={"path": "model.plan", "sha256": "cd" * 32,
+                                                                   "bytes": 123},
+        build={"seconds": 2.5, "opt_level": 3}, gpu=None, model_sha256="ab" * 32),
+    contract.RunInfo: dict(
+        seed=0, num=4, batch=2, start_index=0, steps=10, num_timesteps=1000, backend="onnxruntime-cpu",
+        runner="OrtRunner", loop="host", precision="fp32", model="m.onnx", diffusion={"schedule": "linear"},
+        total_seconds=1.5, images_per_second=2.7, timings={"steps": 10}, host={"python": "3.11"},
+        model_sha256="ef" * 32),
+    contract.ExportReport: dict(onnx="model.onnx", source={"run_dir": "runs/x", "step": 30}, export_seconds=1.0,
+                                verify_fp32={"passed": True, "atol": 1e-4, "max_abs": 2e-6, "cases": []}),
+    contract.PrecisionReport: dict(precision="fp16-mixed", onnx_fp32="model.onnx", onnx_fp16="model.fp16.onnx",
+                                   passed=True, tolerance={"value": 0.01}, calibration={"samples": 34},
+                                   conversion={"nodes": {"fp16": 3}}, error={"worst_rel_l2": 1e-3}),
+    contract.ParityReport: dict(passed=False, failed=["L2 eps [x vs y]"], checkpoint="runs/x", reference="ddpm-deploy",
+                                onnx="m.onnx", engine=None, device="cpu", steps=20, batch=2, seed=0,
+                                diffusion={"schedule": "linear"}, tolerances={"L2_EPS_FP32_ATOL": 1e-4},
+                                levels=[{"level": "L2 eps", "runner": "OrtRunner", "status": "fail"}], seconds=3.0,
+                                environment={"gpu": "no GPU"}),
+    contract.BenchResults: dict(machine={"cpu_flags": ["avx512f"]}, date="2026-11-27", command="ddpm-run bench",
+                                statistic="median", warmup=2, repeat=5, results=[{"eps_ms": 1.0}]),
+}
+
+
+def test_every_artifact_has_an_example():
+    assert set(EXAMPLES) == set(contract.ARTIFACTS)
+
+
+@pytest.mark.parametrize("cls", contract.ARTIFACTS, ids=lambda c: c.__name__)
+def test_artifact_round_trips_with_schema_and_versions(cls, tmp_path):
+    art = cls(**EXAMPLES[cls])
+
+    path = art.save(tmp_path / "a.json")
+    raw = json.loads(path.read_text())
+    back = cls.load(path)
+
+    assert back == art
+    assert list(raw)[:2] == ["schema", "schema_version"]
+    assert raw["schema"] == cls.SCHEMA and raw["schema_version"] == cls.SCHEMA_VERSION
+    assert raw["versions"]["numpy"] == np.__version__ and "ddpm-deploy" in raw["versions"]
+    assert "model_sha256" in raw
+
+
+@pytest.mark.parametrize("cls", contract.ARTIFACTS, ids=lambda c: c.__name__)
+def test_artifact_reader_refuses_other_schema_version_and_keys(cls):
+    d = cls(**EXAMPLES[cls]).to_dict()
+    with pytest.raises(ArtifactError, match="expected schema"):
+        cls.from_dict({**d, "schema": "someone-else"})
+    with pytest.raises(ArtifactError, match="schema_version"):
+        cls.from_dict({**d, "schema_version": cls.SCHEMA_VERSION + 1})
+    first_required = next(f for f in EXAMPLES[cls] if f not in ("model_sha256",))
+    with pytest.raises(ArtifactError, match=f"missing keys \\['{first_required}'\\]"):
+        cls.from_dict({k: v for k, v in d.items() if k != first_required})
+    with pytest.raises(ArtifactError, match="unknown keys \\['surprise'\\]"):
+        cls.from_dict({**d, "surprise": 1})
+
+
+def test_artifact_load_errors_name_the_file(tmp_path):
+    with pytest.raises(ArtifactError, match="found no such file"):
+        contract.RunInfo.load(tmp_path / "run.json")
+    (tmp_path / "run.json").write_text("{half")
+    with pytest.raises(ArtifactError, match=r"run\.json: expected JSON"):
+        contract.RunInfo.load(tmp_path / "run.json")
+
+
+# --- precision ------------------------------------------------------------------------------------------------
+
+def _tiny_model(dtype):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((1,), dtype), "w")
+    cast = [helper.make_node("Cast", ["x"], ["xc"], to=TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT)]
+    g = helper.make_graph(cast + [helper.make_node("Mul", ["xc", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16 if dtype == np.float16
+                                                         else TensorProto.FLOAT, [1])], [w])
+    return onnx, helper.make_model(g)
+
+
+def test_detect_precision_walks_the_graph_and_prefers_metadata(tmp_path):
+    onnx, m16 = _tiny_model(np.float16)
+    _, m32 = _tiny_model(np.float32)
+    assert contract.detect_precision(m16) == "fp16" and contract.detect_precision(m32) == "fp32"
+    path = tmp_path / "model.onnx"  # no ".fp16." in the name: the file name is never used
+    onnx.save(m16, str(path))
+    assert contract.detect_precision(path) == "fp16"
+    m32.metadata_props.add(key=contract.PRECISION_METADATA_KEY, value="bf16")
+    assert contract.detect_precision(m32) == "bf16"
+    m32.metadata_props[0].value = "fp8"
+    with pytest.raises(ArtifactError, match="expected one of"):
+        contract.detect_precision(m32)
+
+
+# --- files ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_atomic_files_get_the_umask_not_0600(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        atomic_write_bytes(tmp_path / "f.bin", b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.bin").stat().st_mode) == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temp file left
+
+
+# --- the runner registry ----------------------------------------------------------------------------------------
+
+def test_open_runner_picks_by_suffix_and_device(micro_onnx):
+    assert runner_class("m.onnx", "cpu").__name__ == "OrtRunner"
+    assert runner_class("m.onnx", "cuda").__name__ == "OrtCudaRunner"
+    assert runner_class("m.plan", "cuda").__name__ == "TrtRunner"
+    for suffix, device in RUNNERS:  # every registered runner honours the contract
+        cls = runner_class(f"model{suffix}", device)
+        assert issubclass(cls, Runner) and cls.device == device
+        assert issubclass(cls, DeviceRunner) == (device == "cuda")
+    with pytest.raises(ConfigError, match="no runner for a .plan file on cpu"):
+        runner_class("m.plan", "cpu")
+    with pytest.raises(ConfigError, match="device must be one of"):
+        runner_class("m.onnx", "tpu")
+    with open_runner(micro_onnx, "cpu", threads=1, cuda_graph=False) as r:  # options a runner lacks are dropped
+        assert r.describe() == {"runner": "OrtRunner", "name": "onnxruntime-cpu", "device": "cpu",
+                                "precision": "fp32", "path": str(micro_onnx)}
+        assert r.sample_shape == (1, 8, 8) and r.card is not None

@@ -1,0 +1,105 @@
+"""`ddpm-run`, whole: the runtime's commands (sample, info) plus the ones that judge it (parity, bench).
+
+The console script points here, not at ``runtime.cli``, so that the runtime layer never imports the verify
+layer; ``parity`` and ``bench`` import torch only when they run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ddpm_deploy.runtime.cli import CTX, main
+from ddpm_deploy.runtime.clitools import clean_errors, latest_run, setup_logging
+from ddpm_deploy.runtime.errors import ConfigError, lazy_import
+
+__all__ = ["main"]
+
+
+@main.command(context_settings=CTX)
+@click.option("--checkpoint", "checkpoint", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The PyTorch reference: a ddpm-train run dir (model.json) or a diffusers UNet2DModel dir. "
+                   "Default: runs/latest.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="ONNX model to check. Default: CHECKPOINT/export/model.onnx when it exists.")
+@click.option("--engine", "engine", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TensorRT plan (with its model.plan.json sidecar). Runs only on an NVIDIA GPU; elsewhere the "
+                   "sidecar is validated and the engine levels are reported as not run.")
+@click.option("--steps", type=int, default=None, help="Respaced L3 trajectory with K steps. Default: all T steps.")
+@click.option("--batch", "-b", type=int, default=4, help="Samples in the L3 trajectory (and the largest L2 batch).")
+@click.option("--seed", type=int, default=0, envvar="DDPM_SEED", show_envvar=True, help="Seed of the inputs and the sampling noise.")
+@click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema",
+              help="Which weights of a ddpm-train run the ONNX was exported from.")
+@click.option("--threads", type=int, default=0,
+              help="PyTorch and ONNX Runtime intra-op threads (0: the libraries' defaults; 1 is fastest for small "
+                   "models on a busy CPU).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
+              help="cuda: L4 also runs the GPU device loop (fused step kernel with ONNX Runtime CUDA, and with the "
+                   "plan's TensorRT runner) against the host loop on ONNX Runtime CPU.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where parity.json and parity.md go. Default: parity/ beside the ONNX (or in CHECKPOINT).")
+@click.option("-v", "--verbose", count=True, help="More logging.")
+@clean_errors
+def parity(checkpoint, onnx_path, engine, steps, batch, seed, weights, threads, device, out, verbose):
+    """Check every parity level the given artifacts allow and write parity.json + parity.md.
+
+    L0 schedule tables and L1 one step (vs the paper's equations in float64 and diffusers' DDPMScheduler), L2 ε
+    of the ONNX (and plan) vs PyTorch through Polygraphy's Comparator, L3 the whole sampling loop vs the PyTorch
+    reference loop with the same noise, L4 the host loop's batch independence and (--device cuda) the device loop vs
+    the host loop. Every level names the runner class that ran it; the runners are the ones `ddpm-run sample` uses.
+    Exits non-zero if any level fails. Needs the export extra (torch): pip install 'ddpm-deploy[export]'.
+    """
+    setup_logging(verbose)
+
+    lazy_import("torch", "ddpm-run parity (the PyTorch reference)", "pip install 'ddpm-deploy[export]'")
+    lazy_import("polygraphy", "ddpm-run parity (Polygraphy's Comparator)", "pip install polygraphy")
+    from . import parity as parity_mod  # torch: imported only for this command
+
+    checkpoint = Path(checkpoint) if checkpoint else latest_run()
+    settings = parity_mod.ParitySettings(checkpoint=checkpoint, onnx=onnx_path, engine=engine, steps=steps,
+                                         batch=batch, seed=seed, weights=weights, threads=threads, device=device)
+    rep = parity_mod.run_parity(settings, echo=lambda m: click.echo(m, err=True))
+    out = out or ((onnx_path.parent if onnx_path else checkpoint) / "parity")
+    json_path, md_path = parity_mod.write_reports(rep, out)
+    for lv in rep.levels:
+        worst = f"max abs {lv['max_abs']:.3g}" if lv["max_abs"] is not None else lv["reason"]
+        if "psnr_db" in lv["metrics"]:
+            worst += f", PSNR {lv['metrics']['psnr_db']:.1f} dB"
+        runner = f" [{lv['runner']}]" if lv["runner"] else ""
+        click.echo(f"{lv['status']:>8}  {lv['level']:<14} {lv['backend']}{runner} vs {lv['reference']}: {worst}")
+    click.echo(f"wrote {json_path} and {md_path}")
+    if not rep.passed:
+        click.echo("parity FAILED at: " + "; ".join(rep.failed), err=True)
+        raise SystemExit(1)
+
+
+
+@main.command(context_settings=CTX)
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results/latest"),
+              help="Where results.json, results.md and images_per_s.png go.")
+@click.option("--presets", default="tiny,ddpm-cifar10", help="Models (random weights), comma-separated.")
+@click.option("--backends", default="ort-cpu,torch-eager-fp32,torch-eager-bf16,diffusers-loop",
+              help="Comma-separated: ort-cpu, torch-eager-fp32, torch-eager-bf16, torch-compile-fp32, diffusers-loop.")
+@click.option("--batches", default="1,8,64", help="Batch sizes, comma-separated.")
+@click.option("--max-batch-cifar", type=int, default=64, help="Largest batch for ddpm-cifar10 (CPU time and memory).")
+@click.option("--repeat", type=int, default=5, help="Timed calls per measurement (median reported).")
+@click.option("--warmup", type=int, default=2, help="Untimed warm-up calls.")
+@click.option("--e2e-steps", type=int, default=50, help="Steps of the end-to-end runtime run (loop overhead).")
+@click.option("--threads", type=int, default=0, help="Threads for every backend (0: all cores).")
+@clean_errors
+def bench(out, presets, backends, batches, max_batch_cifar, repeat, warmup, e2e_steps, threads):
+    """Benchmark our runtime against PyTorch eager/bf16/compile and a diffusers-style loop (needs the
+    [test] extra: torch, diffusers). Each measurement runs in its own process; medians after warm-up."""
+    try:
+        from . import bench as harness
+    except ImportError as e:
+        raise ConfigError(f"ddpm-run bench needs torch and the export extra ({e}); pip install 'ddpm-deploy[test]'") from None
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    unknown = set(split(backends)) - set(harness.CPU_BACKENDS)
+    if unknown:
+        raise ConfigError(f"unknown backends {sorted(unknown)}; available: {', '.join(harness.CPU_BACKENDS)}")
+    harness.run(Path(out), presets=tuple(split(presets)), backends=tuple(split(backends)),
+                batches=tuple(int(b) for b in split(batches)), warmup=warmup, repeat=repeat, e2e_steps=e2e_steps,
+                threads=threads, max_batch={"ddpm-cifar10": max_batch_cifar}, echo=click.echo)
+    click.echo(f"wrote {out}/results.json, results.md, images_per_s.png")
