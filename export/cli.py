@@ -1,4 +1,4 @@
-"""`ddpm-export`: run dir → model.onnx (→ model.fp16.onnx → model.plan)."""
+"""`ddpm-export`: run dir → model.onnx (→ model.fp16.onnx → model.plan); or, with no torch, ONNX → plan."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ddpm_deploy.runtime.clitools import CONTEXT, clean_errors, latest_run, setup_logging, version_option
-from ddpm_deploy.runtime.errors import ArtifactError, ConfigError
+from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, lazy_import
 
 log = logging.getLogger(__name__)
 
@@ -27,26 +27,82 @@ def export_onnx_from_run(run_dir: Path, out_dir: Path, raw: bool = False, echo=l
     return onnx_path, report
 
 
-DEFAULT_ENGINE = "__out__/model.plan"
+def _looks_like_run_dir(path: Path) -> bool:
+    return path.is_dir() or (path / "model.json").exists() or Path(path).name in ("latest",)
 
 
-@click.command(context_settings=CONTEXT)
+class ExportCommand(click.Command):
+    """Refuses the old spelling `--engine PATH`: `--engine` is a flag now, so a path after it would silently
+    become RUN_DIR (or be swallowed as the plan path by older versions)."""
+
+    def parse_args(self, ctx, args):
+        for flag, nxt in zip(args, args[1:]):
+            if flag == "--engine" and not nxt.startswith("-"):
+                what = "a run directory" if _looks_like_run_dir(Path(nxt)) else "a path"
+                click.echo(f"error: `--engine {nxt}`: --engine is a flag and takes no value, but {what} follows it. "
+                           f"To export a run and build its plan write `ddpm-export {nxt} --engine`; to choose where "
+                           f"the plan goes write `--engine --engine-out PATH`", err=True)
+                ctx.exit(2)
+        return super().parse_args(ctx, args)
+
+
+class _ProgressBar:
+    """TensorRT's build phases as a tqdm bar: the top-level phase's steps, the innermost phase as its label."""
+
+    def __init__(self):
+        from tqdm import tqdm
+
+        self._tqdm, self.bar, self.stack = tqdm, None, []
+
+    def phase_start(self, name, parent, num_steps):
+        self.stack.append(name)
+        if parent is None and self.bar is None:
+            self.bar = self._tqdm(total=max(num_steps, 1), desc="engine build", unit="step", dynamic_ncols=True)
+        if self.bar is not None:
+            self.bar.set_postfix_str(name[:40])
+
+    def step(self, name, step):
+        if self.bar is not None and self.stack and name == self.stack[0]:
+            self.bar.update(1)
+        return True
+
+    def phase_finish(self, name):
+        if name in self.stack:
+            self.stack.remove(name)
+        if not self.stack and self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@click.command(cls=ExportCommand, context_settings=CONTEXT)
 @version_option()
 @click.argument("run_dir", required=False, type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output directory. Default: RUN_DIR/export/.")
+              help="Output directory. Default: RUN_DIR/export/ (with --onnx: the ONNX file's folder).")
 @click.option("--raw", is_flag=True, help="Export the raw weights instead of the EMA weights.")
 @click.option("--from-diffusers", "from_diffusers", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Export a diffusers UNet2DModel directory instead of a run (config.json + "
                    "diffusion_pytorch_model.safetensors, scheduler_config.json beside it or one level up, e.g. a "
                    "local copy of google/ddpm-cifar10-32). Default --out: DIR/export/.")
-@click.option("--fp16", is_flag=True, help="Also write model.fp16.onnx: mixed precision decided from calibration data "
-              "(ModelOpt AutoCast), with precision.json; fails if the fp16 ε error exceeds its tolerance.")
+@click.option("--onnx", "onnx_in", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Start from this ONNX file (from ddpm-export) instead of a run: everything downstream of it "
+                   "(--fp16/--precision, --engine, --adopt-plan) without torch or the training run.")
+@click.option("--fp16", is_flag=True, help="Same as --precision fp16.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="fp16: also write model.fp16.onnx, mixed precision decided from calibration data (ModelOpt "
+                   "AutoCast), with precision.json; fails if the ε error exceeds its tolerance in any timestep "
+                   "bucket. bf16: the same as model.bf16.onnx + precision.bf16.json. The engine is built from it. "
+                   "Default: fp32 only.")
 @click.option("--calib-dataset", default=None, help="Dataset for fp16 calibration (same specs as ddpm-train "
-              "--dataset). Default: the one the model was trained on.")
-@click.option("--engine", "engine", is_flag=False, flag_value=DEFAULT_ENGINE, default=None, metavar="[PATH]",
-              type=click.Path(dir_okay=False), help="Also build a TensorRT plan (from the fp16 ONNX with --fp16, else "
-              "fp32) and its model.plan.json sidecar. Without PATH: OUT/model.plan.")
+              "--dataset). Default: the one named in the model's metadata.")
+@click.option("--engine", "engine", is_flag=True, help="Also build a TensorRT plan (from the fp16 ONNX with --fp16, "
+              "else fp32) and its model.plan.json sidecar, at --engine-out.")
+@click.option("--engine-out", type=click.Path(path_type=Path), default=None,
+              help="Where the plan goes (the sidecar is PATH.json). Default: OUT/model.plan.")
+@click.option("--adopt-plan", type=click.Path(path_type=Path), default=None,
+              help="Write the sidecar of a plan built elsewhere (e.g. by trtexec) from --onnx, after checking the "
+                   "ONNX, the plan's header and well-formedness (and, on a GPU, its I/O and batch profile). Give the "
+                   "profile it was built with as --batch-min/--batch-opt/--batch-max.")
 @click.option("--trt-flavour", type=click.Choice(["auto", "tensorrt", "rtx"]), default="auto",
               help="tensorrt (>= 10, NVIDIA's wheel) or rtx (tensorrt-rtx-cu13-bindings); auto tries tensorrt first.")
 @click.option("--batch-min", type=int, default=1, help="Engine optimisation profile: smallest batch.")
@@ -59,16 +115,25 @@ DEFAULT_ENGINE = "__out__/model.plan"
 @click.option("--version-compatible", is_flag=True, help="Build a version-compatible engine (TensorRT lean runtime).")
 @click.option("--tf32", is_flag=True, help="Allow TF32 tactics for fp32 layers (faster on Ampere and newer; ε moves "
               "by ~1e-3). Off by default, so an fp32 plan matches ONNX Runtime fp32 within the parity tolerance.")
+@click.option("--compute-capability", "compute_capability", multiple=True, metavar="CC",
+              help="TensorRT-RTX target GPU, e.g. 8.9 (repeat for several). Default: portable to 8.6, 8.9 and 12.0. "
+                   "7.5 (Turing) and 12.1 must be asked for; 8.0/9.0/10.0 (A100/H100/B200) are not supported by "
+                   "TensorRT-RTX.")
+@click.option("--no-progress", is_flag=True, envvar="DDPM_NO_PROGRESS", show_envvar=True,
+              help="No engine-build progress bar.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @clean_errors
-def main(run_dir, out, raw, from_diffusers, fp16, calib_dataset, engine, trt_flavour, batch_min, batch_opt, batch_max,
-         workspace_mb, opt_level, timing_cache, version_compatible, tf32, verbose):
+def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, calib_dataset, engine, engine_out, adopt_plan,
+         trt_flavour, batch_min, batch_opt, batch_max, workspace_mb, opt_level, timing_cache, version_compatible, tf32,
+         compute_capability, no_progress, verbose):
     """Export a trained run to ONNX, and optionally to fp16 mixed precision and a TensorRT engine.
 
     \b
       ddpm-export                          runs/latest -> runs/latest/export/model.onnx
-      ddpm-export --fp16                   + model.fp16.onnx, precision.json
-      ddpm-export --fp16 --engine          + model.plan, model.plan.json (TensorRT or TensorRT-RTX)
+      ddpm-export RUN_DIR --fp16           + model.fp16.onnx, precision.json
+      ddpm-export RUN_DIR --fp16 --engine  + model.plan, model.plan.json (TensorRT or TensorRT-RTX)
+      ddpm-export --onnx model.onnx --engine [--engine-out m.plan]     on the serving machine: no torch needed
+      ddpm-export --onnx model.onnx --adopt-plan m.plan --batch-max 256  sidecar for a plan built by trtexec
 
     RUN_DIR defaults to runs/latest (the last ddpm-train run). The ONNX model has inputs x float32
     [B,C,H,W] and t int32 [B], output eps float32 [B,C,H,W], a dynamic batch axis, and the DDPM config
@@ -77,23 +142,60 @@ def main(run_dir, out, raw, from_diffusers, fp16, calib_dataset, engine, trt_fla
 
     With --from-diffusers DIR, a diffusers UNet2DModel (ε-prediction, DDPMScheduler config) is exported with
     the same contract and metadata, and verified against the diffusers model in PyTorch.
+
+    A plan is tied to one TensorRT version and GPU architecture, so build it where it will run: install
+    'ddpm-deploy[engine]' plus a TensorRT flavour there and run `ddpm-export --onnx model.onnx --engine`.
     """
     setup_logging(verbose)
+    precision = precision or ("fp16" if fp16 else "fp32")
+    if fp16 and precision not in ("fp16",):
+        raise ConfigError(f"--fp16 and --precision {precision} disagree; give one of them")
+    sources = [name for name, given in (("RUN_DIR", run_dir is not None), ("--from-diffusers", from_diffusers),
+                                        ("--onnx", onnx_in)) if given]
+    if len(sources) > 1:
+        raise ConfigError(f"give one model source, found {' and '.join(sources)}: RUN_DIR (a ddpm-train run), "
+                          "--from-diffusers DIR or --onnx FILE")
+    if engine_out is not None and not engine and adopt_plan is None:
+        raise ConfigError("--engine-out names where the plan goes; add --engine to build one")
+    for flag, path in (("--engine-out", engine_out), ("--adopt-plan", adopt_plan)):
+        if path is not None and _looks_like_run_dir(path):
+            raise ConfigError(f"{flag} {path}: expected a plan file path, found a directory (a run dir?); plans are "
+                              f"files such as {path / 'model.plan'}")
+    if adopt_plan is not None and (onnx_in is None or engine or precision != "fp32"):
+        raise ConfigError("--adopt-plan needs --onnx (the ONNX the plan was built from) and takes no --engine or "
+                          "--fp16/--precision: it writes the sidecar of an existing plan")
     settings = None
-    if engine is not None:  # validate the profile before spending minutes on export and calibration
+    if engine or adopt_plan is not None:  # validate the profile before spending minutes on export and calibration
         from .engine import EngineSettings
 
         settings = EngineSettings(batch_min=batch_min, batch_opt=batch_opt, batch_max=batch_max,
                                   workspace_mb=workspace_mb, opt_level=opt_level, timing_cache=timing_cache,
-                                  version_compatible=version_compatible, flavour=trt_flavour, tf32=tf32)
-    if from_diffusers is not None:
-        if run_dir is not None or raw:
-            raise ConfigError("--from-diffusers exports a diffusers directory: give no RUN_DIR and no --raw with it")
-        from ddpm_deploy.export.from_diffusers import export_diffusers
+                                  version_compatible=version_compatible, flavour=trt_flavour, tf32=tf32,
+                                  compute_capabilities=compute_capability)
+        lazy_import("onnx", "Building and adopting TensorRT plans", "pip install 'ddpm-deploy[engine]'")
+    if adopt_plan is not None:
+        from .engine import adopt_plan as adopt
+
+        side = adopt(adopt_plan, onnx_in, settings)
+        click.echo(f"adopted {adopt_plan} ({side.trt['flavour']} {side.trt['version']}, {side.precision}, batch "
+                   f"{batch_min}/{batch_opt}/{batch_max}; checked on a GPU: {side.build['verified_on_gpu'] or 'no'}); "
+                   f"wrote {adopt_plan}.json")
+        return
+    if onnx_in is not None:
+        if not onnx_in.is_file():
+            raise ArtifactError(f"{onnx_in}: ONNX file not found (export one with ddpm-export RUN_DIR)")
+        out = out or onnx_in.parent
+        out.mkdir(parents=True, exist_ok=True)
+        onnx_path = onnx_in
+    elif from_diffusers is not None:
+        if raw:
+            raise ConfigError("--from-diffusers exports a diffusers directory: --raw applies to ddpm-train runs")
+        from .from_diffusers import export_diffusers
 
         out = out or (Path(from_diffusers) / "export")
         out.mkdir(parents=True, exist_ok=True)
         export_diffusers(from_diffusers, out, echo=click.echo)
+        onnx_path = out / "model.onnx"
     else:
         run_dir = Path(run_dir) if run_dir else latest_run()
         if not run_dir.exists():
@@ -101,24 +203,26 @@ def main(run_dir, out, raw, from_diffusers, fp16, calib_dataset, engine, trt_fla
         out = out or (run_dir / "export")
         out.mkdir(parents=True, exist_ok=True)
         export_onnx_from_run(run_dir, out, raw=raw, echo=click.echo)
-    onnx_path = out / "model.onnx"
-    if fp16:
-        from .fp16 import export_fp16
+        onnx_path = out / "model.onnx"
+    if precision in ("fp16", "bf16"):
+        from .fp16 import export_fp16, precision_json_name
 
         t0 = time.perf_counter()
-        onnx_path, rep = export_fp16(onnx_path, out, dataset=calib_dataset)
+        onnx_path, rep = export_fp16(onnx_path, out, dataset=calib_dataset, precision=precision)
         err, nodes = rep.error, rep.conversion["nodes"]
-        click.echo(f"wrote {onnx_path} in {time.perf_counter() - t0:.1f}s: {nodes['fp16']} nodes fp16, "
-                   f"{nodes['fp32']} kept fp32 (reasons in precision.json); ε rel L2 vs fp32 ≤ "
+        click.echo(f"wrote {onnx_path} in {time.perf_counter() - t0:.1f}s: {nodes[precision]} nodes {precision}, "
+                   f"{nodes['fp32']} kept fp32 (reasons in {precision_json_name(precision)}); ε rel L2 vs fp32 ≤ "
                    f"{err['worst_rel_l2']:.2e} over {len(err['buckets'])} timestep buckets (tolerance {err['tolerance']:g})")
     if settings is not None:
         from .engine import build_engine
 
-        plan = out / "model.plan" if engine == DEFAULT_ENGINE else Path(engine)
-        side = build_engine(onnx_path, plan, settings)
+        plan = engine_out or out / "model.plan"
+        side = build_engine(onnx_path, plan, settings, progress=None if no_progress else _ProgressBar())
+        targets = ", ".join(side.build.get("compute_capabilities") or []) or "8.6, 8.9, 12.0 (default)"
+        where = f"compute capability {targets}" if side.trt["flavour"] == "rtx" else "the GPU it was built on"
         click.echo(f"wrote {plan} ({side.plan['bytes'] / 1e6:.1f} MB, {side.precision}, "
                    f"{side.trt['flavour']} {side.trt['version']}, batch {batch_min}/{batch_opt}/{batch_max}) "
-                   f"in {side.build['seconds']:.1f}s, and {plan}.json")
+                   f"in {side.build['seconds']:.1f}s, and {plan}.json; runs on {where}")
 
 
 if __name__ == "__main__":

@@ -31,12 +31,14 @@ from ddpm_deploy.runtime.contract import (INPUT_NAMES, ONNX_METADATA_KEY, OUTPUT
                                           onnx_graphs)
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, lazy_import
 from ddpm_deploy.runtime.fileio import atomic_write_bytes, sha256_file
-from ddpm_deploy.runtime.plan import sidecar_path
+from ddpm_deploy.runtime.plan import RTX_SUPPORTED_CC, runs_on, sidecar_path
 
 log = logging.getLogger(__name__)
 
 INSTALL_RTX, INSTALL_TENSORRT = INSTALL["rtx"], INSTALL["tensorrt"]
 DEFAULT_BATCH_MIN, DEFAULT_BATCH_OPT, DEFAULT_BATCH_MAX = 1, 8, 64
+# compute capabilities a TensorRT-RTX plan can target (its support matrix; runtime.plan keeps where plans run)
+RTX_TARGETS = tuple(f"{a}.{b}" for a, b in RTX_SUPPORTED_CC)
 DEFAULT_WORKSPACE_MB = 4096
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default builder_optimization_level
 
@@ -53,6 +55,7 @@ class EngineSettings:
     timing_cache: str | None = None
     version_compatible: bool = False
     tf32: bool = False  # TF32 tactics for fp32 layers: off keeps fp32 layers in full fp32 (the parity contract)
+    compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX targets ("8.6", ...); () = its default (8.6/8.9/12.0)
     flavour: str = "auto"
 
     def __post_init__(self):
@@ -65,6 +68,15 @@ class EngineSettings:
             raise ConfigError(f"opt_level (builder_optimization_level) must be 0..5, found {self.opt_level!r}")
         if self.flavour not in FLAVOURS:
             raise ConfigError(f"flavour must be one of {FLAVOURS}, found {self.flavour!r}")
+        object.__setattr__(self, "compute_capabilities", tuple(str(c) for c in self.compute_capabilities))
+        bad = [c for c in self.compute_capabilities if c not in RTX_TARGETS]
+        if bad:
+            raise ConfigError(f"compute capability {', '.join(bad)} cannot be targeted: TensorRT-RTX builds for "
+                              f"{', '.join(RTX_TARGETS)} (A100 8.0, H100/H200 9.0 and B200 10.0 are not supported by "
+                              f"TensorRT-RTX; build those plans with the 'tensorrt' flavour on the GPU itself)")
+        if self.compute_capabilities and self.flavour == "tensorrt":
+            raise ConfigError("--compute-capability applies to TensorRT-RTX plans; a 'tensorrt' plan is built for the "
+                              "GPU it is built on: build it on the serving machine")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -230,6 +242,15 @@ def _configure(trt, flavour: str, builder, config, io: dict, settings: EngineSet
         applied["opt_level"] = settings.opt_level
     else:
         log.debug("%s has no builder_optimization_level; opt_level=%s ignored", trt.__name__, settings.opt_level)
+    applied["compute_capabilities"] = None
+    if settings.compute_capabilities:
+        if flavour != "rtx" or not hasattr(config, "set_compute_capability"):
+            raise ConfigError(f"--compute-capability needs TensorRT-RTX; {trt.__name__} builds for the GPU it runs on")
+        config.num_compute_capabilities = len(settings.compute_capabilities)
+        for i, cc in enumerate(settings.compute_capabilities):
+            if not config.set_compute_capability(getattr(trt.ComputeCapability, "SM" + cc.replace(".", "")), i):
+                raise ConfigError(f"{trt.__name__} {trt.__version__} refused compute capability {cc} as a build target")
+        applied["compute_capabilities"] = list(settings.compute_capabilities)
     if settings.version_compatible:
         if flavour == "tensorrt" and hasattr(trt.BuilderFlag, "VERSION_COMPATIBLE"):
             config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
@@ -256,10 +277,41 @@ def _timing_cache(flavour: str, config, path: str | None):
     return cache
 
 
+class BuildProgress:
+    """What a build reports while it runs (TensorRT's ``IProgressMonitor``): override any of the three. A phase may
+    nest in another (``parent`` is None for the top level); returning False from ``step`` cancels the build."""
+
+    def phase_start(self, name: str, parent: str | None, num_steps: int) -> None: ...
+
+    def step(self, name: str, step: int) -> bool:
+        return True
+
+    def phase_finish(self, name: str) -> None: ...
+
+
+def _monitor(trt, progress: BuildProgress):
+    class _Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            progress.phase_start(phase_name, parent_phase or None, int(num_steps))
+
+        def step_complete(self, phase_name, step):
+            return bool(progress.step(phase_name, int(step)))
+
+        def phase_finish(self, phase_name):
+            progress.phase_finish(phase_name)
+
+    return _Monitor()
+
+
 def build_engine(
-    onnx_path: str | os.PathLike, plan_path: str | os.PathLike, settings: EngineSettings | None = None
+    onnx_path: str | os.PathLike, plan_path: str | os.PathLike, settings: EngineSettings | None = None,
+    progress: BuildProgress | None = None,
 ) -> PlanSidecar:
-    """Build ``plan_path`` from ``onnx_path`` and write ``plan_path + '.json'``; returns the sidecar."""
+    """Build ``plan_path`` from ``onnx_path`` and write ``plan_path + '.json'``; returns the sidecar.
+    ``progress`` sees the build's phases and steps where the TensorRT flavour has a progress monitor."""
     settings = settings or EngineSettings()
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     trt, flavour = load_tensorrt(settings.flavour)
@@ -271,6 +323,10 @@ def build_engine(
     config = builder.create_builder_config()
     applied = _configure(trt, flavour, builder, config, io, settings)
     cache = _timing_cache(flavour, config, settings.timing_cache)
+    monitor = None
+    if progress is not None and hasattr(trt, "IProgressMonitor") and hasattr(config, "progress_monitor"):
+        monitor = _monitor(trt, progress)  # kept alive until the build returns
+        config.progress_monitor = monitor
     logger = _logger(trt)
     logger.errors.clear()
     start = time.perf_counter()
@@ -308,10 +364,111 @@ def build_engine(
             "workspace_mb": settings.workspace_mb,
             "version_compatible": applied["version_compatible"],
             "tf32": applied["tf32"],
+            "compute_capabilities": applied["compute_capabilities"],
             "timing_cache": applied["timing_cache"],
         },
         model_sha256=onnx_sha,
     )
+    sidecar.build["runs_on"] = runs_on(sidecar)  # compute capabilities, for people reading the sidecar
     sidecar.save(sidecar_path(plan_path))
     log.info("built %s (%d bytes, %s, %.1f s) from %s", plan_path, len(plan), flavour, seconds, onnx_path.name)
     return sidecar
+
+
+# --- adopting a plan built elsewhere (trtexec, another tool) ------------------------------------------------
+
+PLAN_MAGIC = {b"ftrt": "tensorrt", b"vtrt": "rtx"}  # first 4 bytes of a serialized engine, per flavour
+_HEADER_VERSION = slice(24, 27)  # major, minor, patch bytes (observed in TensorRT-RTX 1.7 plans; not documented)
+
+
+def plan_header(data: bytes) -> dict[str, Any]:
+    """What the first bytes of a plan say without TensorRT or a GPU: the flavour (by its magic) and, where the
+    layout is the one we observed, the major.minor.patch version of the TensorRT that built it."""
+    flavour = PLAN_MAGIC.get(bytes(data[:4]))
+    if flavour is None:
+        raise ArtifactError(f"expected a TensorRT plan (starting with 'ftrt' or 'vtrt'), found {bytes(data[:4])!r}")
+    major, minor, patch = data[_HEADER_VERSION] if len(data) >= 27 else (0, 0, 0)
+    version = f"{major}.{minor}.{patch}" if major else None
+    return {"flavour": flavour, "version": version}
+
+
+def adopt_plan(plan_path: str | os.PathLike, onnx_path: str | os.PathLike,
+               settings: EngineSettings | None = None) -> PlanSidecar:
+    """Write the sidecar of a plan built elsewhere from ``onnx_path`` (e.g. by trtexec), after every check that can
+    run here: the ONNX contract and card, the plan's magic, version and well-formedness (TensorRT's
+    ``get_engine_validity``), and on a GPU a deserialization whose I/O names, dtypes and batch profile must match
+    the ONNX and ``settings``' profile. Returns the sidecar (also saved as ``plan_path + '.json'``)."""
+    settings = settings or EngineSettings()
+    plan_path, onnx_path = Path(plan_path), Path(onnx_path)
+    if not plan_path.is_file():
+        raise ArtifactError(f"expected a TensorRT plan at {plan_path}, found no such file")
+    data = plan_path.read_bytes()
+    try:
+        header = plan_header(data)
+    except ArtifactError as e:
+        raise ArtifactError(f"{plan_path}: {e}") from None
+    trt, flavour = load_tensorrt(header["flavour"], f"adopting a {header['flavour']} plan")
+    _, network, _ = _parse(trt, onnx_path)
+    _, model = _load_onnx(onnx_path)
+    card = _model_card(model, onnx_path)
+    io = _io_of(network, settings)
+    version = trt.__version__
+    if header["version"] and not str(trt.__version__).startswith(header["version"] + "."):
+        version = header["version"]
+        log.warning("%s was built by %s %s; this machine has %s: it will not load here", plan_path.name,
+                    flavour, header["version"], trt.__version__)
+    runtime = trt.Runtime(_logger(trt))
+    validity, diagnostics = runtime.get_engine_validity(data) if hasattr(runtime, "get_engine_validity") else (None, 0)
+    malformed = getattr(getattr(trt, "EngineInvalidityDiagnostics", None), "MALFORMED_ENGINE", None)
+    if malformed is not None and int(diagnostics) & int(malformed):
+        raise ArtifactError(f"{plan_path}: {trt.__name__} {trt.__version__} says this plan is malformed "
+                            f"(get_engine_validity: {validity}); rebuild it")
+    gpu = _gpu_info()
+    verified_on = _verify_on_gpu(trt, runtime, data, plan_path, io, settings) if gpu else None
+    batch = {"min": settings.batch_min, "opt": settings.batch_opt, "max": settings.batch_max}
+    onnx_sha = sha256_file(onnx_path)
+    sidecar = PlanSidecar(
+        ddpm=card,
+        trt={"flavour": flavour, "module": trt.__name__.split(".")[0], "version": version},
+        precision=detect_precision(model),
+        profile=batch,
+        inputs=[{k: t[k] for k in ("name", "dtype", "shape")} for t in io["inputs"]],
+        outputs=io["outputs"],
+        gpu=gpu if verified_on else None,
+        onnx={"path": onnx_path.name, "sha256": onnx_sha},
+        plan={"path": plan_path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)},
+        build={"adopted": True, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "header": header, "verified_on_gpu": verified_on,
+               "compute_capabilities": list(settings.compute_capabilities) or None},
+        model_sha256=onnx_sha,
+    )
+    sidecar.build["runs_on"] = runs_on(sidecar)
+    sidecar.save(sidecar_path(plan_path))
+    log.info("adopted %s (%s %s, batch %s) from %s", plan_path, flavour, version, batch, onnx_path.name)
+    return sidecar
+
+
+def _verify_on_gpu(trt, runtime, data: bytes, plan_path: Path, io: dict, settings: EngineSettings) -> str | None:
+    """Deserialize on GPU 0 and compare the engine's I/O and profile with the ONNX and the given profile; the GPU's
+    name when they match, None when TensorRT cannot load the plan here (reported, not fatal: adopt on the target)."""
+    from ddpm_deploy.runtime.device.loop import GpuContext
+
+    with GpuContext(0) as gpu:
+        engine = runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            log.warning("%s does not deserialize on %s (%s); the sidecar is written from the ONNX and the header",
+                        plan_path.name, gpu.props.name, "; ".join(_logger(trt).errors[-3:]) or "no message")
+            return None
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        found = {n: (engine.get_tensor_mode(n).name, _dtype_name(engine.get_tensor_dtype(n))) for n in names}
+        want = {t["name"]: ("INPUT", t["dtype"]) for t in io["inputs"]}
+        want.update({t["name"]: ("OUTPUT", t["dtype"]) for t in io["outputs"]})
+        if found != want:
+            raise ArtifactError(f"{plan_path}: the engine's I/O is {found}, the ONNX's is {want}: the plan was not "
+                                f"built from this ONNX")
+        lo, opt, hi = (int(d[0]) for d in engine.get_tensor_profile_shape(INPUT_NAMES[0], 0))
+        if (lo, opt, hi) != (settings.batch_min, settings.batch_opt, settings.batch_max):
+            raise ArtifactError(f"{plan_path}: the engine's batch profile is {lo}/{opt}/{hi}, not the "
+                                f"{settings.batch_min}/{settings.batch_opt}/{settings.batch_max} given; pass "
+                                f"--batch-min {lo} --batch-opt {opt} --batch-max {hi}")
+        return gpu.props.name

@@ -40,7 +40,7 @@ from ddpm_deploy.runtime.fileio import sha256_file
 from ddpm_deploy.runtime.schedule import Schedule
 from ddpm_deploy.runtime.tolerances import L2_EPS_FP16_REL_L2, compare
 
-from .onnx_export import load_onnx, save_onnx, set_precision
+from .onnx_io import load_onnx, save_onnx, set_precision
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,12 @@ NORM_OP_TYPES = ("InstanceNormalization", "GroupNormalization", "LayerNormalizat
                  "ReduceMean")
 # The time MLP starts at the first of these after the sinusoidal embedding.
 TIME_MLP_OP_TYPES = ("MatMul", "Gemm")
-_FLOAT, _HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+_FLOAT, _HALF, _BF16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16
+# the low precisions AutoCast can produce: ONNX element type, file name, initializer-summary key
+LOW_PRECISIONS = {"fp16": (_HALF, "model.fp16.onnx", "float16"), "bf16": (_BF16, "model.bf16.onnx", "bfloat16")}
+# bf16 has fp32's exponent range: its relative spacing (2^-8) is the same at every magnitude, so no activation
+# range needs keeping in fp32 for it.
+BF16_DATA_MAX = float(np.finfo(np.float32).max)
 
 
 # --- calibration data -------------------------------------------------------------------------------------
@@ -183,33 +188,34 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def node_precisions(model: onnx.ModelProto, names: set[str] | None = None) -> dict[str, str]:
-    """'fp32', 'fp16' or 'non-float' per node, from the element types of its float outputs."""
+    """'fp32', 'fp16', 'bf16' or 'non-float' per node, from the element types of its float outputs."""
     inferred = onnx.shape_inference.infer_shapes(model)
     types = _tensor_types(inferred)
     out = {}
     for n in inferred.graph.node:
         if names is not None and n.name not in names:
             continue
-        ft = {types.get(o) for o in n.output} & {_FLOAT, _HALF}
-        out[n.name] = "fp32" if _FLOAT in ft else ("fp16" if _HALF in ft else "non-float")
+        ft = {types.get(o) for o in n.output} & {_FLOAT, _HALF, _BF16}
+        out[n.name] = "fp32" if _FLOAT in ft else "fp16" if _HALF in ft else "bf16" if _BF16 in ft else "non-float"
     return out
 
 
-def _initializer_summary(model: onnx.ModelProto) -> dict[str, Any]:
+def _initializer_summary(model: onnx.ModelProto, precision: str = "fp16") -> dict[str, Any]:
     g = model.graph
+    low, _, key_low = LOW_PRECISIONS[precision]
     conv_w = {n.input[1] for n in g.node if n.op_type == "Conv" and len(n.input) > 1}
     inits = {i.name: i for i in g.initializer}
     # A weight stored fp32 and cast at run time (AutoCast's init_conversion_max_bytes) counts as fp32 here.
-    summary = {"float16": 0, "float32": 0, "float16_bytes": 0, "float32_bytes": 0,
-               "conv_weights": {"float16": 0, "float32": 0}}
+    summary = {key_low: 0, "float32": 0, f"{key_low}_bytes": 0, "float32_bytes": 0,
+               "conv_weights": {key_low: 0, "float32": 0}}
     for i in g.initializer:
-        if i.data_type in (_FLOAT, _HALF):
-            key = "float16" if i.data_type == _HALF else "float32"
+        if i.data_type in (_FLOAT, low):
+            key = key_low if i.data_type == low else "float32"
             summary[key] += 1
-            summary[key + "_bytes"] += int(np.prod(i.dims, dtype=np.int64)) * (2 if key == "float16" else 4)
+            summary[key + "_bytes"] += int(np.prod(i.dims, dtype=np.int64)) * (2 if key == key_low else 4)
     for w in conv_w:
-        if w in inits and inits[w].data_type in (_FLOAT, _HALF):
-            summary["conv_weights"]["float16" if inits[w].data_type == _HALF else "float32"] += 1
+        if w in inits and inits[w].data_type in (_FLOAT, low):
+            summary["conv_weights"][key_low if inits[w].data_type == low else "float32"] += 1
     return summary
 
 
@@ -298,15 +304,17 @@ def convert_to_fp16(
     fp32_path: str | os.PathLike, out_path: str | os.PathLike, calib_feeds: dict[str, np.ndarray],
     data_max: float = DEFAULT_DATA_MAX, init_max: float = FP16_MAX, keep_embedding_fp32: bool = True,
     norm_op_types: tuple[str, ...] = NORM_OP_TYPES, nodes_to_exclude: tuple[str, ...] = (),
-    max_depth_of_reduction: int | None = None,
+    max_depth_of_reduction: int | None = None, precision: str = "fp16",
 ) -> dict[str, Any]:
-    """Mixed-precision fp16 copy of ``fp32_path`` at ``out_path`` (atomic); returns the conversion report.
+    """Mixed-precision fp16 (or bf16) copy of ``fp32_path`` at ``out_path`` (atomic); returns the conversion report.
 
     AutoCast's reference run on ``calib_feeds`` decides which nodes overflow (``data_max``, ``init_max``);
     the timestep embedding (``keep_embedding_fp32``), the ops in ``norm_op_types`` and the node-name regexes
     in ``nodes_to_exclude`` stay fp32 by rule. Inputs/outputs stay float32; metadata_props are kept.
     """
-    autocast = lazy_import("modelopt.onnx.autocast", "fp16 calibration (ModelOpt AutoCast)", MODELOPT_INSTALL)
+    autocast = lazy_import("modelopt.onnx.autocast", f"{precision} calibration (ModelOpt AutoCast)", MODELOPT_INSTALL)
+    if precision not in LOW_PRECISIONS:
+        raise ConfigError(f"precision must be one of {sorted(LOW_PRECISIONS)}, found {precision!r}")
     fp32_path = Path(fp32_path)
     src = load_onnx(fp32_path)
     if set(calib_feeds) != {i.name for i in src.graph.input}:
@@ -320,12 +328,12 @@ def convert_to_fp16(
         np.savez(calib, **{k: np.ascontiguousarray(v) for k, v in calib_feeds.items()})
         try:
             model = autocast.convert_to_mixed_precision(
-                onnx_path=str(fp32_path), low_precision_type="fp16", nodes_to_exclude=exclude,
+                onnx_path=str(fp32_path), low_precision_type=precision, nodes_to_exclude=exclude,
                 op_types_to_exclude=list(norm_op_types), data_max=data_max, init_max=init_max, keep_io_types=True,
                 calibration_data=str(calib), max_depth_of_reduction=max_depth_of_reduction, providers=["cpu"],
             )
         except Exception as e:  # AutoCast raises bare Exception/AssertionError/ValueError
-            raise ArtifactError(f"{fp32_path}: ModelOpt AutoCast could not convert this model to fp16 "
+            raise ArtifactError(f"{fp32_path}: ModelOpt AutoCast could not convert this model to {precision} "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})") from e
     seconds = time.perf_counter() - t0
     # AutoCast drops metadata_props: put ours back (the DDPM card above all).
@@ -333,7 +341,7 @@ def convert_to_fp16(
     model.metadata_props.extend(src.metadata_props)
     model.producer_name = src.producer_name or model.producer_name
     _check_io(model, src, fp32_path)
-    set_precision(model, "fp16")
+    set_precision(model, precision)
     save_onnx(model, out_path)
 
     names = {n.name for n in src.graph.node}
@@ -343,7 +351,7 @@ def convert_to_fp16(
                               None) or ())
     fp32_nodes = []
     for n in src.graph.node:
-        if prec.get(n.name) == "fp32" or (n.name in msgs and prec.get(n.name) != "fp16"):
+        if prec.get(n.name) == "fp32" or (n.name in msgs and prec.get(n.name) != precision):
             reason, detail = _reason(n.name, n.op_type, msgs.get(n.name), set(embedding), set(norm_op_types),
                                      unsupported, data_max)
             fp32_nodes.append({"name": n.name, "op_type": n.op_type, "reason": reason, "detail": detail,
@@ -357,23 +365,23 @@ def convert_to_fp16(
         "source": fp32_path.name,
         "output": Path(out_path).name,
         "seconds": seconds,
-        "settings": {"low_precision_type": "fp16", "keep_io_types": True, "data_max": data_max, "init_max": init_max,
+        "settings": {"low_precision_type": precision, "keep_io_types": True, "data_max": data_max, "init_max": init_max,
                      "keep_embedding_fp32": keep_embedding_fp32, "op_types_to_exclude": list(norm_op_types),
                      "nodes_to_exclude": list(nodes_to_exclude), "max_depth_of_reduction": max_depth_of_reduction},
         "calibration_samples": int(len(next(iter(calib_feeds.values())))),
         "nodes": {
-            "total": len(names), "fp16": counted.count("fp16"), "fp32": counted.count("fp32"),
+            "total": len(names), precision: counted.count(precision), "fp32": counted.count("fp32"),
             "non_float": counted.count("non-float"), "removed": counted.count("removed"),
             "autocast_converted": int(m.group(1)) if m else None, "autocast_total": int(m.group(2)) if m else None,
         },
         "timestep_embedding_nodes": embedding,
         "fp32_nodes": fp32_nodes,
         "fp32_reasons": _count(f["reason"] for f in fp32_nodes),
-        "initializers": _initializer_summary(model),
+        "initializers": _initializer_summary(model, precision),
         "autocast_warnings": sorted({r.getMessage() for r in records if r.levelno >= logging.WARNING}),
     }
-    log.info("fp16: %d/%d nodes fp16, %d fp32 (%s) in %.1fs", report["nodes"]["fp16"], len(names), len(fp32_nodes),
-             report["fp32_reasons"], seconds)
+    log.info("%s: %d/%d nodes %s, %d fp32 (%s) in %.1fs", precision, report["nodes"][precision], len(names), precision,
+             len(fp32_nodes), report["fp32_reasons"], seconds)
     return report
 
 
@@ -416,15 +424,48 @@ def timestep_buckets(num_timesteps: int, buckets: int = DEFAULT_BUCKETS) -> list
     return [(int(lo), int(hi) - 1) for lo, hi in zip(edges[:-1], edges[1:])]
 
 
+def bf16_emulation(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a bf16 mixed-precision model that ONNX Runtime's CPU provider can run (it has no bf16 kernels
+    for Conv, MatMul, …): every node that reads or writes bfloat16 (but Cast and Constant) computes in float32
+    between Casts, so each bf16 tensor of the model is still rounded to bf16 where the model stores it. That is
+    bf16 storage with fp32 arithmetic, the same thing the fp16 CPU measurement is (see the module note)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = _tensor_types(inferred)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes, k = [], 0
+    for n in model.graph.node:
+        if n.op_type in ("Cast", "Constant") or not any(types.get(v) == _BF16 for v in [*n.input, *n.output] if v):
+            nodes.append(n)
+            continue
+        new, after = onnx.NodeProto(), []
+        new.CopyFrom(n)
+        for j, name in enumerate(new.input):
+            if name and types.get(name) == _BF16:
+                k += 1
+                nodes.append(onnx.helper.make_node("Cast", [name], [f"{name}__f32_{k}"], to=_FLOAT))
+                new.input[j] = f"{name}__f32_{k}"
+        for j, name in enumerate(new.output):
+            if types.get(name) == _BF16:
+                new.output[j] = f"{name}__f32"
+                after.append(onnx.helper.make_node("Cast", [f"{name}__f32"], [name], to=_BF16))
+        nodes += [new, *after]
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    del out.graph.value_info[:]  # stale types of the renamed tensors; ONNX Runtime infers them
+    return out
+
+
 def fp16_error_report(
     fp32_path: str | os.PathLike, fp16_path: str | os.PathLike, card: ModelCard, images: np.ndarray,
     buckets: int = DEFAULT_BUCKETS, per_bucket: int = DEFAULT_PER_BUCKET, seed: int = DEFAULT_ERROR_SEED,
-    tol: float = L2_EPS_FP16_REL_L2,
+    tol: float = L2_EPS_FP16_REL_L2, precision: str = "fp16",
 ) -> dict[str, Any]:
-    """ε of the fp16 model vs the fp32 model, both in ONNX Runtime CPU, per timestep bucket.
+    """ε of the fp16 (or bf16) model vs the fp32 model, both in ONNX Runtime CPU, per timestep bucket.
 
     Each bucket gets ``per_bucket`` forward-process samples at evenly spaced t (bucket ends included, so
     t = 0 and t = T−1 are measured); metric: relative L2 of ε over the bucket, plus max |Δε| and its place.
+    A bf16 model runs as ``bf16_emulation`` (ONNX Runtime CPU has no bf16 compute kernels).
     """
     from ddpm_deploy.runtime.backends.ort import OrtRunner
 
@@ -442,17 +483,25 @@ def fp16_error_report(
     x = sched.q_sample(x0, ts, g.standard_normal(x0.shape).astype(np.float32)).astype(np.float32)
     t = ts.astype(np.int32)
     want = OrtRunner(fp32_path).eps(x, t)
-    got = OrtRunner(fp16_path).eps(x, t)
+    backend = "onnxruntime-cpu"
+    if precision == "bf16":
+        with tempfile.TemporaryDirectory(prefix="ddpm-bf16-") as tmp:
+            emulated = save_onnx(bf16_emulation(load_onnx(fp16_path)), Path(tmp) / "emulated.onnx")
+            got = OrtRunner(emulated).eps(x, t)
+        backend = "onnxruntime-cpu, bf16 emulated (bf16 storage, fp32 arithmetic)"
+    else:
+        got = OrtRunner(fp16_path).eps(x, t)
     rows = []
     for k, (lo, hi) in enumerate(ranges):
         sl = slice(k * per_bucket, (k + 1) * per_bucket)
-        c = compare(f"eps fp16 vs fp32, t in [{lo}, {hi}]", got[sl], want[sl], tol, metric="rel_l2")
+        c = compare(f"eps {precision} vs fp32, t in [{lo}, {hi}]", got[sl], want[sl], tol, metric="rel_l2")
         rows.append({"t_min": lo, "t_max": hi, "timesteps": [int(v) for v in ts[sl]], "rel_l2": c.rel_l2,
-                     "max_abs": c.max_abs, "index": list(c.index), "fp16": c.got, "fp32": c.want, "passed": c.passed})
-    overall = compare("eps fp16 vs fp32", got, want, tol, metric="rel_l2")
+                     "max_abs": c.max_abs, "index": list(c.index), precision: c.got, "fp32": c.want,
+                     "passed": c.passed})
+    overall = compare(f"eps {precision} vs fp32", got, want, tol, metric="rel_l2")
     failing = [f"[{r['t_min']}, {r['t_max']}]" for r in rows if not r["passed"]]
     return {
-        "backend": "onnxruntime-cpu", "metric": "relative L2 of eps (fp16 vs fp32) over each bucket",
+        "backend": backend, "metric": f"relative L2 of eps ({precision} vs fp32) over each bucket",
         "tolerance": tol, "tolerance_name": "L2_EPS_FP16_REL_L2", "samples": int(len(t)), "seed": seed,
         "buckets": rows, "overall_rel_l2": overall.rel_l2, "overall_max_abs": overall.max_abs,
         "worst_rel_l2": max(r["rel_l2"] for r in rows), "passed": not failing, "failing_buckets": failing,
@@ -461,20 +510,25 @@ def fp16_error_report(
 
 # --- the whole step ---------------------------------------------------------------------------------------
 
+def precision_json_name(precision: str) -> str:
+    return PRECISION_JSON_NAME if precision == "fp16" else f"precision.{precision}.json"
+
+
 def export_fp16(
     fp32_path: str | os.PathLike, out_dir: str | os.PathLike, card: ModelCard | None = None,
     images: np.ndarray | None = None, dataset: str | None = None, tol: float = L2_EPS_FP16_REL_L2,
     n_timesteps: int = DEFAULT_CALIB_TIMESTEPS, per_t: int = DEFAULT_CALIB_PER_T, calib_seed: int = 0,
-    data_max: float = DEFAULT_DATA_MAX, buckets: int = DEFAULT_BUCKETS, per_bucket: int = DEFAULT_PER_BUCKET,
-    **convert_kw,
+    data_max: float | None = None, buckets: int = DEFAULT_BUCKETS, per_bucket: int = DEFAULT_PER_BUCKET,
+    precision: str = "fp16", **convert_kw,
 ) -> tuple[Path, PrecisionReport]:
-    """fp32 ONNX → ``out_dir/model.fp16.onnx`` + ``out_dir/precision.json``; returns (path, report).
+    """fp32 ONNX → ``out_dir/model.fp16.onnx`` + ``out_dir/precision.json``; returns (path, report). With
+    ``precision="bf16"``: ``model.bf16.onnx`` + ``precision.bf16.json``, the same error report and tolerance.
 
     ``card`` defaults to the one in the ONNX metadata; ``images`` to ``calibration_images(card, dataset)``.
     Raises ArtifactError naming the failing timestep buckets when the ε error exceeds ``tol``; precision.json
     is written either way, and the rejected model is kept as ``model.fp16.rejected.onnx`` for inspection.
     """
-    from .onnx_export import read_card
+    from .onnx_io import read_card
 
     fp32_path, out_dir = Path(fp32_path), Path(out_dir)
     card = card or read_card(fp32_path)
@@ -484,15 +538,24 @@ def export_fp16(
     if images is None:
         images = calibration_images(card, dataset)
         source = dataset or card.training.get("dataset")
+    if precision not in LOW_PRECISIONS:
+        raise ConfigError(f"precision must be one of {sorted(LOW_PRECISIONS)}, found {precision!r}")
+    if data_max is None:
+        data_max = DEFAULT_DATA_MAX if precision == "fp16" else BF16_DATA_MAX
+    if precision == "bf16":
+        convert_kw.setdefault("init_max", BF16_DATA_MAX)
+    name, json_name = LOW_PRECISIONS[precision][1], precision_json_name(precision)
+    rejected = out_dir / f"model.{precision}.rejected.onnx"
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / FP16_ONNX_NAME
-    candidate = out_dir / f".{FP16_ONNX_NAME}.candidate"
+    final = out_dir / name
+    candidate = out_dir / f".{name}.candidate"
     feeds = calibration_batch(card, images, n_timesteps=n_timesteps, per_t=per_t, seed=calib_seed)
     try:
-        conv = convert_to_fp16(fp32_path, candidate, feeds, data_max=data_max, **convert_kw)
-        err = fp16_error_report(fp32_path, candidate, card, images, buckets=buckets, per_bucket=per_bucket, tol=tol)
+        conv = convert_to_fp16(fp32_path, candidate, feeds, data_max=data_max, precision=precision, **convert_kw)
+        err = fp16_error_report(fp32_path, candidate, card, images, buckets=buckets, per_bucket=per_bucket, tol=tol,
+                                precision=precision)
         report = PrecisionReport(
-            precision="fp16-mixed", onnx_fp32=fp32_path.name, onnx_fp16=FP16_ONNX_NAME if err["passed"] else None,
+            precision=f"{precision}-mixed", onnx_fp32=fp32_path.name, onnx_mixed=name if err["passed"] else None,
             passed=err["passed"], tolerance={"name": "L2_EPS_FP16_REL_L2", "metric": "rel_l2", "value": tol},
             calibration={"samples": int(len(feeds["t"])), "timesteps": sorted({int(v) for v in feeds["t"]}),
                          "per_t": per_t, "pure_noise_at": card.diffusion.num_timesteps - 1, "seed": calib_seed,
@@ -502,19 +565,18 @@ def export_fp16(
         if err["passed"]:
             os.replace(candidate, final)
         else:
-            os.replace(candidate, out_dir / "model.fp16.rejected.onnx")
-            final.unlink(missing_ok=True)  # a stale fp16 model would not match this precision.json
-        report.save(out_dir / PRECISION_JSON_NAME)
+            os.replace(candidate, rejected)
+            final.unlink(missing_ok=True)  # a stale model would not match this precision report
+        report.save(out_dir / json_name)
     finally:
         candidate.unlink(missing_ok=True)
     if not err["passed"]:
         worst = ", ".join(f"t∈[{r['t_min']}, {r['t_max']}] rel L2 {r['rel_l2']:.3g}" for r in err["buckets"]
                           if not r["passed"])
         raise ArtifactError(
-            f"fp16 ε error exceeds the tolerance {tol:g} (relative L2 vs fp32, ONNX Runtime CPU) in timestep "
-            f"buckets {', '.join(err['failing_buckets'])} ({worst}); the rejected model is "
-            f"{out_dir / 'model.fp16.rejected.onnx'}, details in {out_dir / PRECISION_JSON_NAME}. Keep more nodes "
-            f"fp32 (a lower data_max) or use the fp32 model"
+            f"{precision} ε error exceeds the tolerance {tol:g} (relative L2 vs fp32, ONNX Runtime CPU) in timestep "
+            f"buckets {', '.join(err['failing_buckets'])} ({worst}); the rejected model is {rejected}, details in "
+            f"{out_dir / json_name}. Keep more nodes fp32 (a lower data_max), use fp16, or use the fp32 model"
         )
-    log.info("fp16: wrote %s; worst bucket rel L2 %.3g (tolerance %g)", final, err["worst_rel_l2"], tol)
+    log.info("%s: wrote %s; worst bucket rel L2 %.3g (tolerance %g)", precision, final, err["worst_rel_l2"], tol)
     return final, report

@@ -1,7 +1,8 @@
 """PyTorch UNet → ONNX: export, embed the DDPM config, check, fold constants, clean, verify against PyTorch.
 
 A chain of small steps (Polygraphy-style): ``export_torch`` → ``finalize`` (metadata, checker, shape
-inference, graph-surgeon fold/cleanup) → ``verify`` (ONNX Runtime vs PyTorch on seeded inputs).
+inference, graph-surgeon fold/cleanup; torch-free, in ``onnx_io``) → ``verify`` (ONNX Runtime vs PyTorch on
+seeded inputs).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import onnx
 import torch
 
 from ddpm_deploy.runtime.config import ModelCard
-from ddpm_deploy.runtime.contract import (INPUT_NAMES, ONNX_METADATA_KEY, OUTPUT_NAMES, PRECISION_METADATA_KEY,
-                                          PRECISIONS, ExportReport)
+from ddpm_deploy.runtime.contract import INPUT_NAMES, OUTPUT_NAMES, ExportReport
 from ddpm_deploy.runtime.errors import ArtifactError
-from ddpm_deploy.runtime.fileio import atomic_write_bytes
+
+# the torch-free ONNX steps, re-exported here for the export chain's callers
+from .onnx_io import cleanup, finalize, load_onnx, read_card, save_onnx, set_card, set_metadata, set_precision  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -57,82 +59,6 @@ def export_torch(model: torch.nn.Module, channels: int, size: int, opset: int = 
             do_constant_folding=True,
         )
     return onnx.load_from_string(buf.getvalue())
-
-
-def set_metadata(model: onnx.ModelProto, key: str, value: str) -> onnx.ModelProto:
-    """Set one ``metadata_props`` entry (replacing an old value), keeping the others."""
-    props = {p.key: p.value for p in model.metadata_props}
-    props[key] = value
-    del model.metadata_props[:]
-    for k, v in props.items():
-        model.metadata_props.add(key=k, value=v)
-    return model
-
-
-def set_card(model: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
-    set_metadata(model, ONNX_METADATA_KEY, card.to_json())
-    model.producer_name = "ddpm-deploy"
-    return model
-
-
-def set_precision(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
-    """Record the model's precision (``runtime.contract.detect_precision`` reads it) in its metadata."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, found {precision!r}")
-    return set_metadata(model, PRECISION_METADATA_KEY, precision)
-
-
-def read_card(path_or_model) -> ModelCard | None:
-    m = path_or_model
-    if not isinstance(m, onnx.ModelProto):
-        m = load_onnx(m, load_external_data=False)
-    props = {p.key: p.value for p in m.metadata_props}
-    return ModelCard.from_json(props[ONNX_METADATA_KEY], "ONNX metadata") if ONNX_METADATA_KEY in props else None
-
-
-def load_onnx(path, load_external_data: bool = True) -> onnx.ModelProto:
-    p = Path(path)
-    if not p.is_file():
-        raise ArtifactError(f"{p}: ONNX file not found")
-    try:
-        return onnx.load(str(p), load_external_data=load_external_data)
-    except Exception as e:
-        raise ArtifactError(f"{p}: not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
-
-
-def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant-fold and remove dead nodes with onnx-graphsurgeon (keeps metadata)."""
-    try:
-        import onnx_graphsurgeon as gs
-    except ImportError:
-        log.info("onnx-graphsurgeon not installed; skipping constant folding")
-        return model
-    props = list(model.metadata_props)
-    graph = gs.import_onnx(model)
-    graph.fold_constants().cleanup().toposort()
-    out = gs.export_onnx(graph)
-    out.ir_version = model.ir_version
-    del out.metadata_props[:]
-    out.metadata_props.extend(props)
-    out.producer_name = model.producer_name
-    return out
-
-
-def finalize(model: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
-    model = cleanup(model)
-    model = set_precision(set_card(model, card), "fp32")
-    try:
-        onnx.checker.check_model(model, full_check=True)
-        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    except Exception as e:
-        raise ArtifactError(f"exported ONNX failed onnx.checker / shape inference: {e}") from None
-    return model
-
-
-def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    data = model.SerializeToString()
-    atomic_write_bytes(path, data)
-    return Path(path)
 
 
 @dataclass

@@ -282,16 +282,16 @@ class ExportReport(Artifact):
 
 @dataclass(kw_only=True)
 class PrecisionReport(Artifact):
-    """``precision.json`` of ``ddpm-export --fp16``: which nodes stayed fp32 and why, and the ε error per
-    timestep bucket. ``model_sha256``: the fp32 source ONNX."""
+    """``precision.json`` (``precision.bf16.json``) of ``ddpm-export --precision fp16|bf16``: which nodes stayed
+    fp32 and why, and the ε error per timestep bucket. ``model_sha256``: the fp32 source ONNX."""
 
     SCHEMA: ClassVar[str] = "ddpm-deploy/precision"
     WHAT: ClassVar[str] = "precision report"
     REWRITE: ClassVar[str] = "export again with ddpm-export --fp16"
 
-    precision: str
+    precision: str                       # "fp16-mixed" or "bf16-mixed"
     onnx_fp32: str
-    onnx_fp16: str | None
+    onnx_mixed: str | None               # the mixed-precision file written (None when rejected)
     passed: bool
     tolerance: dict[str, Any]
     calibration: dict[str, Any]

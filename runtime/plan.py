@@ -9,8 +9,8 @@ Where plans run (``runs_on``, ``check_plan_compat``):
 
 - ``tensorrt``: on GPUs of the compute capability it was built on (TensorRT engines are specific to the
   architecture unless built hardware-compatible, which we do not do).
-- ``rtx`` (TensorRT for RTX): the library runs on compute capability 7.5, 8.6, 8.9 and 12.0 only (its support
-  matrix) — not on A100 (8.0), H100/H200 (9.0) or B200 (10.0). Plans built with the default targets run on 8.6,
+- ``rtx`` (TensorRT for RTX): the library runs on compute capability 7.5, 8.6, 8.9, 12.0 and 12.1 only (its
+  support matrix) — not on A100 (8.0), H100/H200 (9.0) or B200 (10.0). Plans built with the default targets run on 8.6,
   8.9 and 12.0; Turing (7.5) needs a plan built for it.
 
 This module imports neither TensorRT nor torch: ``ddpm-run info`` uses it on any machine.
@@ -28,7 +28,7 @@ from .errors import ArtifactError
 from .fileio import sha256_file
 
 SIDECAR_SUFFIX = ".json"  # model.plan -> model.plan.json
-RTX_SUPPORTED_CC = ((7, 5), (8, 6), (8, 9), (12, 0))
+RTX_SUPPORTED_CC = ((7, 5), (8, 6), (8, 9), (12, 0), (12, 1))  # 12.1 (GB10) since TensorRT-RTX 1.5
 RTX_DEFAULT_TARGET_CC = ((8, 6), (8, 9), (12, 0))
 _REBUILD = PlanSidecar.REWRITE
 

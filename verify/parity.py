@@ -615,7 +615,7 @@ def run_parity(s: ParitySettings, echo: Callable[[str], None] = lambda m: None) 
         onnx_path = s.checkpoint / "export" / "model.onnx"
     cards: dict[str, dict] = {}
     if onnx_path is not None:
-        from ddpm_deploy.export.onnx_export import read_card
+        from ddpm_deploy.export.onnx_io import read_card
 
         card = read_card(onnx_path)
         if card is None:

@@ -26,7 +26,7 @@ from ddpm_deploy.export.fp16 import (
     timestep_buckets,
     timestep_embedding_nodes,
 )
-from ddpm_deploy.export.onnx_export import read_card
+from ddpm_deploy.export.onnx_io import read_card
 from ddpm_deploy.runtime.backends.ort import OrtRunner
 from ddpm_deploy.runtime.config import DataSpec, ModelCard
 from ddpm_deploy.runtime.contract import PRECISION_METADATA_KEY, detect_precision
@@ -217,7 +217,7 @@ def test_micro_error_per_bucket_within_tolerance(micro_fp16, tmp_path):
     path, report = micro_fp16
     _assert_within_tolerance(report.error)
     saved = json.loads((path.parent / PRECISION_JSON_NAME).read_text())
-    assert saved["passed"] and saved["onnx_fp16"] == FP16_ONNX_NAME
+    assert saved["passed"] and saved["onnx_mixed"] == FP16_ONNX_NAME
     assert saved["tolerance"] == {"name": "L2_EPS_FP16_REL_L2", "metric": "rel_l2", "value": L2_EPS_FP16_REL_L2}
     assert 0 in saved["calibration"]["timesteps"] and T - 1 in saved["calibration"]["timesteps"]
     assert saved["conversion"]["fp32_nodes"] == report.conversion["fp32_nodes"]
@@ -247,9 +247,77 @@ def test_tolerance_violation_raises_naming_the_buckets(micro_onnx, tmp_path):
     assert "precision.json" in str(ei.value)
     saved = json.loads((tmp_path / PRECISION_JSON_NAME).read_text())
     assert not saved["passed"] and len(saved["error"]["failing_buckets"]) == 10
-    assert saved["tolerance"]["value"] == 1e-9 and saved["onnx_fp16"] is None
+    assert saved["tolerance"]["value"] == 1e-9 and saved["onnx_mixed"] is None
     assert not (tmp_path / FP16_ONNX_NAME).exists()  # no fp16 model that the report rejects
     assert (tmp_path / "model.fp16.rejected.onnx").is_file()
+
+
+# --- bf16 -------------------------------------------------------------------------------------------------------
+
+def test_bf16_emulation_rounds_where_the_model_stores_bf16(tmp_path):
+    """y = Conv_bf16(Cast_bf16(x), w_bf16) cast back to fp32: ONNX Runtime CPU has no bf16 Conv, the emulation runs
+    it in fp32 between Casts, so the result is the fp32 conv of bf16-rounded x and w, rounded to bf16."""
+    from onnx import TensorProto, helper
+
+    from ddpm_deploy.export.fp16 import bf16_emulation
+
+    def bf16(a):  # round-to-nearest-even to bfloat16, returned as float32
+        u = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+        return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32)
+
+    g = np.random.default_rng(0)
+    w = g.standard_normal((2, 1, 3, 3)).astype(np.float32)
+    w16 = helper.make_tensor("w", TensorProto.BFLOAT16, w.shape, bf16(w).ravel().tolist())  # exact in bf16
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["xb"], to=TensorProto.BFLOAT16),
+         helper.make_node("Conv", ["xb", "w"], ["yb"], pads=[1, 1, 1, 1]),
+         helper.make_node("Cast", ["yb"], ["y"], to=TensorProto.FLOAT)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 5, 5])], [w16])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = g.standard_normal((1, 1, 5, 5)).astype(np.float32)
+    import onnxruntime as ort
+
+    with pytest.raises(Exception):  # the reason the emulation exists
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    emulated = bf16_emulation(model)
+    got = ort.InferenceSession(emulated.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    xb, wb = bf16(x)[0, 0], bf16(w)
+    want = np.zeros((2, 5, 5), np.float32)
+    pad = np.pad(xb, 1)
+    for o in range(2):
+        for i in range(5):
+            for j in range(5):
+                want[o, i, j] = np.sum(pad[i:i + 3, j:j + 3] * wb[o, 0], dtype=np.float32)
+    np.testing.assert_array_equal(got[0], bf16(want))
+
+
+@needs_modelopt
+def test_bf16_export_reports_per_bucket_with_the_fp16_tolerance(micro_onnx, tmp_path):
+    """bf16 AutoCast with the same error report and tolerance as fp16. Whether this briefly trained micro model
+    passes is the measurement (it did not on our machine: bf16's 8-bit mantissa costs ~20x fp16's error at small
+    t); either way the outcome, the files and the message must agree."""
+    card = read_card(micro_onnx)
+    try:
+        path, report = export_fp16(micro_onnx, tmp_path, card, _digits(card), n_timesteps=4, precision="bf16")
+        passed, message = True, ""
+    except ArtifactError as e:
+        passed, message, path = False, str(e), None
+    saved = json.loads((tmp_path / "precision.bf16.json").read_text())
+
+    assert saved["precision"] == "bf16-mixed" and saved["passed"] is passed
+    assert saved["tolerance"]["value"] == L2_EPS_FP16_REL_L2 and len(saved["error"]["buckets"]) == 10
+    assert "bf16 emulated" in saved["error"]["backend"] and saved["conversion"]["nodes"]["bf16"] > 0
+    assert saved["conversion"]["initializers"]["conv_weights"]["bfloat16"] > 0
+    written = tmp_path / ("model.bf16.onnx" if passed else "model.bf16.rejected.onnx")
+    assert written.is_file() and detect_precision(written) == "bf16"
+    if passed:
+        assert path == written and saved["onnx_mixed"] == "model.bf16.onnx"
+    else:
+        assert not (tmp_path / "model.bf16.onnx").exists() and saved["onnx_mixed"] is None
+        assert all(b in message for b in saved["error"]["failing_buckets"]) and "use fp16" in message
+    assert not (tmp_path / PRECISION_JSON_NAME).exists()  # the fp16 report is not touched
 
 
 @needs_modelopt

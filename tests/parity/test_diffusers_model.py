@@ -21,7 +21,7 @@ from parity.google_ddpm import (
 
 from ddpm_deploy.export.cli import main as export_cli
 from ddpm_deploy.export.from_diffusers import find_layout, load_diffusers, scheduler_to_diffusion, unet_card
-from ddpm_deploy.export.onnx_export import read_card
+from ddpm_deploy.export.onnx_io import read_card
 from ddpm_deploy.runtime.backends.ort import OrtRunner
 from ddpm_deploy.runtime.errors import ConfigError
 from ddpm_deploy.runtime.sampler import sample

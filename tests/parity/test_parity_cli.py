@@ -75,7 +75,7 @@ def test_perturbed_weight_fails_and_names_the_level(micro_run, micro_onnx, tmp_p
 
 
 def test_onnx_with_another_ddpm_config_fails_l0(micro_run, micro_onnx, tmp_path):
-    from ddpm_deploy.export.onnx_export import read_card, set_card
+    from ddpm_deploy.export.onnx_io import read_card, set_card
     from ddpm_deploy.runtime.config import ModelCard
     from ddpm_deploy.runtime.schedule import DiffusionConfig
 

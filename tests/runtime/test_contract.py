@@ -34,7 +34,7 @@ EXAMPLES = {
         model_sha256="ef" * 32),
     contract.ExportReport: dict(onnx="model.onnx", source={"run_dir": "runs/x", "step": 30}, export_seconds=1.0,
                                 verify_fp32={"passed": True, "atol": 1e-4, "max_abs": 2e-6, "cases": []}),
-    contract.PrecisionReport: dict(precision="fp16-mixed", onnx_fp32="model.onnx", onnx_fp16="model.fp16.onnx",
+    contract.PrecisionReport: dict(precision="fp16-mixed", onnx_fp32="model.onnx", onnx_mixed="model.fp16.onnx",
                                    passed=True, tolerance={"value": 0.01}, calibration={"samples": 34},
                                    conversion={"nodes": {"fp16": 3}}, error={"worst_rel_l2": 1e-3}),
     contract.ParityReport: dict(passed=False, failed=["L2 eps [x vs y]"], checkpoint="runs/x", reference="ddpm-deploy",
