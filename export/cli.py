@@ -93,6 +93,10 @@ class _ProgressBar:
                    "AutoCast), with precision.json; fails if the ε error exceeds its tolerance in any timestep "
                    "bucket. bf16: the same as model.bf16.onnx + precision.bf16.json. The engine is built from it. "
                    "Default: fp32 only.")
+@click.option("--int8", is_flag=True, help="Also write model.int8.xml/.bin: OpenVINO int8 by NNCF post-training "
+              "quantization calibrated over timesteps (embedding, time projections, norms, attention and the first/"
+              "last conv kept float), with precision.int8.json (ε error per timestep bucket). Sample with "
+              "ddpm-run sample --backend openvino --precision int8. Needs 'ddpm-deploy[openvino,int8]'.")
 @click.option("--calib-dataset", default=None, help="Dataset for fp16 calibration (same specs as ddpm-train "
               "--dataset). Default: the one named in the model's metadata.")
 @click.option("--engine", "engine", is_flag=True, help="Also build a TensorRT plan (from the fp16 ONNX with --fp16, "
@@ -123,7 +127,7 @@ class _ProgressBar:
               help="No engine-build progress bar.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @clean_errors
-def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, calib_dataset, engine, engine_out, adopt_plan,
+def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, calib_dataset, engine, engine_out, adopt_plan,
          trt_flavour, batch_min, batch_opt, batch_max, workspace_mb, opt_level, timing_cache, version_compatible, tf32,
          compute_capability, no_progress, verbose):
     """Export a trained run to ONNX, and optionally to fp16 mixed precision and a TensorRT engine.
@@ -213,6 +217,16 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, calib_data
         click.echo(f"wrote {onnx_path} in {time.perf_counter() - t0:.1f}s: {nodes[precision]} nodes {precision}, "
                    f"{nodes['fp32']} kept fp32 (reasons in {precision_json_name(precision)}); ε rel L2 vs fp32 ≤ "
                    f"{err['worst_rel_l2']:.2e} over {len(err['buckets'])} timestep buckets (tolerance {err['tolerance']:g})")
+    if int8:
+        from .int8 import INT8_JSON_NAME, export_int8
+
+        t0 = time.perf_counter()
+        fp32_onnx = onnx_in if onnx_in is not None else out / "model.onnx"
+        xml, rep = export_int8(fp32_onnx, out, dataset=calib_dataset)
+        click.echo(f"wrote {xml} in {time.perf_counter() - t0:.1f}s ({rep.conversion['fake_quantize_nodes']} quantizers, "
+                   f"{len(rep.conversion['conv_matmul']['kept_float'])} conv/matmul kept float); ε rel L2 vs fp32 ≤ "
+                   f"{rep.error['worst_rel_l2']:.3g} per timestep bucket ({'within' if rep.passed else 'above'} the fp16 "
+                   f"tolerance {rep.error['tolerance']:g}; judge int8 by sample fidelity, README), in {INT8_JSON_NAME}")
     if settings is not None:
         from .engine import build_engine
 

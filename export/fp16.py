@@ -456,16 +456,15 @@ def bf16_emulation(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def fp16_error_report(
-    fp32_path: str | os.PathLike, fp16_path: str | os.PathLike, card: ModelCard, images: np.ndarray,
+def eps_error_report(
+    fp32_path: str | os.PathLike, card: ModelCard, images: np.ndarray, eps_fn, label: str,
     buckets: int = DEFAULT_BUCKETS, per_bucket: int = DEFAULT_PER_BUCKET, seed: int = DEFAULT_ERROR_SEED,
-    tol: float = L2_EPS_FP16_REL_L2, precision: str = "fp16",
+    tol: float = L2_EPS_FP16_REL_L2, backend: str = "onnxruntime-cpu",
 ) -> dict[str, Any]:
-    """ε of the fp16 (or bf16) model vs the fp32 model, both in ONNX Runtime CPU, per timestep bucket.
+    """ε of a lower-precision model (``eps_fn(x, t)``) vs the fp32 ONNX in ONNX Runtime CPU, per timestep bucket.
 
     Each bucket gets ``per_bucket`` forward-process samples at evenly spaced t (bucket ends included, so
     t = 0 and t = T−1 are measured); metric: relative L2 of ε over the bucket, plus max |Δε| and its place.
-    A bf16 model runs as ``bf16_emulation`` (ONNX Runtime CPU has no bf16 compute kernels).
     """
     from ddpm_deploy.runtime.backends.ort import OrtRunner
 
@@ -483,29 +482,43 @@ def fp16_error_report(
     x = sched.q_sample(x0, ts, g.standard_normal(x0.shape).astype(np.float32)).astype(np.float32)
     t = ts.astype(np.int32)
     want = OrtRunner(fp32_path).eps(x, t)
-    backend = "onnxruntime-cpu"
-    if precision == "bf16":
-        with tempfile.TemporaryDirectory(prefix="ddpm-bf16-") as tmp:
-            emulated = save_onnx(bf16_emulation(load_onnx(fp16_path)), Path(tmp) / "emulated.onnx")
-            got = OrtRunner(emulated).eps(x, t)
-        backend = "onnxruntime-cpu, bf16 emulated (bf16 storage, fp32 arithmetic)"
-    else:
-        got = OrtRunner(fp16_path).eps(x, t)
+    got = eps_fn(x, t)
     rows = []
     for k, (lo, hi) in enumerate(ranges):
         sl = slice(k * per_bucket, (k + 1) * per_bucket)
-        c = compare(f"eps {precision} vs fp32, t in [{lo}, {hi}]", got[sl], want[sl], tol, metric="rel_l2")
+        c = compare(f"eps {label} vs fp32, t in [{lo}, {hi}]", got[sl], want[sl], tol, metric="rel_l2")
         rows.append({"t_min": lo, "t_max": hi, "timesteps": [int(v) for v in ts[sl]], "rel_l2": c.rel_l2,
-                     "max_abs": c.max_abs, "index": list(c.index), precision: c.got, "fp32": c.want,
+                     "max_abs": c.max_abs, "index": list(c.index), label: c.got, "fp32": c.want,
                      "passed": c.passed})
-    overall = compare(f"eps {precision} vs fp32", got, want, tol, metric="rel_l2")
+    overall = compare(f"eps {label} vs fp32", got, want, tol, metric="rel_l2")
     failing = [f"[{r['t_min']}, {r['t_max']}]" for r in rows if not r["passed"]]
     return {
-        "backend": backend, "metric": f"relative L2 of eps ({precision} vs fp32) over each bucket",
+        "backend": backend, "metric": f"relative L2 of eps ({label} vs fp32) over each bucket",
         "tolerance": tol, "tolerance_name": "L2_EPS_FP16_REL_L2", "samples": int(len(t)), "seed": seed,
         "buckets": rows, "overall_rel_l2": overall.rel_l2, "overall_max_abs": overall.max_abs,
         "worst_rel_l2": max(r["rel_l2"] for r in rows), "passed": not failing, "failing_buckets": failing,
     }
+
+
+def fp16_error_report(
+    fp32_path: str | os.PathLike, fp16_path: str | os.PathLike, card: ModelCard, images: np.ndarray,
+    buckets: int = DEFAULT_BUCKETS, per_bucket: int = DEFAULT_PER_BUCKET, seed: int = DEFAULT_ERROR_SEED,
+    tol: float = L2_EPS_FP16_REL_L2, precision: str = "fp16",
+) -> dict[str, Any]:
+    """``eps_error_report`` of the fp16 (or bf16) ONNX in ONNX Runtime CPU. A bf16 model runs as
+    ``bf16_emulation`` (ONNX Runtime CPU has no bf16 compute kernels)."""
+    from ddpm_deploy.runtime.backends.ort import OrtRunner
+
+    if precision == "bf16":
+        def eps(x, t):
+            with tempfile.TemporaryDirectory(prefix="ddpm-bf16-") as tmp:
+                emulated = save_onnx(bf16_emulation(load_onnx(fp16_path)), Path(tmp) / "emulated.onnx")
+                return OrtRunner(emulated).eps(x, t)
+
+        backend = "onnxruntime-cpu, bf16 emulated (bf16 storage, fp32 arithmetic)"
+    else:
+        eps, backend = OrtRunner(fp16_path).eps, "onnxruntime-cpu"
+    return eps_error_report(fp32_path, card, images, eps, precision, buckets, per_bucket, seed, tol, backend)
 
 
 # --- the whole step ---------------------------------------------------------------------------------------

@@ -61,6 +61,13 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
               help="cpu: NumPy loop + ONNX Runtime CPU. cuda: the GPU device loop (fused NVRTC step kernel) with "
                    "ONNX Runtime CUDA (needs onnxruntime-gpu and cuda-python). --engine implies cuda.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino"]), default=None,
+              help="CPU backend: onnxruntime, or openvino (pip install 'ddpm-deploy[openvino]'). Default: by the "
+                   "file (.onnx: onnxruntime, .xml: openvino).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32",
+              help="OpenVINO only. bf16: its inference precision hint (fast only on CPUs with AVX512_BF16/AMX; "
+                   "emulated and slow elsewhere); int8: the NNCF int8 model model.int8.xml beside the ONNX (ddpm-export "
+                   "--onnx model.onnx --int8 writes it). See the README for each precision's measured fidelity.")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, help="Capture the device loop's step in a CUDA graph "
               "where the backend allows it (results are identical either way).")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores).")
@@ -78,8 +85,9 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
 @click.option("--no-progress", is_flag=True, envvar="DDPM_NO_PROGRESS", show_envvar=True, help="No progress bar.")
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @clean_errors
-def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device, cuda_graph, threads, graph_opt,
-           no_pngs, schedule, beta_start, beta_end, num_timesteps, variance_type, clip, no_progress, verbose):
+def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device, backend, precision, cuda_graph,
+           threads, graph_opt, no_pngs, schedule, beta_start, beta_end, num_timesteps, variance_type, clip, no_progress,
+           verbose):
     """Sample images with ancestral sampling.
 
     \b
@@ -109,9 +117,22 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device,
     if engine is not None:
         device = "cuda"
     model_path = Path(engine or onnx_path or latest_run() / "export" / "model.onnx")
+    if backend == "openvino" or model_path.suffix == ".xml":
+        if device != "cpu":
+            raise ConfigError("the OpenVINO backend runs on the CPU: drop --device cuda / --engine")
+        backend = "openvino"
+        if precision == "int8" and model_path.suffix != ".xml":
+            model_path = model_path.with_name("model.int8.xml")
+            if not model_path.is_file():
+                raise ArtifactError(f"--precision int8 needs the int8 model {model_path}; write it with "
+                                    f"`ddpm-export --onnx {onnx_path or model_path.with_name('model.onnx')} --int8`")
+    elif precision != "fp32":
+        raise ConfigError(f"--precision {precision} is an OpenVINO option: add --backend openvino (ONNX Runtime runs "
+                          f"the precision stored in the model: pass model.fp16.onnx for fp16)")
+    ov_precision = "fp32" if precision == "int8" else precision
     with ExitStack() as stack:
-        runner = stack.enter_context(open_runner(model_path, device, threads=threads, opt_level=graph_opt,
-                                                 cuda_graph=cuda_graph))
+        runner = stack.enter_context(open_runner(model_path, device, backend=backend, threads=threads,
+                                                 opt_level=graph_opt, cuda_graph=cuda_graph, precision=ov_precision))
         card = _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, variance_type, clip)
         shape = (card.data.channels, card.data.image_size, card.data.image_size)
         sched = Schedule(card.diffusion, steps=steps)

@@ -28,7 +28,8 @@ from ddpm_deploy.verify.models import random_preset_model, random_preset_onnx
 
 log = logging.getLogger(__name__)
 
-CPU_BACKENDS = ("ort-cpu", "torch-eager-fp32", "torch-eager-bf16", "torch-compile-fp32", "diffusers-loop")
+CPU_BACKENDS = ("ort-cpu", "openvino-fp32", "openvino-bf16", "openvino-int8", "torch-eager-fp32", "torch-eager-bf16",
+                "torch-compile-fp32", "diffusers-loop")
 PRESETS = ("tiny", "ddpm-cifar10")
 
 
@@ -50,6 +51,16 @@ def _model(preset: str, seed: int = 0):
 
 def _onnx_for(preset: str, workdir: Path) -> Path:
     return random_preset_onnx(preset, workdir / f"{preset}.onnx")[0]
+
+
+def _int8_for(preset: str, onnx_path: Path) -> Path:
+    """The NNCF int8 IR of the preset's random-weights ONNX (calibrated on digits at the preset's size)."""
+    from ddpm_deploy.export.int8 import INT8_XML_NAME, export_int8
+
+    out = onnx_path.parent / f"{preset}-int8"
+    if not (out / INT8_XML_NAME).is_file():
+        export_int8(onnx_path, out, dataset="digits")
+    return out / INT8_XML_NAME
 
 
 def _diffusers_unet(preset: str):
@@ -87,7 +98,19 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     x = rng.standard_normal((b, cfg.in_channels, cfg.image_size, cfg.image_size)).astype(np.float32)
     t = np.full((b,), 500, np.int32)
     warm, rep = job["warmup"], job["repeat"]
-    if backend == "ort-cpu":
+    if backend.startswith("openvino-"):
+        from ddpm_deploy.runtime.backends.base import open_runner
+
+        precision = backend.split("-", 1)[1]
+        onnx_path = _onnx_for(preset, Path(job["workdir"]))
+        if precision == "int8":
+            runner = open_runner(_int8_for(preset, onnx_path), "cpu", threads=threads, cache_dir=False)
+        else:
+            runner = open_runner(onnx_path, "cpu", backend="openvino", precision=precision, threads=threads,
+                                 cache_dir=False)
+        out["eps_ms"] = _median_ms(lambda: runner.eps(x, t), warm, rep)
+        out["runner"], out["precision"] = type(runner).__name__, runner.precision  # what OpenVINO really ran
+    elif backend == "ort-cpu":
         from ddpm_deploy.runtime.backends.base import open_runner, open_sampler
 
         runner = open_runner(_onnx_for(preset, Path(job["workdir"])), "cpu", threads=threads)

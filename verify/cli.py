@@ -34,6 +34,8 @@ __all__ = ["main"]
 @click.option("--threads", type=int, default=0,
               help="PyTorch and ONNX Runtime intra-op threads (0: the libraries' defaults; 1 is fastest for small "
                    "models on a busy CPU).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
+              help="The CPU runner L2/L3/L4 check (openvino: pip install 'ddpm-deploy[openvino]').")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
               help="cuda: L4 also runs the GPU device loop (fused step kernel with ONNX Runtime CUDA, and with the "
                    "plan's TensorRT runner) against the host loop on ONNX Runtime CPU.")
@@ -41,7 +43,7 @@ __all__ = ["main"]
               help="Where parity.json and parity.md go. Default: parity/ beside the ONNX (or in CHECKPOINT).")
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @clean_errors
-def parity(checkpoint, onnx_path, engine, steps, batch, seed, weights, threads, device, out, verbose):
+def parity(checkpoint, onnx_path, engine, steps, batch, seed, weights, threads, backend, device, out, verbose):
     """Check every parity level the given artifacts allow and write parity.json + parity.md.
 
     L0 schedule tables and L1 one step (vs the paper's equations in float64 and diffusers' DDPMScheduler), L2 ε
@@ -58,7 +60,8 @@ def parity(checkpoint, onnx_path, engine, steps, batch, seed, weights, threads, 
 
     checkpoint = Path(checkpoint) if checkpoint else latest_run()
     settings = parity_mod.ParitySettings(checkpoint=checkpoint, onnx=onnx_path, engine=engine, steps=steps,
-                                         batch=batch, seed=seed, weights=weights, threads=threads, device=device)
+                                         batch=batch, seed=seed, weights=weights, threads=threads, device=device,
+                                         backend=backend)
     rep = parity_mod.run_parity(settings, echo=lambda m: click.echo(m, err=True))
     out = out or ((onnx_path.parent if onnx_path else checkpoint) / "parity")
     json_path, md_path = parity_mod.write_reports(rep, out)
@@ -80,7 +83,8 @@ def parity(checkpoint, onnx_path, engine, steps, batch, seed, weights, threads, 
               help="Where results.json, results.md and images_per_s.png go.")
 @click.option("--presets", default="tiny,ddpm-cifar10", help="Models (random weights), comma-separated.")
 @click.option("--backends", default="ort-cpu,torch-eager-fp32,torch-eager-bf16,diffusers-loop",
-              help="Comma-separated: ort-cpu, torch-eager-fp32, torch-eager-bf16, torch-compile-fp32, diffusers-loop.")
+              help="Comma-separated: ort-cpu, openvino-fp32, openvino-bf16, openvino-int8, torch-eager-fp32, "
+                   "torch-eager-bf16, torch-compile-fp32, diffusers-loop.")
 @click.option("--batches", default="1,8,64", help="Batch sizes, comma-separated.")
 @click.option("--max-batch-cifar", type=int, default=64, help="Largest batch for ddpm-cifar10 (CPU time and memory).")
 @click.option("--repeat", type=int, default=5, help="Timed calls per measurement (median reported).")

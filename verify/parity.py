@@ -45,6 +45,7 @@ class ParitySettings:
     weights: str = "ema"
     threads: int = 0  # PyTorch and ONNX Runtime intra-op threads; 0 leaves the libraries' defaults
     device: str = "cpu"  # "cuda": L4 also runs the device loop (ONNX Runtime CUDA, and the plan) against the host loop
+    backend: str = "onnxruntime"  # the CPU backend of L2/L3/L4: "onnxruntime" or "openvino"
 
 
 @dataclass
@@ -366,7 +367,7 @@ def _ort_cuda_runner(onnx_path: Path):
 
 
 def level2(ref: Reference, onnx_path: Path, batches: tuple[int, ...], seed: int, engine: dict | None,
-           threads: int = 0) -> list[LevelResult]:
+           threads: int = 0, backend: str = "onnxruntime") -> list[LevelResult]:
     """ε of our runners (ONNX Runtime CPU; ONNX Runtime CUDA and the plan's TensorRT runner where a GPU runs them)
     vs the PyTorch model, side by side in Polygraphy's Comparator."""
     from polygraphy import comparator as pgc
@@ -378,7 +379,8 @@ def level2(ref: Reference, onnx_path: Path, batches: tuple[int, ...], seed: int,
     g = np.random.default_rng(seed)
     feeds = [OrderedDict(x=g.standard_normal((b, C, S, S)).astype(np.float32), t=np.full(b, tv, np.int32))
              for b in batches for tv in l2_times(T)]
-    runners = {"onnxruntime-cpu": open_runner(onnx_path, "cpu", threads=threads)}
+    cpu = open_runner(onnx_path, "cpu", backend=backend, threads=threads)
+    runners = {cpu.name: cpu}
     notes: list[LevelResult] = []
     cuda, status, why = _ort_cuda_runner(onnx_path)
     if cuda is None:
@@ -469,7 +471,8 @@ def reference_loop(ref: Reference, sched: Schedule, shape, seed: int, idx, hook=
     return sample_torch(Hooked(ref.model), sched, shape, seed, idx)
 
 
-def level3(ref: Reference, onnx_path: Path, steps: int | None, batch: int, seed: int, threads: int = 0) -> LevelResult:
+def level3(ref: Reference, onnx_path: Path, steps: int | None, batch: int, seed: int, threads: int = 0,
+           backend: str = "onnxruntime") -> LevelResult:
     from ddpm_deploy.runtime.backends.base import open_runner
     from ddpm_deploy.runtime.sampler import HostSampler
 
@@ -477,7 +480,7 @@ def level3(ref: Reference, onnx_path: Path, steps: int | None, batch: int, seed:
     sched = Schedule(card.diffusion, steps)
     shape = (card.data.channels, card.data.image_size, card.data.image_size)
     idx = np.arange(batch)
-    with open_runner(onnx_path, "cpu", threads=threads) as runner:
+    with open_runner(onnx_path, "cpu", backend=backend, threads=threads) as runner:
         hooked = _Hooked(runner)  # ε of the runtime's trajectory, by timestep
         t0 = time.perf_counter()
         got, _ = HostSampler(hooked, sched, shape).sample(seed, idx)
@@ -494,7 +497,7 @@ def level3(ref: Reference, onnx_path: Path, steps: int | None, batch: int, seed:
     t2 = time.perf_counter()
     precision = runner.precision
     refname = "diffusers DDPMScheduler loop" if ref.kind == "diffusers" else "pytorch reference loop (trainer.sample)"
-    r = LevelResult("L3 trajectory", f"onnxruntime-cpu ({precision}) + host loop", f"{refname}, same noise",
+    r = LevelResult("L3 trajectory", f"{runner.name} ({precision}) + host loop", f"{refname}, same noise",
                     runner=f"{type(runner).__name__} + HostSampler")
     c = compare(f"x_0 after {len(sched)} steps, batch {batch}, seed {seed}", got, want, tol.L3_TRAJECTORY_FP32_ATOL)
     if precision == "fp32":
@@ -538,7 +541,7 @@ def _device_loop_level(name: str, open_fn, host_x0: np.ndarray | None, sched: Sc
 
 
 def level4(ref: Reference, onnx_path: Path | None, engine: dict | None, steps: int | None, batch: int,
-           seed: int, threads: int = 0, device: str = "cpu") -> list[LevelResult]:
+           seed: int, threads: int = 0, device: str = "cpu", backend: str = "onnxruntime") -> list[LevelResult]:
     """The host loop's independence of the batch composition (CPU), and with ``device='cuda'`` the device loop
     (ONNX Runtime CUDA, and the plan's TensorRT runner) against the host loop (ONNX Runtime CPU)."""
     from ddpm_deploy.runtime.backends.base import open_runner
@@ -557,7 +560,7 @@ def level4(ref: Reference, onnx_path: Path | None, engine: dict | None, steps: i
         r.reason = "no --onnx: only the noise was checked"
         return out + [r]
     idx = np.arange(batch)
-    with open_runner(onnx_path, "cpu", threads=threads) as runner:
+    with open_runner(onnx_path, "cpu", backend=backend, threads=threads) as runner:
         host = HostSampler(runner, sched, shape)
         whole, _ = host.sample(seed, idx)
         single = np.concatenate([host.sample(seed, [i])[0] for i in range(batch)])
@@ -639,11 +642,11 @@ def run_parity(s: ParitySettings, echo: Callable[[str], None] = lambda m: None) 
                                runner="OrtRunner + HostSampler")]
     else:
         echo("L2 eps (Polygraphy Comparator) …")
-        levels += level2(ref, onnx_path, tuple(sorted({1, s.batch})), s.seed, engine, s.threads)
+        levels += level2(ref, onnx_path, tuple(sorted({1, s.batch})), s.seed, engine, s.threads, s.backend)
         echo(f"L3 trajectory ({len(Schedule(ref.card.diffusion, s.steps))} steps, batch {s.batch}) …")
-        levels.append(level3(ref, onnx_path, s.steps, s.batch, s.seed, s.threads))
+        levels.append(level3(ref, onnx_path, s.steps, s.batch, s.seed, s.threads, s.backend))
     echo("L4 backend …")
-    levels += level4(ref, onnx_path, engine, s.steps, s.batch, s.seed, s.threads, s.device)
+    levels += level4(ref, onnx_path, engine, s.steps, s.batch, s.seed, s.threads, s.device, s.backend)
     failed = [lv for lv in levels if lv.status == "fail"]
     from ddpm_deploy.runtime.fileio import sha256_file
 

@@ -106,15 +106,30 @@ RUNNERS: dict[tuple[str, str], str] = {
     (".onnx", "cuda"): "ort_cuda:OrtCudaRunner",
     (".plan", "cuda"): "trt:TrtRunner",
     (".engine", "cuda"): "trt:TrtRunner",
+    (".xml", "cpu"): "openvino:OpenVinoRunner",
+}
+# Named backends (`--backend`), for artifacts more than one runner reads: (backend, device) -> "module:Class".
+BACKENDS: dict[tuple[str, str], str] = {
+    ("onnxruntime", "cpu"): "ort:OrtRunner",
+    ("onnxruntime", "cuda"): "ort_cuda:OrtCudaRunner",
+    ("openvino", "cpu"): "openvino:OpenVinoRunner",
+    ("tensorrt", "cuda"): "trt:TrtRunner",
 }
 
 
-def runner_class(path: str | os.PathLike, device: str) -> type[Runner]:
-    """The runner class for an artifact on a device (imported on demand); ConfigError if there is none."""
+def runner_class(path: str | os.PathLike, device: str, backend: str | None = None) -> type[Runner]:
+    """The runner class for an artifact on a device (imported on demand), or of the named ``backend``;
+    ConfigError if there is none."""
     if device not in DEVICES:
         raise ConfigError(f"device must be one of {list(DEVICES)}, found {device!r}")
     suffix = Path(path).suffix.lower()
-    target = RUNNERS.get((suffix, device))
+    if backend is not None:
+        target = BACKENDS.get((backend, device))
+        if target is None:
+            offered = sorted(f"{b} on {d}" for b, d in BACKENDS)
+            raise ConfigError(f"no backend {backend!r} on {device}; backends: {', '.join(offered)}")
+    else:
+        target = RUNNERS.get((suffix, device))
     if target is None:
         offered = sorted(f"{s} on {d}" for s, d in RUNNERS)
         raise ConfigError(f"{path}: no runner for a {suffix or 'suffix-less'} file on {device}; runners exist for "
@@ -130,16 +145,18 @@ def runner_class(path: str | os.PathLike, device: str) -> type[Runner]:
     return getattr(mod, cls)
 
 
-def open_runner(path: str | os.PathLike, device: str = "cpu", **options) -> Runner:
-    """Open ``path`` (model.onnx, model.plan) with the runner for ``device``.
+def open_runner(path: str | os.PathLike, device: str = "cpu", backend: str | None = None, **options) -> Runner:
+    """Open ``path`` (model.onnx, model.plan, model.int8.xml) with the runner for ``device`` (or the named
+    ``backend``: "onnxruntime", "openvino", "tensorrt").
 
-    Options go to the runner: ``threads`` and ``opt_level`` (ONNX Runtime), ``cuda_graph`` (device runners),
+    Options go to the runner: ``threads``, ``opt_level`` (ONNX Runtime), ``precision``/``hint`` (OpenVINO),
+    ``cuda_graph`` (device runners),
     ``gpu`` (a ``device.loop.GpuContext`` to share; device runners open their own otherwise, on
     ``device_id``). Options a runner does not take are dropped, so callers need not know which runner opens.
     """
     import inspect
 
-    cls = runner_class(path, device)
+    cls = runner_class(path, device, backend)
     accepted = inspect.signature(cls.__init__).parameters
     return cls(path, **{k: v for k, v in options.items() if k in accepted})
 

@@ -1,0 +1,117 @@
+"""The OpenVINO backend (issue 16): one runner file, picked by --backend openvino or a .xml file; parity with ONNX
+Runtime at fp32 through the shipped host loop; the bf16 hint says what it really ran; NNCF int8 from ddpm-export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ddpm_deploy.runtime.backends.base import open_runner
+from ddpm_deploy.runtime.contract import PrecisionReport
+from ddpm_deploy.runtime.errors import ArtifactError
+from ddpm_deploy.runtime.tolerances import L2_EPS_FP32_ATOL, L3_TRAJECTORY_FP32_ATOL, assert_close
+from ddpm_deploy.verify.cli import main as run_cli
+
+ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install '.[openvino]')")
+
+
+@pytest.fixture()
+def onnx_here(micro_onnx, tmp_path):
+    path = tmp_path / "model.onnx"
+    shutil.copy(micro_onnx, path)
+    return path
+
+
+def test_runner_matches_onnxruntime_at_fp32(micro_onnx, tmp_path):
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    t = np.array([0, 500, 999], np.int32)
+
+    with open_runner(micro_onnx, "cpu", backend="openvino", threads=1, cache_dir=tmp_path / "cache") as r:
+        got = r.eps(x, t)
+        info = r.describe()
+        card, shape = r.card, r.sample_shape
+    want = open_runner(micro_onnx, "cpu", threads=1).eps(x, t)
+
+    assert info["runner"] == "OpenVinoRunner" and info["precision"] == "fp32" and shape == (1, 8, 8)
+    assert card is not None and card.data.image_size == 8
+    assert_close("OpenVINO vs ONNX Runtime", got, want, L2_EPS_FP32_ATOL)
+    assert any((tmp_path / "cache").iterdir())  # the compiled model was cached
+
+
+def test_bf16_hint_reports_what_openvino_really_runs(micro_onnx, tmp_path, caplog):
+    from ddpm_deploy.runtime.backends.openvino import cpu_supports_bf16
+
+    with open_runner(micro_onnx, "cpu", backend="openvino", precision="bf16", cache_dir=False) as r:
+        precision = r.precision
+
+    assert precision == ("bf16" if cpu_supports_bf16(ov.Core()) else "fp32")
+    if precision == "fp32":
+        assert "no native bf16" in caplog.text
+
+
+def test_sample_with_openvino_equals_onnxruntime(onnx_here, tmp_path):
+    args = ["sample", "--onnx", str(onnx_here), "--num", "3", "--batch", "2", "--steps", "20", "--seed", "4",
+            "--threads", "1", "--no-progress", "--no-pngs"]
+    a = CliRunner().invoke(run_cli, [*args, "--out", str(tmp_path / "ort")])
+    b = CliRunner().invoke(run_cli, [*args, "--backend", "openvino", "--out", str(tmp_path / "ov")])
+
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    info = json.loads((tmp_path / "ov" / "run.json").read_text())
+    assert (info["runner"], info["backend"], info["precision"]) == ("OpenVinoRunner", "openvino-cpu", "fp32")
+    ia, ib = (np.load(tmp_path / d / "samples.npz")["images"].astype(int) for d in ("ort", "ov"))
+    assert np.abs(ia - ib).max() <= 1  # fp32 vs fp32: at most a rounding boundary apart
+
+
+def test_precision_options_are_checked(onnx_here, tmp_path):
+    bf16_on_ort = CliRunner().invoke(run_cli, ["sample", "--onnx", str(onnx_here), "--precision", "bf16"])
+    int8_missing = CliRunner().invoke(run_cli, ["sample", "--onnx", str(onnx_here), "--backend", "openvino",
+                                                "--precision", "int8", "--out", str(tmp_path / "o")])
+
+    assert bf16_on_ort.exit_code == 2 and "an OpenVINO option" in bf16_on_ort.output
+    assert int8_missing.exit_code == 2 and "--int8" in int8_missing.output and "model.int8.xml" in int8_missing.output
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<not a model/>")
+    with pytest.raises(ArtifactError, match="OpenVINO cannot read this model"):
+        open_runner(bad, "cpu")
+
+
+def test_parity_levels_pass_with_the_openvino_runner(micro_run, micro_onnx, tmp_path):
+    r = CliRunner().invoke(run_cli, ["parity", "--checkpoint", str(micro_run), "--onnx", str(micro_onnx),
+                                     "--backend", "openvino", "--steps", "20", "--batch", "2", "--threads", "1",
+                                     "--out", str(tmp_path)])
+
+    assert r.exit_code == 0, r.output
+    levels = {(lv["level"], lv["backend"]): lv for lv in json.loads((tmp_path / "parity.json").read_text())["levels"]}
+    l2 = levels["L2 eps", "openvino-cpu (fp32)"]
+    l3 = levels["L3 trajectory", "openvino-cpu (fp32) + host loop"]
+    l4 = levels["L4 backend", "host loop, batch composition"]
+    assert l2["status"] == "pass" and l2["runner"] == "OpenVinoRunner" and l2["max_abs"] <= L2_EPS_FP32_ATOL
+    assert l3["status"] == "pass" and l3["runner"] == "OpenVinoRunner + HostSampler"
+    assert l4["status"] == "pass" and l4["runner"] == "OpenVinoRunner + HostSampler"
+    assert l3["max_abs"] <= L3_TRAJECTORY_FP32_ATOL
+
+
+@pytest.mark.slow
+def test_int8_export_then_sample(onnx_here, tmp_path):
+    pytest.importorskip("nncf", reason="NNCF is not installed (pip install '.[int8]')")
+    from ddpm_deploy.export.cli import main as export_cli
+
+    r = CliRunner().invoke(export_cli, ["--onnx", str(onnx_here), "--int8", "--calib-dataset", "digits"])
+    assert r.exit_code == 0, r.output
+    xml = onnx_here.with_name("model.int8.xml")
+    report = PrecisionReport.load(onnx_here.with_name("precision.int8.json"))
+    assert xml.is_file() and xml.with_suffix(".bin").is_file() and report.precision == "int8"
+    assert report.conversion["fake_quantize_nodes"] > 0 and len(report.error["buckets"]) == 10
+    assert report.passed == (report.error["worst_rel_l2"] <= report.tolerance["value"])
+    kept = report.conversion["conv_matmul"]["kept_float"]
+    assert any("conv_in" in n for n in kept) and any("conv_out" in n for n in kept) and any("temb" in n for n in kept)
+
+    s = CliRunner().invoke(run_cli, ["sample", "--onnx", str(onnx_here), "--backend", "openvino", "--precision", "int8",
+                                     "--num", "2", "--steps", "10", "--no-progress", "--out", str(tmp_path / "s")])
+    assert s.exit_code == 0, s.output
+    info = json.loads((tmp_path / "s" / "run.json").read_text())
+    assert info["precision"] == "int8" and info["model"].endswith("model.int8.xml")
