@@ -9,8 +9,8 @@ Two layouts on disk, both handled (no hub download: the user points at files):
 
 The scheduler config is mapped onto our ``DiffusionConfig``; what the runtime cannot sample (learned variance,
 v- or x0-prediction, thresholding, trained or scaled β, zero-terminal-SNR rescaling) is refused with a message
-that names the key. ``step_with_noise`` runs ``DDPMScheduler.step`` with injected noise: diffusers 0.42's DDPM
-step has no ``variance_noise`` argument (only DDIM's has), so the module's ``randn_tensor`` is replaced for the call.
+that names the key. The diffusers reference sampler (``DDPMScheduler.step`` with our noise) is in
+``ddpm_deploy.verify.diffusers_ref``.
 """
 
 from __future__ import annotations

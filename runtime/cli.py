@@ -115,9 +115,9 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device,
     if engine is not None and onnx_path is not None:
         raise ConfigError("give either --onnx or --engine, not both")
     if engine is not None:
-        device = "cuda"
+        device, backend = "cuda", "tensorrt"  # a plan is a plan whatever its suffix (trtexec writes .trt too)
     model_path = Path(engine or onnx_path or latest_run() / "export" / "model.onnx")
-    if backend == "openvino" or model_path.suffix == ".xml":
+    if backend == "openvino" or (backend is None and model_path.suffix == ".xml"):
         if device != "cpu":
             raise ConfigError("the OpenVINO backend runs on the CPU: drop --device cuda / --engine")
         backend = "openvino"

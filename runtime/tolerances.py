@@ -33,10 +33,6 @@ L2_EPS_FP32_ATOL = 1e-4
 L2_EPS_FP16_REL_L2 = 1e-2
 # L3 trajectory: full 1000-step loop, fp32 runtime vs PyTorch reference loop with the same noise.
 L3_TRAJECTORY_FP32_ATOL = 1e-3
-# TensorRT may pick TF32 tactics for fp32 layers (10-bit mantissa inputs): ε and the 1000-step trajectory of a
-# TensorRT plan vs ONNX Runtime CPU fp32 are held to these until fp32 parity builds clear the TF32 flag.
-L2_EPS_TF32_ATOL = 1e-3
-L3_TRAJECTORY_TF32_ATOL = 1e-2
 # images (uint8) of two fp32 backends: a pixel on a rounding boundary may differ by 1; at most this share may
 UINT8_DIFFERING_FRACTION = 1e-3
 # L4 backend: GPU step kernel vs NumPy step (relative), Philox words bitwise.

@@ -88,7 +88,8 @@ class OpenVinoRunner(Runner):
         self.config = {k: str(v) for k, v in config.items()}
         # what OpenVINO really runs: it ignores the bf16 hint on CPUs without AVX512_BF16/AMX (f32 then)
         effective = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
-        self.precision = "int8" if model_precision == "int8" else ("bf16" if "bf16" in effective else "fp32")
+        # the model's own precision (int8 IR, fp16/bf16 mixed ONNX) wins; an fp32 model runs at the hint's
+        self.precision = model_precision if model_precision != "fp32" else ("bf16" if "bf16" in effective else "fp32")
         if precision == "bf16" and self.precision != "bf16":
             log.warning("OpenVINO runs f32: this CPU has no native bf16 (AVX512_BF16 or AMX), so the bf16 hint is "
                         "ignored")
