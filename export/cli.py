@@ -59,10 +59,20 @@ DEFAULT_ENGINE = "__out__/model.plan"
 @click.option("--version-compatible", is_flag=True, help="Build a version-compatible engine (TensorRT lean runtime).")
 @click.option("--tf32", is_flag=True, help="Allow TF32 tactics for fp32 layers (faster on Ampere and newer; ε moves "
               "by ~1e-3). Off by default, so an fp32 plan matches ONNX Runtime fp32 within the parity tolerance.")
+@click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write a Triton Inference Server model repository (model `ddpm`, Python backend) here. "
+                   "RUN_DIR may be an ONNX file or a plan: then only the repository is written (no torch needed).")
+@click.option("--triton-kind", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="Triton instance kind: cpu (ONNX Runtime CPU) or gpu (ONNX Runtime CUDA, or the plan). "
+                   "Default: gpu for a plan, else cpu.")
+@click.option("--triton-instances", type=int, default=1, help="Triton model instances (instance_group count).")
+@click.option("--triton-max-batch", type=int, default=None,
+              help="Dynamic batching's largest batch. Default: the plan's profile max, else 16.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @clean_errors
 def main(run_dir, out, raw, from_diffusers, fp16, calib_dataset, engine, trt_flavour, batch_min, batch_opt, batch_max,
-         workspace_mb, opt_level, timing_cache, version_compatible, tf32, verbose):
+         workspace_mb, opt_level, timing_cache, version_compatible, tf32, triton_repo, triton_kind, triton_instances,
+         triton_max_batch, verbose):
     """Export a trained run to ONNX, and optionally to fp16 mixed precision and a TensorRT engine.
 
     \b
@@ -79,6 +89,12 @@ def main(run_dir, out, raw, from_diffusers, fp16, calib_dataset, engine, trt_fla
     the same contract and metadata, and verified against the diffusers model in PyTorch.
     """
     setup_logging(verbose)
+    if run_dir is not None and Path(run_dir).suffix.lower() in (".onnx", ".plan", ".engine"):
+        if triton_repo is None:
+            raise ConfigError(f"{run_dir} is a model file: give --triton-repo DIR to write a Triton repository for it "
+                              f"(export and engine builds start from a run dir)")
+        _write_triton(Path(run_dir), triton_repo, triton_kind, triton_instances, triton_max_batch)
+        return
     settings = None
     if engine is not None:  # validate the profile before spending minutes on export and calibration
         from .engine import EngineSettings
@@ -119,6 +135,20 @@ def main(run_dir, out, raw, from_diffusers, fp16, calib_dataset, engine, trt_fla
         click.echo(f"wrote {plan} ({side.plan['bytes'] / 1e6:.1f} MB, {side.precision}, "
                    f"{side.trt['flavour']} {side.trt['version']}, batch {batch_min}/{batch_opt}/{batch_max}) "
                    f"in {side.build['seconds']:.1f}s, and {plan}.json")
+    if triton_repo is not None:
+        use_plan = settings is not None and triton_kind == "gpu"
+        _write_triton(plan if use_plan else onnx_path, triton_repo, triton_kind, triton_instances, triton_max_batch)
+
+
+def _write_triton(model: Path, repo: Path, kind: str | None, instances: int, max_batch: int | None) -> None:
+    """The Triton model repository for ``model`` (runtime.serve.repository; no torch)."""
+    from ddpm_deploy.runtime.serve.repository import RepoSettings, write_repository
+
+    plan = model.suffix.lower() in (".plan", ".engine")
+    write_repository(model, repo, RepoSettings(instances=instances, kind=kind or ("gpu" if plan else "cpu"),
+                                               max_batch=max_batch))
+    click.echo(f"wrote Triton model repository {repo}/ddpm (config.pbtxt, 1/model.py, 1/{model.name}); serve it with "
+               f"ddpm-run serve --repo {repo}")
 
 
 if __name__ == "__main__":
