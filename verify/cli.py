@@ -106,3 +106,7 @@ def bench(out, presets, backends, batches, max_batch_cifar, repeat, warmup, e2e_
                 batches=tuple(int(b) for b in split(batches)), warmup=warmup, repeat=repeat, e2e_steps=e2e_steps,
                 threads=threads, max_batch={"ddpm-cifar10": max_batch_cifar}, echo=click.echo)
     click.echo(f"wrote {out}/results.json, results.md, images_per_s.png")
+
+
+if __name__ == "__main__":
+    main()
