@@ -11,7 +11,13 @@ What running the wheel's server needs (found on our machines):
 - the interpreter's ``LIBDIR`` first on ``LD_LIBRARY_PATH``: the stub links ``libpython3.X``, and with a pyenv or
   conda interpreter the system's copy would mix two Python builds (``'_thread.RLock' object has no attribute
   '_recursion_count'`` at load); the wheel's ``nvidia_pytriton.libs`` after it;
-- this environment's site-packages for the model (``DDPM_SERVE_SITE_PACKAGES``, read by ``model.py``).
+- this environment's NumPy for the stub: the stub runs its interpreter with the environment ignored (``-E``: no
+  ``PYTHONPATH``) and imports NumPy before ``model.py`` runs, from the *base* interpreter's site-packages (a
+  virtualenv's are not on its path; a base without NumPy would fail). Its ``sys.path`` starts with ``''``, the
+  working directory, so the server runs in a folder holding links to this environment's ``numpy`` (and
+  ``numpy.libs``): the stub, model.py and our runtime then share one NumPy, the one ddpm-deploy was installed with;
+- this environment's site-packages for the model (``DDPM_SERVE_SITE_PACKAGES``, added by ``model.py`` with
+  ``site.addsitedir``, which also runs the ``.pth`` files of editable installs).
 """
 
 from __future__ import annotations
@@ -175,6 +181,18 @@ class TritonServer:
         shutil.copy2(inst.stub, py / inst.stub.name)
         return bk
 
+    def _workdir(self) -> Path:
+        """The server's working directory: links to this environment's NumPy (see the module docstring)."""
+        import numpy
+
+        wd = Path(self._tmp.name) / "cwd"
+        wd.mkdir(exist_ok=True)
+        pkg = Path(numpy.__file__).parent
+        for src in (pkg, pkg.with_name("numpy.libs")):
+            if src.exists() and not (wd / src.name).exists():
+                os.symlink(src, wd / src.name)
+        return wd
+
     def command(self) -> list[str]:
         cmd = [str(self.install.binary), f"--model-repository={self.repo.resolve()}",
                f"--http-address={self.host}", f"--http-port={self.http_port}",
@@ -194,7 +212,7 @@ class TritonServer:
         log.info("starting %s", " ".join(cmd))
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=server_env(self.install), start_new_session=True)
+                                     env=server_env(self.install), start_new_session=True, cwd=self._workdir())
         try:
             self.wait_ready(timeout)
         except BaseException:

@@ -68,6 +68,12 @@ class TritonPythonModel:
                 default_steps=int(params["default_steps"]) if params.get("default_steps") else None)
         except Exception as e:  # noqa: BLE001 - the load fails with the reason, the server keeps its other models
             raise pb_utils.TritonModelException(f"ddpm: cannot load {params.get('artifact')}: {e}") from None
+        import onnxruntime
+
+        print(  # the stub's stderr is the server's log (pb_utils.Logger.log_info shows only with --log-verbose)
+            f"ddpm: serving {params['artifact']} ({self.model.runner.name}, {threads} threads, max batch "
+            f"{self.model.max_batch}) with numpy {np.__version__} from {os.path.realpath(os.path.dirname(np.__file__))}, "
+            f"onnxruntime {onnxruntime.__version__}, Python {sys.version.split()[0]}", file=sys.stderr, flush=True)
 
     def _input(self, request, name):
         t = self.pb.get_input_tensor_by_name(request, name)

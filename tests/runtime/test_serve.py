@@ -67,11 +67,18 @@ def repo(random_micro_onnx, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(repo):
-    srv = TritonServer(repo)
+def server(repo, tmp_path_factory):
+    srv = TritonServer(repo, log_file=tmp_path_factory.mktemp("triton-log") / "tritonserver.log")
     with srv:
         yield srv
     assert_no_process_left(srv)
+
+
+def test_the_model_runs_on_this_environments_numpy(server):
+    """The stub imports this environment's NumPy (2.x in CI), not its base interpreter's: outputs go by DLPack, which
+    the bundled Python backend handles under NumPy 2 (its NumPy bridge does not)."""
+    log = server.log_path.read_text(errors="replace")
+    assert f"with numpy {np.__version__} from {os.path.realpath(os.path.dirname(np.__file__))}," in log, log[-3000:]
 
 
 def stats(server) -> dict[int, int]:
@@ -81,7 +88,7 @@ def stats(server) -> dict[int, int]:
 
 
 def test_repository_layout(repo, random_micro_onnx):
-    files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
+    files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     params = read_parameters(repo)
     cfg = (repo / "ddpm" / "config.pbtxt").read_text()
 
