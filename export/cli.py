@@ -123,13 +123,22 @@ class _ProgressBar:
               help="TensorRT-RTX target GPU, e.g. 8.9 (repeat for several). Default: portable to 8.6, 8.9 and 12.0. "
                    "7.5 (Turing) and 12.1 must be asked for; 8.0/9.0/10.0 (A100/H100/B200) are not supported by "
                    "TensorRT-RTX.")
+@click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write a Triton Inference Server model repository (model `ddpm`, Python backend) here. "
+                   "RUN_DIR may be an ONNX file or a plan: then only the repository is written (no torch needed).")
+@click.option("--triton-kind", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="Triton instance kind: cpu (ONNX Runtime CPU) or gpu (ONNX Runtime CUDA, or the plan). "
+                   "Default: gpu for a plan, else cpu.")
+@click.option("--triton-instances", type=int, default=1, help="Triton model instances (instance_group count).")
+@click.option("--triton-max-batch", type=int, default=None,
+              help="Dynamic batching's largest batch. Default: the plan's profile max, else 16.")
 @click.option("--no-progress", is_flag=True, envvar="DDPM_NO_PROGRESS", show_envvar=True,
               help="No engine-build progress bar.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @clean_errors
 def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, calib_dataset, engine, engine_out, adopt_plan,
          trt_flavour, batch_min, batch_opt, batch_max, workspace_mb, opt_level, timing_cache, version_compatible, tf32,
-         compute_capability, no_progress, verbose):
+         compute_capability, triton_repo, triton_kind, triton_instances, triton_max_batch, no_progress, verbose):
     """Export a trained run to ONNX, and optionally to fp16 mixed precision and a TensorRT engine.
 
     \b
@@ -151,6 +160,12 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
     'ddpm-deploy[engine]' plus a TensorRT flavour there and run `ddpm-export --onnx model.onnx --engine`.
     """
     setup_logging(verbose)
+    if run_dir is not None and Path(run_dir).suffix.lower() in (".onnx", ".plan", ".engine", ".trt"):
+        if triton_repo is None:
+            raise ConfigError(f"{run_dir} is a model file: give --triton-repo DIR to write a Triton repository for it, "
+                              f"or --onnx {run_dir} for engine builds and precisions (RUN_DIR is a ddpm-train run)")
+        _write_triton(Path(run_dir), triton_repo, triton_kind, triton_instances, triton_max_batch)
+        return
     precision = precision or ("fp16" if fp16 else "fp32")
     if fp16 and precision not in ("fp16",):
         raise ConfigError(f"--fp16 and --precision {precision} disagree; give one of them")
@@ -237,6 +252,20 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
         click.echo(f"wrote {plan} ({side.plan['bytes'] / 1e6:.1f} MB, {side.precision}, "
                    f"{side.trt['flavour']} {side.trt['version']}, batch {batch_min}/{batch_opt}/{batch_max}) "
                    f"in {side.build['seconds']:.1f}s, and {plan}.json; runs on {where}")
+    if triton_repo is not None:
+        use_plan = settings is not None and triton_kind == "gpu"
+        _write_triton(plan if use_plan else onnx_path, triton_repo, triton_kind, triton_instances, triton_max_batch)
+
+
+def _write_triton(model: Path, repo: Path, kind: str | None, instances: int, max_batch: int | None) -> None:
+    """The Triton model repository for ``model`` (runtime.serve.repository; no torch)."""
+    from ddpm_deploy.runtime.serve.repository import RepoSettings, write_repository
+
+    plan = model.suffix.lower() in (".plan", ".engine", ".trt")
+    write_repository(model, repo, RepoSettings(instances=instances, kind=kind or ("gpu" if plan else "cpu"),
+                                               max_batch=max_batch))
+    click.echo(f"wrote Triton model repository {repo}/ddpm (config.pbtxt, 1/model.py, 1/{model.name}); serve it with "
+               f"ddpm-run serve --repo {repo}")
 
 
 if __name__ == "__main__":

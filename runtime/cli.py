@@ -82,11 +82,18 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
 @click.option("--variance-type", type=click.Choice(["fixed_small", "fixed_large"]), default=None,
               help="Override the sampler variance.")
 @click.option("--clip/--no-clip", default=None, help="Override clipping of x̂0 to [-1, 1].")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Sample shard I of N of the job (--num images from --start-index), into OUT/shard-I-of-N/. "
+                   "Default: from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else torchrun's RANK/WORLD_SIZE, else "
+                   "no sharding. Merge the shards with ddpm-run merge.")
+@click.option("--device-id", type=int, default=None,
+              help="GPU to run on (--device cuda / --engine). Default: LOCAL_RANK (torchrun), else 0.")
 @click.option("--no-progress", is_flag=True, envvar="DDPM_NO_PROGRESS", show_envvar=True, help="No progress bar.")
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @clean_errors
 def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device, backend, precision, cuda_graph,
-           threads, graph_opt, no_pngs, schedule, beta_start, beta_end, num_timesteps, variance_type, clip, no_progress,
+           threads, graph_opt, no_pngs, schedule, beta_start, beta_end, num_timesteps, variance_type, clip, shard,
+           device_id, no_progress,
            verbose):
     """Sample images with ancestral sampling.
 
@@ -105,6 +112,7 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device,
     from .contract import RunInfo
     from .fileio import sha256_file
     from .output import SampleWriter
+    from .shard import device_id_from, shard_from
 
     if num <= 0 or batch <= 0:
         raise ConfigError(f"--num and --batch must be positive, found --num {num} --batch {batch}")
@@ -130,9 +138,18 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device,
         raise ConfigError(f"--precision {precision} is an OpenVINO option: add --backend openvino (ONNX Runtime runs "
                           f"the precision stored in the model: pass model.fp16.onnx for fp16)")
     ov_precision = "fp32" if precision == "int8" else precision
+    job = shard_from(shard)
+    shard_info = None
+    if job is not None:
+        first, end = job.range(num, start_index)
+        shard_info = {"index": job.index, "count": job.count, "num_total": num}
+        out = (out or model_path.parent / "samples") / job.folder()
+        start_index, num = first, end - first
+        click.echo(f"shard {job}: indices {first}-{end - 1} -> {out}")
     with ExitStack() as stack:
         runner = stack.enter_context(open_runner(model_path, device, backend=backend, threads=threads,
-                                                 opt_level=graph_opt, cuda_graph=cuda_graph, precision=ov_precision))
+                                                 opt_level=graph_opt, cuda_graph=cuda_graph, precision=ov_precision,
+                                                 device_id=device_id_from(device_id)))
         card = _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, variance_type, clip)
         shape = (card.data.channels, card.data.image_size, card.data.image_size)
         sched = Schedule(card.diffusion, steps=steps)
@@ -165,7 +182,7 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device,
             loop=sampler.loop, precision=runner.precision, model=str(model_path), diffusion=card.diffusion.to_dict(),
             total_seconds=total, images_per_second=num / total, timings=timings.summary(),
             host={"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version()},
-            model_sha256=sha256_file(model_path),
+            model_sha256=sha256_file(model_path), shard=shard_info,
         )
         writer.close(info)
     med = info.timings.get("eps_ms_median") or info.timings.get("step_ms_median") or 0.0
@@ -199,6 +216,20 @@ def info(onnx_path, engine):
         click.echo(f"inputs: {[(i.name, i.type, i.shape) for i in runner.session.get_inputs()]}")
         click.echo(f"outputs: {[(o.name, o.type, o.shape) for o in runner.session.get_outputs()]}")
         click.echo("ddpm config: " + (runner.card.to_json() if runner.card else "none (no ddpm-deploy metadata)"))
+
+@main.command(context_settings=CTX)
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@clean_errors
+def merge(out, shards):
+    """Merge shard folders of `ddpm-run sample --shard I/N` into OUT: samples.npz ordered by index (keys images,
+    indices, and arr_0 for FID evaluators), grid.png and run.json listing the shards. Refuses overlapping or
+    missing indices and shards of different jobs."""
+    from .shard import merge as merge_shards
+
+    info = merge_shards(out, shards)
+    click.echo(f"merged {len(info.shards)} shards: {info.num} images, indices {info.first_index}-"
+               f"{info.first_index + info.num - 1} -> {out}/samples.npz, grid.png, run.json")
 
 
 if __name__ == "__main__":

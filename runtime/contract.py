@@ -241,9 +241,11 @@ class PlanSidecar(Artifact):
 
 @dataclass(kw_only=True)
 class RunInfo(Artifact):
-    """``run.json`` of ``ddpm-run sample``: what was sampled, how, and how fast. ``model_sha256``: the ONNX/plan."""
+    """``run.json`` of ``ddpm-run sample`` (and ``ddpm-run request``): what was sampled, how, and how fast.
+    ``model_sha256``: the ONNX/plan. v2 added ``shard`` (index, count, num_total of a ``--shard I/N`` run)."""
 
     SCHEMA: ClassVar[str] = "ddpm-deploy/samples"
+    SCHEMA_VERSION: ClassVar[int] = 2
     WHAT: ClassVar[str] = "sampling record (run.json)"
     REWRITE: ClassVar[str] = "sample again with ddpm-run sample"
 
@@ -263,6 +265,27 @@ class RunInfo(Artifact):
     images_per_second: float
     timings: dict[str, Any]
     host: dict[str, Any] = field(default_factory=dict)
+    shard: dict[str, int] | None = None  # {"index": i, "count": n, "num_total": N} of a sharded job
+
+
+@dataclass(kw_only=True)
+class MergeInfo(Artifact):
+    """``run.json`` of ``ddpm-run merge``: the shards merged into one samples.npz (ordered by index).
+    ``model_sha256``: the model every shard was sampled with."""
+
+    SCHEMA: ClassVar[str] = "ddpm-deploy/merged-samples"
+    WHAT: ClassVar[str] = "merge record (run.json of ddpm-run merge)"
+    REWRITE: ClassVar[str] = "merge again with ddpm-run merge"
+
+    seed: int
+    num: int
+    first_index: int
+    steps: int
+    num_timesteps: int
+    precision: str
+    diffusion: dict[str, Any]
+    shards: list[dict[str, Any]]         # dir, shard, start_index, num, backend, total_seconds, run_json_sha256
+    sampling_seconds: float              # sum over the shards
 
 
 @dataclass(kw_only=True)
@@ -345,5 +368,5 @@ class BenchResults(Artifact):
     checks: list[dict[str, Any]] = field(default_factory=list)  # test outcomes run with it (the GPU check)
 
 
-ARTIFACTS: tuple[type[Artifact], ...] = (PlanSidecar, RunInfo, ExportReport, PrecisionReport, ParityReport,
-                                         BenchResults)
+ARTIFACTS: tuple[type[Artifact], ...] = (PlanSidecar, RunInfo, MergeInfo, ExportReport, PrecisionReport,
+                                         ParityReport, BenchResults)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import RunInfo
+from .contract import Artifact
 from .errors import ConfigError
 from .fileio import atomic_write_bytes
 from .imageio import grid_scale, make_grid, png_bytes, save_png, to_uint8
@@ -41,7 +41,11 @@ class SampleWriter:
         self.scale = grid_scale(h)
 
     def add(self, x: np.ndarray, indices) -> None:
-        imgs = to_uint8(x, self.value_range)
+        """Add float images [B, C, H, W] in the model's value range."""
+        self.add_uint8(to_uint8(x, self.value_range), indices)
+
+    def add_uint8(self, imgs: np.ndarray, indices) -> None:
+        """Add images that are already uint8 [B, H, W, C] (served images, merged shards)."""
         self._npy.write(np.ascontiguousarray(imgs).tobytes())
         for img, i in zip(imgs, indices):
             if self.write_pngs:
@@ -51,10 +55,15 @@ class SampleWriter:
         self.indices.extend(int(i) for i in indices)
         self.count += len(imgs)
 
-    def close(self, run_info: RunInfo) -> None:
+    def close(self, run_info: Artifact) -> None:
+        """Finish samples.npz (+ ``indices``), grid.png and run.json."""
         self._npy.close()
+        if self.count != self.num:
+            self.abort()
+            raise ConfigError(f"expected {self.num} images for {self.out}, received {self.count}")
         with self._zip.open("indices.npy", "w") as f:
             np.lib.format.write_array(f, np.asarray(self.indices, dtype=np.int64))
+
         self._zip.close()
         os.replace(self._tmp, self.out / "samples.npz")
         if self.grid_images:
@@ -68,3 +77,25 @@ class SampleWriter:
         except Exception:
             pass
         self._tmp.unlink(missing_ok=True)
+
+
+def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
+    """An uncompressed .npz of ``arrays`` (streamed into a temporary file, then renamed: whole or not at all)."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+            for key, arr in arrays.items():
+                with z.open(f"{key}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return p
+
+
+def save_grid(out_dir: str | os.PathLike, images: np.ndarray) -> None:
+    """grid.png of the first 64 images [N, H, W, C] uint8."""
+    if len(images):
+        save_png(Path(out_dir) / "grid.png", make_grid(images[:GRID_MAX]), scale=grid_scale(images.shape[1]))

@@ -1,4 +1,6 @@
-"""`ddpm-run`, whole: the runtime's commands (sample, info) plus the ones that judge it (parity, bench).
+"""`ddpm-run`, whole: the runtime's commands (sample, info, merge; serve and request from
+``runtime.serve.cli``) plus
+the ones that judge it (parity, bench).
 
 The console script points here, not at ``runtime.cli``, so that the runtime layer never imports the verify
 layer; ``parity`` and ``bench`` import torch only when they run.
@@ -11,6 +13,7 @@ from pathlib import Path
 import click
 
 from ddpm_deploy.runtime.cli import CTX, main
+from ddpm_deploy.runtime.serve import cli as _serve_cli  # noqa: F401  (adds serve and request to `main`)
 from ddpm_deploy.runtime.clitools import clean_errors, latest_run, setup_logging
 from ddpm_deploy.runtime.errors import ConfigError, lazy_import
 
@@ -107,3 +110,7 @@ def bench(out, presets, backends, batches, max_batch_cifar, repeat, warmup, e2e_
                 batches=tuple(int(b) for b in split(batches)), warmup=warmup, repeat=repeat, e2e_steps=e2e_steps,
                 threads=threads, max_batch={"ddpm-cifar10": max_batch_cifar}, echo=click.echo)
     click.echo(f"wrote {out}/results.json, results.md, images_per_s.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -31,7 +31,11 @@ EXAMPLES = {
         seed=0, num=4, batch=2, start_index=0, steps=10, num_timesteps=1000, backend="onnxruntime-cpu",
         runner="OrtRunner", loop="host", precision="fp32", model="m.onnx", diffusion={"schedule": "linear"},
         total_seconds=1.5, images_per_second=2.7, timings={"steps": 10}, host={"python": "3.11"},
-        model_sha256="ef" * 32),
+        model_sha256="ef" * 32, shard={"index": 1, "count": 3, "num_total": 12}),
+    contract.MergeInfo: dict(
+        seed=0, num=12, first_index=0, steps=10, num_timesteps=1000, precision="fp32",
+        diffusion={"schedule": "linear"}, shards=[{"dir": "shard-0-of-3", "start_index": 0, "num": 4}],
+        sampling_seconds=3.5, model_sha256="ef" * 32),
     contract.ExportReport: dict(onnx="model.onnx", source={"run_dir": "runs/x", "step": 30}, export_seconds=1.0,
                                 verify_fp32={"passed": True, "atol": 1e-4, "max_abs": 2e-6, "cases": []}),
     contract.PrecisionReport: dict(precision="fp16-mixed", onnx_fp32="model.onnx", onnx_mixed="model.fp16.onnx",

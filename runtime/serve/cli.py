@@ -1,0 +1,132 @@
+"""`ddpm-run serve` and `ddpm-run request`: commands of the runtime's `ddpm-run` group that need
+no torch (registered on ``runtime.cli.main``; the console script's module, ``verify/cli.py``, imports this one)."""
+
+from __future__ import annotations
+
+import platform
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..cli import CTX, main
+from ..clitools import clean_errors, latest_run, setup_logging
+from ..errors import ConfigError
+
+
+@main.command(context_settings=CTX)
+@click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="A model repository from ddpm-export --triton-repo. Default: one written to a temporary folder "
+                   "from --onnx / --engine.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="ONNX model to serve (without --repo). Default: runs/latest/export/model.onnx.")
+@click.option("--engine", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TensorRT plan (+ sidecar) to serve on the GPU (without --repo).")
+@click.option("--http-port", type=int, default=8000, help="HTTP/REST port (0: a free one).")
+@click.option("--grpc-port", type=int, default=8001, help="gRPC port (0: a free one).")
+@click.option("--metrics-port", type=int, default=8002, help="Prometheus metrics port (0: a free one).")
+@click.option("--host", default="127.0.0.1", help="Address the server listens on (0.0.0.0: every interface).")
+@click.option("--instances", type=int, default=1, help="Model instances (without --repo).")
+@click.option("--kind", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="Instance kind (without --repo). Default: gpu for --engine, else cpu.")
+@click.option("--max-batch", type=int, default=None,
+              help="Dynamic batching's largest batch (without --repo). Default: the plan's profile max, else 16.")
+@click.option("--threads", type=int, default=0, help="ONNX Runtime threads per instance (0: cores / instances).")
+@click.option("--ready-timeout", type=float, default=300.0, help="Seconds to wait for the model to load.")
+@click.option("-v", "--verbose", count=True, help="More logging.")
+@clean_errors
+def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, instances, kind, max_batch, threads,
+          ready_timeout, verbose):
+    """Serve the model with Triton Inference Server until SIGINT or SIGTERM.
+
+    \b
+      ddpm-run serve --onnx model.onnx --instances 2      writes a repository, starts tritonserver
+      ddpm-run serve --repo triton-repo                   a repository from ddpm-export --triton-repo
+
+    One request = one image: inputs seed UINT64 [1], index INT64 [1], optional steps INT32 [1]; output image
+    UINT8 [H, W, C]. The image equals `ddpm-run sample` for the same seed and index, bit for bit.
+    """
+    setup_logging(verbose)
+    from .repository import RepoSettings, write_repository
+    from .server import TritonServer
+
+    tmp = None
+    if repo is None:
+        if onnx_path is not None and engine is not None:
+            raise ConfigError("give either --onnx or --engine, not both")
+        model = Path(engine or onnx_path or latest_run() / "export" / "model.onnx")
+        tmp = tempfile.TemporaryDirectory(prefix="ddpm-repo-")
+        repo = write_repository(model, tmp.name, RepoSettings(
+            instances=instances, kind=kind or ("gpu" if engine else "cpu"), max_batch=max_batch, threads=threads))
+    ports = [p or None for p in (http_port, grpc_port, metrics_port)]
+    server = TritonServer(repo, *ports, host=host)
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start(timeout=ready_timeout)
+        click.echo(f"serving model ddpm from {repo}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+                   f"metrics {server.host}:{server.metrics_port} (tritonserver pid {server.proc.pid}); "
+                   f"Ctrl-C stops it", err=True)
+        while stop["signal"] is None:
+            if server.proc.poll() is not None:
+                raise ConfigError(f"tritonserver exited with status {server.proc.returncode}:\n{server.log_tail()}")
+            time.sleep(0.2)
+        click.echo(f"stopping tritonserver ({signal.Signals(stop['signal']).name})", err=True)
+    finally:
+        rc = server.stop()
+        for s, h in old.items():
+            signal.signal(s, h)
+        if tmp is not None:
+            tmp.cleanup()
+    click.echo(f"tritonserver stopped (exit status {rc})", err=True)
+
+
+@main.command(context_settings=CTX)
+@click.option("--url", default="127.0.0.1:8000",
+              help="Server address: host:port, http://host:port or grpc://host:port.")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default=None,
+              help="Default: from the URL's scheme, else http.")
+@click.option("--seed", type=int, default=0, help="Seed.")
+@click.option("--index", "start_index", type=int, default=0, help="Index of the first image.")
+@click.option("--num", "-n", type=int, default=1, help="Images: indices INDEX … INDEX+NUM-1, one request each.")
+@click.option("--steps", type=int, default=None, help="Respaced sampling with K steps. Default: the server's.")
+@click.option("--concurrency", "-c", type=int, default=4, help="Requests in flight at once.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("served"),
+              help="Output directory (grid.png, images/, samples.npz, run.json).")
+@click.option("--no-pngs", is_flag=True, help="Skip images/NNNNNN.png.")
+@clean_errors
+def request(url, protocol, seed, start_index, num, steps, concurrency, out, no_pngs):
+    """Fetch images from a served model (tritonclient) and write the usual sample outputs."""
+    from ..contract import RunInfo
+    from ..output import SampleWriter
+    from .client import TritonImages, diffusion_of
+
+    if num < 1 or start_index < 0 or seed < 0:
+        raise ConfigError(f"--num must be >= 1, --index and --seed >= 0; found {num}, {start_index}, {seed}")
+    with TritonImages(url, protocol) as client:
+        params = client.parameters()
+        got = client.fetch(seed, range(start_index, start_index + num), steps=steps, concurrency=concurrency)
+    h, w, c = got.images.shape[1:]
+    writer = SampleWriter(out, num, (c, h, w), write_pngs=not no_pngs)
+    writer.add_uint8(got.images, range(start_index, start_index + num))
+    lat = np.asarray(got.latencies) * 1e3
+    T = int(params.get("num_timesteps") or 0)
+    writer.close(RunInfo(
+        seed=seed, num=num, batch=1, start_index=start_index,
+        steps=int(steps or params.get("default_steps") or T), num_timesteps=T,
+        backend=f"triton-{client.protocol}", runner="tritonclient", loop="served", precision=params.get("precision", "?"),
+        model=f"{client.protocol}://{client.url}/{params.get('artifact', '')}", diffusion=diffusion_of(params),
+        total_seconds=got.seconds, images_per_second=num / got.seconds,
+        timings={"requests": num, "concurrency": concurrency, "latency_ms_p50": float(np.percentile(lat, 50)),
+                 "latency_ms_p99": float(np.percentile(lat, 99))},
+        host={"machine": platform.machine(), "python": platform.python_version()},
+        model_sha256=params.get("model_sha256") or None))
+    click.echo(f"fetched {num} images from {client.protocol}://{client.url} in {got.seconds:.1f}s "
+               f"({num / got.seconds:.2f} images/s, p50 {np.percentile(lat, 50):.0f} ms); wrote {out}")

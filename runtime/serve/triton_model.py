@@ -1,0 +1,97 @@
+"""The Triton Python-backend model of a ddpm-deploy model repository (copied there as ``ddpm/1/model.py``).
+
+One request = one image (or k, with a request batch of k): inputs ``seed`` UINT64 [1], ``index`` INT64 [1],
+optional ``steps`` INT32 [1]; output ``image`` UINT8 [H, W, C]. Triton's dynamic batcher hands several requests
+to ``execute`` at once; ``runtime.serve.handler.ServedModel`` samples them together.
+
+Tensors cross the backend boundary by DLPack, not by the backend's NumPy bridge: the Python backend bundled
+with Triton is built against NumPy 1.x, and under NumPy 2 its ``Tensor(name, ndarray)`` produces outputs whose
+size Triton refuses ("output tensor shape does not match size of output"). DLPack works under both.
+
+This file imports nothing from ddpm-deploy at module level: the stub's ``sys.path`` is its interpreter's, so the
+serving environment's site-packages (``DDPM_SERVE_SITE_PACKAGES``, set by ``ddpm-run serve``) are added first.
+"""
+
+import json
+import os
+import site
+import sys
+
+SITE_ENV = "DDPM_SERVE_SITE_PACKAGES"
+
+
+def _quiet_dlpack_rename(hook=sys.unraisablehook):
+    """The backend marks a consumed DLPack capsule "used_dlpack" (the DLPack name is "used_dltensor"), so NumPy's
+    capsule destructor reports an unraisable ValueError for each output although the backend owns and frees the
+    tensor. Drop exactly that report; everything else goes to the previous hook."""
+
+    def quiet(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, ValueError) and "PyCapsule_GetPointer called with incorrect name" in str(exc):
+            return
+        hook(unraisable)
+
+    sys.unraisablehook = quiet
+
+
+def _add_site_packages():
+    for d in reversed([p for p in os.environ.get(SITE_ENV, "").split(os.pathsep) if p]):
+        if d not in sys.path:
+            site.addsitedir(d)
+            sys.path.remove(d)
+            sys.path.insert(0, d)  # ahead of the interpreter's own packages (its NumPy may differ)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        _add_site_packages()
+        _quiet_dlpack_rename()
+        import numpy as np
+        import triton_python_backend_utils as pb_utils
+
+        from ddpm_deploy.runtime.serve.handler import Request, ServedModel
+
+        self.np, self.pb, self.Request = np, pb_utils, Request
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        here = os.path.join(args["model_repository"], args["model_version"])
+        gpu = args.get("model_instance_kind") == "GPU"
+        threads = int(params.get("threads", "0"))
+        if threads == 0:  # share the cores between the instances of this model
+            count = sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1
+            threads = max(1, (os.cpu_count() or 1) // count)
+        try:
+            self.model = ServedModel(
+                os.path.join(here, params["artifact"]), device="cuda" if gpu else "cpu",
+                device_id=int(args.get("model_instance_device_id", 0) or 0), threads=threads,
+                max_batch=max(1, int(config.get("max_batch_size", 1))),
+                default_steps=int(params["default_steps"]) if params.get("default_steps") else None)
+        except Exception as e:  # noqa: BLE001 - the load fails with the reason, the server keeps its other models
+            raise pb_utils.TritonModelException(f"ddpm: cannot load {params.get('artifact')}: {e}") from None
+        import onnxruntime
+
+        print(  # the stub's stderr is the server's log (pb_utils.Logger.log_info shows only with --log-verbose)
+            f"ddpm: serving {params['artifact']} ({self.model.runner.name}, {threads} threads, max batch "
+            f"{self.model.max_batch}) with numpy {np.__version__} from {os.path.realpath(os.path.dirname(np.__file__))}, "
+            f"onnxruntime {onnxruntime.__version__}, Python {sys.version.split()[0]}", file=sys.stderr, flush=True)
+
+    def _input(self, request, name):
+        t = self.pb.get_input_tensor_by_name(request, name)
+        return None if t is None else self.np.from_dlpack(t).copy()
+
+    def execute(self, requests):
+        batch = [self.Request(seed=self._input(r, "seed"), index=self._input(r, "index"),
+                              steps=self._input(r, "steps")) for r in requests]
+        responses = []
+        for result in self.model.infer(batch):
+            if isinstance(result, Exception):
+                responses.append(self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(str(result))))
+            else:
+                out = self.pb.Tensor.from_dlpack("image", self.np.ascontiguousarray(result).__dlpack__())
+                responses.append(self.pb.InferenceResponse(output_tensors=[out]))
+        return responses
+
+    def finalize(self):
+        model = getattr(self, "model", None)
+        if model is not None:
+            model.close()

@@ -1,0 +1,258 @@
+"""Serving with the real Triton Inference Server (the nvidia-pytriton wheel's tritonserver) on 127.0.0.1: concurrent
+HTTP and gRPC clients get exactly `ddpm-run sample`'s images, Triton forms batches > 1, bad requests fail and the
+server keeps serving, a garbage model fails to load, and stopping leaves no process behind. No mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ddpm_deploy import Sampler
+from ddpm_deploy.runtime.errors import MissingDependencyError
+from ddpm_deploy.runtime.serve.client import TritonImages, make_inputs
+from ddpm_deploy.runtime.serve.repository import RepoSettings, read_parameters, write_repository
+from ddpm_deploy.runtime.serve.server import ServerError, TritonServer, find_triton, free_port, group_processes
+from ddpm_deploy.verify.cli import main as run_cli
+from helpers import run_without_torch
+
+tritonclient_http = pytest.importorskip("tritonclient.http", reason="the serving tests need tritonclient[http,grpc]")
+tritonclient_grpc = pytest.importorskip("tritonclient.grpc", reason="the serving tests need tritonclient[http,grpc]")
+try:
+    find_triton()
+except MissingDependencyError as e:
+    pytest.skip(f"no tritonserver: {e}", allow_module_level=True)
+
+SEED, STEPS = 5, 10
+DDPM_RUN = str(Path(sys.executable).with_name("ddpm-run"))
+
+
+def cli_sample(onnx, tmp_path, seed, start, num, steps=STEPS):
+    """Images of `ddpm-run sample` itself."""
+    out = tmp_path / f"cli-{seed}-{start}-{num}"
+    r = CliRunner().invoke(run_cli, ["sample", "--onnx", str(onnx), "--seed", str(seed), "--start-index", str(start),
+                                     "--num", str(num), "--steps", str(steps), "--no-pngs", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return np.load(out / "samples.npz")["images"]
+
+
+def reference(onnx, seed, indices, steps=STEPS):
+    """The Python API's images (equal to `ddpm-run sample`'s: tests/test_api.py)."""
+    with Sampler.from_onnx(onnx, threads=1) as s:
+        return np.concatenate([s(1, seed=seed, start_index=int(i), steps=steps) for i in indices])
+
+
+def assert_no_process_left(server: TritonServer):
+    assert server.proc is not None and server.proc.poll() is not None
+    assert group_processes(server.pgid) == [], "tritonserver or a Python-backend stub is still running"
+
+
+@pytest.fixture(scope="module")
+def repo(random_micro_onnx, tmp_path_factory):
+    # a 50 ms batching window: concurrent requests of a 2-core CI machine reliably meet in one batch
+    return write_repository(random_micro_onnx, tmp_path_factory.mktemp("triton") / "repo",
+                            RepoSettings(max_batch=8, queue_delay_us=50_000, threads=1))
+
+
+@pytest.fixture(scope="module")
+def server(repo, tmp_path_factory):
+    srv = TritonServer(repo, log_file=tmp_path_factory.mktemp("triton-log") / "tritonserver.log")
+    with srv:
+        yield srv
+    assert_no_process_left(srv)
+
+
+def test_the_model_runs_on_this_environments_numpy(server):
+    """The stub imports this environment's NumPy (2.x in CI), not its base interpreter's: outputs go by DLPack, which
+    the bundled Python backend handles under NumPy 2 (its NumPy bridge does not)."""
+    log = server.log_path.read_text(errors="replace")
+    assert f"with numpy {np.__version__} from {os.path.realpath(os.path.dirname(np.__file__))}," in log, log[-3000:]
+
+
+def stats(server) -> dict[int, int]:
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/ddpm/stats", timeout=10) as r:
+        body = json.load(r)
+    return {b["batch_size"]: b["compute_infer"]["count"] for b in body["model_stats"][0]["batch_stats"]}
+
+
+def test_repository_layout(repo, random_micro_onnx):
+    files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    params = read_parameters(repo)
+    cfg = (repo / "ddpm" / "config.pbtxt").read_text()
+
+    assert files == ["ddpm/1/model.onnx", "ddpm/1/model.py", "ddpm/config.pbtxt"]
+    assert (repo / "ddpm/1/model.onnx").read_bytes() == Path(random_micro_onnx).read_bytes()
+    assert params["artifact"] == "model.onnx" and params["num_timesteps"] == "1000"
+    assert json.loads(params["diffusion"])["schedule"] == "linear"
+    assert "max_batch_size: 8" in cfg and "KIND_CPU" in cfg and "max_queue_delay_microseconds: 50000" in cfg
+
+
+def test_concurrent_http_and_grpc_clients_get_sample_images_bit_for_bit(server, random_micro_onnx, tmp_path):
+    before = stats(server)
+    indices = list(range(12))
+    with TritonImages(server.http_url, "http") as h, TritonImages(server.grpc_url, "grpc") as g:
+        # two different mixes at once: the same (seed, index) lands in different batches
+        with ThreadPoolExecutor(2) as pool:
+            fh = pool.submit(h.fetch, SEED, indices, STEPS, 6)
+            fg = pool.submit(g.fetch, SEED, indices[::-1] + [100, 101], STEPS, 8)
+            http, grpc = fh.result(), fg.result()
+    after = stats(server)
+
+    ref = np.concatenate([cli_sample(random_micro_onnx, tmp_path, SEED, 0, 12),
+                          cli_sample(random_micro_onnx, tmp_path, SEED, 100, 2)])
+    np.testing.assert_array_equal(http.images, ref[:12])
+    np.testing.assert_array_equal(grpc.images, np.concatenate([ref[:12][::-1], ref[12:]]))
+    batched = {b: n - before.get(b, 0) for b, n in after.items() if b > 1 and n > before.get(b, 0)}
+    assert batched, f"Triton formed no batch > 1: {after}"
+    print("batches formed (size: count):", batched)
+
+
+def test_request_batch_of_several_images_equals_single_requests(server, random_micro_onnx):
+    with TritonImages(server.http_url) as c:
+        many = c.request(SEED, [3, 4, 7], steps=STEPS)
+    np.testing.assert_array_equal(many, reference(random_micro_onnx, SEED, [3, 4, 7]))
+
+
+def _raw_infer(server, inputs):
+    c = tritonclient_http.InferenceServerClient(server.http_url)
+    try:
+        return c.infer("ddpm", inputs)
+    finally:
+        c.close()
+
+
+def _inp(name, arr, dtype):
+    i = tritonclient_http.InferInput(name, list(arr.shape), dtype)
+    i.set_data_from_numpy(arr)
+    return i
+
+
+@pytest.mark.parametrize("case,inputs,message", [
+    ("missing index", lambda: [_inp("seed", np.array([[1]], np.uint64), "UINT64")], "index"),
+    ("wrong dtype", lambda: [_inp("seed", np.array([[1]], np.int32), "INT32"),
+                             _inp("index", np.array([[0]], np.int64), "INT64")], "seed"),
+    ("wrong shape", lambda: [_inp("seed", np.array([[1, 2]], np.uint64), "UINT64"),
+                             _inp("index", np.array([[0, 1]], np.int64), "INT64")], "shape"),
+    ("negative index", lambda: make_inputs(tritonclient_http, [1], [-1], STEPS), "index must be in [0, 4294967295]"),
+    ("steps too small", lambda: make_inputs(tritonclient_http, [1], [0], 1), "steps must be between 2 and 1000"),
+    ("steps too large", lambda: make_inputs(tritonclient_http, [1], [0], 5000), "steps must be between 2 and 1000"),
+])
+def test_bad_requests_fail_and_the_server_keeps_serving(server, random_micro_onnx, case, inputs, message):
+    with pytest.raises(tritonclient_http.InferenceServerException) as err:
+        _raw_infer(server, inputs())
+    assert message in str(err.value), f"{case}: {err.value}"
+
+    with TritonImages(server.http_url) as c:
+        np.testing.assert_array_equal(c.request(SEED, [0], STEPS), reference(random_micro_onnx, SEED, [0]))
+
+
+def test_garbage_model_fails_to_load_and_the_loaded_one_keeps_serving(random_micro_onnx, tmp_path):
+    repo = write_repository(random_micro_onnx, tmp_path / "repo", RepoSettings(max_batch=4, threads=1))
+    # Triton counts the failed version as a live model until its exit timeout: keep that short here
+    with TritonServer(repo, exit_timeout=2) as srv:
+        (repo / "ddpm/1/model.onnx").write_bytes(b"garbage, not an ONNX model" * 10)
+        req = urllib.request.Request(f"http://{srv.http_url}/v2/repository/models/ddpm/load", method="POST", data=b"")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=120)
+        body = err.value.read().decode()
+        err.value.close()  # an open HTTP connection would hold the server's shutdown for its exit timeout
+        with TritonImages(srv.grpc_url, "grpc") as c:
+            served = c.request(SEED, [1], STEPS)
+    assert_no_process_left(srv)
+
+    assert "ddpm: cannot load model.onnx" in body, body
+    np.testing.assert_array_equal(served, reference(random_micro_onnx, SEED, [1]))
+
+
+def test_garbage_model_at_start_is_a_clean_error_and_leaves_no_process(random_micro_onnx, tmp_path):
+    repo = write_repository(random_micro_onnx, tmp_path / "repo", RepoSettings(threads=1))
+    (repo / "ddpm/1/model.onnx").write_bytes(b"\x00garbage" * 64)
+    srv = TritonServer(repo)
+
+    with pytest.raises(ServerError, match="exited with status") as err:
+        srv.start(timeout=120)
+
+    assert "ddpm: cannot load model.onnx" in str(err.value)
+    assert_no_process_left(srv)
+
+
+def _wait_ready(port, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/ddpm/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise AssertionError("ddpm-run serve did not become ready")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_ddpm_run_serve_and_request_then_a_signal_stops_everything(random_micro_onnx, tmp_path, sig):
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    proc = subprocess.Popen([DDPM_RUN, "serve", "--onnx", str(random_micro_onnx), "--http-port", str(http),
+                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--max-batch", "4",
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_ready(http, proc)
+        url = "grpc://127.0.0.1:%d" % grpc if sig == signal.SIGINT else "http://127.0.0.1:%d" % http
+        r = CliRunner().invoke(run_cli, ["request", "--url", url, "--seed", str(SEED), "--index", "2", "--num", "3",
+                                         "--steps", str(STEPS), "--out", str(tmp_path / "served")])
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    assert r.exit_code == 0, r.output
+    got = np.load(tmp_path / "served" / "samples.npz")
+    np.testing.assert_array_equal(got["images"], reference(random_micro_onnx, SEED, [2, 3, 4]))
+    np.testing.assert_array_equal(got["indices"], [2, 3, 4])
+    run = json.loads((tmp_path / "served" / "run.json").read_text())
+    assert run["loop"] == "served" and run["steps"] == STEPS
+    assert proc.returncode == 0, err
+    triton_pid = int(re.search(r"tritonserver pid (\d+)", err).group(1))
+    assert "tritonserver stopped (exit status 0)" in err
+    assert group_processes(triton_pid) == [] and group_processes(proc.pid) == []
+
+
+def test_export_triton_repo_from_an_onnx_file_needs_no_torch(random_micro_onnx, tmp_path):
+    r = run_without_torch(f"""
+from ddpm_deploy.export.cli import main
+import sys
+sys.argv = ["ddpm-export", {str(random_micro_onnx)!r}, "--triton-repo", {str(tmp_path / "r")!r},
+            "--triton-instances", "2", "--triton-max-batch", "4"]
+try:
+    main()
+except SystemExit as e:
+    assert e.code in (0, None), e.code
+assert "torch" not in sys.modules
+""")
+
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = (tmp_path / "r" / "ddpm" / "config.pbtxt").read_text()
+    assert "count: 2 kind: KIND_CPU" in cfg and "max_batch_size: 4" in cfg
+
+
+def test_a_plan_is_refused_on_cpu_instances(tmp_path):
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"x")
+    r = CliRunner().invoke(run_cli, ["serve", "--engine", str(plan), "--kind", "cpu", "--http-port", "0"])
+    assert r.exit_code == 2 and "runs on a GPU only" in r.output
