@@ -208,7 +208,8 @@ def cpu_flags() -> list[str]:
 
 
 def run(out_dir: Path, presets=PRESETS, backends=CPU_BACKENDS, batches=(1, 8, 64), warmup: int = 2, repeat: int = 5,
-        e2e_steps: int = 50, threads: int = 0, max_batch: dict[str, int] | None = None, echo=print) -> dict[str, Any]:
+        e2e_steps: int = 50, threads: int = 0, max_batch: dict[str, int] | None = None, echo=print,
+        with_engine_builds: bool = True) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory() as work:
@@ -229,7 +230,7 @@ def run(out_dir: Path, presets=PRESETS, backends=CPU_BACKENDS, batches=(1, 8, 64
                     echo(f"{preset:13s} {backend:20s} b={b:<4d} " +
                          (f"{r['eps_ms']:9.2f} ms/step  {r['ms_per_image_step']:8.3f} ms/img-step  "
                           f"rss {r['peak_rss_mb']:.0f} MB" if "eps_ms" in r else r["error"]))
-        builds = engine_builds(presets, Path(work), echo)
+        builds = engine_builds(presets, Path(work), echo) if with_engine_builds else []
     bench = BenchResults(machine=machine_info(), engine_builds=builds, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                          warmup=warmup, repeat=repeat, statistic="median", command=" ".join(sys.argv), results=results)
     bench.save(out_dir / "results.json")

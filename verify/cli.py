@@ -94,8 +94,10 @@ def parity(checkpoint, onnx_path, engine, steps, batch, seed, weights, threads, 
 @click.option("--warmup", type=int, default=2, help="Untimed warm-up calls.")
 @click.option("--e2e-steps", type=int, default=50, help="Steps of the end-to-end runtime run (loop overhead).")
 @click.option("--threads", type=int, default=0, help="Threads for every backend (0: all cores).")
+@click.option("--engine-builds/--no-engine-builds", default=True,
+              help="Also time TensorRT engine builds (fp32 and calibrated fp16) of each preset.")
 @clean_errors
-def bench(out, presets, backends, batches, max_batch_cifar, repeat, warmup, e2e_steps, threads):
+def bench(out, presets, backends, batches, max_batch_cifar, repeat, warmup, e2e_steps, threads, engine_builds):
     """Benchmark our runtime against PyTorch eager/bf16/compile and a diffusers-style loop (needs the
     [test] extra: torch, diffusers). Each measurement runs in its own process; medians after warm-up."""
     try:
@@ -108,7 +110,8 @@ def bench(out, presets, backends, batches, max_batch_cifar, repeat, warmup, e2e_
         raise ConfigError(f"unknown backends {sorted(unknown)}; available: {', '.join(harness.CPU_BACKENDS)}")
     harness.run(Path(out), presets=tuple(split(presets)), backends=tuple(split(backends)),
                 batches=tuple(int(b) for b in split(batches)), warmup=warmup, repeat=repeat, e2e_steps=e2e_steps,
-                threads=threads, max_batch={"ddpm-cifar10": max_batch_cifar}, echo=click.echo)
+                threads=threads, max_batch={"ddpm-cifar10": max_batch_cifar}, echo=click.echo,
+                with_engine_builds=engine_builds)
     click.echo(f"wrote {out}/results.json, results.md, images_per_s.png")
 
 

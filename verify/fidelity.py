@@ -132,13 +132,14 @@ def markdown(doc: dict, spread: float | None) -> str:
     lines = [f"Fidelity and speed of CPU precisions; {m.get('cpu', '?')} ({m.get('cpus')} cores), CPU flags "
              f"{', '.join(m.get('cpu_flags', [])) or 'none of interest'}; {doc['date']}.", "",
              f"`{doc['command']}`", "",
-             "| row | runner | ms/step | PSNR vs fp32 (median / min) | max abs x0 | digits quality | offered |",
-             "|---|---|---:|---|---:|---:|---|"]
+             "| row | runner | precision run | ms/step | PSNR vs fp32 (median / min) | max abs x0 | digits quality | offered |",
+             "|---|---|---|---:|---|---:|---:|---|"]
     for r in doc["results"]:
         ps = f"{r['psnr_db_median']:.1f} / {r['psnr_db_min']:.1f} dB" if "psnr_db_median" in r else "—"
         q = f"{r['quality_confident_share']:.0%}" if "quality_confident_share" in r else "—"
         off = {True: "yes", False: "no (quality drop > fp32 seed spread)"}.get(r.get("offered"), "—")
-        lines.append(f"| {r['row']} | {r['runner']} | {r['eps_ms']:.2f} | {ps} | {r.get('max_abs', 0):.3g} | {q} | {off} |")
+        lines.append(f"| {r['row']} | {r['runner']} | {r['precision']} | {r['eps_ms']:.2f} | {ps} | "
+                     f"{r.get('max_abs', 0):.3g} | {q} | {off} |")
     if spread is not None:
         lines += ["", f"fp32 seed-to-seed spread of the quality score: {spread:.1%}."]
     return "\n".join(lines) + "\n"

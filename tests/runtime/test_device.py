@@ -496,7 +496,7 @@ def test_rtx_plan_on_an_sm90_stand_in_is_refused_naming_the_supported_gpus(rtx_p
     """H100/H200 (9.0) cannot run TensorRT-RTX: a clear refusal before deserializing, not a crash."""
     assert gpu.props.compute_capability == (9, 0)
     with pytest.raises(ArtifactError, match=r"cannot run on hostsim(.|\n)*runs on compute capability 7\.5, 8\.6, "
-                                            r"8\.9, 12\.0 only, this GPU has 9\.0"):
+                                            r"8\.9, 12\.0, 12\.1 only, this GPU has 9\.0"):
         trt_backend.TrtRunner(rtx_plan, gpu)
 
 
