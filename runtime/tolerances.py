@@ -1,4 +1,4 @@
-"""Every parity tolerance, in one place, by level and precision (README "Parity" lists the measured values).
+"""Every parity tolerance and quality threshold, in one place (README "Parity" and "FID" list the measured values).
 
 Max-abs unless named otherwise. A comparison that fails reports the largest difference, its index and both
 values (see ``compare``).
@@ -43,6 +43,23 @@ UINT8_DIFFERING_FRACTION = 1e-3
 L4_STEP_RTOL = 1e-6
 # L4: a sample computed alone vs inside a batch, host loop, ONNX Runtime CPU (only the batch's BLAS blocking differs).
 L4_BATCH_INDEPENDENCE_ATOL = 1e-5
+
+
+# --- FID / KID (README "Sample quality: FID"; measured values there) -----------------------------------------
+# FID is biased upward for small sets: below this many images on either side fid.json carries a warning.
+FID_SMALL_SAMPLE = 10_000
+# ONNX Runtime vs TorchScript Inception, max |Δ| of the 2048 pool3 features (values up to ~10).
+FID_EXTRACTOR_ONNX_ATOL = 1e-3
+# Our NumPy TF1 bilinear resize vs NVlabs' affine_grid/grid_sample formulation, on 0..255 values.
+FID_RESIZE_ATOL = 1e-3
+# FID(x, x): only round-off of the eigen-decompositions remains.
+FID_SELF_ATOL = 1e-6
+# |FID(a, b) − FID(b, a)| relative to FID(a, b).
+FID_SYMMETRY_RTOL = 1e-6
+# our FID vs torchmetrics' _compute_fid and the TTUR/pytorch-fid sqrtm formula on the same statistics (relative).
+FID_REFERENCE_RTOL = 1e-6
+# our unbiased MMD² vs torchmetrics' poly_mmd on the same features (relative).
+KID_REFERENCE_RTOL = 1e-9
 
 
 @dataclass
