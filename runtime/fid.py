@@ -5,7 +5,9 @@ NumPy only (no torch, no SciPy): the features come from ``runtime.inception`` (O
 - **FID** (Heusel et al. 2017): ``|μ1 − μ2|² + tr Σ1 + tr Σ2 − 2 tr (Σ1 Σ2)^½``. The trace of the square root is
   the sum of the square roots of the eigenvalues of Σ1 Σ2, which equal those of the *symmetric* PSD matrix
   ``A Σ2 A`` with ``A = Σ1^½`` (XY and YX have the same eigenvalues). So two ``eigh`` calls in float64 replace
-  ``scipy.linalg.sqrtm`` of a non-symmetric product (whose complex round-off the TTUR code has to discard).
+  ``scipy.linalg.sqrtm`` of a non-symmetric product (whose complex round-off the TTUR code has to discard). With
+  the features of side 1 at hand and fewer images than dimensions, the same eigenvalues come from an n × n matrix
+  (see ``frechet_distance``): milliseconds instead of seconds for a few hundred samples.
   Safeguards: both matrices are symmetrised, and eigenvalues below the numerical-rank tolerance
   ``n · eps · λ_max`` (NumPy's ``matrix_rank`` rule) are set to 0, so rank-deficient Σ (fewer images than 2048
   features) give no spurious ``√(round-off)`` terms. Checked against torchmetrics' ``_compute_fid`` and the
@@ -52,8 +54,12 @@ def _rank_clip(w: np.ndarray, n: int) -> np.ndarray:
     return np.where(w > tol, w, 0.0)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """FID between two Gaussians N(μ1, Σ1), N(μ2, Σ2) (float64; see the module docstring for the method)."""
+def frechet_distance(mu1, sigma1, mu2, sigma2, features1=None) -> float:
+    """FID between two Gaussians N(μ1, Σ1), N(μ2, Σ2) (float64; see the module docstring for the method).
+
+    ``features1``: the features [n, d] that μ1 and Σ1 were computed from, if at hand. With n ≤ d (a few hundred
+    samples against 2048 features) the eigenvalues come from the n × n matrix X Σ2 Xᵀ / (n − 1), X the centred
+    features: Σ1 Σ2 = Xᵀ (X Σ2) / (n − 1) has the same non-zero eigenvalues, found in O(n d²) instead of O(d³)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     d = mu1.shape[0]
@@ -62,10 +68,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
                           f"and Σ {s1.shape}, {s2.shape}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise ConfigError("FID statistics contain NaN or Inf (a NaN feature or image?)")
-    w1, v1 = np.linalg.eigh((s1 + s1.T) / 2.0)
-    a = (v1 * np.sqrt(_rank_clip(w1, d))) @ v1.T           # Σ1^½
-    m = a @ s2 @ a                                         # eig(Σ1^½ Σ2 Σ1^½) = eig(Σ1 Σ2)
-    w = _rank_clip(np.linalg.eigvalsh((m + m.T) / 2.0), d)
+    if features1 is not None and 2 <= len(features1) <= d:
+        x = np.asarray(features1, np.float64) - mu1
+        m = x @ s2 @ x.T / (len(x) - 1)                    # eig(X Σ2 Xᵀ / (n−1)) = eig(Σ1 Σ2) \ {0}
+    else:
+        w1, v1 = np.linalg.eigh((s1 + s1.T) / 2.0)
+        a = (v1 * np.sqrt(_rank_clip(w1, d))) @ v1.T       # Σ1^½
+        m = a @ s2 @ a                                     # eig(Σ1^½ Σ2 Σ1^½) = eig(Σ1 Σ2)
+    w = _rank_clip(np.linalg.eigvalsh((m + m.T) / 2.0), len(m))
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.sqrt(w).sum())
 

@@ -1,4 +1,5 @@
-"""`ddpm-run`, whole: the runtime's commands (sample, info) plus the ones that judge it (parity, bench).
+"""`ddpm-run`, whole: the runtime's commands (sample, info) plus the ones that judge it (parity, bench, and the FID
+commands of ``verify/fid_cli.py``: fid, fid-stats, fid-extractor, fid-compare).
 
 The console script points here, not at ``runtime.cli``, so that the runtime layer never imports the verify
 layer; ``parity`` and ``bench`` import torch only when they run.
@@ -13,6 +14,8 @@ import click
 from ddpm_deploy.runtime.cli import CTX, main
 from ddpm_deploy.runtime.clitools import clean_errors, latest_run, setup_logging
 from ddpm_deploy.runtime.errors import ConfigError, lazy_import
+
+from . import fid_cli  # noqa: F401  (registers fid, fid-stats, fid-extractor and fid-compare on `main`)
 
 __all__ = ["main"]
 

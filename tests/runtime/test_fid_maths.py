@@ -7,14 +7,15 @@ import json
 
 import numpy as np
 import pytest
+from helpers import ttur_fid
 
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, DataError
 from ddpm_deploy.runtime.fid import (FeatureStats, check_same_extractor, frechet_distance, is_stats_file,
                                      kernel_distance, mmd2_poly)
 from ddpm_deploy.runtime.imageset import read_image_set
 from ddpm_deploy.runtime.inception import INCEPTION_SIZE, prepare, resize_weights
-from ddpm_deploy.runtime.tolerances import (FID_REFERENCE_RTOL, FID_RESIZE_ATOL, FID_SELF_ATOL, FID_SYMMETRY_RTOL,
-                                            KID_REFERENCE_RTOL)
+from ddpm_deploy.runtime.tolerances import (FID_PATHS_RTOL, FID_REFERENCE_RTOL, FID_RESIZE_ATOL, FID_SELF_ATOL,
+                                            FID_SYMMETRY_RTOL, KID_REFERENCE_RTOL)
 
 EXTRACTOR = {"name": "test", "weights_sha256": "ab" * 32, "preprocess": "p"}
 
@@ -27,22 +28,6 @@ def gaussian_features(n, d, seed, scale=1.0, shift=0.0, mixing_seed=None):
 
 def stats(f):
     return f.mean(axis=0), np.cov(f, rowvar=False)
-
-
-def ttur_fid(mu1, s1, mu2, s2, eps=1e-6):
-    """The TTUR / pytorch-fid formula (scipy.linalg.sqrtm of the product, offset if singular, real part)."""
-    import warnings
-
-    import scipy.linalg
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "matrix is singular" for rank-deficient Σ
-        covmean = scipy.linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        off = np.eye(len(s1)) * eps
-        covmean = scipy.linalg.sqrtm((s1 + off) @ (s2 + off))
-    d = mu1 - mu2
-    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
 
 
 def test_fid_matches_torchmetrics_and_the_ttur_formula_on_full_rank_statistics():
@@ -67,6 +52,15 @@ def test_fid_of_identical_rank_deficient_statistics_is_zero_and_fid_is_symmetric
     assert abs(frechet_distance(*stats(x), *stats(x))) <= FID_SELF_ATOL
     ab, ba = frechet_distance(*stats(x), *stats(y)), frechet_distance(*stats(y), *stats(x))
     assert ab > 1.0 and abs(ab - ba) <= FID_SYMMETRY_RTOL * ab
+
+
+def test_fid_from_features_equals_fid_from_statistics():
+    """fewer images than dimensions: the n × n path (features of side 1) gives the d × d path's number."""
+    x, y = gaussian_features(40, 128, 3), gaussian_features(300, 128, 4, shift=0.5)
+    for f1, f2 in ((x, y), (y[:100], x), (x, x)):
+        args = (*stats(f1), *stats(f2))
+        full, small = frechet_distance(*args), frechet_distance(*args, features1=f1)
+        assert abs(small - full) <= FID_PATHS_RTOL * abs(full) + FID_SELF_ATOL, (small, full)
 
 
 def test_fid_grows_with_the_mean_shift_exactly():
