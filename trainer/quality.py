@@ -83,9 +83,10 @@ def main(argv=None) -> int:
         print(f"error: {f} not found (run ddpm-run sample first)", file=sys.stderr)
         return 2
     try:
+        fid = fid_summary(FidReport.load(d / "fid.json")) if (d / "fid.json").is_file() else None
         rep = evaluate(np.load(f)["images"])
-        if (d / "fid.json").is_file():
-            rep["fid"] = fid_summary(FidReport.load(d / "fid.json"))
+        if fid is not None:
+            rep["fid"] = fid
     except (ArtifactError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
