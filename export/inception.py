@@ -104,7 +104,8 @@ def export_extractor(out: str | os.PathLike, weights: str | os.PathLike | None =
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
     info = {"name": EXTRACTOR_NAME, "weights_sha256": digest, "preprocess": PREPROCESS, "feature_dim": FEATURE_DIM,

@@ -49,7 +49,7 @@ STATS_KEYS = ("header", "mu", "sigma", "kid_features")
 # --- the distances --------------------------------------------------------------------------------------------
 
 def _rank_clip(w: np.ndarray, n: int) -> np.ndarray:
-    """Eigenvalues of a symmetric PSD matrix with those under the numerical-rank tolerance (n · eps · λ_max) set to 0."""
+    """Eigenvalues of a symmetric PSD matrix, those under the numerical-rank tolerance (n · eps · λ_max) set to 0."""
     tol = float(np.abs(w).max(initial=0.0)) * n * np.finfo(np.float64).eps
     return np.where(w > tol, w, 0.0)
 

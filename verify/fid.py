@@ -205,7 +205,8 @@ def sample_set(model: Path, device: str, out: Path, num: int, batch: int, seed: 
     with open_runner(model, device, threads=threads) as runner:
         card = runner.card
         if card is None:
-            raise ArtifactError(f"{model}: has no ddpm-deploy metadata (ddpm_deploy.config); export it with ddpm-export")
+            raise ArtifactError(f"{model}: has no ddpm-deploy metadata (ddpm_deploy.config); export it with "
+                                "ddpm-export")
         shape = (card.data.channels, card.data.image_size, card.data.image_size)
         sched = Schedule(card.diffusion, steps=steps)
         with open_sampler(runner, sched, shape, max_batch=min(batch, num)) as sampler:

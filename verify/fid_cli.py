@@ -32,7 +32,8 @@ def extraction_options(fn):
                      help="Size a dataset spec is read at (folder: resize + centre crop). Default: the samples' size "
                           "(fid), the dataset's own (fid-stats; folder: needs it)."),
         click.option("--channels", type=click.Choice(["1", "3"]), default=None,
-                     help="Channels a dataset spec is read with. Default: the samples' (fid), the dataset's (fid-stats)."),
+                     help="Channels a dataset spec is read with. Default: the samples' (fid), the dataset's "
+                          "(fid-stats)."),
         click.option("--no-progress", is_flag=True, envvar="DDPM_NO_PROGRESS", show_envvar=True,
                      help="No progress bars."),
         click.option("-v", "--verbose", count=True, help="More logging."),
@@ -91,7 +92,8 @@ def _print_report(rep, path: Path) -> None:
     if rep.paired:
         p = rep.paired
         click.echo(f"paired (seed {p['seed']}): {p['identical_images']}/{p['count']} images identical, "
-                   f"{p['images_within_1']} within 1/255, max |Δ| {p['uint8_max_diff']}/255, PSNR {p['psnr_db']:.1f} dB")
+                   f"{p['images_within_1']} within 1/255, max |Δ| {p['uint8_max_diff']}/255, "
+                   f"PSNR {p['psnr_db']:.1f} dB")
         for side in ("reference", "samples"):
             s = p["speed"][side]
             if s:

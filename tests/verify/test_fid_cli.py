@@ -119,7 +119,8 @@ def test_fid_compare_gate_passes_on_the_same_model_and_fails_on_a_changed_one(fi
 def test_fid_runs_with_torch_blocked(fid_extractor, sets, tmp_path):
     """A serving machine: the ONNX extractor and a statistics file, no torch (not even importable)."""
     shutil.copy(sets / "samples.npz", tmp_path / "samples.npz")
-    assert run("fid-stats", sets / "ref.npz", "--out", tmp_path / "ref.npz", "--extractor", fid_extractor).exit_code == 0
+    stats = run("fid-stats", sets / "ref.npz", "--out", tmp_path / "ref.npz", "--extractor", fid_extractor)
+    assert stats.exit_code == 0, stats.output
 
     r = run_without_torch(f"""
         import os
