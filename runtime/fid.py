@@ -165,7 +165,7 @@ class FeatureStats:
                 mu, sigma, kid = z["mu"], z["sigma"], z["kid_features"]
         except FileNotFoundError:
             raise ArtifactError(f"expected the FID statistics file {p}, found no such file; {hint}") from None
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        except (OSError, ValueError, EOFError, TypeError, zipfile.BadZipFile) as e:  # TypeError: a .npy (no `with`)
             raise ArtifactError(f"{p}: not a readable FID statistics file ({e}); {hint}") from None
         d = header.feature_dim
         if mu.shape != (d,) or sigma.shape != (d, d) or kid.ndim != 2 or kid.shape[1] != d:

@@ -63,7 +63,7 @@ def _read_npz(f: Path) -> ImageSet:
             indices = z["indices"] if "indices" in z.files else None
     except ArtifactError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, TypeError, zipfile.BadZipFile) as e:  # TypeError: a .npy (no `with`)
         raise ArtifactError(f"{f}: not a readable .npz ({e}); expected samples.npz of ddpm-run sample") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or len(images) == 0:
         raise DataError(f"{f}: 'images' must be uint8 [N, H, W, C] with N > 0 and C 1 or 3, found {images.dtype} "

@@ -131,6 +131,12 @@ def test_stats_file_errors(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ArtifactError, match="not a readable"):
         FeatureStats.load(tmp_path / "junk.npz")
+    with open(tmp_path / "array.npz", "wb") as fh:  # a lone .npy array under an .npz name
+        np.save(fh, np.zeros(3))
+    with pytest.raises(ArtifactError, match="not a readable"):
+        FeatureStats.load(tmp_path / "array.npz")
+    with pytest.raises(ArtifactError, match="not a readable"):
+        read_image_set(tmp_path / "array.npz")
     with pytest.raises(ConfigError, match="at least 2 images"):
         FeatureStats.from_features(np.zeros((1, 4)), EXTRACTOR, "x")
     with pytest.raises(ArtifactError, match="weights_sha256"):
