@@ -5,7 +5,7 @@
 - **Precision** of an ONNX model: ``detect_precision`` (the ``ddpm_deploy.precision`` metadata the exporters
   write, else a walk of the graph).
 - **Artifacts**: one dataclass per JSON file (plan sidecar, run.json, export report, precision report, parity
-  report, bench results). Each carries ``schema``, ``schema_version``, the package versions that wrote it and
+  report, bench results, fid.json, the header of a FID statistics file). Each carries ``schema``, ``schema_version``, the package versions that wrote it and
   the SHA-256 of the model it describes; ``to_json`` / ``from_json`` are the only writer and reader, so a
   file that round-trips here is a file every command can read.
 
@@ -368,5 +368,46 @@ class BenchResults(Artifact):
     checks: list[dict[str, Any]] = field(default_factory=list)  # test outcomes run with it (the GPU check)
 
 
+@dataclass(kw_only=True)
+class FidStatsHeader(Artifact):
+    """The JSON header inside a FID statistics file (``ddpm-run fid-stats``, a .npz that also holds μ, Σ and KID's
+    reference features): how many images, from where, and which extractor (weights SHA-256, preprocessing)."""
+
+    SCHEMA: ClassVar[str] = "ddpm-deploy/fid-stats"
+    WHAT: ClassVar[str] = "FID statistics header"
+    REWRITE: ClassVar[str] = "compute the statistics again with `ddpm-run fid-stats REF --out FILE`"
+
+    count: int
+    feature_dim: int
+    extractor: dict[str, Any]            # name, weights_sha256, preprocess
+    source: str                          # the dataset spec or image set the statistics describe
+    image_shape: list[int] | None        # H, W, C of the images before the resize to 299
+    kid_features: int                    # reference features kept for KID
+
+
+@dataclass(kw_only=True)
+class FidReport(Artifact):
+    """``fid.json`` of ``ddpm-run fid`` / ``fid-compare``: FID and KID of a set of samples against a reference, the
+    image count on each side (FID is biased for small sets: ``small_sample`` and ``warnings`` say so), the
+    extractor's identity and, for a precision/backend comparison, the paired per-image differences and the
+    gate. ``model_sha256``: the model that made the samples, when their run.json says."""
+
+    SCHEMA: ClassVar[str] = "ddpm-deploy/fid"
+    WHAT: ClassVar[str] = "FID report (fid.json)"
+    REWRITE: ClassVar[str] = "run ddpm-run fid again"
+
+    fid: float
+    kid: dict[str, Any]                  # mean, std, subsets, subset_size
+    inception_score: dict[str, Any]      # value (None when not computed) and the reason
+    samples: dict[str, Any]              # path, count, image_shape, run (run.json summary or None)
+    reference: dict[str, Any]            # spec, count, image_shape, stats_file, kid_features
+    extractor: dict[str, Any]            # path, sha256 (the ONNX file), weights_sha256, preprocess, backend
+    small_sample: bool
+    warnings: list[str]
+    seconds: float
+    paired: dict[str, Any] | None = None  # same seeds on both sides: per-image differences, each side's speed
+    gate: dict[str, Any] | None = None    # max_fid, max_kid, passed
+
+
 ARTIFACTS: tuple[type[Artifact], ...] = (PlanSidecar, RunInfo, MergeInfo, ExportReport, PrecisionReport,
-                                         ParityReport, BenchResults)
+                                         ParityReport, BenchResults, FidStatsHeader, FidReport)

@@ -1,4 +1,4 @@
-"""Every parity tolerance, in one place, by level and precision (README "Parity" lists the measured values).
+"""Every parity tolerance and quality threshold, in one place (README "Parity" and "FID" list the measured values).
 
 Max-abs unless named otherwise. A comparison that fails reports the largest difference, its index and both
 values (see ``compare``).
@@ -39,6 +39,34 @@ UINT8_DIFFERING_FRACTION = 1e-3
 L4_STEP_RTOL = 1e-6
 # L4: a sample computed alone vs inside a batch, host loop, ONNX Runtime CPU (only the batch's BLAS blocking differs).
 L4_BATCH_INDEPENDENCE_ATOL = 1e-5
+
+
+# --- FID / KID (README "Sample quality: FID"; measured values there) -----------------------------------------
+# FID is biased upward for small sets: below this many images on either side fid.json carries a warning.
+FID_SMALL_SAMPLE = 10_000
+# ONNX Runtime vs TorchScript Inception, max |Δ| of the 2048 pool3 features (values up to ~10).
+FID_EXTRACTOR_ONNX_ATOL = 1e-3
+# Our NumPy TF1 bilinear resize vs NVlabs' affine_grid/grid_sample formulation, on 0..255 values.
+FID_RESIZE_ATOL = 1e-3
+# FID(x, x): only round-off of the eigen-decompositions remains.
+FID_SELF_ATOL = 1e-6
+# |FID(a, b) − FID(b, a)| relative to FID(a, b).
+FID_SYMMETRY_RTOL = 1e-6
+# our FID vs torchmetrics' _compute_fid and the TTUR/pytorch-fid sqrtm formula on the same full-rank statistics
+# (relative; measured 2e-15).
+FID_REFERENCE_RTOL = 1e-9
+# the same on real features of a few hundred images (Σ rank-deficient): the sqrtm-based references keep √(round-off)
+# terms from the zero eigenvalues and differ from us, and from each other, by ~1e-6 (measured ≤ 3.5e-6 at 2048
+# dimensions, ≤ 3.3e-7 on the first 256 that the test uses).
+FID_RANK_DEFICIENT_RTOL = 1e-5
+# FID from the n × n matrix of the samples' features vs from Σ^½ (d × d), on the same data (measured ≤ 1.3e-12).
+FID_PATHS_RTOL = 1e-9
+# sanity checks with the real Inception (tests/verify/test_fid_sanity.py), 200 vs 200 real digits (16×16) from two
+# disjoint halves, and 200 digits vs 100 uniform-noise images. Measured: 29.2 and 450 (README "FID").
+FID_DIGITS_HALVES_MAX = 60.0
+FID_DIGITS_NOISE_MIN = 200.0
+# our unbiased MMD² vs torchmetrics' poly_mmd on the same features (relative).
+KID_REFERENCE_RTOL = 1e-9
 
 
 @dataclass

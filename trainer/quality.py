@@ -1,7 +1,8 @@
 """Sample quality for the digits demo: a classifier trained on scikit-learn's real digits labels the
-generated images. Reports the share labelled with probability > 0.9 and the class histogram.
+generated images. Reports the share labelled with probability > 0.9 and the class histogram, and next to it
+the FID and KID of ``ddpm-run fid`` when SAMPLES_DIR holds its fid.json (with the small-sample caveat).
 
-Usage: python -m ddpm_deploy.trainer.quality SAMPLES_DIR   (reads samples.npz, writes quality.json)
+Usage: python -m ddpm_deploy.trainer.quality SAMPLES_DIR   (reads samples.npz [+ fid.json], writes quality.json)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ddpm_deploy.runtime.contract import FidReport
 from ddpm_deploy.runtime.errors import ArtifactError, DataError
 from ddpm_deploy.runtime.fileio import write_json
 
@@ -55,6 +57,21 @@ def evaluate(images_uint8: np.ndarray) -> dict:
     }
 
 
+def fid_summary(report: FidReport) -> dict:
+    """The FID/KID numbers of a fid.json for quality.json, with the counts they depend on."""
+    return {"fid": report.fid, "kid_mean": report.kid["mean"], "kid_std": report.kid["std"],
+            "samples": report.samples["count"], "reference": report.reference["spec"],
+            "reference_count": report.reference["count"], "small_sample": report.small_sample,
+            "warnings": list(report.warnings)}
+
+
+def fid_line(s: dict) -> str:
+    caveat = (f"; only {s['samples']} samples: FID is biased upward below 10,000 images, so compare it only with FIDs "
+              "at the same count; KID is unbiased" if s["small_sample"] else "")
+    return (f"FID {s['fid']:.1f}, KID {s['kid_mean']:.4f} ± {s['kid_std']:.4f} against {s['reference_count']} real "
+            f"images ({s['reference']}){caveat}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
@@ -66,7 +83,10 @@ def main(argv=None) -> int:
         print(f"error: {f} not found (run ddpm-run sample first)", file=sys.stderr)
         return 2
     try:
+        fid = fid_summary(FidReport.load(d / "fid.json")) if (d / "fid.json").is_file() else None
         rep = evaluate(np.load(f)["images"])
+        if fid is not None:
+            rep["fid"] = fid
     except (ArtifactError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -75,6 +95,8 @@ def main(argv=None) -> int:
     print(f"quality: {rep['confident_share']:.0%} of {rep['num_images']} samples classified with p > {CONFIDENT} "
           f"(real held-out digits: {rep['classifier']['held_out_confident_share']:.0%}, classifier accuracy "
           f"{rep['classifier']['held_out_accuracy']:.1%}); classes {hist}")
+    if "fid" in rep:
+        print(f"quality: {fid_line(rep['fid'])}")
     print(f"wrote {d / 'quality.json'}")
     return 0
 

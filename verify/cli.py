@@ -1,6 +1,6 @@
-"""`ddpm-run`, whole: the runtime's commands (sample, info, merge; serve and request from
-``runtime.serve.cli``) plus
-the ones that judge it (parity, bench).
+"""`ddpm-run`, whole: the runtime's commands (sample, info, merge; serve and request from ``runtime.serve.cli``) plus
+the ones that judge it (parity, bench, and the FID commands of ``verify/fid_cli.py``: fid, fid-stats, fid-extractor,
+fid-compare).
 
 The console script points here, not at ``runtime.cli``, so that the runtime layer never imports the verify
 layer; ``parity`` and ``bench`` import torch only when they run.
@@ -16,6 +16,8 @@ from ddpm_deploy.runtime.cli import CTX, main
 from ddpm_deploy.runtime.serve import cli as _serve_cli  # noqa: F401  (adds serve and request to `main`)
 from ddpm_deploy.runtime.clitools import clean_errors, latest_run, setup_logging
 from ddpm_deploy.runtime.errors import ConfigError, lazy_import
+
+from . import fid_cli  # noqa: F401  (registers fid, fid-stats, fid-extractor and fid-compare on `main`)
 
 __all__ = ["main"]
 

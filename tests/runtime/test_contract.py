@@ -48,6 +48,17 @@ EXAMPLES = {
                                 environment={"gpu": "no GPU"}),
     contract.BenchResults: dict(machine={"cpu_flags": ["avx512f"]}, date="2026-11-27", command="ddpm-run bench",
                                 statistic="median", warmup=2, repeat=5, results=[{"eps_ms": 1.0}]),
+    contract.FidStatsHeader: dict(count=1797, feature_dim=2048, extractor={"name": "inception-v3", "weights_sha256":
+                                                                         "7f" * 32, "preprocess": "tf1-bilinear"},
+                                  source="digits", image_shape=[16, 16, 1], kid_features=1797),
+    contract.FidReport: dict(fid=29.2, kid={"mean": 1.5e-4, "std": 2e-4, "subsets": 100, "subset_size": 200},
+                             inception_score={"value": None, "reason": "no logits"},
+                             samples={"path": "samples.npz", "count": 200, "image_shape": [16, 16, 1], "run": None},
+                             reference={"spec": "digits", "count": 1797, "stats_file": None, "kid_features": 1797},
+                             extractor={"weights_sha256": "7f" * 32, "sha256": "d1" * 32, "backend": "onnxruntime-cpu"},
+                             small_sample=True, warnings=["small sample"], seconds=12.5,
+                             paired={"identical_images": 3}, gate={"max_fid": 1.0, "max_kid": None, "passed": True},
+                             model_sha256="ef" * 32),
 }
 
 
