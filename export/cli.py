@@ -173,7 +173,7 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
                                         ("--onnx", onnx_in)) if given]
     if len(sources) > 1:
         raise ConfigError(f"give one model source, found {' and '.join(sources)}: RUN_DIR (a ddpm-train run), "
-                          "--from-diffusers DIR or --onnx FILE")
+                          "--from-diffusers DIR or --onnx FILE (give no RUN_DIR with the other two)")
     if engine_out is not None and not engine and adopt_plan is None:
         raise ConfigError("--engine-out names where the plan goes; add --engine to build one")
     for flag, path in (("--engine-out", engine_out), ("--adopt-plan", adopt_plan)):
