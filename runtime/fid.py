@@ -80,23 +80,31 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, features1=None) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.sqrt(w).sum())
 
 
-def mmd2_poly(x: np.ndarray, y: np.ndarray) -> float:
-    """Unbiased MMD² of two feature sets [m, d] and [n, d] with k(a, b) = (a·b / d + 1)³ (float64)."""
+def mmd2_poly(x: np.ndarray, y: np.ndarray, paired: bool = False) -> float:
+    """Unbiased MMD² of two feature sets [m, d] and [n, d] with k(a, b) = (a·b / d + 1)³ (float64).
+
+    ``paired``: row i of x and row i of y belong together (the same seed through two precisions), so k(x_i, y_i)
+    is left out of the cross term as k(x_i, x_i) is left out of the within terms; otherwise those near-copies make
+    the estimate negative."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     m, n, d = x.shape[0], y.shape[0], x.shape[1]
     if m < 2 or n < 2:
         raise ConfigError(f"KID needs at least 2 images per side, found {m} and {n}")
+    if paired and m != n:
+        raise ConfigError(f"paired KID needs as many images on both sides, found {m} and {n}")
     kxx = (x @ x.T / d + 1.0) ** 3
     kyy = (y @ y.T / d + 1.0) ** 3
     kxy = (x @ y.T / d + 1.0) ** 3
+    cross = (kxy.sum() - np.trace(kxy)) / (m * (m - 1)) if paired else kxy.mean()
     return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-                 - 2.0 * kxy.mean())
+                 - 2.0 * cross)
 
 
 def kernel_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = KID_SUBSETS,
-                    subset_size: int = KID_SUBSET_SIZE, seed: int = KID_SEED) -> dict[str, Any]:
+                    subset_size: int = KID_SUBSET_SIZE, seed: int = KID_SEED, paired: bool = False) -> dict[str, Any]:
     """KID: MMD² over ``subsets`` random subsets of ``min(subset_size, n1, n2)`` images per side, drawn without
-    replacement with a seeded generator. Returns mean, std (over subsets), subsets and the subset size."""
+    replacement with a seeded generator (``paired``: the same rows on both sides, see :func:`mmd2_poly`). Returns
+    mean, std (over subsets; 0 when a subset is a whole side), subsets, the subset size and whether paired."""
     if subsets < 1 or subset_size < 2:
         raise ConfigError(f"KID needs subsets >= 1 and subset size >= 2, found {subsets} and {subset_size}")
     n1, n2 = len(f1), len(f2)
@@ -104,8 +112,11 @@ def kernel_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = KID_SUBSETS,
     rng = np.random.default_rng(seed)
     vals = np.empty(subsets)
     for i in range(subsets):
-        vals[i] = mmd2_poly(f1[rng.choice(n1, m, replace=False)], f2[rng.choice(n2, m, replace=False)])
-    return {"mean": float(vals.mean()), "std": float(vals.std()), "subsets": int(subsets), "subset_size": int(m)}
+        i1 = rng.choice(n1, m, replace=False)
+        i2 = i1 if paired else rng.choice(n2, m, replace=False)
+        vals[i] = mmd2_poly(f1[i1], f2[i2], paired=paired)
+    return {"mean": float(vals.mean()), "std": float(vals.std()), "subsets": int(subsets), "subset_size": int(m),
+            "paired": bool(paired)}
 
 
 # --- statistics -----------------------------------------------------------------------------------------------

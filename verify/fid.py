@@ -146,11 +146,15 @@ def fid_report(samples: ImageSet, ref: str, settings: FidSettings, ext: Inceptio
         if r_images is None:
             raise ConfigError("a paired comparison needs REF to be samples (a sample dir), not statistics")
         pair = paired_differences(r_images, samples)
+    r_feats = None
     if r_stats is None:
-        r_stats, _ = set_stats(ext, r_images, settings, "reference", progress)
+        r_stats, r_feats = set_stats(ext, r_images, settings, "reference", progress)
     s_stats, s_feats = set_stats(ext, samples, settings, "samples", progress)
     fid = frechet_distance(s_stats.mu, s_stats.sigma, r_stats.mu, r_stats.sigma, features1=s_feats)
-    kid = kernel_distance(s_feats, r_stats.kid_features, settings.kid_subsets, settings.kid_subset_size)
+    if paired:  # image i on both sides comes from the same seed: KID over aligned rows, without those pairs
+        kid = kernel_distance(s_feats, r_feats, settings.kid_subsets, settings.kid_subset_size, paired=True)
+    else:
+        kid = kernel_distance(s_feats, r_stats.kid_features, settings.kid_subsets, settings.kid_subset_size)
     warnings = []
     n, m = s_stats.count, r_stats.count
     small = min(n, m) < FID_SMALL_SAMPLE

@@ -86,7 +86,7 @@ def _settings(extractor, batch, threads, image_size, channels, kid_subsets=KID_S
 
 def _print_report(rep, path: Path) -> None:
     kid = rep.kid
-    click.echo(f"FID {rep.fid:.3f}   KID {kid['mean']:.5f} ± {kid['std']:.5f} ({kid['subsets']} subsets of "
+    click.echo(f"FID {rep.fid:.3f}   KID {kid['mean']:.3g} ± {kid['std']:.2g} ({kid['subsets']} subsets of "
                f"{kid['subset_size']})   {rep.samples['count']} samples vs {rep.reference['count']} reference "
                f"images ({rep.reference['spec']})")
     if rep.paired:
@@ -103,7 +103,7 @@ def _print_report(rep, path: Path) -> None:
         click.echo(f"warning: {w}", err=True)
     click.echo(f"wrote {path}")
     if rep.gate is not None and not rep.gate["passed"]:
-        click.echo(f"quality gate FAILED: FID {rep.fid:.3f} (max {rep.gate['max_fid']}), KID {kid['mean']:.5f} "
+        click.echo(f"quality gate FAILED: FID {rep.fid:.3f} (max {rep.gate['max_fid']}), KID {kid['mean']:.3g} "
                    f"(max {rep.gate['max_kid']})", err=True)
         raise SystemExit(1)
 

@@ -106,6 +106,22 @@ def test_kid_is_seeded_near_zero_for_one_distribution_and_positive_for_two():
         mmd2_poly(x[:1], y[:1])
 
 
+def test_paired_kid_leaves_out_the_pairs():
+    """Near-copies (one seed through two precisions): the independent-samples estimate goes negative because
+    k(x_i, y_i) is large; the paired one leaves those terms out and stays near 0, and still sees a real shift."""
+    x = gaussian_features(100, 32, 16)
+    near = x + 1e-3 * np.random.default_rng(17).normal(size=x.shape)
+    far = x + 0.5
+
+    naive = kernel_distance(x, near, subsets=5, subset_size=50)
+    paired = kernel_distance(x, near, subsets=5, subset_size=50, paired=True)
+
+    assert naive["mean"] < -10 * abs(paired["mean"]) and paired["paired"] and not naive["paired"]
+    assert kernel_distance(x, far, subsets=5, subset_size=50, paired=True)["mean"] > 100 * abs(paired["mean"])
+    with pytest.raises(ConfigError, match="as many images"):
+        mmd2_poly(x[:10], x[:12], paired=True)
+
+
 def test_stats_file_round_trips_exactly_and_names_its_extractor(tmp_path):
     f = gaussian_features(30, 16, 12).astype(np.float32)
     s = FeatureStats.from_features(f, EXTRACTOR, "digits", image_shape=(16, 16, 1), kid_max=20)

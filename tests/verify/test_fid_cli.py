@@ -106,6 +106,7 @@ def test_fid_compare_gate_passes_on_the_same_model_and_fails_on_a_changed_one(fi
     assert same.exit_code == 0, same.output
     rep = FidReport.load(tmp_path / "same" / "fid.json")
     assert abs(rep.fid) <= FID_SELF_ATOL and rep.gate["passed"]
+    assert rep.kid["paired"] and abs(rep.kid["mean"]) <= 1e-12  # identical rows: every paired term cancels
     assert rep.paired["identical_images"] == 16 and rep.paired["uint8_max_diff"] == 0
     assert rep.paired["speed"]["reference"]["backend"] == "onnxruntime-cpu"
     assert rep.paired["speed"]["samples"]["images_per_second"] > 0 and "images/s" in same.output
