@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 
 from ddpm_deploy.runtime.config import ModelCard
-from ddpm_deploy.runtime.contract import INPUT_T, INPUT_X, PrecisionReport
+from ddpm_deploy.runtime.contract import package_versions, INPUT_T, INPUT_X, PrecisionReport
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, DataError, lazy_import
 from ddpm_deploy.runtime.fileio import sha256_file
 from ddpm_deploy.runtime.schedule import Schedule
@@ -402,15 +402,7 @@ def _count(items) -> dict[str, int]:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("nvidia-modelopt", "onnx", "onnxruntime"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
+    return {k: v for k, v in package_versions().items() if k in ("nvidia-modelopt", "onnx", "onnxruntime")}
 
 
 # --- error report -----------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ddpm_deploy.runtime.config import ModelCard
-from ddpm_deploy.runtime.contract import INPUT_T, INPUT_X, ONNX_METADATA_KEY, PRECISION_METADATA_KEY, PrecisionReport
+from ddpm_deploy.runtime.contract import package_versions, INPUT_T, INPUT_X, ONNX_METADATA_KEY, PRECISION_METADATA_KEY, PrecisionReport
 from ddpm_deploy.runtime.errors import ArtifactError, lazy_import
 from ddpm_deploy.runtime.fileio import sha256_file
 from ddpm_deploy.runtime.tolerances import L2_EPS_FP16_REL_L2
@@ -116,15 +116,7 @@ def _onnx_metadata(model) -> dict[str, str]:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("openvino", "nncf", "onnxruntime"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
+    return {k: v for k, v in package_versions().items() if k in ("openvino", "nncf", "onnxruntime")}
 
 
 def export_int8(fp32_path: str | os.PathLike, out_dir: str | os.PathLike, card: ModelCard | None = None,

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import platform
-import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 from .clitools import CONTEXT, clean_errors, latest_run, setup_logging, version_option
 from .config import DataSpec, ModelCard
@@ -109,9 +106,7 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device,
     from contextlib import ExitStack
 
     from .backends.base import open_runner, open_sampler
-    from .contract import RunInfo
-    from .fileio import sha256_file
-    from .output import SampleWriter
+    from .output import sample_job
     from .shard import device_id_from, shard_from
 
     if num <= 0 or batch <= 0:
@@ -156,35 +151,15 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device,
         sampler = stack.enter_context(open_sampler(runner, sched, shape, max_batch=min(batch, num),
                                                    cuda_graph=cuda_graph))
         out = out or model_path.parent / "samples"
-        timings = sampler.new_timings()
-        writer = SampleWriter(out, num, shape, card.data.value_range, write_pngs=not no_pngs)
         bar = None
         if not no_progress:
             from tqdm import tqdm
 
             bar = stack.enter_context(tqdm(total=num * len(sched), unit="img·step", unit_scale=True,
                                            dynamic_ncols=True, desc="sample"))
-        t0 = time.perf_counter()
-        try:
-            for lo in range(0, num, batch):
-                idx = np.arange(start_index + lo, start_index + min(lo + batch, num), dtype=np.int64)
-                cb = (lambda done, total, n=len(idx): bar.update(n)) if bar is not None else None
-                x, tm = sampler.sample(seed, idx, callback=cb)
-                timings.extend(tm)
-                writer.add(x, idx)
-        except BaseException:
-            writer.abort()
-            raise
-        total = time.perf_counter() - t0
-        info = RunInfo(
-            seed=seed, num=num, batch=batch, start_index=start_index, steps=len(sched),
-            num_timesteps=card.diffusion.num_timesteps, backend=runner.name, runner=type(runner).__name__,
-            loop=sampler.loop, precision=runner.precision, model=str(model_path), diffusion=card.diffusion.to_dict(),
-            total_seconds=total, images_per_second=num / total, timings=timings.summary(),
-            host={"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version()},
-            model_sha256=sha256_file(model_path), shard=shard_info,
-        )
-        writer.close(info)
+        info = sample_job(runner, sampler, card, model_path, out, seed, start_index, num, batch,
+                          write_pngs=not no_pngs, on_step=bar.update if bar is not None else None, shard=shard_info)
+    total = info.total_seconds
     med = info.timings.get("eps_ms_median") or info.timings.get("step_ms_median") or 0.0
     click.echo(f"sampled {num} images ({len(sched)} steps, batch {batch}, {runner.name}) in {total:.1f}s "
                f"({num / total:.2f} images/s; {med:.1f} ms/step median)")

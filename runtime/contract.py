@@ -120,7 +120,8 @@ def detect_precision(model, path: str | os.PathLike | None = None) -> str:
 # --- package versions ------------------------------------------------------------------------------------------
 
 VERSIONED_PACKAGES = ("ddpm-deploy", "numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "tensorrt",
-                      "tensorrt-rtx-cu13-bindings", "cuda-bindings", "polygraphy", "diffusers", "nvidia-modelopt")
+                      "tensorrt-rtx-cu13-bindings", "cuda-bindings", "polygraphy", "diffusers", "nvidia-modelopt",
+                      "openvino", "nncf")
 
 
 def package_versions() -> dict[str, str]:

@@ -99,3 +99,42 @@ def save_grid(out_dir: str | os.PathLike, images: np.ndarray) -> None:
     """grid.png of the first 64 images [N, H, W, C] uint8."""
     if len(images):
         save_png(Path(out_dir) / "grid.png", make_grid(images[:GRID_MAX]), scale=grid_scale(images.shape[1]))
+
+
+def sample_job(runner, sampler, card, model_path, out_dir, seed: int, start_index: int, num: int, batch: int,
+               write_pngs: bool = True, on_step=None, shard: dict | None = None):
+    """Sample indices ``start_index`` … ``start_index + num − 1`` in batches of ``batch`` into ``out_dir``
+    (``SampleWriter``; aborted, leaving nothing half-written, on any exception) and write run.json. ``on_step(n)``
+    after every step of a batch of n images. Returns the RunInfo written. Used by ``ddpm-run sample`` and
+    ``fid-compare`` alike."""
+    import platform
+    import time
+
+    from .contract import RunInfo
+    from .fileio import sha256_file
+
+    shape = (card.data.channels, card.data.image_size, card.data.image_size)
+    timings = sampler.new_timings()
+    writer = SampleWriter(out_dir, num, shape, card.data.value_range, write_pngs=write_pngs)
+    t0 = time.perf_counter()
+    try:
+        for lo in range(0, num, batch):
+            idx = np.arange(start_index + lo, start_index + min(lo + batch, num), dtype=np.int64)
+            cb = (lambda done, total, n=len(idx): on_step(n)) if on_step is not None else None
+            x, tm = sampler.sample(seed, idx, callback=cb)
+            timings.extend(tm)
+            writer.add(x, idx)
+    except BaseException:
+        writer.abort()
+        raise
+    total = time.perf_counter() - t0
+    info = RunInfo(
+        seed=seed, num=num, batch=batch, start_index=start_index, steps=len(sampler.schedule),
+        num_timesteps=card.diffusion.num_timesteps, backend=runner.name, runner=type(runner).__name__,
+        loop=sampler.loop, precision=runner.precision, model=str(model_path), diffusion=card.diffusion.to_dict(),
+        total_seconds=total, images_per_second=num / total, timings=timings.summary(),
+        host={"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version()},
+        model_sha256=sha256_file(model_path), shard=shard,
+    )
+    writer.close(info)
+    return info

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ddpm_deploy.runtime.contract import BenchResults
+from ddpm_deploy.runtime.contract import BenchResults, package_versions
 from ddpm_deploy.runtime.fileio import atomic_write_bytes, atomic_write_text
 from ddpm_deploy.verify.models import random_preset_model, random_preset_onnx
 
@@ -167,8 +167,6 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    import importlib.metadata as md
-
     info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
             "cpus": os.cpu_count()}
     try:
@@ -179,13 +177,7 @@ def machine_info() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    vers = {}
-    for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "numpy", "diffusers", "onnx", "tensorrt-rtx-cu13-bindings"):
-        try:
-            vers[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    info["versions"] = vers
+    info["versions"] = package_versions()
     info["cpu_flags"] = cpu_flags()
     return info
 

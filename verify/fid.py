@@ -198,12 +198,8 @@ def sample_set(model: Path, device: str, out: Path, num: int, batch: int, seed: 
                threads: int = 0, progress: Progress | None = None, stage: str = "sample") -> ImageSet:
     """Sample ``num`` images (seed, indices 0..num−1) with the shipped runner and loop; writes samples.npz and
     run.json to ``out`` (as ``ddpm-run sample --no-pngs``) and returns them."""
-    import platform
-
     from ddpm_deploy.runtime.backends.base import open_runner, open_sampler
-    from ddpm_deploy.runtime.contract import RunInfo
-    from ddpm_deploy.runtime.fileio import sha256_file
-    from ddpm_deploy.runtime.output import SampleWriter
+    from ddpm_deploy.runtime.output import sample_job
     from ddpm_deploy.runtime.schedule import Schedule
 
     with open_runner(model, device, threads=threads) as runner:
@@ -214,34 +210,14 @@ def sample_set(model: Path, device: str, out: Path, num: int, batch: int, seed: 
         shape = (card.data.channels, card.data.image_size, card.data.image_size)
         sched = Schedule(card.diffusion, steps=steps)
         with open_sampler(runner, sched, shape, max_batch=min(batch, num)) as sampler:
-            timings = sampler.new_timings()
-            writer = SampleWriter(out, num, shape, card.data.value_range, write_pngs=False)
-            t0 = time.perf_counter()
             done, total_steps = [0], num * len(sched)
 
-            def step_done(_step, _steps, n):  # the sampler calls back once per step of a batch of n images
+            def step_done(n):  # after each step of a batch of n images
                 done[0] += n
                 progress(stage, done[0], total_steps)
 
-            try:
-                for lo in range(0, num, batch):
-                    idx = np.arange(lo, min(lo + batch, num), dtype=np.int64)
-                    cb = (lambda d, t, n=len(idx): step_done(d, t, n)) if progress else None
-                    x, tm = sampler.sample(seed, idx, callback=cb)
-                    timings.extend(tm)
-                    writer.add(x, idx)
-            except BaseException:
-                writer.abort()
-                raise
-            total = time.perf_counter() - t0
-            info = RunInfo(seed=seed, num=num, batch=batch, start_index=0, steps=len(sched),
-                           num_timesteps=card.diffusion.num_timesteps, backend=runner.name,
-                           runner=type(runner).__name__, loop=sampler.loop, precision=runner.precision,
-                           model=str(model), diffusion=card.diffusion.to_dict(), total_seconds=total,
-                           images_per_second=num / total, timings=timings.summary(),
-                           host={"machine": platform.machine(), "python": platform.python_version()},
-                           model_sha256=sha256_file(model))
-            writer.close(info)
+            sample_job(runner, sampler, card, model, out, seed, 0, num, batch, write_pngs=False,
+                       on_step=step_done if progress else None)
     return read_image_set(out)
 
 
