@@ -46,8 +46,26 @@ def setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
+def describe_os_error(e: OSError) -> str:
+    """One line for a fault of the machine: the path, what happened, and (full disk) what to do."""
+    import errno
+
+    where = e.filename if e.filename is not None else ""
+    if e.filename2 is not None:
+        where = f"{where} -> {e.filename2}"
+    what = e.strerror or str(e)
+    hint = ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "; the disk is full: free space or choose another output location"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "; choose a location you can write to"
+    return f"{where}: {what}{hint}" if where else f"{what}{hint}"
+
+
 def clean_errors(fn):
-    """Turn our exception family into 'error: …' on stderr and a non-zero exit, without a traceback."""
+    """Our exception family and faults of the machine (OSError: full disk, permissions, I/O errors) become one
+    'error: …' line on stderr and exit status 2, without a traceback; Ctrl-C becomes exit 130. Anything else is a
+    bug of ddpm-deploy and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -56,5 +74,11 @@ def clean_errors(fn):
         except DDPMError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:
+            click.echo(f"error: {describe_os_error(e)}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("\nerror: interrupted (SIGINT)", err=True)
+            sys.exit(130)
 
     return wrapper
