@@ -71,6 +71,12 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
 @click.option("--graph-opt", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
               help="ONNX Runtime graph optimisation level.")
 @click.option("--no-pngs", is_flag=True, help="Skip images/NNNNNN.png (grid.png and samples.npz are still written).")
+@click.option("--resume", is_flag=True, help="Continue the job in --out (interrupted, failed or killed): same model, "
+              "seed, steps and indices (checked against its run.json); finished batches are kept, the rest is sampled. "
+              "Starts the job if --out holds none.")
+@click.option("--overwrite", is_flag=True, help="Replace the samples already in --out (samples.npz, run.json, grid.png, "
+              "images/*.png, parts/; other files stay). Without --resume or --overwrite a folder holding samples is "
+              "refused.")
 @click.option("--schedule", type=click.Choice(["linear", "cosine"]), default=None,
               help="Override / supply the β schedule (for ONNX files without our metadata).")
 @click.option("--beta-start", type=float, default=None, help="Override / supply β_1.")
@@ -89,7 +95,7 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @clean_errors
 def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device, backend, precision, cuda_graph,
-           threads, graph_opt, no_pngs, schedule, beta_start, beta_end, num_timesteps, variance_type, clip, shard,
+           threads, graph_opt, no_pngs, resume, overwrite, schedule, beta_start, beta_end, num_timesteps, variance_type, clip, shard,
            device_id, no_progress,
            verbose):
     """Sample images with ancestral sampling.
@@ -101,6 +107,10 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device,
 
     Writes grid.png, images/NNNNNN.png, samples.npz (uint8 images + indices) and run.json. The same seed
     gives the same images on every backend and batch size (counter-based Philox noise).
+
+    Nothing is lost: every finished batch is on disk at once (parts/), so after Ctrl-C (exit 130), SIGTERM (143),
+    a crash or kill -9, `--resume` continues the job to the same bytes. A folder that already holds samples is
+    refused unless --resume or --overwrite is given.
     """
     setup_logging(verbose)
     from contextlib import ExitStack
@@ -109,10 +119,19 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device,
     from .output import sample_job
     from .shard import device_id_from, shard_from
 
+    from .rng import MAX_SEED, MAX_WORD
+
     if num <= 0 or batch <= 0:
         raise ConfigError(f"--num and --batch must be positive, found --num {num} --batch {batch}")
-    if start_index < 0 or seed < 0:
-        raise ConfigError(f"--start-index and --seed must be >= 0, found {start_index}, {seed}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed must be in [0, 2**64 - 1], found {seed}")
+    if start_index < 0 or start_index + num - 1 > MAX_WORD - 1:
+        raise ConfigError(f"--start-index and --num must keep the sample indices in [0, 2**32 - 2], found indices "
+                          f"{start_index}-{start_index + num - 1}")
+    if steps is not None and steps <= 0:
+        raise ConfigError(f"--steps must be a positive number of sampling steps, found {steps}")
+    if resume and overwrite:
+        raise ConfigError("give --resume (continue the job in --out) or --overwrite (replace it), not both")
     if threads < 0:
         raise ConfigError(f"--threads must be >= 0 (0: all cores), found {threads}")
     if engine is not None and onnx_path is not None:
@@ -134,6 +153,7 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device,
                           f"the precision stored in the model: pass model.fp16.onnx for fp16)")
     ov_precision = "fp32" if precision == "int8" else precision
     job = shard_from(shard)
+    job_out, job_num, job_start = out, num, start_index  # as given (a shard narrows them below)
     shard_info = None
     if job is not None:
         first, end = job.range(num, start_index)
@@ -151,19 +171,52 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device,
         sampler = stack.enter_context(open_sampler(runner, sched, shape, max_batch=min(batch, num),
                                                    cuda_graph=cuda_graph))
         out = out or model_path.parent / "samples"
+        hint = _resume_command(engine, onnx_path, out if job is None else (job_out or out.parent), job_num, batch,
+                               seed, job_start, steps, backend, precision, device,
+                               None if job is None else f"{job.index}/{job.count}", no_pngs)
         bar = None
         if not no_progress:
             from tqdm import tqdm
 
             bar = stack.enter_context(tqdm(total=num * len(sched), unit="img·step", unit_scale=True,
                                            dynamic_ncols=True, desc="sample"))
+        mode = "resume" if resume else "overwrite" if overwrite else "new"
         info = sample_job(runner, sampler, card, model_path, out, seed, start_index, num, batch,
-                          write_pngs=not no_pngs, on_step=bar.update if bar is not None else None, shard=shard_info)
-    total = info.total_seconds
+                          write_pngs=not no_pngs, on_step=bar.update if bar is not None else None, shard=shard_info,
+                          mode=mode, resume_hint=hint, echo=lambda s: click.echo(s, err=True))
+    total = max(info.total_seconds, 1e-9)
     med = info.timings.get("eps_ms_median") or info.timings.get("step_ms_median") or 0.0
     click.echo(f"sampled {num} images ({len(sched)} steps, batch {batch}, {runner.name}) in {total:.1f}s "
                f"({num / total:.2f} images/s; {med:.1f} ms/step median)")
     click.echo(f"wrote {out}/grid.png, images/, samples.npz, run.json")
+
+
+def _resume_command(engine, onnx_path, out, num, batch, seed, start_index, steps, backend, precision, device, shard,
+                    no_pngs) -> str:
+    """The command that continues this job (printed when it is interrupted)."""
+    import shlex
+
+    args = ["ddpm-run", "sample"]
+    if engine is not None:
+        args += ["--engine", str(engine)]
+    elif onnx_path is not None:
+        args += ["--onnx", str(onnx_path)]
+    args += ["--out", str(out), "--num", str(num), "--batch", str(batch), "--seed", str(seed)]
+    if start_index:
+        args += ["--start-index", str(start_index)]
+    if steps is not None:
+        args += ["--steps", str(steps)]
+    if device != "cpu" and engine is None:
+        args += ["--device", device]
+    if backend not in (None, "tensorrt"):
+        args += ["--backend", backend]
+    if precision != "fp32":
+        args += ["--precision", precision]
+    if shard:
+        args += ["--shard", str(shard)]
+    if no_pngs:
+        args.append("--no-pngs")
+    return shlex.join([*args, "--resume"])
 
 
 @main.command(context_settings=CTX)

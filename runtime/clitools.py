@@ -77,8 +77,8 @@ def clean_errors(fn):
         except OSError as e:
             click.echo(f"error: {describe_os_error(e)}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("\nerror: interrupted (SIGINT)", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:  # Ctrl-C, or errors.Interrupted (SIGINT/SIGTERM with what was kept)
+            click.echo(f"\nerror: {str(e) or 'interrupted (SIGINT)'}", err=True)
+            sys.exit(getattr(e, "exit_code", 130))
 
     return wrapper

@@ -159,6 +159,7 @@ class Artifact:
 
     SCHEMA: ClassVar[str] = ""
     SCHEMA_VERSION: ClassVar[int] = 1
+    OLDER_VERSIONS: ClassVar[tuple[int, ...]] = ()  # earlier versions still read (their missing keys have defaults)
     WHAT: ClassVar[str] = "artifact"
     REWRITE: ClassVar[str] = "write it again with this ddpm-deploy"
 
@@ -185,7 +186,7 @@ class Artifact:
             raise ArtifactError(f"{where}: expected a JSON object ({cls.WHAT}), found {type(d).__name__}; {cls.REWRITE}")
         if d.get("schema") != cls.SCHEMA:
             raise ArtifactError(f"{where}: expected schema {cls.SCHEMA!r}, found {d.get('schema')!r}; {cls.REWRITE}")
-        if d.get("schema_version") != cls.SCHEMA_VERSION:
+        if d.get("schema_version") != cls.SCHEMA_VERSION and d.get("schema_version") not in cls.OLDER_VERSIONS:
             raise ArtifactError(f"{where}: expected schema_version {cls.SCHEMA_VERSION} of {cls.SCHEMA!r}, found "
                                 f"{d.get('schema_version')!r}; {cls.REWRITE}")
         known = {f.name: f for f in fields(cls)}
@@ -243,10 +244,13 @@ class PlanSidecar(Artifact):
 @dataclass(kw_only=True)
 class RunInfo(Artifact):
     """``run.json`` of ``ddpm-run sample`` (and ``ddpm-run request``): what was sampled, how, and how fast.
-    ``model_sha256``: the ONNX/plan. v2 added ``shard`` (index, count, num_total of a ``--shard I/N`` run)."""
+    ``model_sha256``: the ONNX/plan. v2 added ``shard`` (index, count, num_total of a ``--shard I/N`` run); v3
+    ``status`` ("running" while a job writes, "interrupted"/"failed" when it stopped early, "complete") and ``done``
+    (the finished indices as inclusive [first, last] ranges). v2 files read as complete."""
 
     SCHEMA: ClassVar[str] = "ddpm-deploy/samples"
-    SCHEMA_VERSION: ClassVar[int] = 2
+    SCHEMA_VERSION: ClassVar[int] = 3
+    OLDER_VERSIONS: ClassVar[tuple[int, ...]] = (2,)
     WHAT: ClassVar[str] = "sampling record (run.json)"
     REWRITE: ClassVar[str] = "sample again with ddpm-run sample"
 
@@ -267,6 +271,15 @@ class RunInfo(Artifact):
     timings: dict[str, Any]
     host: dict[str, Any] = field(default_factory=dict)
     shard: dict[str, int] | None = None  # {"index": i, "count": n, "num_total": N} of a sharded job
+    status: str = "complete"
+    done: list[list[int]] | None = None  # finished indices, inclusive ranges; None: all of them (v2)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
+
+    def done_count(self) -> int:
+        return self.num if self.done is None else sum(b - a + 1 for a, b in self.done)
 
 
 @dataclass(kw_only=True)

@@ -42,3 +42,16 @@ def lazy_import(module: str, feature: str, install: str | None = None):
         return importlib.import_module(module)
     except ImportError as e:  # pragma: no cover - exercised by tests that hide modules
         raise MissingDependencyError(module.split(".")[0], feature, install) from e
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during a job that keeps its finished work. Exit status 128 + the signal's number (130 for
+    SIGINT, 143 for SIGTERM), as a shell reports a process killed by it; the message says what was kept."""
+
+    def __init__(self, signum: int, message: str = ""):
+        import signal
+
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+        self.signame = signal.Signals(self.signum).name
+        super().__init__(message or f"interrupted by {self.signame}")

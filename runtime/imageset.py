@@ -70,6 +70,9 @@ def _read_npz(f: Path) -> ImageSet:
                         f"{list(images.shape)}")
     run_json = f.parent / "run.json"
     run = RunInfo.load(run_json) if run_json.is_file() else None
+    if run is not None and not run.complete:
+        raise ArtifactError(f"{f}: an unfinished sampling job ({run.done_count()} of {run.num} images, {run.status}; "
+                            f"run.json); finish it with `ddpm-run sample ... --resume --out {f.parent}` first")
     return ImageSet(images=images, source=str(f), run=run, indices=indices)
 
 

@@ -1,43 +1,129 @@
-"""Sample outputs written as batches finish (memory flat in N): images/NNNNNN.png, a streamed samples.npz,
-grid.png of the first images, run.json. Every file appears whole or not at all."""
+"""Sample outputs that never lose or mix work.
+
+An output folder of ``ddpm-run sample`` holds, when the job is complete::
+
+    samples.npz   images uint8 [N, H, W, C] and indices int64 [N], ordered by index (byte-identical for the same
+                  job whatever the batch size, the interruptions and resumes)
+    grid.png      the first 64 images
+    images/       NNNNNN.png per image (unless --no-pngs)
+    run.json      RunInfo: what was sampled, how, how fast; status "complete"
+
+While a job runs, every finished batch is written at once, whole or not at all, as ``parts/FIRST-LAST.npy`` (uint8
+[B, H, W, C]) and run.json (status "running") lists the finished indices. So a job killed in any way (Ctrl-C,
+SIGTERM, kill -9, a full disk, a non-finite ε) keeps every finished batch: SIGINT/SIGTERM and errors also write a
+samples.npz of the finished images and run.json status "interrupted"/"failed"; after kill -9 the parts and run.json
+are the record. ``--resume`` continues such a folder (same model, seed, steps and indices, checked against
+run.json) and skips what is done; on completion the parts are merged into samples.npz and removed.
+
+A folder that already holds samples is refused unless ``--resume`` (continue it) or ``--overwrite`` (replace our
+outputs in it) is given; a lock file keeps two jobs out of one folder; a failed job that finished nothing leaves no
+folder it created behind; temporary files of killed writes are removed by the next job in the folder.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
+import shutil
+import signal
+import threading
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from .contract import Artifact
-from .errors import ConfigError
+from .errors import ConfigError, DDPMError, Interrupted, SamplingError
 from .fileio import atomic_write_bytes
 from .imageio import grid_scale, make_grid, png_bytes, save_png, to_uint8
 
 GRID_MAX = 64
+PARTS = "parts"
+LOCK = ".lock"
+OUTPUTS = ("samples.npz", "grid.png", "run.json")  # with images/ and parts/: everything a sampling job writes
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: the same images give the same samples.npz bytes
+
+
+def _member(name: str) -> zipfile.ZipInfo:
+    zi = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
+    zi.compress_type = zipfile.ZIP_STORED
+    zi.external_attr = 0o644 << 16
+    return zi
+
+
+def _tmp_name(p: Path) -> Path:
+    return p.with_name(f".{p.name}.{os.getpid()}.tmp")
+
+
+class NpzStream:
+    """An uncompressed .npz written member by member (arrays streamed in chunks: memory flat in N), into a
+    temporary file renamed on ``close``: whole or not at all. Member timestamps are fixed, so the bytes depend only
+    on the arrays."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._tmp = _tmp_name(self.path)
+        self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+
+    def array(self, key: str, dtype, shape: tuple[int, ...], chunks) -> None:
+        """Write member ``key``: the header of an array of ``dtype``/``shape``, then the C-order ``chunks``."""
+        total = 0
+        with self._zip.open(_member(f"{key}.npy"), "w", force_zip64=True) as f:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                      "shape": tuple(int(s) for s in shape)}
+            np.lib.format.write_array_header_2_0(f, header)
+            for c in chunks:
+                c = np.ascontiguousarray(c, dtype=dtype)
+                f.write(c.tobytes())
+                total += c.size
+        if total != int(np.prod(shape)):
+            raise ValueError(f"{self.path}: member {key} got {total} values for shape {shape}")
+
+    def close(self) -> Path:
+        self._zip.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._zip.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
+    """An uncompressed .npz of ``arrays`` (whole or not at all; bytes depend only on the arrays)."""
+    with NpzStream(path) as z:
+        for key, arr in arrays.items():
+            arr = np.asarray(arr)
+            z.array(key, arr.dtype, arr.shape, [arr])
+    return Path(path)
 
 
 class SampleWriter:
+    """All images of a job arriving in one process (``ddpm-run request``): streamed into samples.npz, PNGs and
+    grid as they come; ``close`` writes run.json. Nothing half-written on ``abort``."""
+
     def __init__(self, out_dir: str | os.PathLike, num: int, sample_shape: tuple[int, int, int],
                  value_range=(-1.0, 1.0), write_pngs: bool = True):
         self.out = Path(out_dir)
-        try:
-            (self.out / "images").mkdir(parents=True, exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(dir=self.out, prefix=".probe", delete=True)
-            probe.close()
-        except OSError as e:
-            raise ConfigError(f"cannot write to output directory {self.out}: {e.strerror}; choose another --out") from None
+        _probe_writable(self.out)
         c, h, w = sample_shape
         self.num, self.value_range, self.write_pngs = num, value_range, write_pngs
         self.count = 0
         self.grid_images: list[np.ndarray] = []
         self.indices: list[int] = []
-        self._tmp = self.out / f".samples.npz.{os.getpid()}.tmp"
-        self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        self._npy = self._zip.open("images.npy", "w", force_zip64=True)
-        header = {"descr": "|u1", "fortran_order": False, "shape": (num, h, w, c)}
-        np.lib.format.write_array_header_2_0(self._npy, header)
+        self._npz = NpzStream(self.out / "samples.npz")
+        self._queue: list[np.ndarray] = []
+        self._shape = (num, h, w, c)
         self.scale = grid_scale(h)
 
     def add(self, x: np.ndarray, indices) -> None:
@@ -45,8 +131,8 @@ class SampleWriter:
         self.add_uint8(to_uint8(x, self.value_range), indices)
 
     def add_uint8(self, imgs: np.ndarray, indices) -> None:
-        """Add images that are already uint8 [B, H, W, C] (served images, merged shards)."""
-        self._npy.write(np.ascontiguousarray(imgs).tobytes())
+        """Add images that are already uint8 [B, H, W, C]."""
+        self._queue.append(np.ascontiguousarray(imgs))
         for img, i in zip(imgs, indices):
             if self.write_pngs:
                 atomic_write_bytes(self.out / "images" / f"{int(i):06d}.png", png_bytes(img))
@@ -56,43 +142,32 @@ class SampleWriter:
         self.count += len(imgs)
 
     def close(self, run_info: Artifact) -> None:
-        """Finish samples.npz (+ ``indices``), grid.png and run.json."""
-        self._npy.close()
         if self.count != self.num:
             self.abort()
             raise ConfigError(f"expected {self.num} images for {self.out}, received {self.count}")
-        with self._zip.open("indices.npy", "w") as f:
-            np.lib.format.write_array(f, np.asarray(self.indices, dtype=np.int64))
-
-        self._zip.close()
-        os.replace(self._tmp, self.out / "samples.npz")
+        try:
+            self._npz.array("images", np.uint8, self._shape, self._queue)
+            self._npz.array("indices", np.int64, (self.num,), [np.asarray(self.indices, dtype=np.int64)])
+            self._npz.close()
+        except BaseException:
+            self._npz.abort()
+            raise
         if self.grid_images:
             save_png(self.out / "grid.png", make_grid(np.stack(self.grid_images)), scale=self.scale)
         run_info.save(self.out / "run.json")
 
     def abort(self) -> None:
-        try:
-            self._npy.close()
-            self._zip.close()
-        except Exception:
-            pass
-        self._tmp.unlink(missing_ok=True)
+        self._npz.abort()
 
 
-def write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
-    """An uncompressed .npz of ``arrays`` (streamed into a temporary file, then renamed: whole or not at all)."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+def _probe_writable(out: Path) -> None:
     try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
-            for key, arr in arrays.items():
-                with z.open(f"{key}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return p
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".probe.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to output directory {out}: {e.strerror}; choose another --out") from None
 
 
 def save_grid(out_dir: str | os.PathLike, images: np.ndarray) -> None:
@@ -101,40 +176,410 @@ def save_grid(out_dir: str | os.PathLike, images: np.ndarray) -> None:
         save_png(Path(out_dir) / "grid.png", make_grid(images[:GRID_MAX]), scale=grid_scale(images.shape[1]))
 
 
+# --- index ranges ------------------------------------------------------------------------------------------------
+
+def to_ranges(indices) -> list[list[int]]:
+    """Sorted inclusive [first, last] ranges of a set of indices."""
+    v = sorted(set(int(i) for i in indices))
+    out: list[list[int]] = []
+    for i in v:
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
+
+
+def _todo(start: int, num: int, done: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges of [start, start + num) not covered by ``done`` (inclusive ranges), as half-open (lo, hi)."""
+    out, pos, end = [], start, start + num
+    for a, b in sorted(done):
+        if a > pos:
+            out.append((pos, min(a, end)))
+        pos = max(pos, b + 1)
+    if pos < end:
+        out.append((pos, end))
+    return [(a, b) for a, b in out if a < b]
+
+
+# --- the output folder ---------------------------------------------------------------------------------------------
+
+RESUME_KEYS = ("seed", "start_index", "num", "steps", "num_timesteps", "diffusion", "model_sha256", "shard")
+
+
+class SampleDir:
+    """One output folder of a sampling job: lock, what is there, the finished parts, and the final files."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.parts = self.out / PARTS
+        self._created: list[Path] = []
+        self._lock_fd: int | None = None
+
+    # -- lifetime
+    def open(self) -> "SampleDir":
+        missing = []
+        p = self.out
+        while not p.exists():
+            missing.append(p)
+            if p.parent == p:
+                break
+            p = p.parent
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"cannot write to the output folder {self.out}: {p} is a file, not a folder; choose another --out")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the output folder {self.out}: {e.strerror}; choose another --out") from None
+        self._created = missing  # removed again if the job finishes nothing
+        self._lock()
+        self._clean_temp()
+        return self
+
+    def close(self, keep: bool) -> None:
+        """Release the lock; remove the folders this job created if ``keep`` is false and they hold nothing."""
+        self._unlock()
+        if not keep:
+            for d in self._created:  # deepest first
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+    def _lock(self) -> None:
+        import fcntl
+
+        path = self.out / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"cannot write to the output folder {self.out}: {e.strerror}; choose another --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            other = path.read_text().strip() if path.is_file() else "?"
+            raise ConfigError(f"{self.out} is in use by another ddpm-run sample (pid {other}); wait for it to finish "
+                              f"or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                (self.out / LOCK).unlink()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _clean_temp(self) -> None:
+        """Temporary files of writes that a killed job left (we hold the lock: no writer is alive)."""
+        for d in (self.out, self.out / "images", self.parts):
+            if d.is_dir():
+                for p in d.iterdir():
+                    if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                        p.unlink(missing_ok=True)
+
+    # -- what is there
+    def existing(self) -> list[str]:
+        """Our outputs in the folder, for messages (empty: nothing there)."""
+        found = [n for n in OUTPUTS if (self.out / n).exists()]
+        pngs = sum(1 for _ in (self.out / "images").glob("*.png")) if (self.out / "images").is_dir() else 0
+        if pngs:
+            found.append(f"{pngs} images/*.png")
+        parts = self.part_files()
+        if parts:
+            found.append(f"{len(parts)} unmerged {PARTS}/ batches")
+        return found
+
+    def previous(self):
+        from .contract import RunInfo
+
+        p = self.out / "run.json"
+        return RunInfo.load(p) if p.is_file() else None
+
+    def remove_outputs(self) -> None:
+        """--overwrite: remove what a sampling job writes (only that: other files in the folder stay)."""
+        for n in OUTPUTS:
+            (self.out / n).unlink(missing_ok=True)
+        images = self.out / "images"
+        if images.is_dir():
+            for p in images.glob("*.png"):
+                p.unlink()
+            with contextlib.suppress(OSError):
+                images.rmdir()
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+    # -- parts
+    def part_files(self) -> list[tuple[int, int, Path]]:
+        if not self.parts.is_dir():
+            return []
+        out = []
+        for p in self.parts.glob("*.npy"):
+            try:
+                a, b = (int(v) for v in p.stem.split("-"))
+            except ValueError:
+                continue
+            out.append((a, b, p))
+        return sorted(out)
+
+    def write_part(self, imgs: np.ndarray, first: int) -> Path:
+        import io
+
+        last = first + len(imgs) - 1
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(imgs), allow_pickle=False)
+        path = self.parts / f"{first:010d}-{last:010d}.npy"
+        atomic_write_bytes(path, buf.getvalue())
+        return path
+
+    def read_part(self, path: Path, first: int, last: int, image_shape: tuple[int, int, int]) -> np.ndarray:
+        from .errors import ArtifactError
+
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise ArtifactError(f"{path}: a finished batch that cannot be read ({e}); delete it and sample again "
+                                f"with --resume (its images are sampled again)") from None
+        if arr.dtype != np.uint8 or arr.shape != (last - first + 1, *image_shape):
+            raise ArtifactError(f"{path}: expected uint8 {[last - first + 1, *image_shape]}, found {arr.dtype} "
+                                f"{list(arr.shape)}; delete it and sample again with --resume")
+        return arr
+
+    def fill_pngs(self, done, image_shape: tuple[int, int, int]) -> int:
+        """Write the images/NNNNNN.png of finished batches that an interruption left unwritten; returns how many."""
+        n = 0
+        for a, b in done:
+            missing = [i for i in range(a, b + 1) if not (self.out / "images" / f"{i:06d}.png").is_file()]
+            if missing:
+                arr = self.read_part(self.parts / f"{a:010d}-{b:010d}.npy", a, b, image_shape)
+                for i in missing:
+                    atomic_write_bytes(self.out / "images" / f"{i:06d}.png", png_bytes(arr[i - a]))
+                n += len(missing)
+        return n
+
+    def done_ranges(self, start: int, num: int) -> list[tuple[int, int]]:
+        """The finished batches of the job [start, start + num) (inclusive ranges); refuses parts of another job."""
+        from .errors import ArtifactError
+
+        got = []
+        for a, b, p in self.part_files():
+            if a < start or b >= start + num:
+                raise ArtifactError(f"{p}: indices {a}-{b} lie outside this job's {start}-{start + num - 1}; "
+                                    f"the folder holds another job: use --overwrite or another --out")
+            if got and a <= got[-1][1]:
+                raise ArtifactError(f"{p}: overlaps the batch {got[-1][0]}-{got[-1][1]}; delete one of them")
+            got.append((a, b))
+        return got
+
+    def merge(self, path: Path, start: int, num: int, image_shape: tuple[int, int, int], done) -> np.ndarray:
+        """samples.npz of the finished images (all of them when the job is complete), streamed from the parts in
+        index order; returns the first GRID_MAX images for grid.png."""
+        n = sum(b - a + 1 for a, b in done)
+        grid: list[np.ndarray] = []
+
+        def chunks():
+            for a, b in done:
+                arr = self.read_part(self.parts / f"{a:010d}-{b:010d}.npy", a, b, image_shape)
+                if len(grid) < GRID_MAX:
+                    grid.extend(arr[:GRID_MAX - len(grid)])
+                yield arr
+
+        indices = np.concatenate([np.arange(a, b + 1, dtype=np.int64) for a, b in done]) if done else \
+            np.zeros(0, np.int64)
+        with NpzStream(path) as z:
+            z.array("images", np.uint8, (n, *image_shape), chunks())
+            z.array("indices", np.int64, (n,), [indices])
+        return np.stack(grid) if grid else np.zeros((0, *image_shape), np.uint8)
+
+
+@contextlib.contextmanager
+def signals_raise():
+    """SIGINT and SIGTERM raise ``Interrupted`` (exit 130 / 143) in the main thread for the duration."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_ignored():
+    """No second interruption while the finished work is being written down."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+MODES = ("new", "resume", "overwrite")
+
+
 def sample_job(runner, sampler, card, model_path, out_dir, seed: int, start_index: int, num: int, batch: int,
-               write_pngs: bool = True, on_step=None, shard: dict | None = None):
-    """Sample indices ``start_index`` … ``start_index + num − 1`` in batches of ``batch`` into ``out_dir``
-    (``SampleWriter``; aborted, leaving nothing half-written, on any exception) and write run.json. ``on_step(n)``
-    after every step of a batch of n images. Returns the RunInfo written. Used by ``ddpm-run sample`` and
-    ``fid-compare`` alike."""
+               write_pngs: bool = True, on_step=None, shard: dict | None = None, mode: str = "new",
+               resume_hint: str | None = None, echo=None):
+    """Sample indices ``start_index`` … ``start_index + num − 1`` in batches of ``batch`` into ``out_dir`` (see the
+    module docstring for the folder and what survives an interruption). ``mode``: "new" (refuse a folder that holds
+    samples), "resume" (continue the job there; checked against its run.json), "overwrite" (replace our outputs
+    there). ``on_step(n)`` after every step of a batch of n images; ``echo(text)`` for notes to the user;
+    ``resume_hint``: the command that continues the job, for messages. Returns the RunInfo written (status
+    "complete"). Used by ``ddpm-run sample`` and ``fid-compare`` alike."""
+    import dataclasses
     import platform
     import time
 
     from .contract import RunInfo
     from .fileio import sha256_file
 
-    shape = (card.data.channels, card.data.image_size, card.data.image_size)
-    timings = sampler.new_timings()
-    writer = SampleWriter(out_dir, num, shape, card.data.value_range, write_pngs=write_pngs)
-    t0 = time.perf_counter()
-    try:
-        for lo in range(0, num, batch):
-            idx = np.arange(start_index + lo, start_index + min(lo + batch, num), dtype=np.int64)
-            cb = (lambda done, total, n=len(idx): on_step(n)) if on_step is not None else None
-            x, tm = sampler.sample(seed, idx, callback=cb)
-            timings.extend(tm)
-            writer.add(x, idx)
-    except BaseException:
-        writer.abort()
-        raise
-    total = time.perf_counter() - t0
-    info = RunInfo(
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, found {mode!r}")
+    echo = echo or (lambda s: None)
+    c, h, w = card.data.channels, card.data.image_size, card.data.image_size
+    image_shape = (h, w, c)
+    model_sha = sha256_file(model_path)
+    base = RunInfo(
         seed=seed, num=num, batch=batch, start_index=start_index, steps=len(sampler.schedule),
         num_timesteps=card.diffusion.num_timesteps, backend=runner.name, runner=type(runner).__name__,
         loop=sampler.loop, precision=runner.precision, model=str(model_path), diffusion=card.diffusion.to_dict(),
-        total_seconds=total, images_per_second=num / total, timings=timings.summary(),
+        total_seconds=0.0, images_per_second=0.0, timings={},
         host={"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version()},
-        model_sha256=sha256_file(model_path), shard=shard,
-    )
-    writer.close(info)
-    return info
+        model_sha256=model_sha, shard=shard, status="running", done=[])
+    out = SampleDir(out_dir).open()
+    wrote = False
+    try:
+        prev_seconds = 0.0
+        there = out.existing()
+        if there and mode == "new":
+            prev = _safe_previous(out)
+            state = f" (run.json: {prev.done_count()} of {prev.num} images, {prev.status})" if prev else ""
+            raise ConfigError(f"{out.out} already holds samples{state}: {', '.join(there)}; continue that job with "
+                              f"--resume, replace it with --overwrite, or choose another --out")
+        if there and mode == "overwrite":
+            out.remove_outputs()
+            echo(f"--overwrite: removed the previous samples in {out.out}")
+        done: list[tuple[int, int]] = []
+        if there and mode == "resume":
+            prev = out.previous()
+            if prev is None:
+                raise ConfigError(f"--resume: {out.out} holds {', '.join(there)} but no run.json to say which job "
+                                  f"they belong to; use --overwrite or another --out")
+            mine = base.to_dict()
+            for key in RESUME_KEYS:
+                theirs = getattr(prev, key)
+                if key == "diffusion":
+                    theirs = {**mine["diffusion"], **theirs}  # run.json of older versions may lack new keys
+                if theirs != mine[key]:
+                    what = "the model file differs" if key == "model_sha256" else f"{key} {theirs!r} there, " \
+                        f"{mine[key]!r} in this command"
+                    raise ConfigError(f"--resume: {out.out} holds another job ({what}); resume it with its own "
+                                      f"options, or use --overwrite or another --out")
+            if prev.complete and not out.part_files():
+                echo(f"{out.out}: all {prev.num} images are already done (run.json: complete); nothing to resume")
+                return prev
+            done = out.done_ranges(start_index, num)
+            if write_pngs:
+                out.fill_pngs(done, image_shape)
+            prev_seconds = float(prev.total_seconds or 0.0)
+            echo(f"resuming {out.out}: {sum(b - a + 1 for a, b in done)} of {num} images done, sampling the rest")
+        todo = _todo(start_index, num, done)
+        timings = sampler.new_timings()
+        t0 = time.perf_counter()
+
+        def record(status: str):
+            elapsed = prev_seconds + time.perf_counter() - t0
+            n_done = sum(b - a + 1 for a, b in done)
+            return dataclasses.replace(base, status=status, done=[list(r) for r in sorted(done)],
+                                       total_seconds=elapsed, images_per_second=n_done / elapsed if elapsed else 0.0,
+                                       timings=timings.summary())
+
+        try:
+            with signals_raise():
+                record("running").save(out.out / "run.json")
+                wrote = True
+                for lo, hi in todo:
+                    for b0 in range(lo, hi, batch):
+                        idx = np.arange(b0, min(b0 + batch, hi), dtype=np.int64)
+                        cb = (lambda d, t, n=len(idx): on_step(n)) if on_step is not None else None
+                        x, tm = sampler.sample(seed, idx, callback=cb)
+                        timings.extend(tm)
+                        imgs = to_uint8(x, card.data.value_range)
+                        out.write_part(imgs, int(idx[0]))  # first: the record a resume trusts
+                        done.append((int(idx[0]), int(idx[-1])))
+                        if write_pngs:
+                            for img, i in zip(imgs, idx):
+                                atomic_write_bytes(out.out / "images" / f"{int(i):06d}.png", png_bytes(img))
+                        record("running").save(out.out / "run.json")
+                done.sort()
+                grid = out.merge(out.out / "samples.npz", start_index, num, image_shape, done)
+                if len(grid):
+                    save_png(out.out / "grid.png", make_grid(grid), scale=grid_scale(h))
+                info = record("complete")
+                info.save(out.out / "run.json")
+                shutil.rmtree(out.parts, ignore_errors=True)
+                return info
+        except BaseException as e:
+            n_done = sum(b - a + 1 for a, b in done)
+            if n_done == 0:
+                _discard_empty(out)
+                wrote = False
+                raise
+            with signals_ignored():
+                status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                kept = _write_partial(out, record(status), start_index, num, image_shape, h, sorted(done))
+            hint = f"; continue with: {resume_hint}" if resume_hint else "; continue it with --resume"
+            msg = f"{n_done} of {num} images done and kept in {out.out} ({kept}){hint}"
+            if isinstance(e, Interrupted):
+                raise Interrupted(e.signum, f"interrupted by {e.signame}: {msg}") from None
+            if isinstance(e, KeyboardInterrupt):
+                raise Interrupted(signal.SIGINT, f"interrupted by SIGINT: {msg}") from None
+            if isinstance(e, DDPMError):
+                raise type(e)(f"{e}; {msg}") from None
+            if isinstance(e, OSError):
+                from .clitools import describe_os_error
+
+                raise SamplingError(f"{describe_os_error(e)}; {msg}") from None
+            raise
+    finally:
+        out.close(keep=wrote)
+
+
+def _safe_previous(out: SampleDir):
+    try:
+        return out.previous()
+    except DDPMError:
+        return None
+
+
+def _discard_empty(out: SampleDir) -> None:
+    """A job that finished no image: remove the run.json it wrote (if this job wrote the only one) and nothing else."""
+    run_json = out.out / "run.json"
+    try:
+        prev = out.previous()
+    except DDPMError:
+        return
+    if prev is not None and prev.status == "running" and not prev.done and not out.part_files():
+        run_json.unlink(missing_ok=True)
+
+
+def _write_partial(out: SampleDir, info, start: int, num: int, image_shape, h: int, done) -> str:
+    """After an interruption or error: samples.npz of the finished images, grid.png, run.json (status interrupted or
+    failed). Best effort: if the disk is full, the parts and the last run.json are the record."""
+    try:
+        grid = out.merge(out.out / "samples.npz", start, num, image_shape, done)
+        if len(grid):
+            save_png(out.out / "grid.png", make_grid(grid), scale=grid_scale(h))
+        info.save(out.out / "run.json")
+        return f"samples.npz, {PARTS}/, run.json"
+    except (OSError, DDPMError):
+        return f"{PARTS}/ and run.json; samples.npz could not be written"

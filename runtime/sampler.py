@@ -110,16 +110,25 @@ def sample(
         c0 = clock()
         eps = model.eps(x, t_buf)
         c1 = clock()
+        if eps.shape != x.shape or eps.dtype != np.float32:
+            raise SamplingError(
+                f"the model returned ε of {eps.dtype} {list(eps.shape)} for x of float32 {list(x.shape)} (t={t_val}); "
+                f"ε must have x's shape and dtype: check the model's output {getattr(model, 'path', '')}".rstrip())
+        if not np.isfinite(eps).all():
+            bad = np.argwhere(~np.isfinite(eps.reshape(len(idx), -1)).all(axis=1))[:, 0]
+            raise SamplingError(
+                f"non-finite ε from the model at step t={t_val} (loop step {k + 1}/{n}) in sample index "
+                f"{int(idx[bad[0]])} ({len(bad)} of {len(idx)} samples affected); check the model file and its "
+                f"precision (try the fp32 model)")
         z = None
         if i > 0:
             z = noise_fn(t_val, idx) if noise_fn is not None else noise.next(t_val)
         x = schedule.step(x, eps, i, z)
         if not np.isfinite(x).all():
             bad = np.argwhere(~np.isfinite(x.reshape(len(idx), -1)).all(axis=1))[:, 0]
-            src = "ε" if not np.isfinite(eps).all() else "the step"
             raise SamplingError(
                 f"non-finite values at step t={t_val} (loop step {k + 1}/{n}) in sample index "
-                f"{int(idx[bad[0]])} ({len(bad)} of {len(idx)} samples affected; first non-finite from {src}); "
+                f"{int(idx[bad[0]])} ({len(bad)} of {len(idx)} samples affected; ε was finite: the step overflowed); "
                 f"check the model file and its precision (try the fp32 model)"
             )
         if timings is not None:

@@ -34,6 +34,14 @@ class DiffusionConfig:
     clip_denoised: bool = True
 
     def __post_init__(self):
+        import numbers
+
+        for name, kind, what in (("num_timesteps", numbers.Integral, "an integer"),
+                                 ("beta_start", numbers.Real, "a number"), ("beta_end", numbers.Real, "a number"),
+                                 ("clip_denoised", bool, "true or false")):
+            v = getattr(self, name)
+            if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
+                raise ConfigError(f"{name} must be {what}, found {v!r} ({type(v).__name__})")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, found {self.schedule!r}")
         if self.variance_type not in VARIANCE_TYPES:

@@ -83,6 +83,9 @@ def device_id_from(option: int | None, env: Mapping[str, str] = os.environ) -> i
 
 def _load_shard(d: Path) -> tuple[RunInfo, np.ndarray, np.ndarray]:
     info = RunInfo.load(d / "run.json")
+    if not info.complete:
+        raise ArtifactError(f"{d}: an unfinished shard ({info.done_count()} of {info.num} images, {info.status}); "
+                            f"finish it with `ddpm-run sample ... --resume` (the same command plus --resume) first")
     try:
         with np.load(d / "samples.npz") as z:
             images, indices = z["images"], z["indices"]

@@ -218,11 +218,14 @@ def fid_extractor(out, force, verbose):
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where reference/, candidate/ (samples.npz, run.json) and fid.json go. Default: fid-compare/ "
                    "beside --onnx.")
+@click.option("--overwrite", is_flag=True, help="Sample both sides again even where --out holds them. Without it a "
+              "side already sampled with the same model, seed, number and steps is reused (an interrupted one is "
+              "continued), and a side of another job is refused.")
 @gate_options
 @kid_options
 @extraction_options
 @clean_errors
-def fid_compare(onnx_path, against, device, against_device, num, sample_batch, seed, steps, out, max_fid, max_kid,
+def fid_compare(onnx_path, against, device, against_device, num, sample_batch, seed, steps, out, overwrite, max_fid, max_kid,
                 kid_subsets, kid_subset_size, extractor, batch, threads, image_size, channels, no_progress, verbose):
     """Quality gate for a precision or backend: sample the same seeds with the fp32 reference and with
     --against, then FID/KID between the two sets, per-image differences and both sides' speed (fid.json).
@@ -244,10 +247,11 @@ def fid_compare(onnx_path, against, device, against_device, num, sample_batch, s
     with contextlib.ExitStack() as stack:
         ext = stack.enter_context(open_extractor(settings, echo=lambda m: click.echo(m, err=True)))
         bars = Bars(stack, not no_progress)
+        mode = "overwrite" if overwrite else "resume"
         sample_set(onnx_path, device_for(onnx_path, device), out / "reference", num, sample_batch, seed, steps,
-                         threads, bars, "sample reference")
+                   threads, bars, "sample reference", mode=mode)
         cand = sample_set(against, device_for(against, against_device), out / "candidate", num, sample_batch, seed,
-                          steps, threads, bars, "sample candidate")
+                          steps, threads, bars, "sample candidate", mode=mode)
         rep = fid_report(cand, str(out / "reference"), settings, ext, progress=bars, paired=True,
                          max_fid=max_fid, max_kid=max_kid)
     _print_report(rep, rep.save(out / "fid.json"))

@@ -100,6 +100,10 @@ class OrtSession:
         eps_shape = tuple(static(d) for d in es[1:])
         if any(a is not None and b is not None and a != b for a, b in zip(self.sample_shape, eps_shape)):
             raise ArtifactError(f"{self.path}: eps must have the shape of x, found x {xs} and eps {es}")
+        xb, eb = static(xs[0]), static(es[0])
+        if eb is not None and xb != eb:
+            raise ArtifactError(f"{self.path}: eps must have x's batch axis, found x {xs} and eps {es} (a model that "
+                                f"returns batch {eb} for any batch would be broadcast over the samples)")
         self.fixed_batch = static(xs[0])
 
 

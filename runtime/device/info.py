@@ -61,7 +61,18 @@ def engine_info(plan: str | os.PathLike, ordinal: int = 0, load: bool = True) ->
     plan = Path(plan)
     sidecar = read_plan_sidecar(plan)
     info: dict[str, Any] = {"plan": str(plan), "sidecar": sidecar.to_dict(), "runs_on": runs_on(sidecar),
-                            "tensorrt": None, "gpu": None, "reasons": []}
+                            "tensorrt": None, "gpu": None, "reasons": [], "onnx_beside": None}
+    beside = plan.parent / Path(str(sidecar.onnx.get("path", ""))).name
+    if sidecar.onnx.get("path") and beside.is_file():
+        from ..fileio import sha256_file
+
+        same = sha256_file(beside) == sidecar.onnx.get("sha256")
+        info["onnx_beside"] = {"path": str(beside), "matches": same}
+        if not same:
+            info["reasons"].append(
+                f"{beside} beside the plan is not the ONNX the plan was built from (its SHA-256 differs from the "
+                f"sidecar's {str(sidecar.onnx.get('sha256'))[:16]}…): the plan is stale; rebuild it with "
+                f"`ddpm-export --onnx {beside} --engine`")
     try:
         trt = import_tensorrt(sidecar.trt["flavour"])
         info["tensorrt"] = {"module": trt.__name__, "version": trt.__version__}
@@ -104,7 +115,9 @@ def format_engine_info(info: dict[str, Any]) -> str:
         f"model: {ddpm['data']['channels']}x{ddpm['data']['image_size']}x{ddpm['data']['image_size']}, "
         f"T = {ddpm['diffusion']['num_timesteps']}, {ddpm['diffusion']['schedule']} schedule, "
         f"{ddpm['diffusion']['variance_type']}",
-        f"source ONNX: {side['onnx']['path']} (sha256 {side['onnx']['sha256'][:16]}…)",
+        f"source ONNX: {side['onnx']['path']} (sha256 {side['onnx']['sha256'][:16]}…)"
+        + ("" if info.get("onnx_beside") is None else "; the copy beside the plan "
+           + ("matches" if info["onnx_beside"]["matches"] else "DIFFERS (the plan is stale)")),
         "runs on compute capability: " + (", ".join(info["runs_on"]) if info["runs_on"] else "unknown (built without a GPU)")
         + (" (TensorRT for RTX: not on A100 8.0, H100/H200 9.0, B200 10.0)" if trt.get("flavour") == "rtx" else ""),
         "this machine: " + (f"{info['tensorrt']['module']} {info['tensorrt']['version']}" if info["tensorrt"]

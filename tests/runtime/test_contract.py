@@ -31,7 +31,8 @@ EXAMPLES = {
         seed=0, num=4, batch=2, start_index=0, steps=10, num_timesteps=1000, backend="onnxruntime-cpu",
         runner="OrtRunner", loop="host", precision="fp32", model="m.onnx", diffusion={"schedule": "linear"},
         total_seconds=1.5, images_per_second=2.7, timings={"steps": 10}, host={"python": "3.11"},
-        model_sha256="ef" * 32, shard={"index": 1, "count": 3, "num_total": 12}),
+        model_sha256="ef" * 32, shard={"index": 1, "count": 3, "num_total": 12}, status="interrupted",
+        done=[[4, 5]]),
     contract.MergeInfo: dict(
         seed=0, num=12, first_index=0, steps=10, num_timesteps=1000, precision="fp32",
         diffusion={"schedule": "linear"}, shards=[{"dir": "shard-0-of-3", "start_index": 0, "num": 4}],
@@ -163,3 +164,14 @@ def test_open_runner_picks_by_suffix_and_device(micro_onnx):
         assert r.describe() == {"runner": "OrtRunner", "name": "onnxruntime-cpu", "device": "cpu",
                                 "precision": "fp32", "path": str(micro_onnx)}
         assert r.sample_shape == (1, 8, 8) and r.card is not None
+
+
+def test_run_json_v2_reads_as_complete_and_v1_is_refused():
+    d = contract.RunInfo(**EXAMPLES[contract.RunInfo]).to_dict()
+    v2 = {k: v for k, v in d.items() if k not in ("status", "done")} | {"schema_version": 2}
+    info = contract.RunInfo.from_dict(v2)
+    assert info.complete and info.done is None and info.done_count() == info.num
+    with pytest.raises(ArtifactError, match="schema_version"):
+        contract.RunInfo.from_dict({**v2, "schema_version": 1})
+    partial = contract.RunInfo.from_dict(d)
+    assert not partial.complete and partial.done_count() == 2

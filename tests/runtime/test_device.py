@@ -513,6 +513,30 @@ def test_engine_info_on_a_machine_without_gpu(rtx_plan):
     assert "batch profile: min/opt/max = 1/4/16" in text and "runnable here: no" in text
 
 
+def test_engine_info_cross_checks_the_onnx_beside_the_plan(rtx_plan, tmp_path):
+    """A model.onnx beside the plan that is not the one it was built from (re-exported since): info says the plan is
+    stale and `ddpm-run info --engine` exits 1; the original ONNX beside it is reported as matching."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from ddpm_deploy.runtime.device.info import engine_info, format_engine_info
+    from ddpm_deploy.verify.cli import main as run_cli
+
+    plan = _copy_plan(rtx_plan, tmp_path)
+    shutil.copy(rtx_plan.with_name("model.onnx"), tmp_path / "model.onnx")
+    info = engine_info(plan, load=False)
+    assert info["onnx_beside"] == {"path": str(tmp_path / "model.onnx"), "matches": True}
+    assert "the copy beside the plan matches" in format_engine_info(info)
+    with open(tmp_path / "model.onnx", "ab") as f:
+        f.write(b"\0")  # any change of the bytes: a re-export
+    info = engine_info(plan, load=False)
+    assert info["onnx_beside"]["matches"] is False and not info["runnable"]
+    assert any("the plan is stale" in r for r in info["reasons"])
+    r = CliRunner().invoke(run_cli, ["info", "--engine", str(plan)])
+    assert r.exit_code == 1 and "DIFFERS (the plan is stale)" in r.output, r.output
+
+
 # --- ONNX Runtime CUDA runner: options, and the message without onnxruntime-gpu ---------------------------
 
 def test_ort_provider_and_run_options():
