@@ -245,16 +245,24 @@ def info(onnx_path, engine):
         click.echo(f"outputs: {[(o.name, o.type, o.shape) for o in runner.session.get_outputs()]}")
         click.echo("ddpm config: " + (runner.card.to_json() if runner.card else "none (no ddpm-deploy metadata)"))
 
+
 @main.command(context_settings=CTX)
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace samples.npz, grid.png and run.json already in OUT.")
 @clean_errors
-def merge(out, shards):
+def merge(out, shards, overwrite):
     """Merge shard folders of `ddpm-run sample --shard I/N` into OUT: samples.npz ordered by index (keys images,
     indices, and arr_0 for FID evaluators), grid.png and run.json listing the shards. Refuses overlapping or
-    missing indices and shards of different jobs."""
+    missing indices, unfinished shards and shards of different jobs; an OUT that holds samples unless --overwrite."""
     from .shard import merge as merge_shards
 
+    for d in shards:
+        if d.resolve() == out.resolve():
+            raise ConfigError(f"OUT {out} is also one of the shards; merge into another folder")
+    held = [n for n in ("samples.npz", "run.json", "grid.png") if (out / n).exists()]
+    if held and not overwrite:
+        raise ConfigError(f"{out} already holds {', '.join(held)}; replace them with --overwrite or choose another OUT")
     info = merge_shards(out, shards)
     click.echo(f"merged {len(info.shards)} shards: {info.num} images, indices {info.first_index}-"
                f"{info.first_index + info.num - 1} -> {out}/samples.npz, grid.png, run.json")

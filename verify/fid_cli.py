@@ -244,6 +244,11 @@ def fid_compare(onnx_path, against, device, against_device, num, sample_batch, s
         raise ConfigError(f"--seed must be >= 0, found {seed}")
     settings = _settings(extractor, batch, threads, image_size, channels, kid_subsets, kid_subset_size)
     out = Path(out or onnx_path.parent / "fid-compare")
+    from ddpm_deploy.runtime.backends.base import open_runner
+
+    for path, dev in ((onnx_path, device), (against, against_device)):  # both models load before anything is sampled
+        with open_runner(path, device_for(path, dev), threads=threads):
+            pass
     with contextlib.ExitStack() as stack:
         ext = stack.enter_context(open_extractor(settings, echo=lambda m: click.echo(m, err=True)))
         bars = Bars(stack, not no_progress)

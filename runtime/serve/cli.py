@@ -101,8 +101,9 @@ def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, ins
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("served"),
               help="Output directory (grid.png, images/, samples.npz, run.json).")
 @click.option("--no-pngs", is_flag=True, help="Skip images/NNNNNN.png.")
+@click.option("--overwrite", is_flag=True, help="Replace the samples already in --out (otherwise refused).")
 @clean_errors
-def request(url, protocol, seed, start_index, num, steps, concurrency, out, no_pngs):
+def request(url, protocol, seed, start_index, num, steps, concurrency, out, no_pngs, overwrite):
     """Fetch images from a served model (tritonclient) and write the usual sample outputs."""
     from ..contract import RunInfo
     from ..output import SampleWriter
@@ -110,10 +111,18 @@ def request(url, protocol, seed, start_index, num, steps, concurrency, out, no_p
 
     if num < 1 or start_index < 0 or seed < 0:
         raise ConfigError(f"--num must be >= 1, --index and --seed >= 0; found {num}, {start_index}, {seed}")
+    from ..output import SampleDir
+
+    held = SampleDir(out).existing() if out.is_dir() else []
+    if held and not overwrite:
+        raise ConfigError(f"{out} already holds samples ({', '.join(held)}); replace them with --overwrite or choose "
+                          f"another --out")
     with TritonImages(url, protocol) as client:
         params = client.parameters()
         got = client.fetch(seed, range(start_index, start_index + num), steps=steps, concurrency=concurrency)
     h, w, c = got.images.shape[1:]
+    if held:
+        SampleDir(out).remove_outputs()
     writer = SampleWriter(out, num, (c, h, w), write_pngs=not no_pngs)
     writer.add_uint8(got.images, range(start_index, start_index + num))
     lat = np.asarray(got.latencies) * 1e3
