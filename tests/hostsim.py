@@ -315,32 +315,32 @@ class HostDriver:
 # ------------------------------------------------------------------------------------------- test ε model
 
 LINEAR_EPS_SOURCE = r"""
-DDPM_KERNEL test_eps_linear(float* eps, const float* x, const int* t, unsigned n, int batch, int nan_t) {
+DDPM_KERNEL test_eps_linear(float* eps, const float* x, const int* t, unsigned n, int batch, int nan_t, int inf) {
   DDPM_THREADS
   if (ty < (unsigned)batch && tx < n) {
     const size_t off = (size_t)ty * n + tx;
     const float v = __fsub_rn(__fmul_rn(0.1f, x[off]), __fmul_rn(1e-4f, (float)t[ty]));
-    eps[off] = t[ty] == nan_t ? DDPM_NAN : v;
+    eps[off] = t[ty] == nan_t ? (inf ? DDPM_INF : DDPM_NAN) : v;
   }
   DDPM_END_THREADS
 }
 """
-LINEAR_EPS_SIGNATURES = {"test_eps_linear": ("ptr", "ptr", "ptr", "u32", "i32", "i32")}
+LINEAR_EPS_SIGNATURES = {"test_eps_linear": ("ptr", "ptr", "ptr", "u32", "i32", "i32", "i32")}
 
 
 class LinearEpsBackend(Runner, DeviceRunner):
     """A device runner for tests, on a GPU or on ``HostDriver``: ε = 0.1·x − 1e-4·t in float32 (NaN where
-    t == ``nan_t``). ``eps(x, t)`` is the same model in NumPy, for the host sampler."""
+    t == ``nan_t``, or +Inf with ``inf``). ``eps(x, t)`` is the same model in NumPy, for the host sampler."""
 
     device = "cuda"
     uses_graphs = False
     precision = "fp32"
 
-    def __init__(self, gpu, shape, nan_t: int = -1, capture: bool = True):
+    def __init__(self, gpu, shape, nan_t: int = -1, capture: bool = True, inf: bool = False):
         import math
 
         self.gpu, self.path, self.sample_shape = gpu, Path("<test-linear>"), tuple(shape)
-        self.n, self.nan_t, self.capture = math.prod(shape), int(nan_t), capture
+        self.n, self.nan_t, self.capture, self.inf = math.prod(shape), int(nan_t), capture, int(inf)
         target = kernels.select_target(gpu.props.compute_capability, kernels.supported_archs())
         compiled = kernels.compile_kernels(target, kernels.kernel_source() + LINEAR_EPS_SOURCE)
         self.module = cuda.Module(compiled.image, LINEAR_EPS_SIGNATURES)
@@ -351,7 +351,7 @@ class LinearEpsBackend(Runner, DeviceRunner):
         return "test-linear"
 
     def bind(self, x: int, t: int, eps: int, batch: int) -> None:
-        self.args, self.batch = (eps, x, t, self.n, batch, self.nan_t), batch
+        self.args, self.batch = (eps, x, t, self.n, batch, self.nan_t, self.inf), batch
 
     def enqueue(self, stream) -> None:
         self.module.launch("test_eps_linear", (-(-self.n // kernels.THREADS), self.batch, 1),
@@ -364,7 +364,7 @@ class LinearEpsBackend(Runner, DeviceRunner):
         import numpy as np
 
         out = np.float32(0.1) * x - np.float32(1e-4) * np.asarray(t).astype(np.float32)[:, None, None, None]
-        out[np.asarray(t) == self.nan_t] = np.nan
+        out[np.asarray(t) == self.nan_t] = np.inf if self.inf else np.nan
         return out
 
     def close(self) -> None:

@@ -61,6 +61,7 @@ _PRELUDE = r"""
 #define DDPM_END_THREADS } }
 #define DDPM_ISFINITE(v) isfinite(v)
 #define DDPM_NAN __int_as_float(0x7fc00000)
+#define DDPM_INF __int_as_float(0x7f800000)
 #else  /* host C++ build (tests): a kernel body loops over all of its threads */
 #include <cmath>
 #include <cstddef>
@@ -72,6 +73,7 @@ extern "C" { unsigned ddpm_grid_x = 1, ddpm_grid_y = 1, ddpm_block_x = 1; }
 #define DDPM_END_THREADS }
 #define DDPM_ISFINITE(v) std::isfinite(v)
 #define DDPM_NAN NAN
+#define DDPM_INF INFINITY
 static inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((uint64_t)a * b) >> 32); }
 static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fadd_rn(float a, float b) { return a + b; }
@@ -171,7 +173,7 @@ DDPM_KERNEL ddpm_step(float* x, const float* eps, const float* table, const int*
         float mean = __fadd_rn(__fmul_rn(c1, x0), __fmul_rn(c2, xv));    /* eq. 7 */
         if (i > 0) mean = __fadd_rn(mean, __fmul_rn(sigma, z[j]));        /* eq. 11 */
         x[off] = mean;
-        bad = bad || !DDPM_ISFINITE(mean);
+        bad = bad || !DDPM_ISFINITE(mean) || !DDPM_ISFINITE(eps[off]);  /* ε: clipping would hide it */
       }
     }
     if (bad) atomicMax(&state[2], i);

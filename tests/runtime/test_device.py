@@ -204,7 +204,7 @@ def _sampler(gpu, sched, shape, max_batch, **kw):
     from ddpm_deploy.runtime.device.loop import DeviceSampler
     from hostsim import LinearEpsBackend
 
-    backend = LinearEpsBackend(gpu, shape, **{k: kw.pop(k) for k in ("nan_t", "capture") if k in kw})
+    backend = LinearEpsBackend(gpu, shape, **{k: kw.pop(k) for k in ("nan_t", "capture", "inf") if k in kw})
     return backend, DeviceSampler(backend, sched, shape, max_batch, gpu, **kw)
 
 
@@ -246,6 +246,19 @@ def test_device_loop_reports_the_first_non_finite_step(gpu):
     _, sampler = _sampler(gpu, sched, (1, 4, 4), 2, nan_t=int(sched.timesteps[6]))
 
     with sampler, pytest.raises(SamplingError, match=rf"t={int(sched.timesteps[6])} \(loop step 4/10\).*sample index 0"):
+        sampler.sample(0, [0, 1])
+
+
+def test_device_loop_reports_an_infinite_eps_that_clipping_hides(gpu):
+    """ε = +Inf gives x̂0 = −Inf, clipped to −1: x stays finite (all-black images, exit 0, before this check). The
+    step kernel flags a non-finite ε itself."""
+    sched = Schedule(DiffusionConfig(), steps=10)
+    t_bad = int(sched.timesteps[6])
+    _, sampler = _sampler(gpu, sched, (1, 4, 4), 2, nan_t=t_bad, inf=True)
+    host_x = Schedule(DiffusionConfig(), steps=10)  # the same ε in the host step stays finite: what the check is for
+    eps = np.full((2, 1, 4, 4), np.inf, np.float32)
+    assert np.isfinite(host_x.step(np.zeros((2, 1, 4, 4), np.float32), eps, 6, np.zeros((2, 1, 4, 4), np.float32))).all()
+    with sampler, pytest.raises(SamplingError, match=rf"t={t_bad} \(loop step 4/10\)"):
         sampler.sample(0, [0, 1])
 
 
