@@ -175,20 +175,43 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device,
                                seed, job_start, steps, backend, precision, device,
                                None if job is None else f"{job.index}/{job.count}", no_pngs)
         bar = None
-        if not no_progress:
-            from tqdm import tqdm
-
-            bar = stack.enter_context(tqdm(total=num * len(sched), unit="img·step", unit_scale=True,
-                                           dynamic_ncols=True, desc="sample"))
+        if not no_progress:  # shown from the first step on (not before the output folder is checked)
+            bar = stack.enter_context(_LazyBar(total=num * len(sched), unit="img·step", unit_scale=True,
+                                               dynamic_ncols=True, desc="sample"))
         mode = "resume" if resume else "overwrite" if overwrite else "new"
         info = sample_job(runner, sampler, card, model_path, out, seed, start_index, num, batch,
                           write_pngs=not no_pngs, on_step=bar.update if bar is not None else None, shard=shard_info,
-                          mode=mode, resume_hint=hint, echo=lambda s: click.echo(s, err=True))
+                          mode=mode, resume_hint=hint, echo=lambda s: click.echo(s, err=True),
+                          on_skip=(lambda n: bar.update(n * len(sched))) if bar is not None else None)
+    if getattr(info, "nothing_to_do", False):
+        return
     total = max(info.total_seconds, 1e-9)
     med = info.timings.get("eps_ms_median") or info.timings.get("step_ms_median") or 0.0
     click.echo(f"sampled {num} images ({len(sched)} steps, batch {batch}, {runner.name}) in {total:.1f}s "
                f"({num / total:.2f} images/s; {med:.1f} ms/step median)")
     click.echo(f"wrote {out}/grid.png, images/, samples.npz, run.json")
+
+
+class _LazyBar:
+    """A tqdm bar created at its first update."""
+
+    def __init__(self, **kw):
+        self.kw, self.bar = kw, None
+
+    def update(self, n):
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(initial=n, **self.kw)
+        else:
+            self.bar.update(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _resume_command(engine, onnx_path, out, num, batch, seed, start_index, steps, backend, precision, device, shard,

@@ -428,11 +428,12 @@ MODES = ("new", "resume", "overwrite")
 
 def sample_job(runner, sampler, card, model_path, out_dir, seed: int, start_index: int, num: int, batch: int,
                write_pngs: bool = True, on_step=None, shard: dict | None = None, mode: str = "new",
-               resume_hint: str | None = None, echo=None):
+               resume_hint: str | None = None, echo=None, on_skip=None):
     """Sample indices ``start_index`` … ``start_index + num − 1`` in batches of ``batch`` into ``out_dir`` (see the
     module docstring for the folder and what survives an interruption). ``mode``: "new" (refuse a folder that holds
     samples), "resume" (continue the job there; checked against its run.json), "overwrite" (replace our outputs
-    there). ``on_step(n)`` after every step of a batch of n images; ``echo(text)`` for notes to the user;
+    there). ``on_step(n)`` after every step of a batch of n images; ``on_skip(n)`` once with the number of images a
+    resume finds done; ``echo(text)`` for notes to the user;
     ``resume_hint``: the command that continues the job, for messages. Returns the RunInfo written (status
     "complete"). Used by ``ddpm-run sample`` and ``fid-compare`` alike."""
     import dataclasses
@@ -486,12 +487,16 @@ def sample_job(runner, sampler, card, model_path, out_dir, seed: int, start_inde
                                       f"options, or use --overwrite or another --out")
             if prev.complete and not out.part_files():
                 echo(f"{out.out}: all {prev.num} images are already done (run.json: complete); nothing to resume")
+                prev.nothing_to_do = True
                 return prev
             done = out.done_ranges(start_index, num)
             if write_pngs:
                 out.fill_pngs(done, image_shape)
             prev_seconds = float(prev.total_seconds or 0.0)
-            echo(f"resuming {out.out}: {sum(b - a + 1 for a, b in done)} of {num} images done, sampling the rest")
+            n_before = sum(b - a + 1 for a, b in done)
+            echo(f"resuming {out.out}: {n_before} of {num} images done, sampling the rest")
+            if on_skip is not None:
+                on_skip(n_before)
         todo = _todo(start_index, num, done)
         timings = sampler.new_timings()
         t0 = time.perf_counter()
