@@ -34,7 +34,7 @@ UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 SCHEDULER_CONFIG = "scheduler_config.json"
 SOURCE = "diffusers"
 ARCH_TYPE = "diffusers.UNet2DModel"
-INSTALL = "pip install 'diffusers>=0.30'"
+INSTALL = "pip install 'ddpm-deploy[diffusers]'"
 
 # DDPMScheduler's own defaults, applied to keys a config leaves out (as DDPMScheduler.from_config does).
 SCHEDULER_DEFAULTS: dict[str, Any] = {
@@ -211,6 +211,7 @@ def export_diffusers(src: str | Path, out_dir: str | Path, echo=lambda s: None) 
     from .onnx_export import export_verified
 
     model, card, lay = load_diffusers(src)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     echo(f"exporting the diffusers UNet in {lay.unet_dir} ({lay.layout} layout, scheduler {lay.scheduler_config})")
     onnx_path, report = export_verified(model, card, out_dir, "diffusers (PyTorch)", {
         "source": SOURCE, "unet_dir": str(lay.unet_dir), "scheduler_config": str(lay.scheduler_config),

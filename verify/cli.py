@@ -60,7 +60,7 @@ def parity(checkpoint, onnx_path, engine, steps, batch, seed, weights, threads, 
     setup_logging(verbose)
 
     lazy_import("torch", "ddpm-run parity (the PyTorch reference)", "pip install 'ddpm-deploy[export]'")
-    lazy_import("polygraphy", "ddpm-run parity (Polygraphy's Comparator)", "pip install polygraphy")
+    lazy_import("polygraphy", "ddpm-run parity (Polygraphy's Comparator)", "pip install 'ddpm-deploy[export]'")
     from . import parity as parity_mod  # torch: imported only for this command
 
     checkpoint = Path(checkpoint) if checkpoint else latest_run()
