@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ddpm_deploy.runtime.clitools import CONTEXT, clean_errors, point_latest, runs_dir, setup_logging, version_option
-from ddpm_deploy.runtime.errors import ConfigError, lazy_import
+from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, lazy_import
 from ddpm_deploy.runtime.schedule import DiffusionConfig
 
 from .config import TRAIN_FIELDS, TrainConfig, UNetConfig, check_field, parse_override
@@ -101,7 +101,8 @@ def main(preset, dataset, channels, out, resume, resume_from, schedule, num_time
     if resume:
         run_dir = Path(out or (runs_dir() / "latest"))
         if not run_dir.is_dir():
-            raise ConfigError(f"--resume: {run_dir} is not a run directory (train one with ddpm-train, or give --out)")
+            raise ArtifactError(f"--resume: run directory {run_dir} not found (train one with ddpm-train, or give "
+                                f"--out RUN_DIR)")
         card, ucfg = ckpt.load_card(run_dir)
         arch0 = ucfg
         try:
@@ -215,8 +216,11 @@ def _train(run_dir, ucfg, tcfg, dcfg, data, preset, resume, resume_from, env, no
     if res.samples:
         click.echo(f"samples: {res.samples[-1]}")
     if res.interrupted:
+        signum = int(received[0] if received else signal.SIGINT)
         click.echo(f"resume with: ddpm-train --resume --out {run_dir}")
-        raise SystemExit(128 + int(received[0] if received else signal.SIGINT))
+        click.echo(f"error: interrupted by {signal.Signals(signum).name} at step {res.step}/{tcfg.steps}; checkpoint "
+                   f"step_{res.step:08d} saved; resume with: ddpm-train --resume --out {run_dir}", err=True)
+        raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -319,6 +319,7 @@ class Trainer:
                     last_loss, acc, acc_n = float(mean), 0.0, 0
                     elapsed = time.perf_counter() - t0
                     sps = (self.step - start_step) / max(elapsed, 1e-9)
+                    log.debug("step %d/%d loss %.4f", self.step, cfg.steps, last_loss)
                     if logf:
                         logf.write(json.dumps({"step": self.step, "loss": last_loss, "lr": self.lr_at(self.step - 1),
                                                "time": round(elapsed, 3)}) + "\n")
