@@ -69,7 +69,7 @@ def save_checkpoint(run_dir: Path, raw, ema, optimizer, step: int, keep: int) ->
     ckpts = run_dir / CKPT_DIR
     wbytes, sbytes = _weights_bytes(raw, ema, step), _state_bytes(optimizer, step)
     final = ckpts / f"step_{step:08d}"
-    target = ckpts
+    target, whole = ckpts, False
     try:
         ckpts.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=ckpts, prefix=".tmp_step_"))
@@ -84,12 +84,13 @@ def save_checkpoint(run_dir: Path, raw, ema, optimizer, step: int, keep: int) ->
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        whole = True  # checkpoints/step_N is complete; only the top-level copies remain
         for name, data in ((WEIGHTS, wbytes), (STATE, sbytes)):
             target = run_dir / name
             atomic_write_bytes(target, data)
     except OSError as e:
         raise CheckpointWriteError(e.errno, f"{e.strerror or e} while writing checkpoint step_{step:08d}; "
-                                   f"{kept_message(run_dir, step)}",
+                                   f"{kept_message(run_dir, -1 if whole else step)}",
                       str(e.filename or target)) from None
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

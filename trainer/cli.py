@@ -21,7 +21,7 @@ TRAIN_INSTALL = "pip install 'ddpm-deploy[train]'"
 
 def require_train_extra(feature: str = "ddpm-train") -> None:
     """MissingDependencyError naming the [train] extra when torch or safetensors is not installed (base install)."""
-    for module in ("torch", "safetensors"):
+    for module in ("torch", "safetensors", "sklearn", "matplotlib"):
         lazy_import(module, feature, TRAIN_INSTALL)
 
 

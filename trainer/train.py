@@ -321,9 +321,13 @@ class Trainer:
                     sps = (self.step - start_step) / max(elapsed, 1e-9)
                     log.debug("step %d/%d loss %.4f", self.step, cfg.steps, last_loss)
                     if logf:
-                        logf.write(json.dumps({"step": self.step, "loss": last_loss, "lr": self.lr_at(self.step - 1),
-                                               "time": round(elapsed, 3)}) + "\n")
-                        logf.flush()
+                        try:
+                            logf.write(json.dumps({"step": self.step, "loss": last_loss,
+                                                   "lr": self.lr_at(self.step - 1), "time": round(elapsed, 3)}) + "\n")
+                            logf.flush()
+                        except OSError as e:
+                            e.filename = e.filename or str(self.run_dir / "loss.jsonl")
+                            raise
                     if self.callback:
                         self.callback(StepInfo(self.step, cfg.steps, last_loss, self.lr_at(self.step - 1), sps))
                 if self.step % cfg.save_every == 0 and self.step < cfg.steps:
