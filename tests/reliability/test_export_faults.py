@@ -428,3 +428,25 @@ def test_disk_full_while_writing_the_report(run, tmp_path, monkeypatch):
     o = invoke("ddpm-export", run, "--out", out)
     assert_user_error(o, str(out), "No space left on device", "written before the fault and kept: model.onnx")
     assert (out / "model.onnx").is_file() and not (out / "export_report.json").exists()
+
+
+# --- ddpm-run parity loads a run through the same checks --------------------------------------------------------
+
+PARITY_CASES = {
+    "weights-vs-ch": (_arch("ch", 32), ["weights do not match", "architecture.ch = 32"]),
+    "ch-str": (_arch("ch", "16"), ['architecture.ch must be a positive integer, found "16"']),
+    "attn-none": (_arch("attn_resolutions", []), ["weights do not match", "attn_resolutions = [4]"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PARITY_CASES))
+def test_parity_checks_the_run_like_export(run, micro_onnx, tmp_path, case):
+    pytest.importorskip("polygraphy")
+    fn, names = PARITY_CASES[case]
+    _edit_json(run / "model.json", fn)
+    before = snapshot(run, micro_onnx)
+    o = invoke("ddpm-run", "parity", "--checkpoint", run, "--onnx", micro_onnx, "--steps", "2", "--batch", "1",
+               "--out", tmp_path / "parity")
+    assert_user_error(o, "model.json", *names)
+    assert_kept(before, run, micro_onnx)
+    assert not (tmp_path / "parity").exists()
