@@ -48,7 +48,8 @@ def require_extra(needs: list[str], feature: str) -> None:
     for w in needs:
         for m in EXTRAS[w][0]:
             if importlib.util.find_spec(m) is None:
-                raise MissingDependencyError(m, feature, f"pip install 'ddpm-deploy[{','.join(dict.fromkeys(extras))}]'")
+                hint = f"pip install 'ddpm-deploy[{','.join(dict.fromkeys(extras))}]'"
+                raise MissingDependencyError(m, feature, hint)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ directory then renamed, so a checkpoint is either whole or absent).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -164,8 +163,9 @@ def load_weights(path: Path, which: str = "ema") -> tuple[dict[str, torch.Tensor
         if not tensors:
             raise ValueError("it holds no tensors")
     except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise ArtifactError(
-            f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); "
+            f"{path}: not a readable safetensors file ({why}); "
             f"it may be truncated or corrupt — use an earlier checkpoint from {CKPT_DIR}/ "
             f"(ddpm-train --resume-from {CKPT_DIR}/step_N)"
         ) from None
