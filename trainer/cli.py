@@ -78,6 +78,14 @@ def main(preset, dataset, channels, out, resume, resume_from, schedule, num_time
             click.echo(f"{name:14s} {p.description}  [dataset: {p.dataset}]")
         return
     resume = resume or resume_from is not None
+    if resume:  # a run's preset, schedule and channels are in its model.json; a flag would be silently ignored
+        ctx = click.get_current_context()
+        given = [f"--{n.replace('_', '-')}" for n in ("preset", "channels", "schedule", "num_timesteps",
+                                                      "variance_type")
+                 if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)]
+        if given:
+            raise ConfigError(f"--resume continues a run as its model.json describes it; {', '.join(given)} cannot "
+                              f"change it (train a new run with another --out instead)")
     # every option is checked before anything is read or written
     for k, v in train_flags.items():
         if v is not None:
@@ -96,7 +104,7 @@ def main(preset, dataset, channels, out, resume, resume_from, schedule, num_time
     require_train_extra("ddpm-train --resume" if resume else "ddpm-train")
     from . import checkpoint as ckpt
     from .data import load_dataset
-    from .train import DistEnv, Trainer
+    from .train import DistEnv
 
     if resume:
         run_dir = Path(out or (runs_dir() / "latest"))

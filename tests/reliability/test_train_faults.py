@@ -268,6 +268,8 @@ RESUME_CASES = {
                            ['training.steps must be a positive integer, found "30"'], ("--steps", "32")),
     "training-missing": (lambda r: _edit_json(r / "model.json", lambda d: d.pop("training")),
                          ["training.steps is missing"], ("--steps", "32")),
+    "change-schedule": (lambda r: None, ["--schedule", "--num-timesteps", "cannot change it"],
+                        ("--schedule", "cosine", "--num-timesteps", "100", "--steps", "32")),
     "change-architecture": (lambda r: None, ["cannot change the architecture"], ("--set", "ch=32", "--steps", "32")),
     "loss-jsonl-corrupt-middle": (lambda r: (r / "loss.jsonl").write_text('{"step": 5}\nnot json\n{"step": 10}\n'),
                                   ["loss.jsonl", "line 2"], ("--steps", "32")),
