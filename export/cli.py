@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 import click
 
 from ddpm_deploy.runtime.clitools import CONTEXT, clean_errors, latest_run, setup_logging, version_option
-from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, lazy_import
+from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, DataError, MissingDependencyError, lazy_import
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +23,55 @@ def export_onnx_from_run(run_dir: Path, out_dir: Path, raw: bool = False, echo=l
     from .onnx_export import export_verified
 
     model, card, step = load_model(run_dir, "raw" if raw else "ema")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     echo(f"exporting the {'raw' if raw else 'EMA'} weights of step {step} from {run_dir}")
     onnx_path, report = export_verified(model, card, out_dir, "PyTorch", {
         "run_dir": str(run_dir), "weights": "raw" if raw else "ema", "step": step}, echo)
     return onnx_path, report
+
+
+EXTRAS = {  # what each way of exporting needs: (modules, the extra that installs them)
+    "run": (("torch", "safetensors", "onnx"), "export"),
+    "diffusers": (("torch", "onnx", "diffusers"), "diffusers"),
+    "onnx": (("onnx",), "engine"),
+    "fp16": (("onnx", "modelopt"), "fp16"),
+    "int8": (("onnx", "openvino", "nncf"), "int8"),
+}
+
+
+def require_extra(needs: list[str], feature: str) -> None:
+    """MissingDependencyError naming the ddpm-deploy extras to install (all of them, in one line), checked before
+    any output is written."""
+    extras = [EXTRAS[w][1] for w in needs]
+    if len(extras) > 1 and "engine" in extras:  # [fp16] and [int8] include [engine]
+        extras.remove("engine")
+    for w in needs:
+        for m in EXTRAS[w][0]:
+            if importlib.util.find_spec(m) is None:
+                hint = f"pip install 'ddpm-deploy[{','.join(dict.fromkeys(extras))}]'"
+                raise MissingDependencyError(m, feature, hint)
+
+
+@contextlib.contextmanager
+def output_guard(*dirs: Path):
+    """A failed export leaves no empty output folder behind, and a fault of the machine (full disk, I/O error)
+    becomes one line naming the folder and what was kept (files are written whole or not at all)."""
+    dirs = tuple(dict.fromkeys(Path(d) for d in dirs if d is not None))
+    before = {d: (set(d.iterdir()) if d.is_dir() else None) for d in dirs}
+    try:
+        yield
+    except BaseException as e:
+        for d, had in before.items():
+            if had is None and d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            new = sorted(p.name for d, had in before.items() if d.is_dir() for p in d.iterdir()
+                         if had is None or p not in had)
+            kept = (f"written before the fault and kept: {', '.join(new)}" if new else "nothing of this export was "
+                    "written") + "; files that were there before are unchanged"
+            where = e.filename or (dirs[0] if dirs else "")
+            raise OSError(e.errno, f"{e.strerror or e} while exporting ({kept})", str(where)) from None
+        raise
 
 
 def _looks_like_run_dir(path: Path) -> bool:
@@ -183,15 +230,54 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
     if adopt_plan is not None and (onnx_in is None or engine or precision != "fp32"):
         raise ConfigError("--adopt-plan needs --onnx (the ONNX the plan was built from) and takes no --engine or "
                           "--fp16/--precision: it writes the sidecar of an existing plan")
+    # every option is checked before any output exists
+    if calib_dataset is not None:
+        if precision == "fp32" and not int8:
+            raise ConfigError(f"--calib-dataset {calib_dataset}: calibration data is used only with --fp16, "
+                              f"--precision fp16|bf16 or --int8")
+        from ddpm_deploy.trainer.data import check_dataset_spec
+
+        try:
+            check_dataset_spec(calib_dataset)
+        except DataError as e:
+            raise DataError(f"--calib-dataset: {e}") from None
+    for flag, value in (("--triton-instances", triton_instances), ("--triton-max-batch", triton_max_batch)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, found {value}")
+    if triton_repo is None and (triton_kind is not None or triton_max_batch is not None or triton_instances != 1):
+        raise ConfigError("--triton-kind/--triton-instances/--triton-max-batch describe a Triton repository; add "
+                          "--triton-repo DIR")
+    if raw and onnx_in is not None:
+        raise ConfigError("--raw chooses the weights of a ddpm-train run; it does not apply to --onnx")
+    if raw and from_diffusers is not None:
+        raise ConfigError("--from-diffusers exports a diffusers directory: --raw applies to ddpm-train runs")
+    needs = ["onnx" if onnx_in is not None else "diffusers" if from_diffusers is not None else "run"]
+    feature = ("ddpm-export --onnx" if onnx_in is not None else "ddpm-export --from-diffusers"
+               if from_diffusers is not None else "ddpm-export from a ddpm-train run")
+    if precision in ("fp16", "bf16"):
+        needs.append("fp16")
+        feature += f" --precision {precision}"
+    if int8:
+        needs.append("int8")
+        feature += " --int8"
+    require_extra(needs, feature)
     settings = None
     if engine or adopt_plan is not None:  # validate the profile before spending minutes on export and calibration
+        lazy_import("onnx", "Building and adopting TensorRT plans", "pip install 'ddpm-deploy[engine]'")
+        from ddpm_deploy.runtime.backends.trt import load_tensorrt
+
         from .engine import EngineSettings
 
         settings = EngineSettings(batch_min=batch_min, batch_opt=batch_opt, batch_max=batch_max,
                                   workspace_mb=workspace_mb, opt_level=opt_level, timing_cache=timing_cache,
                                   version_compatible=version_compatible, flavour=trt_flavour, tf32=tf32,
                                   compute_capabilities=compute_capability)
-        lazy_import("onnx", "Building and adopting TensorRT plans", "pip install 'ddpm-deploy[engine]'")
+        if engine:
+            load_tensorrt(trt_flavour, "ddpm-export --engine")
+    if onnx_in is not None:
+        from .onnx_io import check_ddpm_onnx
+
+        check_ddpm_onnx(onnx_in)
     if adopt_plan is not None:
         from .engine import adopt_plan as adopt
 
@@ -201,26 +287,34 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
                    f"wrote {adopt_plan}.json")
         return
     if onnx_in is not None:
-        if not onnx_in.is_file():
-            raise ArtifactError(f"{onnx_in}: ONNX file not found (export one with ddpm-export RUN_DIR)")
         out = out or onnx_in.parent
-        out.mkdir(parents=True, exist_ok=True)
-        onnx_path = onnx_in
     elif from_diffusers is not None:
-        if raw:
-            raise ConfigError("--from-diffusers exports a diffusers directory: --raw applies to ddpm-train runs")
-        from .from_diffusers import export_diffusers
-
         out = out or (Path(from_diffusers) / "export")
-        out.mkdir(parents=True, exist_ok=True)
-        export_diffusers(from_diffusers, out, echo=click.echo)
-        onnx_path = out / "model.onnx"
     else:
         run_dir = Path(run_dir) if run_dir else latest_run()
         if not run_dir.exists():
             raise ArtifactError(f"{run_dir}: run directory not found; train one with ddpm-train or pass RUN_DIR")
         out = out or (run_dir / "export")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: expected a folder, found a file")
+    plan_dir = (engine_out or out / "model.plan").parent if settings is not None else None
+    with output_guard(out, plan_dir, triton_repo):
+        _export(run_dir, out, raw, from_diffusers, onnx_in, precision, int8, calib_dataset, settings, engine_out,
+                no_progress, triton_repo, triton_kind, triton_instances, triton_max_batch, batch_min, batch_opt,
+                batch_max)
+
+
+def _export(run_dir, out, raw, from_diffusers, onnx_in, precision, int8, calib_dataset, settings, engine_out,
+            no_progress, triton_repo, triton_kind, triton_instances, triton_max_batch, batch_min, batch_opt, batch_max):
+    if onnx_in is not None:
         out.mkdir(parents=True, exist_ok=True)
+        onnx_path = onnx_in
+    elif from_diffusers is not None:
+        from .from_diffusers import export_diffusers
+
+        export_diffusers(from_diffusers, out, echo=click.echo)
+        onnx_path = out / "model.onnx"
+    else:
         export_onnx_from_run(run_dir, out, raw=raw, echo=click.echo)
         onnx_path = out / "model.onnx"
     if precision in ("fp16", "bf16"):

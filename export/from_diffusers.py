@@ -34,7 +34,7 @@ UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 SCHEDULER_CONFIG = "scheduler_config.json"
 SOURCE = "diffusers"
 ARCH_TYPE = "diffusers.UNet2DModel"
-INSTALL = "pip install 'diffusers>=0.30'"
+INSTALL = "pip install 'ddpm-deploy[diffusers]'"
 
 # DDPMScheduler's own defaults, applied to keys a config leaves out (as DDPMScheduler.from_config does).
 SCHEDULER_DEFAULTS: dict[str, Any] = {
@@ -46,6 +46,52 @@ SCHEDULER_CLASSES = ("DDPMScheduler", "GaussianDDPMScheduler")  # the latter: 20
 BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
 # fixed_small_log is the same σ as fixed_small (diffusers computes it as exp(½·log β̃_t)).
 VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_T = {  # a type test and what it expects, for the config keys ddpm-deploy reads or diffusers builds the model from
+    "int": (_is_int, "an integer"), "posint": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "num": (_is_num, "a number"), "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str?": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "int?": (lambda v: v is None or _is_int(v), "an integer or null"),
+    "ints": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(x) and x >= 1 for x in v),
+             "a non-empty list of positive integers"),
+    "strs": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, str) for x in v),
+             "a non-empty list of strings"),
+    "size": (lambda v: (_is_int(v) and v >= 1) or (isinstance(v, (list, tuple)) and all(_is_int(x) for x in v)),
+             "a positive integer or [H, W]"),
+    "betas?": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(_is_num(x) for x in v)),
+               "null or a list of numbers"),
+}
+SCHEDULER_TYPES = {"num_train_timesteps": "posint", "timesteps": "posint", "beta_start": "num", "beta_end": "num",
+                   "beta_schedule": "str", "trained_betas": "betas?", "variance_type": "str", "clip_sample": "bool",
+                   "prediction_type": "str", "thresholding": "bool", "clip_sample_range": "num",
+                   "rescale_betas_zero_snr": "bool", "_class_name": "str"}
+UNET_TYPES = {"sample_size": "size", "in_channels": "posint", "out_channels": "posint", "layers_per_block": "posint",
+              "block_out_channels": "ints", "down_block_types": "strs", "up_block_types": "strs",
+              "norm_num_groups": "int?", "norm_eps": "num", "attention_head_dim": "int?", "act_fn": "str",
+              "time_embedding_type": "str", "flip_sin_to_cos": "bool", "freq_shift": "int",
+              "center_input_sample": "bool", "dropout": "num", "add_attention": "bool", "mid_block_scale_factor": "num",
+              "downsample_padding": "int", "resnet_time_scale_shift": "str", "class_embed_type": "str?",
+              "num_class_embeds": "int?", "_class_name": "str"}
+
+
+def check_types(cfg: dict[str, Any], types: dict[str, str], where: str) -> None:
+    """ConfigError naming the first key of the wrong type (diffusers would fail later with a traceback, or take
+    a string for a number silently)."""
+    for k, kind in types.items():
+        if k in cfg:
+            ok, what = _T[kind]
+            if not ok(cfg[k]):
+                raise ConfigError(f"{where}: {k} must be {what}, found {json.dumps(cfg[k], default=repr)}")
 
 
 @dataclass(frozen=True)
@@ -98,6 +144,7 @@ def find_layout(path: str | Path) -> DiffusersLayout:
 
 def scheduler_to_diffusion(cfg: dict[str, Any], where: str = SCHEDULER_CONFIG) -> DiffusionConfig:
     """Map a DDPMScheduler config onto our DiffusionConfig; refuse what the runtime cannot reproduce."""
+    check_types(cfg, SCHEDULER_TYPES, where)
     cls = cfg.get("_class_name", "DDPMScheduler")
     if cls not in SCHEDULER_CLASSES:
         raise ConfigError(
@@ -144,6 +191,7 @@ def scheduler_to_diffusion(cfg: dict[str, Any], where: str = SCHEDULER_CONFIG) -
 def unet_card(unet_cfg: dict[str, Any], diffusion: DiffusionConfig, scheduler_cfg: dict[str, Any],
               where: str = UNET_CONFIG) -> ModelCard:
     """The ModelCard of a diffusers UNet2DModel (source 'diffusers')."""
+    check_types(unet_cfg, UNET_TYPES, where)
     cls = unet_cfg.get("_class_name", "UNet2DModel")
     if cls != "UNet2DModel":
         raise ConfigError(f"{where}: expected _class_name 'UNet2DModel', found {cls!r} (only unconditional "
@@ -211,6 +259,7 @@ def export_diffusers(src: str | Path, out_dir: str | Path, echo=lambda s: None) 
     from .onnx_export import export_verified
 
     model, card, lay = load_diffusers(src)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     echo(f"exporting the diffusers UNet in {lay.unet_dir} ({lay.layout} layout, scheduler {lay.scheduler_config})")
     onnx_path, report = export_verified(model, card, out_dir, "diffusers (PyTorch)", {
         "source": SOURCE, "unet_dir": str(lay.unet_dir), "scheduler_config": str(lay.scheduler_config),

@@ -6,6 +6,7 @@ serving machine with no torch can run ``ddpm-export --onnx model.onnx --engine``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import onnx
 
 from ddpm_deploy.runtime.config import ModelCard
-from ddpm_deploy.runtime.contract import ONNX_METADATA_KEY, PRECISION_METADATA_KEY, PRECISIONS
+from ddpm_deploy.runtime.contract import INPUT_NAMES, ONNX_METADATA_KEY, OUTPUT_NAMES, PRECISION_METADATA_KEY, PRECISIONS
 from ddpm_deploy.runtime.errors import ArtifactError
 from ddpm_deploy.runtime.fileio import atomic_write_bytes
 
@@ -54,11 +55,35 @@ def read_card(path_or_model) -> ModelCard | None:
 def load_onnx(path, load_external_data: bool = True) -> onnx.ModelProto:
     p = Path(path)
     if not p.is_file():
-        raise ArtifactError(f"{p}: ONNX file not found")
+        raise ArtifactError(f"{p}: ONNX file not found" + (" (it is a directory)" if p.is_dir() else ""))
     try:
-        return onnx.load(str(p), load_external_data=load_external_data)
+        m = onnx.load(str(p), load_external_data=load_external_data)
     except Exception as e:
-        raise ArtifactError(f"{p}: not a readable ONNX model ({str(e).splitlines()[0][:200]})") from None
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ArtifactError(f"{p}: not a readable ONNX model ({msg}); it may be truncated or corrupt") from None
+    if not m.graph.node and not m.graph.input:  # protobuf parses many non-ONNX byte strings as an empty model
+        raise ArtifactError(f"{p}: not an ONNX model (no graph: the file is empty, truncated or of another format)")
+    return m
+
+
+def check_ddpm_onnx(path) -> ModelCard:
+    """An ONNX file ddpm-export can start from: readable, inputs x and t, output eps, and our DDPM config in its
+    metadata. Returns the card. Checked before anything is written."""
+    m = load_onnx(path, load_external_data=False)
+    ins = [i.name for i in m.graph.input if i.name not in {t.name for t in m.graph.initializer}]
+    outs = [o.name for o in m.graph.output]
+    if tuple(ins) != INPUT_NAMES or tuple(outs) != OUTPUT_NAMES:
+        raise ArtifactError(f"{path}: expected inputs {list(INPUT_NAMES)} and output {list(OUTPUT_NAMES)} (the "
+                            f"ddpm-deploy ONNX contract), found inputs {ins} and outputs {outs}; export the model "
+                            f"with ddpm-export")
+    try:
+        card = read_card(m)
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from None
+    if card is None:
+        raise ArtifactError(f"{path}: no DDPM config in the ONNX metadata ({ONNX_METADATA_KEY}); export the model "
+                            f"with ddpm-export")
+    return card
 
 
 def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -92,5 +117,17 @@ def finalize(model: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     data = model.SerializeToString()
-    atomic_write_bytes(path, data)
+    with naming(path):
+        atomic_write_bytes(path, data)
     return Path(path)
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike):
+    """An OSError of a write that does not say which file (a full disk fails ``write``, not ``open``) names ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise

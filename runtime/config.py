@@ -30,8 +30,27 @@ class DataSpec:
         return {"channels": self.channels, "image_size": self.image_size, "value_range": list(self.value_range)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DataSpec":
-        return cls(int(d["channels"]), int(d["image_size"]), tuple(float(v) for v in d.get("value_range", (-1, 1))))
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "DataSpec":
+        if not isinstance(d, dict):
+            raise ArtifactError(f"{where}: data must be a JSON object, found {_found(d)}")
+        for k in ("channels", "image_size"):
+            if k not in d:
+                raise ArtifactError(f"{where}: data.{k} is missing (expected a positive integer)")
+            v = d[k]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ArtifactError(f"{where}: data.{k} must be a positive integer, found {_found(v)}")
+        vr = d.get("value_range", (-1, 1))
+        if not (isinstance(vr, (list, tuple)) and len(vr) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vr) and vr[0] < vr[1]):
+            raise ArtifactError(f"{where}: data.value_range must be [low, high] numbers, found {_found(vr)}")
+        return cls(d["channels"], d["image_size"], (float(vr[0]), float(vr[1])))
+
+
+def _found(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,8 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "ModelCard":
+        if not isinstance(d, dict):
+            raise ArtifactError(f"{where}: expected a JSON object with schema {SCHEMA!r}, found {type(d).__name__}")
         if d.get("schema") != SCHEMA:
             raise ArtifactError(f"{where}: expected schema {SCHEMA!r}, found {d.get('schema')!r}")
         if d.get("schema_version") != SCHEMA_VERSION:
@@ -67,23 +88,30 @@ class ModelCard:
                 f"{where}: schema_version {d.get('schema_version')!r} is not supported (this ddpm-deploy reads "
                 f"version {SCHEMA_VERSION}); re-export the model with this version"
             )
+        for section, required in (("diffusion", True), ("data", True), ("architecture", False), ("training", False)):
+            if section not in d and required:
+                raise ArtifactError(f"{where}: the {section} section is missing")
+            if section in d and not isinstance(d[section], dict):
+                raise ArtifactError(f"{where}: {section} must be a JSON object, found {_found(d[section])}")
         try:
             return cls(
-                diffusion=DiffusionConfig.from_dict(d["diffusion"]),
-                data=DataSpec.from_dict(d["data"]),
+                diffusion=DiffusionConfig.from_dict(d["diffusion"], where),
+                data=DataSpec.from_dict(d["data"], where),
                 architecture=d.get("architecture", {}),
                 training=d.get("training", {}),
                 source=d.get("source", "ddpm-deploy"),
             )
-        except (KeyError, TypeError, ValueError, ConfigError) as e:
-            raise ArtifactError(f"{where}: malformed DDPM config ({e})") from e
+        except ConfigError as e:
+            raise ArtifactError(str(e) if str(e).startswith(f"{where}: ") else f"{where}: {e}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{where}: malformed DDPM config ({type(e).__name__}: {e})") from None
 
     @classmethod
     def from_json(cls, text: str, where: str = "config") -> "ModelCard":
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ArtifactError(f"{where}: not valid JSON ({e})") from e
+            raise ArtifactError(f"{where}: not valid JSON ({e}); the file is truncated or corrupt") from None
         return cls.from_dict(d, where)
 
     @classmethod
@@ -91,4 +119,8 @@ class ModelCard:
         p = Path(path)
         if not p.is_file():
             raise ArtifactError(f"{p}: model config not found (expected a model.json written by ddpm-train)")
-        return cls.from_json(p.read_text(), str(p))
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ArtifactError(f"{p}: not a JSON text file ({e.reason} at byte {e.start}); the file is corrupt") from None
+        return cls.from_json(text, str(p))

@@ -57,12 +57,47 @@ class DiffusionConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DiffusionConfig":
+    def from_dict(cls, d: dict[str, Any], where: str | None = None) -> "DiffusionConfig":
+        """From a file's ``diffusion`` section; every present field is type-checked (messages name
+        ``where: diffusion.F``)."""
+        pre = f"{where}: " if where else ""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{pre}diffusion must be a JSON object, found {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ConfigError(f"unknown diffusion config keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+            raise ConfigError(f"{pre}unknown diffusion config keys {sorted(unknown)}; known: {sorted(known)}")
+        for k, v in d.items():
+            ok, what = _FIELD_TYPES[k]
+            if not ok(v):
+                raise ConfigError(f"{pre}diffusion.{k} must be {what}, found {_found(v)}")
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{pre}diffusion: {e}") from None
+
+
+def _found(v: Any) -> str:
+    import json
+
+    try:
+        return json.dumps(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_FIELD_TYPES = {
+    "schedule": (lambda v: isinstance(v, str), "a string"),
+    "beta_start": (_num, "a number"),
+    "beta_end": (_num, "a number"),
+    "num_timesteps": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "variance_type": (lambda v: isinstance(v, str), "a string"),
+    "clip_denoised": (lambda v: isinstance(v, bool), "true or false"),
+}
 
 
 def make_betas(cfg: DiffusionConfig) -> np.ndarray:

@@ -10,13 +10,19 @@ from pathlib import Path
 import click
 
 from ddpm_deploy.runtime.clitools import CONTEXT, clean_errors, point_latest, runs_dir, setup_logging, version_option
-from ddpm_deploy.runtime.config import ModelCard
-from ddpm_deploy.runtime.errors import ConfigError
+from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, lazy_import
 from ddpm_deploy.runtime.schedule import DiffusionConfig
 
-from .config import TrainConfig, parse_override
+from .config import TRAIN_FIELDS, TrainConfig, UNetConfig, check_field, parse_override
 from .presets import PRESETS, get_preset
-from .unet import UNetConfig
+
+TRAIN_INSTALL = "pip install 'ddpm-deploy[train]'"
+
+
+def require_train_extra(feature: str = "ddpm-train") -> None:
+    """MissingDependencyError naming the [train] extra when torch or safetensors is not installed (base install)."""
+    for module in ("torch", "safetensors", "sklearn", "matplotlib"):
+        lazy_import(module, feature, TRAIN_INSTALL)
 
 
 @click.command(context_settings=CONTEXT)
@@ -29,6 +35,9 @@ from .unet import UNetConfig
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory. Default: runs/<preset>-<dataset>-<time>, with runs/latest pointing at it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (default runs/latest) from its last checkpoint.")
+@click.option("--resume-from", "resume_from", default=None, metavar="checkpoints/step_N",
+              help="Continue from this checkpoint of the run instead of the last one (implies --resume); e.g. when "
+                   "the last checkpoint is corrupt.")
 @click.option("--steps", type=int, default=None, help="Total optimisation steps. Default: the preset's.")
 @click.option("--batch-size", type=int, default=None, help="Global batch size (split across torchrun ranks).")
 @click.option("--lr", type=float, default=None, help="Adam learning rate (after warm-up).")
@@ -52,7 +61,7 @@ from .unet import UNetConfig
 @click.option("--no-progress", is_flag=True, envvar="DDPM_NO_PROGRESS", show_envvar=True, help="No progress bar.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @clean_errors
-def main(preset, dataset, channels, out, resume, schedule, num_timesteps, variance_type, overrides, list_presets,
+def main(preset, dataset, channels, out, resume, resume_from, schedule, num_timesteps, variance_type, overrides, list_presets,
          no_progress, verbose, **train_flags):
     """Train a DDPM ε-prediction UNet (Ho et al. 2020) and write a run directory.
 
@@ -68,34 +77,75 @@ def main(preset, dataset, channels, out, resume, schedule, num_timesteps, varian
         for name, p in sorted(PRESETS.items()):
             click.echo(f"{name:14s} {p.description}  [dataset: {p.dataset}]")
         return
+    resume = resume or resume_from is not None
+    if resume:  # a run's preset, schedule and channels are in its model.json; a flag would be silently ignored
+        ctx = click.get_current_context()
+        given = [f"--{n.replace('_', '-')}" for n in ("preset", "channels", "schedule", "num_timesteps",
+                                                      "variance_type")
+                 if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)]
+        if given:
+            raise ConfigError(f"--resume continues a run as its model.json describes it; {', '.join(given)} cannot "
+                              f"change it (train a new run with another --out instead)")
+    # every option is checked before anything is read or written
+    for k, v in train_flags.items():
+        if v is not None:
+            check_field(f"--{k.replace('_', '-')}", v, TRAIN_FIELDS[k])
+    if out is not None and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: expected a run directory, found a file")
+    if not resume:
+        try:
+            dcfg = DiffusionConfig(schedule=schedule, num_timesteps=num_timesteps, variance_type=variance_type)
+        except ConfigError as e:
+            raise ConfigError(f"--num-timesteps {num_timesteps}: {e}") from None
+    if not resume and out is not None and (out / "model.json").exists():
+        raise ConfigError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+    from .data import check_dataset_spec
+
+    require_train_extra("ddpm-train --resume" if resume else "ddpm-train")
+    from . import checkpoint as ckpt
     from .data import load_dataset
-    from .train import DistEnv, Trainer
+    from .train import DistEnv
 
     if resume:
-        run_dir = out or (runs_dir() / "latest")
-        card = ModelCard.load(Path(run_dir) / "model.json")
-        ucfg = UNetConfig.from_dict({k: v for k, v in card.architecture.items() if k != "type"})
-        tcfg = TrainConfig.from_dict(card.training)
+        run_dir = Path(out or (runs_dir() / "latest"))
+        if not run_dir.is_dir():
+            raise ArtifactError(f"--resume: run directory {run_dir} not found (train one with ddpm-train, or give "
+                                f"--out RUN_DIR)")
+        card, ucfg = ckpt.load_card(run_dir)
+        arch0 = ucfg
+        try:
+            tcfg = TrainConfig.from_dict(card.training, where=str(run_dir / ckpt.MODEL_JSON))
+        except ConfigError as e:
+            raise ConfigError(str(e)) from None
         dcfg = card.diffusion
         dataset = dataset or card.training.get("dataset", "digits")
+        if not isinstance(dataset, str):
+            raise ConfigError(f"{run_dir / ckpt.MODEL_JSON}: training.dataset must be a dataset spec string, "
+                              f"found {dataset!r}; give --dataset")
         preset = card.training.get("preset", preset)
-        run_dir = Path(run_dir).resolve()
+        run_dir = run_dir.resolve()
     else:
         p = get_preset(preset)
         ucfg, tcfg = p.unet, p.train
         dataset = dataset or p.dataset
-        dcfg = DiffusionConfig(schedule=schedule, num_timesteps=num_timesteps, variance_type=variance_type)
         if channels:
             ucfg = dataclasses.replace(ucfg, in_channels=int(channels))
     # explicit flags, then --set overrides
     tcfg = dataclasses.replace(tcfg, **{k: v for k, v in train_flags.items() if v is not None})
     objs = {"unet": ucfg, "train": tcfg}
-    for item in overrides:
+    updates: dict[str, dict] = {"unet": {}, "train": {}}
+    for item in overrides:  # all parsed first, then applied together (no half-updated config is judged)
         which, key, val = parse_override(objs, item)
-        objs[which] = dataclasses.replace(objs[which], **{key: val})
+        updates[which][key] = val
+    for which, kw in updates.items():
+        try:
+            objs[which] = dataclasses.replace(objs[which], **kw)
+        except ConfigError as e:
+            raise ConfigError(f"--set {', '.join(f'{k}={v}' for k, v in kw.items())}: {e}") from None
     ucfg, tcfg = objs["unet"], objs["train"]
-    if resume and (ucfg.to_dict() != UNetConfig.from_dict({k: v for k, v in card.architecture.items() if k != "type"}).to_dict()):
+    if resume and ucfg.to_dict() != arch0.to_dict():
         raise ConfigError("--resume cannot change the architecture of an existing run")
+    check_dataset_spec(dataset)
 
     data = load_dataset(dataset, image_size=ucfg.image_size, channels=ucfg.in_channels)
     env = DistEnv()
@@ -108,6 +158,26 @@ def main(preset, dataset, channels, out, resume, schedule, num_timesteps, varian
         run_dir = env.broadcast(str(run_dir))  # every torchrun rank uses rank 0's name
         if (Path(run_dir) / "model.json").exists():
             raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
+    created = not Path(run_dir).exists()
+    try:
+        _train(run_dir, ucfg, tcfg, dcfg, data, preset, resume, resume_from, env, no_progress, out)
+    except BaseException:
+        if created and env.is_main:
+            _remove_empty(Path(run_dir))
+        raise
+
+
+def _remove_empty(d: Path) -> None:
+    """A failed command leaves no empty folder behind."""
+    try:
+        d.rmdir()
+    except OSError:
+        pass
+
+
+def _train(run_dir, ucfg, tcfg, dcfg, data, preset, resume, resume_from, env, no_progress, out):
+    from .train import Trainer
+
     bar = None
     if not no_progress and env.is_main:
         from tqdm import tqdm
@@ -121,13 +191,16 @@ def main(preset, dataset, channels, out, resume, schedule, num_timesteps, varian
             bar.refresh()
 
     trainer = Trainer(run_dir, ucfg, tcfg, dcfg, data.images, data.name, preset=preset, resume=resume, callback=on_step,
-                      env=env)
+                      env=env, resume_from=resume_from, warn=lambda m: click.echo(f"warning: {m}", err=True))
     if bar is not None:
         bar.n = trainer.step
         bar.refresh()
 
+    received = []
+
     def on_signal(signum, frame):
         trainer.stop_requested = True
+        received.append(signum)
         click.echo(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step…", err=True)
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -151,8 +224,11 @@ def main(preset, dataset, channels, out, resume, schedule, num_timesteps, varian
     if res.samples:
         click.echo(f"samples: {res.samples[-1]}")
     if res.interrupted:
+        signum = int(received[0] if received else signal.SIGINT)
         click.echo(f"resume with: ddpm-train --resume --out {run_dir}")
-        raise SystemExit(130)
+        click.echo(f"error: interrupted by {signal.Signals(signum).name} at step {res.step}/{tcfg.steps}; checkpoint "
+                   f"step_{res.step:08d} saved; resume with: ddpm-train --resume --out {run_dir}", err=True)
+        raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,15 @@
-"""Training configuration (one frozen dataclass; CLI options map 1:1 to fields; saved in model.json)."""
+"""Training and UNet configuration (frozen dataclasses; CLI options map 1:1 to fields; saved in model.json).
+
+Torch-free, so that ``ddpm-train --help`` and the option checks run on the base install. Every field is
+type-checked: a config read from model.json names the file and the field (``model.json: architecture.ch must be a
+positive integer, found "64"``), a ``--set`` override names the option.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +18,130 @@ from ddpm_deploy.runtime.errors import ConfigError
 DEFAULT_LR = 2e-4
 DEFAULT_GRAD_CLIP = 1.0
 DEFAULT_EMA_DECAY = 0.9999
+
+
+def _found(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# kind -> (test, what the value must be). Each test gets the value and returns True when it is valid.
+KINDS: dict[str, tuple[Any, str]] = {
+    "posint": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "nonneg_int": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "int": (_is_int, "an integer"),
+    "unit_float": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "pos_float": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "nonneg_float": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "posint_list": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(x) and x >= 1 for x in v),
+                    "a non-empty list of positive integers"),
+    "posint_list0": (lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 1 for x in v),
+                     "a list of positive integers"),
+}
+
+
+def check_field(name: str, value: Any, kind: str) -> Any:
+    """``value`` if it is of ``kind`` (lists become tuples), else ConfigError '<name> must be …, found …'."""
+    test, what = KINDS[kind]
+    if not test(value):
+        raise ConfigError(f"{name} must be {what}, found {_found(value)}")
+    return tuple(value) if isinstance(value, list) else value
+
+
+def check_section(d: Any, fields: dict[str, str], where: str, section: str, required: bool) -> dict[str, Any]:
+    """Type-check a config section read from a file; messages name ``where: section.field``."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: {section} must be a JSON object, found {_found(d)}")
+    if required:
+        missing = [k for k in fields if k not in d]
+        if missing:
+            raise ConfigError(f"{where}: {section}.{missing[0]} is missing (expected {KINDS[fields[missing[0]]][1]}); "
+                              f"the file was not written by this ddpm-deploy or was edited")
+    for k, kind in fields.items():
+        if k in d:
+            try:
+                check_field(k, d[k], kind)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {section}.{e}") from None
+    return d
+
+
+UNET_FIELDS = {"image_size": "posint", "in_channels": "posint", "ch": "posint", "ch_mult": "posint_list",
+               "num_res_blocks": "posint", "attn_resolutions": "posint_list0", "dropout": "unit_float",
+               "norm_groups": "posint", "norm_eps": "pos_float"}
+TRAIN_FIELDS = {"steps": "posint", "batch_size": "posint", "lr": "pos_float", "warmup_steps": "nonneg_int",
+                "grad_clip": "nonneg_float", "ema_decay": "unit_float", "flip": "bool", "bf16": "bool", "seed": "int",
+                "log_every": "posint", "sample_every": "nonneg_int", "sample_steps": "posint", "num_samples": "posint",
+                "save_every": "posint", "keep": "posint"}
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        for name, kind in UNET_FIELDS.items():
+            object.__setattr__(self, name, check_field(name, getattr(self, name), kind))
+        if self.image_size % (2 ** (len(self.ch_mult) - 1)):
+            raise ConfigError(
+                f"image_size {self.image_size} must be divisible by 2^(len(ch_mult)-1) = {2 ** (len(self.ch_mult) - 1)}"
+            )
+        for m in self.ch_mult:
+            if (self.ch * m) % self.norm_groups:
+                raise ConfigError(f"norm_groups {self.norm_groups} must divide the channels {self.ch * m} (ch × mult)")
+        levels = self.resolutions
+        for r in self.attn_resolutions:
+            if r not in levels:
+                raise ConfigError(f"attn_resolutions {list(self.attn_resolutions)}: {r} matches no level of the UNet "
+                                  f"(image_size {self.image_size}, {len(self.ch_mult)} levels: resolutions "
+                                  f"{', '.join(map(str, levels))})")
+
+    @property
+    def resolutions(self) -> list[int]:
+        return [self.image_size // 2 ** i for i in range(len(self.ch_mult))]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ch_mult"] = list(self.ch_mult)
+        d["attn_resolutions"] = list(self.attn_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str | None = None) -> "UNetConfig":
+        """From model.json's ``architecture`` section. With ``where`` (the file) every field must be present and
+        of its type, and messages name ``where: architecture.F``."""
+        if where is not None:
+            d = check_section(d, UNET_FIELDS, where, "architecture", required=True)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known - {"type"}
+        if unknown:
+            raise ConfigError(f"{where + ': ' if where else ''}unknown UNet config keys {sorted(unknown)} in "
+                              f"architecture; known: {sorted(known)}")
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except ConfigError as e:
+            if where is None:
+                raise
+            raise ConfigError(f"{where}: architecture.{e}") from None
 
 
 @dataclass(frozen=True)
@@ -32,24 +163,27 @@ class TrainConfig:
     keep: int = 3  # checkpoints kept in checkpoints/
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "log_every", "save_every", "keep", "num_samples", "sample_steps")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, found {getattr(self, name)}")
-        if not 0.0 <= self.ema_decay < 1.0:
+        for name, kind in TRAIN_FIELDS.items():
+            object.__setattr__(self, name, check_field(name, getattr(self, name), kind))
+        if not self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in [0, 1), found {self.ema_decay}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, found {self.lr}")
-        if self.warmup_steps < 0 or self.sample_every < 0 or self.grad_clip < 0:
-            raise ConfigError("warmup_steps, sample_every and grad_clip must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any], where: str | None = None) -> "TrainConfig":
+        """From model.json's ``training`` section (other keys — dataset, preset, counts — are ignored). With
+        ``where`` (the file), every field must be present and of its type; messages name ``where: training.F``."""
+        if where is not None:
+            d = check_section(d, TRAIN_FIELDS, where, "training", required=True)
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except ConfigError as e:
+            if where is None:
+                raise
+            raise ConfigError(f"{where}: training.{e}") from None
 
 
 def parse_override(cfg_objs: dict[str, Any], item: str) -> tuple[str, str, Any]:

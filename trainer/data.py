@@ -103,29 +103,38 @@ def load_dataset(spec: str, image_size: int | None = None, channels: int | None 
     (default: 1 for digits, 3 for folders and CIFAR-10, the file's own for npz).
     """
     _check_options(image_size, channels)
-    if not isinstance(spec, str) or not spec.strip():
-        raise DataError(f"Dataset spec is empty or not a string ({spec!r}). Expected one of: {SPEC_HELP}.")
-    spec = spec.strip()
-    if spec == "digits":
+    prefix, path = check_dataset_spec(spec)
+    if path is None:
         images, name = _load_digits(image_size, channels), "digits"
     else:
-        prefix, sep, raw_path = spec.partition(":")
         loaders = {"folder": _load_folder, "cifar10": _load_cifar10, "npz": _load_npz}
-        if not sep or prefix not in loaders:
-            raise DataError(
-                f"Unknown dataset spec {spec!r}. Expected one of: {SPEC_HELP} "
-                f"(built-in datasets: {', '.join(builtin_datasets())})."
-            )
-        if not raw_path.strip():
-            raise DataError(f"Dataset spec {spec!r} has no path after '{prefix}:'. Expected {prefix}:PATH.")
-        path = Path(raw_path.strip()).expanduser().resolve()
-        if not path.exists():
-            raise DataError(f"Dataset path {path} does not exist (from spec {spec!r}). Check the path and try again.")
         images = loaders[prefix](path, image_size, channels)
         name = f"{prefix}:{path}"
     images = np.ascontiguousarray(images, dtype=np.float32)
     logger.info("loaded dataset %s: %d images of %s", name, images.shape[0], "x".join(map(str, images.shape[1:])))
     return Dataset(images=images, name=name)
+
+
+def check_dataset_spec(spec: str) -> tuple[str, Path | None]:
+    """Parse a dataset spec without reading it: ``(kind, path)`` (path None for the built-in digits). DataError
+    for an unknown kind, a missing path or a path that does not exist — checked before any output is written."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError(f"Dataset spec is empty or not a string ({spec!r}). Expected one of: {SPEC_HELP}.")
+    spec = spec.strip()
+    if spec == "digits":
+        return "digits", None
+    prefix, sep, raw_path = spec.partition(":")
+    if not sep or prefix not in ("folder", "cifar10", "npz"):
+        raise DataError(
+            f"Unknown dataset spec {spec!r}. Expected one of: {SPEC_HELP} "
+            f"(built-in datasets: {', '.join(builtin_datasets())})."
+        )
+    if not raw_path.strip():
+        raise DataError(f"Dataset spec {spec!r} has no path after '{prefix}:'. Expected {prefix}:PATH.")
+    path = Path(raw_path.strip()).expanduser().resolve()
+    if not path.exists():
+        raise DataError(f"Dataset path {path} does not exist (from spec {spec!r}). Check the path and try again.")
+    return prefix, path
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -269,7 +278,19 @@ _ALLOWED_GLOBALS = {
     ("numpy._core.numeric", "_frombuffer"): "numpy",
     ("numpy", "ndarray"): "numpy",
     ("numpy", "dtype"): "numpy",
+    # Pickle protocol 2 has no bytes opcode: Python 3 writes bytes (a batch's b'data' keys, an array's buffer) as
+    # _codecs.encode(str, 'latin1'). Only that call is allowed, through _latin1_bytes (never the codec registry).
+    ("_codecs", "encode"): "latin1",
 }
+
+
+def _latin1_bytes(text, encoding="latin1", errors="strict"):
+    """The one use of ``_codecs.encode`` a protocol-2 pickle of bytes makes: ``(str, 'latin1') -> bytes``."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "iso8859-1", "iso-8859-1") \
+            or errors != "strict":
+        raise pickle.UnpicklingError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not a protocol-2 "
+                                     f"bytes value")
+    return text.encode("latin1")
 
 
 class _RefusedGlobal(pickle.UnpicklingError):
@@ -285,6 +306,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise _RefusedGlobal(module, name)
         if kind == "numpy":
             return getattr(np, name) if module == "numpy" else _numpy_global(module, name)
+        if kind == "latin1":
+            return _latin1_bytes
         return {"dict": dict, "list": list, "bytes": bytes, "str": str, "int": int}[kind]
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ddpm_deploy.runtime.errors import ConfigError
 
 from .config import TrainConfig
-from .unet import UNetConfig
+from .config import UNetConfig
 
 
 @dataclass(frozen=True)

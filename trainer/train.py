@@ -23,7 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ddpm_deploy.runtime.config import DataSpec, ModelCard
-from ddpm_deploy.runtime.errors import ConfigError, DataError
+from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, DataError
+from ddpm_deploy.runtime.fileio import atomic_write_text
 from ddpm_deploy.runtime.imageio import grid_scale, make_grid, save_png, to_uint8
 from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
 
@@ -109,6 +110,8 @@ class Trainer:
         resume: bool = False,
         callback: Callable[[StepInfo], None] | None = None,
         env: "DistEnv | None" = None,
+        resume_from: str | os.PathLike | None = None,
+        warn: Callable[[str], None] = log.warning,
     ):
         self.run_dir = Path(run_dir)
         self.ucfg, self.tcfg, self.dcfg = unet_cfg, train_cfg, diffusion_cfg
@@ -121,6 +124,7 @@ class Trainer:
         self.dataset_name = dataset_name
         self.preset = preset
         self.callback = callback
+        self.warn = warn
         self.stop_requested = False
         self.env = env or DistEnv()
         if train_cfg.batch_size % self.env.world:
@@ -144,8 +148,8 @@ class Trainer:
             training={**train_cfg.to_dict(), "dataset": dataset_name, "preset": preset,
                       "num_images": int(images.shape[0]), "parameters": count_parameters(self.model)},
         )
-        if resume:
-            self._resume()
+        if resume or resume_from is not None:
+            self._resume(resume_from)
         self.ddp = self.model
         if self.env.world > 1:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -153,31 +157,74 @@ class Trainer:
             )
 
     # -- state -----------------------------------------------------------------------------------
-    def _resume(self):
-        found = ckpt.list_checkpoints(self.run_dir)
-        if not found:
-            raise ConfigError(f"--resume: {self.run_dir} has no checkpoints/step_* to resume from")
-        last = found[-1]
-        raw, step = ckpt.load_weights(last / ckpt.WEIGHTS, "raw")
-        ema, _ = ckpt.load_weights(last / ckpt.WEIGHTS, "ema")
+    def _resume(self, resume_from=None):
+        last = ckpt.find_checkpoint(self.run_dir, resume_from)
+        wpath = last / ckpt.WEIGHTS
+        raw, step = ckpt.load_weights(wpath, "raw")
+        ema, _ = ckpt.load_weights(wpath, "ema")
+        for sd in (raw, ema):
+            ckpt.check_weights(self.model, sd, wpath, self.run_dir / ckpt.MODEL_JSON, self.ucfg)
         state = ckpt.load_state(last / ckpt.STATE)
+        done = int(state["step"])
+        if self.tcfg.steps < done:
+            raise ConfigError(
+                f"--steps {self.tcfg.steps} is below the {done} steps already done in {self.run_dir} "
+                f"({ckpt.CKPT_DIR}/{last.name}); give --steps {done} or more to continue the run "
+                f"(its model.json is unchanged)"
+            )
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ArtifactError(f"{last / ckpt.STATE}: optimizer state does not fit the model ({str(e)[:200]}); "
+                                f"resume from another checkpoint with --resume-from {ckpt.CKPT_DIR}/step_N") from None
         self.model.load_state_dict(raw)
         self.ema.load_state_dict(ema)
-        self.opt.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
+        self.step = done
         log.info("resumed %s at step %d", last, self.step)
-        if self.env.is_main:  # drop log lines past the checkpoint (they will be re-done)
-            lp = self.run_dir / "loss.jsonl"
-            if lp.exists():
-                keep = [ln for ln in lp.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-                lp.write_text("".join(ln + "\n" for ln in keep))
+        if self.env.is_main:
+            for p in ckpt.clean_temp_files(self.run_dir):
+                self.warn(f"removed {p}, left by an interrupted write")
+            self._trim_log()
+
+    def _trim_log(self):
+        """Drop loss.jsonl lines past the checkpoint (they will be re-done) and a torn last line (a killed write)."""
+        lp = self.run_dir / "loss.jsonl"
+        if not lp.exists():
+            return
+        keep, torn = [], []
+        lines = lp.read_bytes().decode("utf-8", "replace").splitlines()
+        for i, ln in enumerate(lines):
+            if not ln.strip():
+                continue
+            try:
+                row = json.loads(ln)
+                s = int(row["step"])
+            except (ValueError, KeyError, TypeError):
+                if i == len(lines) - 1:
+                    torn.append(ln)
+                    continue
+                raise ArtifactError(f"{lp}: line {i + 1} is not a loss record ({ln[:80]!r}); the file is corrupt "
+                                    f"(only a torn last line is repaired) — remove that line to resume") from None
+            if s <= self.step:
+                keep.append(ln)
+        if torn:
+            self.warn(f"{lp}: removed a torn last line ({torn[0][:60]!r}), left by an interrupted write")
+        atomic_write_text(lp, "".join(ln + "\n" for ln in keep))
 
     def save(self):
         if self.env.is_main:
-            ckpt.write_model_json(self.run_dir, self.card)
+            self._write_card()
             ckpt.save_checkpoint(self.run_dir, self.model, self.ema, self.opt, self.step, self.tcfg.keep)
         if self.env.world > 1:
             dist.barrier()
+
+    def _write_card(self):
+        try:
+            ckpt.write_model_json(self.run_dir, self.card)
+        except OSError as e:
+            raise ckpt.CheckpointWriteError(
+                e.errno, f"{e.strerror or e} while writing model.json at step {self.step}; "
+                f"{ckpt.kept_message(self.run_dir, -1)}", str(e.filename or self.run_dir / ckpt.MODEL_JSON)) from None
 
     # -- one step --------------------------------------------------------------------------------
     def global_batch(self, step: int):
@@ -240,10 +287,20 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        except ckpt.CheckpointWriteError:
+            raise
+        except OSError as e:  # a fault of the machine while writing the log, a grid or the plot: name the place
+            raise ckpt.CheckpointWriteError(
+                e.errno, f"{e.strerror or e} at step {self.step}; {ckpt.kept_message(self.run_dir, -1)}",
+                str(e.filename or self.run_dir)) from None
+
+    def _run(self) -> TrainResult:
         cfg = self.tcfg
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.write_model_json(self.run_dir, self.card)
+            self._write_card()
         start_step, t0 = self.step, time.perf_counter()
         acc, acc_n, last_loss = 0.0, 0, float("nan")
         samples: list[Path] = []
@@ -262,10 +319,15 @@ class Trainer:
                     last_loss, acc, acc_n = float(mean), 0.0, 0
                     elapsed = time.perf_counter() - t0
                     sps = (self.step - start_step) / max(elapsed, 1e-9)
+                    log.debug("step %d/%d loss %.4f", self.step, cfg.steps, last_loss)
                     if logf:
-                        logf.write(json.dumps({"step": self.step, "loss": last_loss, "lr": self.lr_at(self.step - 1),
-                                               "time": round(elapsed, 3)}) + "\n")
-                        logf.flush()
+                        try:
+                            logf.write(json.dumps({"step": self.step, "loss": last_loss,
+                                                   "lr": self.lr_at(self.step - 1), "time": round(elapsed, 3)}) + "\n")
+                            logf.flush()
+                        except OSError as e:
+                            e.filename = e.filename or str(self.run_dir / "loss.jsonl")
+                            raise
                     if self.callback:
                         self.callback(StepInfo(self.step, cfg.steps, last_loss, self.lr_at(self.step - 1), sps))
                 if self.step % cfg.save_every == 0 and self.step < cfg.steps:

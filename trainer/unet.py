@@ -7,61 +7,13 @@ zero-initialised output convs. The sinusoidal timestep embedding is computed in 
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_deploy.runtime.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class UNetConfig:
-    image_size: int = 32
-    in_channels: int = 3
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple[int, ...] = (16,)
-    dropout: float = 0.1
-    norm_groups: int = 32
-    norm_eps: float = 1e-6
-
-    def __post_init__(self):
-        for name in ("ch", "image_size", "in_channels", "num_res_blocks", "norm_groups"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"UNet {name} must be >= 1, found {getattr(self, name)}")
-        if self.image_size % (2 ** (len(self.ch_mult) - 1)):
-            raise ConfigError(
-                f"image_size {self.image_size} must be divisible by 2^(len(ch_mult)-1) = {2 ** (len(self.ch_mult) - 1)}"
-            )
-        for m in self.ch_mult:
-            if (self.ch * m) % self.norm_groups:
-                raise ConfigError(f"channels {self.ch * m} (ch × mult) must be divisible by norm_groups {self.norm_groups}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), found {self.dropout}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["ch_mult"] = list(self.ch_mult)
-        d["attn_resolutions"] = list(self.attn_resolutions)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known - {"type"}
-        if unknown:
-            raise ConfigError(f"unknown UNet config keys {sorted(unknown)}; known: {sorted(known)}")
-        kw = {k: v for k, v in d.items() if k in known}
-        for k in ("ch_mult", "attn_resolutions"):
-            if k in kw:
-                kw[k] = tuple(int(v) for v in kw[k])
-        return cls(**kw)
+from .config import UNetConfig  # noqa: F401  (torch-free; defined with the other configs)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

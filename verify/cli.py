@@ -60,7 +60,7 @@ def parity(checkpoint, onnx_path, engine, steps, batch, seed, weights, threads, 
     setup_logging(verbose)
 
     lazy_import("torch", "ddpm-run parity (the PyTorch reference)", "pip install 'ddpm-deploy[export]'")
-    lazy_import("polygraphy", "ddpm-run parity (Polygraphy's Comparator)", "pip install polygraphy")
+    lazy_import("polygraphy", "ddpm-run parity (Polygraphy's Comparator)", "pip install 'ddpm-deploy[export]'")
     from . import parity as parity_mod  # torch: imported only for this command
 
     checkpoint = Path(checkpoint) if checkpoint else latest_run()
@@ -102,6 +102,7 @@ def parity(checkpoint, onnx_path, engine, steps, batch, seed, weights, threads, 
 def bench(out, presets, backends, batches, max_batch_cifar, repeat, warmup, e2e_steps, threads, engine_builds):
     """Benchmark our runtime against PyTorch eager/bf16/compile and a diffusers-style loop (needs the
     [test] extra: torch, diffusers). Each measurement runs in its own process; medians after warm-up."""
+    lazy_import("torch", "ddpm-run bench (its models and PyTorch baselines)", "pip install 'ddpm-deploy[test]'")
     try:
         from . import bench as harness
     except ImportError as e:

@@ -308,6 +308,41 @@ def test_cifar_accepts_protocol5(tmp_path: Path):
     assert load_dataset(f"cifar10:{f}").images.shape == (2, 3, 32, 32)
 
 
+def test_cifar_accepts_protocol2_written_by_python3(tmp_path: Path):
+    # Protocol 2 has no bytes opcode: Python 3 writes bytes as _codecs.encode(str, 'latin1').
+    batch = _cifar_batch(3, seed=13)
+    f = _write_pickle(tmp_path / "data_batch_1", batch, protocol=2)
+    assert b"_codecs\nencode" in f.read_bytes()
+
+    ds = load_dataset(f"cifar10:{f}")
+
+    (tmp_path / "p4").mkdir()
+    p4 = _write_pickle(tmp_path / "p4" / "data_batch_1", batch)
+    np.testing.assert_array_equal(ds.images, load_dataset(f"cifar10:{p4}").images)
+
+
+class _CallsCodecs:
+    def __init__(self, *args):
+        self.args = args
+
+    def __reduce__(self):
+        import _codecs
+
+        return (_codecs.encode, self.args)
+
+
+@pytest.mark.parametrize("args", [("eA==", "base64"), ("x", "zlib"), (b"x", "latin1"), ("x", "latin1", "ignore")],
+                         ids=["base64", "zlib", "bytes-arg", "errors-arg"])
+def test_cifar_protocol2_codecs_only_for_latin1_bytes(tmp_path: Path, args):
+    batch = _cifar_batch(2, seed=14)
+    batch[b"batch_label"] = _CallsCodecs(*args)
+    f = _write_pickle(tmp_path / "data_batch_1", batch, protocol=2)
+
+    msg = _load_error(f"cifar10:{f}")
+
+    assert "Cannot unpickle" in msg and "is not a protocol-2 bytes value" in msg and str(f) in msg
+
+
 @pytest.mark.parametrize("payload", [_CallsGetcwd(), _CallsPrint()], ids=["os.getcwd", "builtins.print"])
 def test_cifar_malicious_pickle_is_refused(tmp_path: Path, capsys, payload):
     batch = _cifar_batch(2, seed=8)
