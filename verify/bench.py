@@ -264,7 +264,9 @@ def engine_builds(presets, work: Path, echo=print) -> list[dict[str, Any]]:
 
 def markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
-    lines = [f"Machine: {m.get('cpu', m['machine'])}, {m['cpus']} CPUs; {doc['date']}; median of {doc['repeat']} "
+    flags = m.get("cpu_flags")
+    flag_text = "" if flags is None else f" (CPU flags that set fp32/bf16/int8 speed: {', '.join(flags) or 'none'})"
+    lines = [f"Machine: {m.get('cpu', m['machine'])}{flag_text}, {m['cpus']} CPUs; {doc['date']}; median of {doc['repeat']} "
              f"after {doc['warmup']} warm-up calls; versions {m['versions']}", ""]
     lines += ["| model | backend | batch | ε ms/step | ms per image-step | vs torch eager fp32 | peak RSS MB | notes |",
               "|---|---|---:|---:|---:|---:|---:|---|"]

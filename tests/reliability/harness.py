@@ -128,7 +128,8 @@ def temp_files(*roots: Path) -> list[str]:
     for root in roots:
         root = Path(root)
         if root.is_dir():
-            found += [str(p) for p in root.rglob("*") if p.name.endswith(".tmp") or ".tmp." in p.name]
+            found += [str(p) for p in root.rglob("*")
+                      if p.name.endswith(".tmp") or ".tmp." in p.name or p.name.startswith(".tmp")]  # .tmp_step_N/
     return found
 
 
