@@ -111,7 +111,7 @@ def _linear_sampler(gpu, sched, shape, max_batch, **kw):
     from ddpm_deploy.runtime.device.loop import DeviceSampler
     from hostsim import LinearEpsBackend
 
-    backend = LinearEpsBackend(gpu, shape, **{k: kw.pop(k) for k in ("nan_t", "capture") if k in kw})
+    backend = LinearEpsBackend(gpu, shape, **{k: kw.pop(k) for k in ("nan_t", "capture", "inf") if k in kw})
     return backend, DeviceSampler(backend, sched, shape, max_batch, gpu, **kw)
 
 
@@ -179,6 +179,16 @@ def test_device_loop_reports_nan(gpu):
 
     sched = Schedule(DiffusionConfig(), steps=10)
     _, s = _linear_sampler(gpu, sched, (1, 8, 8), 2, nan_t=int(sched.timesteps[3]))
+    with s, pytest.raises(SamplingError, match=f"t={int(sched.timesteps[3])}"):
+        s.sample(0, [0, 1])
+
+
+def test_device_loop_reports_an_infinite_eps_that_clipping_hides(gpu):
+    """ε = +Inf is clipped into a finite x (all-black images): the step kernel must flag ε itself."""
+    from ddpm_deploy.runtime.errors import SamplingError
+
+    sched = Schedule(DiffusionConfig(), steps=10)
+    _, s = _linear_sampler(gpu, sched, (1, 8, 8), 2, nan_t=int(sched.timesteps[3]), inf=True)
     with s, pytest.raises(SamplingError, match=f"t={int(sched.timesteps[3])}"):
         s.sample(0, [0, 1])
 
