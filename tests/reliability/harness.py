@@ -9,7 +9,10 @@ installed console script: signals, exit statuses as the shell sees them, fresh i
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -139,3 +142,53 @@ def copy_tree(src: Path, dst: Path) -> Path:
 
 
 SIGNALS = {"SIGINT": (signal.SIGINT, 130), "SIGTERM": (signal.SIGTERM, 143)}
+
+
+# --- a full disk, injected -----------------------------------------------------------------------------------------
+
+class _FullFile:
+    """A file opened for writing on a full disk: every write fails with ENOSPC (no file name, as the OS says it)."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def writelines(self, lines):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+@contextlib.contextmanager
+def disk_full(root: Path, when=lambda p: True):
+    """Every file opened for writing under ``root`` (a folder or one file; by open, Path.write_*, os.fdopen: all go
+    through io.open) for which ``when(path)`` holds fails its writes with ENOSPC, as on a full disk. Creating files and
+    folders still works, as it does there. In this process only (in-process ``invoke`` cases)."""
+    import builtins
+
+    root = Path(root).resolve()
+    real = io.open
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        f = real(file, mode, *args, **kwargs)
+        try:
+            p = Path(os.readlink(f"/proc/self/fd/{file}")) if isinstance(file, int) else Path(file).resolve()
+        except (OSError, TypeError):
+            return f
+        return _FullFile(f) if any(c in mode for c in "wax+") and p.is_relative_to(root) and when(p) else f
+
+    saved = (io.open, builtins.open)
+    io.open = builtins.open = fake_open
+    try:
+        yield
+    finally:
+        io.open, builtins.open = saved

@@ -8,9 +8,7 @@ each case well under a second, except the full-disk cases, which export for real
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import json
 import os
 import shutil
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from reliability.harness import assert_kept, assert_user_error, invoke, snapshot
+from reliability.harness import assert_kept, assert_user_error, disk_full, invoke, snapshot
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
@@ -31,60 +29,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-# --- a full disk, injected -------------------------------------------------------------------------------------
-
-class _FullFile:
-    """A file opened for writing on a full disk: every write fails with ENOSPC (no file name, as the OS says it)."""
-
-    def __init__(self, f):
-        self._f = f
-
-    def write(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def writelines(self, lines):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-
-@contextlib.contextmanager
-def disk_full(root: Path):
-    """Every file opened for writing under ``root`` (by open, Path.write_*, os.fdopen: all go through io.open)
-    fails its writes with ENOSPC, as on a full disk. Creating files and folders still works, as it does there."""
-    import builtins
-
-    root = Path(root).resolve()
-    real = io.open
-
-    def where(file) -> Path | None:
-        try:
-            return Path(os.readlink(f"/proc/self/fd/{file}")) if isinstance(file, int) else Path(file).resolve()
-        except (OSError, TypeError):
-            return None
-
-    def fake_open(file, mode="r", *args, **kwargs):
-        f = real(file, mode, *args, **kwargs)
-        p = where(file)
-        if any(c in mode for c in "wax+") and p is not None and p.is_relative_to(root):
-            return _FullFile(f)
-        return f
-
-    saved = (io.open, builtins.open)
-    io.open = builtins.open = fake_open
-    try:
-        yield
-    finally:
-        io.open, builtins.open = saved
 
 
 def test_disk_full_injection_fails_writes_under_its_root_only(tmp_path):

@@ -8,9 +8,6 @@ resumed runs train two steps.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import io
 import json
 import os
 import pickle
@@ -20,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reliability.harness import SIGNALS, assert_kept, assert_ok, assert_user_error, invoke, run, snapshot
+from reliability.harness import SIGNALS, assert_kept, assert_ok, assert_user_error, disk_full, invoke, run, snapshot
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
@@ -36,50 +33,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-# --- a full disk, injected (the same injector as test_export_faults.py) -----------------------------------------
-
-class _FullFile:
-    def __init__(self, f):
-        self._f = f
-
-    def write(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-
-@contextlib.contextmanager
-def disk_full(root: Path, when=lambda p: True):
-    """Writes to files opened under ``root`` (a folder or one file) for which ``when(path)`` holds fail with ENOSPC,
-    as on a full disk."""
-    import builtins
-
-    root = Path(root).resolve()
-    real = io.open
-
-    def fake_open(file, mode="r", *args, **kwargs):
-        f = real(file, mode, *args, **kwargs)
-        try:
-            p = Path(os.readlink(f"/proc/self/fd/{file}")) if isinstance(file, int) else Path(file).resolve()
-        except (OSError, TypeError):
-            return f
-        return _FullFile(f) if any(c in mode for c in "wax+") and p.is_relative_to(root) and when(p) else f
-
-    saved = (io.open, builtins.open)
-    io.open = builtins.open = fake_open
-    try:
-        yield
-    finally:
-        io.open, builtins.open = saved
 
 
 # --- options, checked before a run dir exists -------------------------------------------------------------------
