@@ -149,7 +149,32 @@ def find_checkpoint(run_dir: Path, spec: str | os.PathLike | None) -> Path:
     if not cand.is_dir() or _step_of(cand) < 0:
         have = ", ".join(f"{CKPT_DIR}/{c.name}" for c in found) or "none"
         raise ArtifactError(f"--resume-from {spec}: no such checkpoint in {run_dir} (checkpoints: {have})")
+    if cand.resolve().parent != (Path(run_dir) / CKPT_DIR).resolve():
+        raise ConfigError(f"--resume-from {spec}: not a checkpoint of {run_dir} (expected {run_dir}/{CKPT_DIR}/step_N): "
+                          f"a run resumes only from its own checkpoints; to continue another run, resume that run")
     return cand
+
+
+ABANDONED_DIR = "abandoned"
+
+
+def set_aside_newer(run_dir: Path, step: int) -> list[Path]:
+    """After resuming from an older checkpoint: move the checkpoints newer than ``step`` (the branch being abandoned)
+    to ``abandoned/from-step_N-<time>/`` so that neither a later --resume nor pruning mixes them with the new work.
+    Nothing is deleted. Returns the new paths."""
+    import time
+
+    newer = [c for c in list_checkpoints(run_dir) if _step_of(c) > step]
+    if not newer:
+        return []
+    dest = Path(run_dir) / ABANDONED_DIR / f"from-step_{step:08d}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for c in newer:
+        target = dest / c.name
+        os.replace(c, target)
+        moved.append(target)
+    return moved
 
 
 def load_weights(path: Path, which: str = "ema") -> tuple[dict[str, torch.Tensor], int]:

@@ -118,6 +118,9 @@ def main(preset, dataset, channels, out, resume, resume_from, schedule, num_time
         except ConfigError as e:
             raise ConfigError(str(e)) from None
         dcfg = card.diffusion
+        if dataset is not None and dataset != card.training.get("dataset"):
+            click.echo(f"warning: --resume continues on {dataset}; the run was trained on "
+                       f"{card.training.get('dataset')!r} (model.json will record {dataset})", err=True)
         dataset = dataset or card.training.get("dataset", "digits")
         if not isinstance(dataset, str):
             raise ConfigError(f"{run_dir / ckpt.MODEL_JSON}: training.dataset must be a dataset spec string, "

@@ -184,6 +184,11 @@ class Trainer:
         if self.env.is_main:
             for p in ckpt.clean_temp_files(self.run_dir):
                 self.warn(f"removed {p}, left by an interrupted write")
+            moved = ckpt.set_aside_newer(self.run_dir, done)
+            if moved:
+                self.warn(f"resuming from step {done}: moved the {len(moved)} newer checkpoint(s) "
+                          f"({', '.join(m.name for m in moved)}) to {moved[0].parent} so that no later --resume or "
+                          f"pruning mixes them with this run; delete that folder when you do not need it")
             self._trim_log()
 
     def _trim_log(self):

@@ -264,6 +264,32 @@ def test_resume_from_by_step_number(rundir):
     assert _steps(rundir)[-1] == 12 and 15 not in _steps(rundir)
 
 
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(rundir):
+    """Resuming from step 10 abandons steps 20 and 30: they are moved to abandoned/ (nothing deleted), so neither a
+    later --resume continues from the stale step 30 nor pruning (--keep 1) deletes the new work in their favour."""
+    newer = {n: snapshot(rundir / "checkpoints" / n) for n in ("step_00000020", "step_00000030")}
+    o = invoke("ddpm-train", "--resume-from", "10", "--out", rundir, "--steps", "12", "--save-every", "2",
+               "--keep", "1", *FAST)
+    assert_ok(o)
+    assert "moved the 2 newer checkpoint(s)" in o.stderr
+    assert [c.name for c in sorted((rundir / "checkpoints").iterdir())] == ["step_00000012"]
+    (aside,) = (rundir / "abandoned").iterdir()
+    for name, files in newer.items():  # the abandoned branch, byte for byte
+        assert {Path(k).name: v for k, v in snapshot(aside / name).items()} == \
+            {Path(k).name: v for k, v in files.items()}
+    o = invoke("ddpm-train", "--resume", "--out", rundir, "--steps", "14", "--save-every", "2", *FAST)
+    assert_ok(o)
+    assert _steps(rundir)[-3:] == [10, 12, 14]  # continued from 12, not from the abandoned 30
+
+
+def test_resume_from_a_checkpoint_of_another_run_is_refused(rundir, micro_run):
+    other = micro_run / "checkpoints" / "step_00000020"
+    before = snapshot(rundir)
+    assert_user_error(invoke("ddpm-train", "--resume-from", other, "--out", rundir, "--steps", "32", *FAST),
+                      str(other), "not a checkpoint of")
+    assert_kept(before, rundir)
+
+
 def test_resume_survives_a_torn_last_line_of_loss_jsonl(rundir):
     with open(rundir / "loss.jsonl", "a") as f:
         f.write('{"step": 31, "lo')
