@@ -72,11 +72,11 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
               help="ONNX Runtime graph optimisation level.")
 @click.option("--no-pngs", is_flag=True, help="Skip images/NNNNNN.png (grid.png and samples.npz are still written).")
 @click.option("--resume", is_flag=True, help="Continue the job in --out (interrupted, failed or killed): same model, "
-              "seed, steps and indices (checked against its run.json); finished batches are kept, the rest is sampled. "
+              "backend, precision, seed, steps and indices (checked against its run.json); finished batches are kept, the rest is sampled. "
               "Starts the job if --out holds none.")
 @click.option("--overwrite", is_flag=True, help="Replace the samples already in --out (samples.npz, run.json, grid.png, "
-              "images/*.png, parts/; other files stay). Without --resume or --overwrite a folder holding samples is "
-              "refused.")
+              "images/*.png, parts/; other files stay), removed once the model and options are checked, before the "
+              "first batch. Without --resume or --overwrite a folder holding samples is refused.")
 @click.option("--schedule", type=click.Choice(["linear", "cosine"]), default=None,
               help="Override / supply the β schedule (for ONNX files without our metadata).")
 @click.option("--beta-start", type=float, default=None, help="Override / supply β_1.")

@@ -33,11 +33,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None:  # a failed write(2) names no file: name the target
+            raise OSError(e.errno, e.strerror, str(p)) from None
         raise
 
 

@@ -16,7 +16,7 @@ are the record. ``--resume`` continues such a folder (same model, seed, steps an
 run.json) and skips what is done; on completion the parts are merged into samples.npz and removed.
 
 A folder that already holds samples is refused unless ``--resume`` (continue it) or ``--overwrite`` (replace our
-outputs in it) is given; a lock file keeps two jobs out of one folder; a failed job that finished nothing leaves no
+outputs in it) is given; a lock on the folder keeps two jobs out of it; a failed job that finished nothing leaves no
 folder it created behind; temporary files of killed writes are removed by the next job in the folder.
 """
 
@@ -39,7 +39,6 @@ from .imageio import grid_scale, make_grid, png_bytes, save_png, to_uint8
 
 GRID_MAX = 64
 PARTS = "parts"
-LOCK = ".lock"
 OUTPUTS = ("samples.npz", "grid.png", "run.json")  # with images/ and parts/: everything a sampling job writes
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: the same images give the same samples.npz bytes
 
@@ -204,7 +203,23 @@ def _todo(start: int, num: int, done: list[tuple[int, int]]) -> list[tuple[int, 
 
 # --- the output folder ---------------------------------------------------------------------------------------------
 
-RESUME_KEYS = ("seed", "start_index", "num", "steps", "num_timesteps", "diffusion", "model_sha256", "shard")
+RESUME_KEYS = ("seed", "start_index", "num", "steps", "num_timesteps", "diffusion", "model_sha256", "shard", "backend",
+               "precision")  # backend: runner and device (host and device loops agree within tolerance, not bytes)
+
+
+def model_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a model artifact: the file, and for an OpenVINO IR (.xml) its weights file (.bin) too."""
+    import hashlib
+
+    from .fileio import sha256_file
+
+    p = Path(path)
+    if p.suffix.lower() == ".xml" and p.with_suffix(".bin").is_file():
+        h = hashlib.sha256()
+        h.update(bytes.fromhex(sha256_file(p)))
+        h.update(bytes.fromhex(sha256_file(p.with_suffix(".bin"))))
+        return h.hexdigest()
+    return sha256_file(p)
 
 
 class SampleDir:
@@ -245,28 +260,21 @@ class SampleDir:
                     d.rmdir()
 
     def _lock(self) -> None:
+        """An exclusive flock on the folder itself (no lock file to go stale or to race on; the kernel releases it
+        when the process dies, kill -9 included)."""
         import fcntl
 
-        path = self.out / LOCK
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise ConfigError(f"cannot write to the output folder {self.out}: {e.strerror}; choose another --out") from None
+        fd = os.open(self.out, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            other = path.read_text().strip() if path.is_file() else "?"
-            raise ConfigError(f"{self.out} is in use by another ddpm-run sample (pid {other}); wait for it to finish "
-                              f"or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+            raise ConfigError(f"{self.out} is in use by another sampling job (ddpm-run sample/request/fid-compare); "
+                              f"wait for it to finish or choose another --out") from None
         self._lock_fd = fd
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                (self.out / LOCK).unlink()
             os.close(self._lock_fd)
             self._lock_fd = None
 
@@ -291,10 +299,24 @@ class SampleDir:
         return found
 
     def previous(self):
+        """The RunInfo in the folder (None: no run.json); ArtifactError if it is not a sampling record we can trust."""
         from .contract import RunInfo
+        from .errors import ArtifactError
 
         p = self.out / "run.json"
-        return RunInfo.load(p) if p.is_file() else None
+        if not p.is_file():
+            return None
+        info = RunInfo.load(p)
+        ranges = info.done if info.done is not None else []
+        ok = (isinstance(info.diffusion, dict) and isinstance(info.status, str) and isinstance(ranges, list)
+              and all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) and r[0] <= r[1]
+                      for r in ranges)
+              and all(isinstance(getattr(info, k), int) for k in ("seed", "num", "start_index", "steps")))
+        if not ok:
+            raise ArtifactError(f"{p}: a sampling record with fields of the wrong type (done must be [[first, last], "
+                                f"…], diffusion an object, seed/num/start_index/steps integers); it was not written by "
+                                f"ddpm-run sample: use --overwrite or another --out")
+        return info
 
     def remove_outputs(self) -> None:
         """--overwrite: remove what a sampling job writes (only that: other files in the folder stay)."""
@@ -441,14 +463,13 @@ def sample_job(runner, sampler, card, model_path, out_dir, seed: int, start_inde
     import time
 
     from .contract import RunInfo
-    from .fileio import sha256_file
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, found {mode!r}")
     echo = echo or (lambda s: None)
     c, h, w = card.data.channels, card.data.image_size, card.data.image_size
     image_shape = (h, w, c)
-    model_sha = sha256_file(model_path)
+    model_sha = model_digest(model_path)
     base = RunInfo(
         seed=seed, num=num, batch=batch, start_index=start_index, steps=len(sampler.schedule),
         num_timesteps=card.diffusion.num_timesteps, backend=runner.name, runner=type(runner).__name__,
@@ -486,7 +507,9 @@ def sample_job(runner, sampler, card, model_path, out_dir, seed: int, start_inde
                     raise ConfigError(f"--resume: {out.out} holds another job ({what}); resume it with its own "
                                       f"options, or use --overwrite or another --out")
             if prev.complete and not out.part_files():
-                echo(f"{out.out}: all {prev.num} images are already done (run.json: complete); nothing to resume")
+                filled = _fill_pngs_from_npz(out, start_index, num) if write_pngs else 0
+                echo(f"{out.out}: all {prev.num} images are already done (run.json: complete); nothing to resume"
+                     + (f" (wrote the {filled} missing images/*.png from samples.npz)" if filled else ""))
                 prev.nothing_to_do = True
                 return prev
             done = out.done_ranges(start_index, num)
@@ -526,6 +549,7 @@ def sample_job(runner, sampler, card, model_path, out_dir, seed: int, start_inde
                                 atomic_write_bytes(out.out / "images" / f"{int(i):06d}.png", png_bytes(img))
                         record("running").save(out.out / "run.json")
                 done.sort()
+            with signals_ignored():  # finishing: seconds at most; an interruption here would only redo work
                 grid = out.merge(out.out / "samples.npz", start_index, num, image_shape, done)
                 if len(grid):
                     save_png(out.out / "grid.png", make_grid(grid), scale=grid_scale(h))
@@ -563,7 +587,7 @@ def _safe_previous(out: SampleDir):
     try:
         return out.previous()
     except DDPMError:
-        return None
+        return None  # the refusal names the folder's files; run.json's state is a detail there
 
 
 def _discard_empty(out: SampleDir) -> None:
@@ -580,11 +604,35 @@ def _discard_empty(out: SampleDir) -> None:
 def _write_partial(out: SampleDir, info, start: int, num: int, image_shape, h: int, done) -> str:
     """After an interruption or error: samples.npz of the finished images, grid.png, run.json (status interrupted or
     failed). Best effort: if the disk is full, the parts and the last run.json are the record."""
+    written = [f"{PARTS}/"]
+    for name, write in (("samples.npz", lambda: out.merge(out.out / "samples.npz", start, num, image_shape, done)),
+                        ("run.json", lambda: info.save(out.out / "run.json"))):
+        try:
+            result = write()
+            written.append(name)
+            if name == "samples.npz" and len(result):
+                save_png(out.out / "grid.png", make_grid(result), scale=grid_scale(h))
+                written.append("grid.png")
+        except (OSError, DDPMError):
+            pass
+    missing = [n for n in ("samples.npz", "grid.png", "run.json") if n not in written]
+    return ", ".join(written) + (f"; {', '.join(missing)} could not be written" if missing else "")
+
+
+def _fill_pngs_from_npz(out: SampleDir, start: int, num: int) -> int:
+    """images/NNNNNN.png missing from a complete job (sampled with --no-pngs, or deleted), from its samples.npz."""
+    missing = [i for i in range(start, start + num) if not (out.out / "images" / f"{i:06d}.png").is_file()]
+    if not missing:
+        return 0
+    from .errors import ArtifactError
+
     try:
-        grid = out.merge(out.out / "samples.npz", start, num, image_shape, done)
-        if len(grid):
-            save_png(out.out / "grid.png", make_grid(grid), scale=grid_scale(h))
-        info.save(out.out / "run.json")
-        return f"samples.npz, {PARTS}/, run.json"
-    except (OSError, DDPMError):
-        return f"{PARTS}/ and run.json; samples.npz could not be written"
+        with np.load(out.out / "samples.npz", allow_pickle=False) as z:
+            images, indices = z["images"], z["indices"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        raise ArtifactError(f"{out.out}/samples.npz: unreadable ({e}); sample again with --overwrite") from None
+    pos = {int(i): k for k, i in enumerate(indices)}
+    for i in missing:
+        if i in pos:
+            atomic_write_bytes(out.out / "images" / f"{i:06d}.png", png_bytes(images[pos[i]]))
+    return len(missing)

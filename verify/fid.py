@@ -195,8 +195,8 @@ def write_stats(ref: str, out: Path, settings: FidSettings, ext: InceptionExtrac
 # --- fid-compare: the same seeds through two models / backends --------------------------------------------------
 
 def sample_set(model: Path, device: str, out: Path, num: int, batch: int, seed: int, steps: int | None,
-               threads: int = 0, progress: Progress | None = None, stage: str = "sample", mode: str = "resume"
-               ) -> ImageSet:
+               threads: int = 0, progress: Progress | None = None, stage: str = "sample", mode: str = "resume",
+               echo=None) -> ImageSet:
     """Sample ``num`` images (seed, indices 0..num−1) with the shipped runner and loop; writes samples.npz and
     run.json to ``out`` (as ``ddpm-run sample --no-pngs``) and returns them. ``mode`` as ``output.sample_job``:
     "resume" reuses (or continues) the same job already in ``out``."""
@@ -219,7 +219,7 @@ def sample_set(model: Path, device: str, out: Path, num: int, batch: int, seed: 
                 progress(stage, done[0], total_steps)
 
             sample_job(runner, sampler, card, model, out, seed, 0, num, batch, write_pngs=False,
-                       on_step=step_done if progress else None, mode=mode)
+                       on_step=step_done if progress else None, mode=mode, echo=echo)
     return read_image_set(out)
 
 

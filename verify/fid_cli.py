@@ -219,8 +219,8 @@ def fid_extractor(out, force, verbose):
               help="Where reference/, candidate/ (samples.npz, run.json) and fid.json go. Default: fid-compare/ "
                    "beside --onnx.")
 @click.option("--overwrite", is_flag=True, help="Sample both sides again even where --out holds them. Without it a "
-              "side already sampled with the same model, seed, number and steps is reused (an interrupted one is "
-              "continued), and a side of another job is refused.")
+              "side already sampled with the same model, backend, precision, seed, number and steps is reused (said "
+              "on stderr; an interrupted one is continued), and a side of another job is refused.")
 @gate_options
 @kid_options
 @extraction_options
@@ -254,9 +254,9 @@ def fid_compare(onnx_path, against, device, against_device, num, sample_batch, s
         bars = Bars(stack, not no_progress)
         mode = "overwrite" if overwrite else "resume"
         sample_set(onnx_path, device_for(onnx_path, device), out / "reference", num, sample_batch, seed, steps,
-                   threads, bars, "sample reference", mode=mode)
+                   threads, bars, "sample reference", mode=mode, echo=lambda m: click.echo(m, err=True))
         cand = sample_set(against, device_for(against, against_device), out / "candidate", num, sample_batch, seed,
-                          steps, threads, bars, "sample candidate", mode=mode)
+                          steps, threads, bars, "sample candidate", mode=mode, echo=lambda m: click.echo(m, err=True))
         rep = fid_report(cand, str(out / "reference"), settings, ext, progress=bars, paired=True,
                          max_fid=max_fid, max_kid=max_kid)
     _print_report(rep, rep.save(out / "fid.json"))

@@ -105,9 +105,7 @@ def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, ins
 @clean_errors
 def request(url, protocol, seed, start_index, num, steps, concurrency, out, no_pngs, overwrite):
     """Fetch images from a served model (tritonclient) and write the usual sample outputs."""
-    from ..contract import RunInfo
-    from ..output import SampleWriter
-    from .client import TritonImages, diffusion_of
+    from .client import TritonImages
 
     if num < 1 or start_index < 0 or seed < 0:
         raise ConfigError(f"--num must be >= 1, --index and --seed >= 0; found {num}, {start_index}, {seed}")
@@ -121,8 +119,27 @@ def request(url, protocol, seed, start_index, num, steps, concurrency, out, no_p
         params = client.parameters()
         got = client.fetch(seed, range(start_index, start_index + num), steps=steps, concurrency=concurrency)
     h, w, c = got.images.shape[1:]
-    if held:
-        SampleDir(out).remove_outputs()
+    folder = SampleDir(out).open()  # the folder lock: no sampling job writes there meanwhile
+    try:
+        held = folder.existing()
+        if held and not overwrite:
+            raise ConfigError(f"{out} already holds samples ({', '.join(held)}); replace them with --overwrite or "
+                              f"choose another --out")
+        if held:
+            folder.remove_outputs()
+        _write_served(out, num, c, h, w, no_pngs, got, params, client, seed, start_index, steps, concurrency)
+    finally:
+        folder.close(keep=True)
+    lat = np.asarray(got.latencies) * 1e3
+    click.echo(f"fetched {num} images from {client.protocol}://{client.url} in {got.seconds:.1f}s "
+               f"({num / got.seconds:.2f} images/s, p50 {np.percentile(lat, 50):.0f} ms); wrote {out}")
+
+
+def _write_served(out, num, c, h, w, no_pngs, got, params, client, seed, start_index, steps, concurrency) -> None:
+    from ..contract import RunInfo
+    from ..output import SampleWriter
+    from .client import diffusion_of
+
     writer = SampleWriter(out, num, (c, h, w), write_pngs=not no_pngs)
     writer.add_uint8(got.images, range(start_index, start_index + num))
     lat = np.asarray(got.latencies) * 1e3
@@ -137,5 +154,3 @@ def request(url, protocol, seed, start_index, num, steps, concurrency, out, no_p
                  "latency_ms_p99": float(np.percentile(lat, 99))},
         host={"machine": platform.machine(), "python": platform.python_version()},
         model_sha256=params.get("model_sha256") or None))
-    click.echo(f"fetched {num} images from {client.protocol}://{client.url} in {got.seconds:.1f}s "
-               f"({num / got.seconds:.2f} images/s, p50 {np.percentile(lat, 50):.0f} ms); wrote {out}")

@@ -7,7 +7,6 @@ job is interrupted, continuing it with --resume must give the same bytes as a jo
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -19,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reliability.harness import BIN, assert_kept, assert_ok, assert_user_error, invoke, snapshot, temp_files
+from reliability.harness import (BIN, assert_kept, assert_ok, assert_user_error, disk_full, invoke, snapshot,
+                                 temp_files)
 
 onnx = pytest.importorskip("onnx")
 
@@ -92,13 +92,14 @@ def test_resume_of_a_complete_job_changes_nothing(model, done_job, tmp_path):
 
 
 @pytest.mark.parametrize("change,field", [
-    (["--seed", "1"], "seed"),
-    (["--num", "7"], "num"),
-    (["--start-index", "2"], "start_index"),
-    (["--steps", "5"], "steps"),
-    (["--num-timesteps", "500"], "num_timesteps"),
-    (["--schedule", "cosine"], "diffusion"),
-    (["--variance-type", "fixed_large"], "diffusion"),
+    (["--seed", "1"], "seed 0 there, 1 in this command"),
+    (["--num", "7"], "num 6 there, 7 in this command"),
+    (["--start-index", "2"], "start_index 0 there, 2 in this command"),
+    (["--steps", "5"], "steps 4 there, 5 in this command"),
+    (["--num-timesteps", "500"], "num_timesteps 1000 there, 500 in this command"),
+    (["--schedule", "cosine"], "'schedule': 'linear'"),
+    (["--variance-type", "fixed_large"], "'variance_type': 'fixed_small'"),
+    (["--backend", "openvino"], "backend 'onnxruntime-cpu' there, 'openvino-cpu' in this command"),
     (["--shard", "0/2"], "samples/shard-0-of-2"),  # a shard is its own folder: nothing there to resume, so it runs
 ])
 def test_resume_refuses_another_job(model, done_job, tmp_path, change, field):
@@ -110,12 +111,14 @@ def test_resume_refuses_another_job(model, done_job, tmp_path, change, field):
             args[args.index(flag) + 1] = value
         else:
             args += [flag, value]
+    if "--backend" in change:
+        pytest.importorskip("openvino")
     o = invoke("ddpm-run", *args)
     if field.startswith("samples/"):
         assert_ok(o)
         assert (tmp_path / field / "samples.npz").is_file()
     else:
-        assert_user_error(o, "--resume", field, str(out))
+        assert_user_error(o, "--resume", "holds another job", field, str(out))
     assert_kept(before, out)
 
 
@@ -161,18 +164,21 @@ def test_resume_into_an_empty_folder_starts_the_job(model, tmp_path):
 
 
 def test_a_folder_in_use_is_refused(model, tmp_path):
+    """Another job holds the folder's lock (flock on the folder; per open file description, so a second open in this
+    process conflicts as another process would)."""
     import fcntl
 
     out = tmp_path / "s"
     out.mkdir()
-    with open(out / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        f.write("4242")
-        f.flush()
-        # flock locks are per open file description: a second open in this process conflicts like another process
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         assert_user_error(invoke("ddpm-run", *_job(model, out)), "in use", str(out))
+        assert list(out.iterdir()) == []
+    finally:
+        os.close(fd)  # the other job ends
     assert_ok(invoke("ddpm-run", *_job(model, out)))
-    assert not (out / ".lock").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "run.json", "samples.npz"]
 
 
 def test_temp_files_of_a_killed_write_are_removed(model, tmp_path):
@@ -198,8 +204,8 @@ BAD_OPTIONS = {
     "steps-above-T": (["--steps", "5000"], "5000"),
     "threads-negative": (["--threads", "-2"], "--threads"),
     "shard-text": (["--shard", "half"], "--shard"),
-    "shard-index-past-count": (["--shard", "3/2"], "3"),
-    "shard-zero-count": (["--shard", "0/0"], "0"),
+    "shard-index-past-count": (["--shard", "3/2"], "found 3/2"),
+    "shard-zero-count": (["--shard", "0/0"], "found 0/0"),
     "precision-without-openvino": (["--precision", "bf16"], "--backend openvino"),
     "openvino-on-cuda": (["--backend", "openvino", "--device", "cuda"], "OpenVINO"),
     "num-timesteps-zero": (["--num-timesteps", "0"], "num_timesteps"),
@@ -328,7 +334,7 @@ BAD_MODELS = {
     "eps-batch-1-dynamic": (dict(tail=_mean_over_batch, out_shape=["b1", 1, 8, 8]), "ε of float32 [1, 1, 8, 8]"),
     "eps-channels-static": (dict(tail=_twice_channels, out_shape=["batch", 2, 8, 8]), "shape of x"),
     "eps-channels-dynamic": (dict(tail=_twice_channels, out_shape=["batch", "c2", 8, 8]), "shape of x"),  # inferred
-    "eps-float64": (dict(tail=_to_double, out_type=11), "eps"),
+    "eps-float64": (dict(tail=_to_double, out_type=11), "eps of type tensor(double)"),
     "meta-not-json": (dict(meta=lambda t: "{broken"), "metadata"),
     "meta-other-schema": (dict(meta=_meta_json(_set(["schema"], "someone/else"))), "schema"),
     "meta-newer-version": (dict(meta=_meta_json(_set(["schema_version"], 99))), "schema_version"),
@@ -337,8 +343,8 @@ BAD_MODELS = {
     "meta-schedule-unknown": (dict(meta=_meta_json(_set(["diffusion", "schedule"], "quadratic"))), "quadratic"),
     "meta-betas-reversed": (dict(meta=_meta_json(_set(["diffusion", "beta_end"], 1e-6))), "beta"),
     "meta-variance-unknown": (dict(meta=_meta_json(_set(["diffusion", "variance_type"], "learned"))), "learned"),
-    "meta-image-size-mismatch": (dict(meta=_meta_json(_set(["data", "image_size"], 16))), "16"),
-    "meta-channels-mismatch": (dict(meta=_meta_json(_set(["data", "channels"], 3))), "3"),
+    "meta-image-size-mismatch": (dict(meta=_meta_json(_set(["data", "image_size"], 16))), "shape (1, 16, 16)"),
+    "meta-channels-mismatch": (dict(meta=_meta_json(_set(["data", "channels"], 3))), "shape (3, 8, 8)"),
     "meta-data-missing": (dict(meta=_meta_json(lambda d: d.pop("data"))), "data"),
 }
 
@@ -396,54 +402,104 @@ def test_onnx_without_our_io_names(tmp_path):
 
 # --- faults of the machine --------------------------------------------------------------------------------------
 
-def _enospc_after(monkeypatch, n_ok: int, match: str):
-    """Make the n_ok+1-th atomic write whose path contains ``match`` fail with ENOSPC (a full disk)."""
-    from ddpm_deploy.runtime import output
+def _full_after(root: Path, n_ok: int):
+    """A disk that fills up under ``root``: the first ``n_ok`` files opened for writing there succeed, the rest fail
+    their writes with ENOSPC — an OSError without a file name, as write(2) gives it (harness.disk_full)."""
+    opened = {"n": 0}
 
-    real = output.atomic_write_bytes
-    calls = {"n": 0}
+    def when(path):
+        opened["n"] += 1
+        return opened["n"] > n_ok
 
-    def write(path, data):
-        if match in str(path):
-            calls["n"] += 1
-            if calls["n"] > n_ok:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        return real(path, data)
-
-    monkeypatch.setattr(output, "atomic_write_bytes", write)
+    return disk_full(root, when=when)
 
 
-def test_enospc_mid_job_keeps_finished_batches_and_resume_finishes_the_same_bytes(model, done_job, tmp_path,
-                                                                                   monkeypatch):
+def test_enospc_mid_job_keeps_finished_batches_and_resume_finishes_the_same_bytes(model, done_job, tmp_path):
     out = tmp_path / "s"
-    _enospc_after(monkeypatch, 2, "parts")  # the third batch cannot be written
-    line = assert_user_error(invoke("ddpm-run", *_job(model, out)), "No space left on device", "4 of 6 images done",
-                             "--resume")
-    assert "parts" in line
+    with _full_after(out / "parts", 2):  # the third batch cannot be written
+        o = invoke("ddpm-run", *_job(model, out))
+    line = assert_user_error(o, "No space left on device", "4 of 6 images done", "--resume")
+    assert f"{out}/parts/0000000004-0000000005.npy" in line  # the file the full disk refused, named
     with np.load(out / "samples.npz") as z:  # the finished images, readable
         assert list(z["indices"]) == [0, 1, 2, 3]
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
-    monkeypatch.undo()
     assert_ok(invoke("ddpm-run", *_job(model, out, "--resume")))
     assert _digest(out) == _digest(done_job)
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
     assert not (out / "parts").exists() and not temp_files(out)
 
 
-def test_enospc_on_the_first_write_leaves_nothing(model, tmp_path, monkeypatch):
+def test_enospc_everywhere_keeps_the_parts_and_says_what_could_not_be_written(model, done_job, tmp_path):
+    """The whole disk fills after two batches: samples.npz, grid.png and run.json of the interruption cannot be
+    written either; the parts and the last run.json are the record, the message says so, and --resume finishes."""
+    out = tmp_path / "s"
+    out.mkdir()
+    opened = {"n": 0, "parts": 0}
+
+    def when(path):
+        if path.parent.name == "parts":
+            opened["parts"] += 1
+        return opened["parts"] > 2
+
+    with disk_full(out, when=when):
+        o = invoke("ddpm-run", *_job(model, out))
+    line = assert_user_error(o, "No space left on device", "4 of 6 images done", "could not be written")
+    assert "samples.npz, grid.png, run.json could not be written" in line
+    assert json.loads((out / "run.json").read_text())["done"] == [[0, 1], [2, 3]]  # the last one written
+    assert_ok(invoke("ddpm-run", *_job(model, out, "--resume")))
+    assert _digest(out) == _digest(done_job)
+
+
+def test_enospc_on_the_first_write_leaves_nothing(model, tmp_path):
     out = tmp_path / "new" / "s"
-    _enospc_after(monkeypatch, 0, "parts")
-    assert_user_error(invoke("ddpm-run", *_job(model, out)), "No space left on device", "disk is full")
+    with disk_full(tmp_path / "new"):
+        o = invoke("ddpm-run", *_job(model, out))
+    assert_user_error(o, "No space left on device", "disk is full", f"{out}/run.json")
     assert not (tmp_path / "new").exists()
 
 
-def test_enospc_writing_pngs_keeps_the_batch(model, done_job, tmp_path, monkeypatch):
+def test_enospc_writing_pngs_keeps_the_batch(model, done_job, tmp_path):
     out = tmp_path / "s"
-    _enospc_after(monkeypatch, 3, "images")  # the 4th PNG fails: batch 2-3 is done (its part is written first)
-    assert_user_error(invoke("ddpm-run", *_job(model, out)), "No space left on device", "4 of 6 images done")
-    monkeypatch.undo()
+    with _full_after(out / "images", 3):  # the 4th PNG fails: batch 2-3 is done (its part is written first)
+        o = invoke("ddpm-run", *_job(model, out))
+    assert_user_error(o, "No space left on device", "4 of 6 images done", f"{out}/images/000003.png")
     assert_ok(invoke("ddpm-run", *_job(model, out, "--resume")))
     assert _digest(out) == _digest(done_job)  # the missing PNG of the kept batch was written on resume
+
+
+def test_resume_of_a_complete_job_writes_missing_pngs(model, done_job, tmp_path):
+    out = _copy(done_job, tmp_path / "s")
+    (out / "images" / "000002.png").unlink()
+    o = invoke("ddpm-run", *_job(model, out, "--resume"))
+    assert_ok(o)
+    assert "wrote the 1 missing images/*.png" in o.stderr
+    assert _digest(out) == _digest(done_job)
+
+
+BAD_RUN_JSON = {
+    "done-not-pairs": lambda d: d.update(done=[[0]]),
+    "done-text": lambda d: d.update(done="all"),
+    "diffusion-null": lambda d: d.update(diffusion=None),
+    "seed-text": lambda d: d.update(seed="0"),
+    "not-an-object": lambda d: d.clear(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RUN_JSON))
+@pytest.mark.parametrize("mode", ["new", "resume"])
+def test_malformed_run_json_is_named_not_a_traceback(model, done_job, tmp_path, case, mode):
+    out = _copy(done_job, tmp_path / "s")
+    d = json.loads((out / "run.json").read_text())
+    BAD_RUN_JSON[case](d)
+    (out / "run.json").write_text(json.dumps(d if d else []))
+    before = snapshot(out)
+    extra = ["--resume"] if mode == "resume" else []
+    o = invoke("ddpm-run", *_job(model, out, *extra))
+    if mode == "new":  # refused as a folder holding samples
+        assert_user_error(o, "already holds samples", "--overwrite")
+    else:
+        assert_user_error(o, f"{out}/run.json")
+    assert_kept(before, out)
 
 
 # --- interruptions: SIGINT, SIGTERM, kill -9 (real processes) ---------------------------------------------------
@@ -507,7 +563,7 @@ def test_interrupted_job_keeps_batches_and_resumes_to_the_same_bytes(model, long
     assert f"{n_done} of 12 images done" in o.stderr
     assert _digest(out) == _digest(long_reference)
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
-    assert not (out / "parts").exists() and not temp_files(out) and not (out / ".lock").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "images", "run.json", "samples.npz"]
     assert before  # there were parts to keep
 
 
@@ -528,6 +584,6 @@ def test_interrupted_job_is_refused_without_resume_and_by_readers(model, tmp_pat
 
 def test_samples_npz_bytes_do_not_depend_on_batch_or_time(model, done_job, tmp_path):
     out = tmp_path / "s"
-    time.sleep(1.1)  # zip member timestamps have 2 s resolution: a different minute/second must not matter
+    time.sleep(2.1)  # zip member timestamps have 2 s resolution: this job's clock differs from done_job's
     assert_ok(invoke("ddpm-run", *_job(model, out, batch=4)))
     assert _digest(out) == _digest(done_job)
