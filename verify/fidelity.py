@@ -72,6 +72,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rows", default="ref,spread,ov-fp32,ov-bf16,int8",
+                    help="rows to run, comma-separated (ref is always run: the others are compared with it); skip "
+                         "ov-fp32/ov-bf16 where they only repeat fp32 (ov-bf16 on a CPU without bf16 runs fp32)")
     args = ap.parse_args(argv)
 
     from ddpm_deploy.verify.bench import machine_info
@@ -81,13 +84,20 @@ def main(argv=None) -> int:
     shape = (card.data.channels, card.data.image_size, card.data.image_size)
     sched = Schedule(card.diffusion, steps=args.steps)
     int8 = args.int8 or args.onnx.with_name("model.int8.xml")
-    rows_spec = [("onnxruntime fp32 (reference)", lambda: ref_runner, args.seed),
-                 ("onnxruntime fp32, next seed (spread)", lambda: ref_runner, args.seed + 1),
-                 ("openvino fp32", lambda: open_runner(args.onnx, "cpu", backend="openvino", threads=args.threads), args.seed),
-                 ("openvino bf16 hint", lambda: open_runner(args.onnx, "cpu", backend="openvino", precision="bf16",
-                                                            threads=args.threads), args.seed)]
+    wanted = {r.strip() for r in args.rows.split(",")} | {"ref"}
+    unknown = wanted - {"ref", "spread", "ov-fp32", "ov-bf16", "int8"}
+    if unknown:
+        ap.error(f"--rows: unknown rows {sorted(unknown)}")
+    rows_spec = [("ref", "onnxruntime fp32 (reference)", lambda: ref_runner, args.seed),
+                 ("spread", "onnxruntime fp32, next seed (spread)", lambda: ref_runner, args.seed + 1),
+                 ("ov-fp32", "openvino fp32",
+                  lambda: open_runner(args.onnx, "cpu", backend="openvino", threads=args.threads), args.seed),
+                 ("ov-bf16", "openvino bf16 hint", lambda: open_runner(args.onnx, "cpu", backend="openvino",
+                                                                       precision="bf16", threads=args.threads), args.seed)]
     if int8.is_file():
-        rows_spec.append(("openvino int8 (NNCF)", lambda: open_runner(int8, "cpu", threads=args.threads), args.seed))
+        rows_spec.append(("int8", "openvino int8 (NNCF)", lambda: open_runner(int8, "cpu", threads=args.threads),
+                          args.seed))
+    rows_spec = [(label, make, seed) for key, label, make, seed in rows_spec if key in wanted]
     results, ref = [], None
     for label, make, seed in rows_spec:
         runner = make()
@@ -110,7 +120,8 @@ def main(argv=None) -> int:
               f"{row['psnr_db_min']:.1f} dB  " if "psnr_db_median" in row else "") +
               (f"quality {row['quality_confident_share']:.0%}" if "quality_confident_share" in row else ""), flush=True)
     spread = None
-    if "quality_confident_share" in results[0] and "quality_confident_share" in results[1]:
+    has_spread = len(results) > 1 and results[1]["row"].startswith("onnxruntime fp32, next seed")
+    if has_spread and "quality_confident_share" in results[0] and "quality_confident_share" in results[1]:
         spread = abs(results[0]["quality_confident_share"] - results[1]["quality_confident_share"])
         for r in results[2:]:
             drop = results[0]["quality_confident_share"] - r.get("quality_confident_share", math.nan)
