@@ -77,6 +77,19 @@ BF16_DATA_MAX = float(np.finfo(np.float32).max)
 
 # --- calibration data -------------------------------------------------------------------------------------
 
+def calibration_source(fp32_path: Path, card: ModelCard | None, images: np.ndarray | None, dataset: str | None):
+    """(card, images, source) for calibrating ``fp32_path``: the card from its metadata unless given, the images
+    from ``calibration_images`` unless given, and what the report calls their source."""
+    from .onnx_io import read_card
+
+    card = card or read_card(fp32_path)
+    if card is None:
+        raise ArtifactError(f"{fp32_path}: no DDPM config in the ONNX metadata; export the model with ddpm-export")
+    if images is not None:
+        return card, images, "images passed by the caller"
+    return card, calibration_images(card, dataset), dataset or card.training.get("dataset")
+
+
 def calibration_images(card: ModelCard, dataset: str | None = None) -> np.ndarray:
     """Training images for calibration, float32 [N,C,H,W] in [-1, 1], shaped for the model.
 
@@ -533,16 +546,8 @@ def export_fp16(
     Raises ArtifactError naming the failing timestep buckets when the ε error exceeds ``tol``; precision.json
     is written either way, and the rejected model is kept as ``model.fp16.rejected.onnx`` for inspection.
     """
-    from .onnx_io import read_card
-
     fp32_path, out_dir = Path(fp32_path), Path(out_dir)
-    card = card or read_card(fp32_path)
-    if card is None:
-        raise ArtifactError(f"{fp32_path}: no DDPM config in the ONNX metadata; export the model with ddpm-export")
-    source = "images passed by the caller"
-    if images is None:
-        images = calibration_images(card, dataset)
-        source = dataset or card.training.get("dataset")
+    card, images, source = calibration_source(fp32_path, card, images, dataset)
     if precision not in LOW_PRECISIONS:
         raise ConfigError(f"precision must be one of {sorted(LOW_PRECISIONS)}, found {precision!r}")
     if data_max is None:

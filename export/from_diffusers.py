@@ -24,6 +24,8 @@ from typing import Any
 import torch
 
 from ddpm_deploy.runtime.config import DataSpec, ModelCard
+from ddpm_deploy.runtime.checks import is_int as _is_int
+from ddpm_deploy.runtime.checks import is_number
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, lazy_import
 from ddpm_deploy.runtime.schedule import DiffusionConfig
 
@@ -48,12 +50,8 @@ BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
 VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return is_number(v, finite=False)
 
 
 _T = {  # a type test and what it expects, for the config keys ddpm-deploy reads or diffusers builds the model from

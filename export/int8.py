@@ -28,7 +28,7 @@ from ddpm_deploy.runtime.errors import ArtifactError, lazy_import
 from ddpm_deploy.runtime.fileio import sha256_file
 from ddpm_deploy.runtime.tolerances import L2_EPS_FP16_REL_L2
 
-from .fp16 import (DEFAULT_BUCKETS, DEFAULT_CALIB_PER_T, DEFAULT_PER_BUCKET, calibration_batch, calibration_images,
+from .fp16 import (DEFAULT_BUCKETS, DEFAULT_CALIB_PER_T, DEFAULT_PER_BUCKET, calibration_batch, calibration_source,
                    eps_error_report)
 
 log = logging.getLogger(__name__)
@@ -131,16 +131,8 @@ def export_int8(fp32_path: str | os.PathLike, out_dir: str | os.PathLike, card: 
     enough is decided by the sample fidelity (``python -m ddpm_deploy.verify.fidelity``: the same seeds sampled
     in fp32 and int8, PSNR of the images and the quality score, against the spread between two fp32 seeds).
     """
-    from .onnx_io import read_card
-
     fp32_path, out_dir = Path(fp32_path), Path(out_dir)
-    card = card or read_card(fp32_path)
-    if card is None:
-        raise ArtifactError(f"{fp32_path}: no DDPM config in the ONNX metadata; export the model with ddpm-export")
-    source = "images passed by the caller"
-    if images is None:
-        images = calibration_images(card, dataset)
-        source = dataset or card.training.get("dataset")
+    card, images, source = calibration_source(fp32_path, card, images, dataset)
     feeds = calibration_batch(card, images, n_timesteps=n_timesteps, per_t=per_t, seed=calib_seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     candidate = out_dir / ".model.int8.candidate.xml"

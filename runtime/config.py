@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .contract import ONNX_METADATA_KEY  # noqa: F401  (the key the ModelCard is stored under in ONNX)
+from .checks import found as _found
 from .errors import ArtifactError, ConfigError
 from .schedule import DiffusionConfig
 
@@ -44,13 +45,6 @@ class DataSpec:
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vr) and vr[0] < vr[1]):
             raise ArtifactError(f"{where}: data.value_range must be [low, high] numbers, found {_found(vr)}")
         return cls(d["channels"], d["image_size"], (float(vr[0]), float(vr[1])))
-
-
-def _found(value: Any) -> str:
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
 
 
 @dataclass(frozen=True)

@@ -527,9 +527,10 @@ def sample_job(runner, sampler, card, model_path, out_dir, seed: int, start_inde
         def record(status: str):
             elapsed = prev_seconds + time.perf_counter() - t0
             n_done = sum(b - a + 1 for a, b in done)
+            # the per-step timings are summarised once, at the end: after every batch that would be O(steps so far)
             return dataclasses.replace(base, status=status, done=[list(r) for r in sorted(done)],
                                        total_seconds=elapsed, images_per_second=n_done / elapsed if elapsed else 0.0,
-                                       timings=timings.summary())
+                                       timings={} if status == "running" else timings.summary())
 
         try:
             with signals_raise():

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .checks import found as _found
+from .checks import is_int, is_number
 from .errors import ConfigError
 
 DEFAULT_BETA_START = 1e-4
@@ -34,14 +36,9 @@ class DiffusionConfig:
     clip_denoised: bool = True
 
     def __post_init__(self):
-        import numbers
-
-        for name, kind, what in (("num_timesteps", numbers.Integral, "an integer"),
-                                 ("beta_start", numbers.Real, "a number"), ("beta_end", numbers.Real, "a number"),
-                                 ("clip_denoised", bool, "true or false")):
-            v = getattr(self, name)
-            if not isinstance(v, kind) or (kind is not bool and isinstance(v, bool)):
-                raise ConfigError(f"{name} must be {what}, found {v!r} ({type(v).__name__})")
+        for name, (ok, what) in _FIELD_TYPES.items():
+            if not ok(getattr(self, name)):
+                raise ConfigError(f"{name} must be {what}, found {_found(getattr(self, name))}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule must be one of {SCHEDULES}, found {self.schedule!r}")
         if self.variance_type not in VARIANCE_TYPES:
@@ -77,24 +74,11 @@ class DiffusionConfig:
             raise ConfigError(f"{pre}diffusion: {e}") from None
 
 
-def _found(v: Any) -> str:
-    import json
-
-    try:
-        return json.dumps(v)
-    except (TypeError, ValueError):
-        return repr(v)
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-_FIELD_TYPES = {
+_FIELD_TYPES = {  # field -> (test, what it must be): checked on construction and, with the file named, in from_dict
     "schedule": (lambda v: isinstance(v, str), "a string"),
-    "beta_start": (_num, "a number"),
-    "beta_end": (_num, "a number"),
-    "num_timesteps": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "beta_start": (is_number, "a number"),
+    "beta_end": (is_number, "a number"),
+    "num_timesteps": (is_int, "an integer"),
     "variance_type": (lambda v: isinstance(v, str), "a string"),
     "clip_denoised": (lambda v: isinstance(v, bool), "true or false"),
 }

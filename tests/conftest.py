@@ -12,6 +12,17 @@ from helpers import train_run
 os.environ.setdefault("DDPM_NO_PROGRESS", "1")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models on a shared 2-core CPU: one PyTorch thread is ~100× faster than two busy-waiting ones.
+    Modules use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")`` (parity: autouse)."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def micro_run(tmp_path_factory) -> Path:
     pytest.importorskip("torch")

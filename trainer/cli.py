@@ -13,7 +13,7 @@ from ddpm_deploy.runtime.clitools import CONTEXT, clean_errors, point_latest, ru
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, lazy_import
 from ddpm_deploy.runtime.schedule import DiffusionConfig
 
-from .config import TRAIN_FIELDS, TrainConfig, UNetConfig, check_field, parse_override
+from .config import TRAIN_FIELDS, TrainConfig, check_field, parse_override
 from .presets import PRESETS, get_preset
 
 TRAIN_INSTALL = "pip install 'ddpm-deploy[train]'"

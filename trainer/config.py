@@ -8,31 +8,17 @@ positive integer, found "64"``), a ``--set`` override names the option.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from ddpm_deploy.runtime.checks import found as _found
+from ddpm_deploy.runtime.checks import is_int as _is_int
+from ddpm_deploy.runtime.checks import is_number as _is_number
 from ddpm_deploy.runtime.errors import ConfigError
 
 DEFAULT_LR = 2e-4
 DEFAULT_GRAD_CLIP = 1.0
 DEFAULT_EMA_DECAY = 0.9999
-
-
-def _found(value: Any) -> str:
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # kind -> (test, what the value must be). Each test gets the value and returns True when it is valid.

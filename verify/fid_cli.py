@@ -10,7 +10,7 @@ import click
 
 from ddpm_deploy.runtime.cli import CTX, main
 from ddpm_deploy.runtime.clitools import clean_errors, setup_logging
-from ddpm_deploy.runtime.errors import ConfigError
+from ddpm_deploy.runtime.errors import ArtifactError, ConfigError
 from ddpm_deploy.runtime.fid import KID_SUBSET_SIZE, KID_SUBSETS
 from ddpm_deploy.runtime.inception import DEFAULT_BATCH, EXTRACTOR_ENV, default_extractor_path
 
@@ -244,11 +244,9 @@ def fid_compare(onnx_path, against, device, against_device, num, sample_batch, s
         raise ConfigError(f"--seed must be >= 0, found {seed}")
     settings = _settings(extractor, batch, threads, image_size, channels, kid_subsets, kid_subset_size)
     out = Path(out or onnx_path.parent / "fid-compare")
-    from ddpm_deploy.runtime.backends.base import open_runner
-
-    for path, dev in ((onnx_path, device), (against, against_device)):  # both models load before anything is sampled
-        with open_runner(path, device_for(path, dev), threads=threads):
-            pass
+    for path in (onnx_path, against):  # both exist before anything is sampled (a side sampled is kept and reused)
+        if not path.is_file():
+            raise ArtifactError(f"{path}: model not found (an ONNX file from ddpm-export, or a plan)")
     with contextlib.ExitStack() as stack:
         ext = stack.enter_context(open_extractor(settings, echo=lambda m: click.echo(m, err=True)))
         bars = Bars(stack, not no_progress)

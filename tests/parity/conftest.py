@@ -10,12 +10,8 @@ torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small models on a shared 2-core CPU: one PyTorch thread is ~100× faster than two busy-waiting ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _torch_threads(one_torch_thread):
+    """Every parity module runs with one PyTorch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -22,13 +22,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small models on a shared 2-core CPU: one PyTorch thread is much faster than two busy-waiting ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def test_disk_full_injection_fails_writes_under_its_root_only(tmp_path):

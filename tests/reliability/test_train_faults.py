@@ -27,12 +27,7 @@ MICRO_SET = ["--set", "image_size=8", "--set", "ch=16", "--set", "ch_mult=1,2", 
 FAST = ["--sample-every", "0", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # --- options, checked before a run dir exists -------------------------------------------------------------------
