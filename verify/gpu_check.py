@@ -83,6 +83,44 @@ def export_preset(out: Path, half: bool) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------------------------- ORT CUDA rows
+
+# (label, OrtCudaRunner options): the runner's default (one session per batch size, batch fixed, ORT CUDA graphs),
+# plain runs on our stream, the dynamic-batch session (shape subgraphs on the CPU), and NHWC convolutions
+ORT_VARIANTS = {
+    "fp32": [("graph", {"cuda_graph": True}), ("no graph", {"cuda_graph": False})],
+    "fp16": [("graph", {"cuda_graph": True}), ("no graph", {"cuda_graph": False}),
+             ("graph, dynamic batch", {"cuda_graph": True, "static_batch": False}),
+             ("graph, prefer_nhwc", {"cuda_graph": True, "provider_extra": {"prefer_nhwc": "1"}})],
+}
+
+
+def placement(onnx_path: Path, gpu, batch: int, work: Path, prec: str, device: str = "cuda") -> dict:
+    """Nodes of the optimised graph ORT CUDA runs, dynamic batch vs batch fixed: Memcpy nodes (CPU placement)
+    and shape nodes left; from the graph ONNX Runtime saves (``optimized_model_filepath``). ``device`` "cpu":
+    the same count on ONNX Runtime's CPU provider (no Memcpy there; the tests' way to run this code)."""
+    import collections
+
+    import onnx
+
+    from ddpm_deploy.runtime.backends.ort import OrtSession
+    from ddpm_deploy.runtime.backends.ort_cuda import provider_options
+
+    row = {"backend": f"ORT {device.upper()} {prec} placement"}
+    try:
+        for label, dims in (("dynamic", None), ("fixed", {"batch": batch})):
+            path = work / f"{onnx_path.stem}.{label}.optimized.onnx"
+            options = provider_options(gpu.props.ordinal, None, False) if device == "cuda" else None
+            OrtSession(onnx_path, device, provider_options=options, batch_dims=dims, optimized_path=path)
+            ops = collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+            row[label] = {"nodes": sum(ops.values()), "memcpy": sum(n for op, n in ops.items() if op.startswith("Memcpy")),
+                          "shape_nodes": sum(ops.get(op, 0) for op in ("Shape", "Gather", "ConstantOfShape"))}
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        traceback.print_exc()
+    return row
+
+
 # --------------------------------------------------------------------------------------------- timing
 
 
@@ -141,7 +179,7 @@ def bench_backend(label: str, make, gpu, batch: int, shape, steps: int, rows: li
         traceback.print_exc()
 
 
-def bench_torch(onnx_rows: list, batch: int, half: bool) -> None:
+def bench_torch(onnx_rows: list, batch: int, half: bool, compile_: bool = True) -> None:
     import torch
 
     from ddpm_deploy.trainer.presets import get_preset
@@ -151,7 +189,10 @@ def bench_torch(onnx_rows: list, batch: int, half: bool) -> None:
     model = UNet(cfg).eval().cuda()
     x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device="cuda")
     t = torch.full((batch,), 500, device="cuda", dtype=torch.int32)
-    for name, fn in (("torch eager", model), ("torch.compile", torch.compile(model))):
+    variants = [("torch eager", model)]
+    if compile_:
+        variants.append(("torch.compile", torch.compile(model, mode="reduce-overhead")))
+    for name, fn in variants:
         label = f"{name} {'fp16 autocast' if half else 'fp32'}"
         try:
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=half):
@@ -190,6 +231,11 @@ def report(device: dict, tests: list[dict], bench: list[dict], batch: int) -> st
         if "error" in r:
             lines.append(f"  {r['backend']:<34} error: {r['error']}")
             continue
+        if "fixed" in r:
+            lines.append(f"  {r['backend']:<34} " + "; ".join(
+                f"{k} batch: {v['nodes']} nodes, {v['memcpy']} Memcpy, {v['shape_nodes']} shape" for k, v in
+                (("dynamic", r["dynamic"]), ("fixed", r["fixed"]))))
+            continue
         over = r.get("overhead")
         flag = "" if over is None else (" ok" if over <= TARGET_OVERHEAD else " >3%")
         lines.append(f"  {r['backend']:<34} {_fmt(r.get('eps_ms')):>8} {_fmt(r.get('step_ms')):>8} "
@@ -211,6 +257,7 @@ def main(argv=None) -> int:
     ap.add_argument("--trt", action="store_true", help="also build and time a TensorRT(-RTX) plan")
     ap.add_argument("--torch", action="store_true", help="also time torch eager and torch.compile")
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--no-placement", action="store_true", help="skip counting the nodes ORT CUDA leaves on the CPU")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -237,11 +284,12 @@ def main(argv=None) -> int:
                     traceback.print_exc()
                     continue
                 prec = "fp16" if half else "fp32"
-                for graph in (True, False):
-                    steps = args.steps if half and graph else args.short_steps
-                    bench_backend(f"ORT CUDA {prec} {'graph' if graph else 'no graph'}",
-                                  lambda p=onnx_path, g=graph: OrtCudaRunner(p, gpu, cuda_graph=g),
-                                  gpu, args.batch, shape, steps, bench, graph)
+                if not args.no_placement:
+                    bench.append(placement(onnx_path, gpu, args.batch, args.work, prec))
+                for label, options in ORT_VARIANTS[prec]:
+                    steps = args.steps if half and label == "graph" else args.short_steps
+                    bench_backend(f"ORT CUDA {prec} {label}", lambda p=onnx_path, o=options: OrtCudaRunner(p, gpu, **o),
+                                  gpu, args.batch, shape, steps, bench, options["cuda_graph"])
                 if args.trt:
                     from ddpm_deploy.export.engine import EngineSettings, build_engine
                     from ddpm_deploy.runtime.backends.trt import TrtRunner
@@ -255,7 +303,7 @@ def main(argv=None) -> int:
                         bench.append({"backend": f"TensorRT {prec}", "error": str(e).splitlines()[0][:200]})
                         traceback.print_exc()
                 if args.torch:
-                    bench_torch(bench, args.batch, half)
+                    bench_torch(bench, args.batch, half, compile_=half)  # torch.compile: the fp16 target only
     text = report(device, tests, bench, args.batch)
     print(text)
     (args.out / "gpu_check.txt").write_text(text + "\n")

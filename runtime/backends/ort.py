@@ -44,11 +44,17 @@ class OrtSession:
     """An ONNX Runtime session of a ddpm-deploy ε model on exactly one execution provider.
 
     ``provider_options`` are the provider's options (strings); ``threads`` 0 leaves ONNX Runtime's default.
+    ``batch_dims``: symbolic dimension name -> size, fixed before the graph is optimised (ONNX Runtime's free
+    dimension override): with the batch known, constant folding turns the model's shape subgraphs (Shape, Gather,
+    Concat of int64 feeding Reshape) into constants, so nothing is left that the CUDA provider would place on the
+    CPU, and ONNX Runtime's CUDA graph can capture the run. ``optimized_path``: where ONNX Runtime saves the
+    optimised graph (a diagnostic: which nodes remain, Memcpy nodes the provider inserted).
     Attributes after opening: ``session``, ``sample_shape`` (C, H, W), ``fixed_batch``, ``card``, ``precision``.
     """
 
     def __init__(self, path: str | os.PathLike, device: str, opt_level: str = "all", threads: int = 0,
-                 provider_options: dict[str, str] | None = None):
+                 provider_options: dict[str, str] | None = None, batch_dims: dict[str, int] | None = None,
+                 optimized_path: str | os.PathLike | None = None):
         self.ort = ort = lazy_import("onnxruntime", f"The ONNX Runtime {device.upper()} backend", INSTALL.get(device))
         self.path = Path(path)
         if device not in PROVIDERS:
@@ -66,6 +72,10 @@ class OrtSession:
         if threads:
             so.intra_op_num_threads = int(threads)
         so.log_severity_level = 3
+        for name, size in (batch_dims or {}).items():
+            so.add_free_dimension_override_by_name(name, int(size))
+        if optimized_path is not None:
+            so.optimized_model_filepath = str(optimized_path)
         providers = [(self.provider, provider_options)] if provider_options is not None else [self.provider]
         self.session = ort.InferenceSession(str(self.path), so, providers=providers)  # callers map ORT's errors
         got = self.session.get_providers()
@@ -105,6 +115,9 @@ class OrtSession:
             raise ArtifactError(f"{self.path}: eps must have x's batch axis, found x {xs} and eps {es} (a model that "
                                 f"returns batch {eb} for any batch would be broadcast over the samples)")
         self.fixed_batch = static(xs[0])
+        # the symbolic names of the batch axes (x, t, eps), for batch_dims; empty when the batch is fixed
+        self.batch_dim_names = sorted({d for d in (xs[0], ins[INPUT_T].shape[0] if ins[INPUT_T].shape else None, es[0])
+                                       if isinstance(d, str) and d})
 
 
 class OrtRunner(Runner):

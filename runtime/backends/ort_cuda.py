@@ -3,12 +3,17 @@
 The CUDA execution provider gets ``user_compute_stream`` = our stream, so its kernels are ordered with ours
 and no synchronisation is needed (run option ``disable_synchronize_execution_providers``). Should the
 provider not take the stream, the loop synchronises our stream before each run and ONNX Runtime
-synchronises its own after it. ``enable_cuda_graph`` lets ONNX Runtime capture and replay the model (one
-graph per batch size, ``gpu_graph_id``); it needs every node on the GPU, and a model with CPU nodes is
-reloaded without it (logged). ONNX Runtime's run cannot be captured into our graph. Note: ONNX Runtime's graph
-replay (``CUDAGraph::Replay``) synchronizes the stream after each launch, so with its graphs the host does not
-run ahead of the GPU; which of the two (ORT graphs, or plain runs on our stream) is faster per step is what
-``scripts/gpu_check.sh`` measures ("graph" and "no graph" rows) — not yet measured on a GPU.
+synchronises its own after it.
+
+One session per batch size (``static_batch``, the default): the model's batch axis is fixed before ONNX Runtime
+optimises the graph (free dimension override), so constant folding removes the shape subgraphs a dynamic-batch
+export carries (37 Shape, 16 Gather, 21 Concat nodes in ddpm-cifar10). Left in, the CUDA provider places them on
+the CPU and inserts Memcpy nodes, which is what kept ONNX Runtime's CUDA graph off in the issue's measurement
+(6 Memcpy nodes). ``enable_cuda_graph`` then lets ONNX Runtime capture and replay the whole model; a session
+that still cannot use graphs is reloaded without them (logged, ``graph_error``). ONNX Runtime's run cannot be
+captured into our graph. Note: ONNX Runtime's graph replay (``CUDAGraph::Replay``) synchronizes the stream after
+each launch, so with its graphs the host does not run ahead of the GPU; which is faster per step (ORT graphs, or
+plain runs on our stream) is what ``scripts/gpu_check.sh`` measures ("graph" and "no graph" rows).
 
 Needs ``onnxruntime-gpu`` (instead of ``onnxruntime``, never both).
 """
@@ -74,13 +79,16 @@ class OrtCudaRunner(Runner, DeviceRunner):
     """An ONNX model on ONNX Runtime's CUDA provider, as a device runner (and a host ``eps``).
 
     ``gpu``: a ``device.loop.GpuContext`` to share; without one the runner opens (and closes) its own on
-    ``device_id``. The session must really run on CUDA: a silent CPU fallback of ONNX Runtime is refused."""
+    ``device_id``. The session must really run on CUDA: a silent CPU fallback of ONNX Runtime is refused.
+    ``static_batch``: the device loop runs a session of its own per batch size, with the batch fixed (see the
+    module docstring); ``session`` (dynamic batch, never graphs) serves ``eps`` and describes the model.
+    ``provider_extra``: more CUDA provider options (e.g. ``{"prefer_nhwc": "1"}``), strings as ORT parses them."""
 
     device = "cuda"
 
     def __init__(self, path: str | os.PathLike, gpu=None, cuda_graph: bool = True, opt_level: str = "all",
                  same_stream: bool = True, tf32: bool = False, conv_algo_search: str = "EXHAUSTIVE",
-                 device_id: int = 0):
+                 device_id: int = 0, static_batch: bool = True, provider_extra: dict[str, str] | None = None):
         self.path = Path(path)
         check_provider(lazy_import("onnxruntime", "The ONNX Runtime CUDA backend", INSTALL_ORT_GPU), "cuda")
         self._own_gpu = gpu is None
@@ -90,78 +98,102 @@ class OrtCudaRunner(Runner, DeviceRunner):
             gpu = GpuContext(device_id)
         self.gpu = gpu
         self._bindings: dict[tuple, tuple] = {}
+        self._sessions: dict[int, tuple] = {}  # batch -> (session, uses_graphs)
         self._current: tuple | None = None
         self.session = None
+        self.cuda_graph, self.opt_level, self.static_batch = bool(cuda_graph), opt_level, bool(static_batch)
+        self.graph_error: str | None = None
+        self.uses_graphs = False
         try:
-            self._open(cuda_graph, opt_level, same_stream, tf32, conv_algo_search)
+            self._open(same_stream, tf32, conv_algo_search, dict(provider_extra or {}))
         except BaseException:
             self.close()
             raise
 
-    def _open(self, cuda_graph, opt_level, same_stream, tf32, conv_algo_search) -> None:
+    def _open(self, same_stream, tf32, conv_algo_search, extra) -> None:
         _preload(lazy_import("onnxruntime", "The ONNX Runtime CUDA backend", INSTALL_ORT_GPU))
-        gpu = self.gpu
-        self.graph_error: str | None = None
-        stream = gpu.stream.handle_int if same_stream else None
-        options = lambda graph: provider_options(gpu.props.ordinal, stream, graph, tf32, conv_algo_search)  # noqa: E731
-
-        def session(graph: bool) -> OrtSession:
-            try:
-                return OrtSession(self.path, "cuda", opt_level=opt_level, provider_options=options(graph))
-            except (ArtifactError, ConfigError):
-                raise
-            except Exception as e:  # ORT's own exception types
-                if graph:
-                    raise _GraphsImpossible(first_line(e)) from None
-                raise ArtifactError(f"{self.path}: ONNX Runtime CUDA cannot load this model ({first_line(e)})") from None
-
-        try:
-            s = session(cuda_graph)
-        except _GraphsImpossible as e:
-            self.graph_error = str(e)
-            log.warning("ONNX Runtime CUDA graphs are not possible for %s (%s); loading it without them",
-                        self.path.name, self.graph_error)
-            s = session(False)
-        self._ort, self.session = s.ort, s.session
+        stream = self.gpu.stream.handle_int if same_stream else None
+        self._options = lambda graph: {**provider_options(self.gpu.props.ordinal, stream, graph, tf32,  # noqa: E731
+                                                          conv_algo_search), **extra}
+        # the model's own session: dynamic batch; with graphs only where no per-batch sessions are made
+        s = self._session(self.cuda_graph and not self.static_batch, None)
+        self._ort, self.session, self._main_graphs = s.ort, s.session, self._graphs_on(s)
         self.card, self.precision, self.sample_shape, self.fixed_batch = s.card, s.precision, s.sample_shape, s.fixed_batch
+        self.batch_dim_names = s.batch_dim_names
         effective = self.session.get_provider_options().get(PROVIDER, {})
         self.same_stream = bool(stream) and effective.get("has_user_compute_stream") == "1"
         if stream and not self.same_stream:
             log.warning("ONNX Runtime did not take our CUDA stream; synchronising around each run instead")
-        self.uses_graphs = effective.get("enable_cuda_graph") == "1"
+        if self.static_batch and not self.batch_dim_names:
+            self.static_batch = False  # the batch is fixed in the model itself: its one session is the batch's
+            if self.cuda_graph:
+                s = self._session(True, None)
+                self.session, self._main_graphs = s.session, self._graphs_on(s)
+
+    def _session(self, graph: bool, batch: int | None) -> OrtSession:
+        """An OrtSession on CUDA (batch: fix the batch axes to it); with graphs where ONNX Runtime can."""
+        dims = {name: batch for name in self.batch_dim_names} if batch is not None else None
+        try:
+            return OrtSession(self.path, "cuda", opt_level=self.opt_level, provider_options=self._options(graph),
+                              batch_dims=dims)
+        except (ArtifactError, ConfigError):
+            raise
+        except Exception as e:  # ORT's own exception types
+            if not graph:
+                raise ArtifactError(f"{self.path}: ONNX Runtime CUDA cannot load this model ({first_line(e)})") from None
+            self.graph_error = first_line(e)
+            log.warning("ONNX Runtime CUDA graphs are not possible for %s%s (%s); loading it without them",
+                        self.path.name, "" if batch is None else f" at batch {batch}", self.graph_error)
+            return self._session(False, batch)
+
+    @staticmethod
+    def _graphs_on(s: OrtSession) -> bool:
+        return s.session.get_provider_options().get(PROVIDER, {}).get("enable_cuda_graph") == "1"
 
     @property
     def name(self) -> str:
         return "onnxruntime-cuda"
 
+    def session_for(self, batch: int):
+        """The session the device loop runs at this batch size, and whether it replays ORT's CUDA graphs."""
+        if not self.static_batch:
+            return self.session, self._main_graphs
+        if batch not in self._sessions:
+            s = self._session(self.cuda_graph, batch)
+            self._sessions[batch] = (s.session, self._graphs_on(s))
+        return self._sessions[batch]
+
     def bind(self, x: int, t: int, eps: int, batch: int) -> None:
         key = (int(x), int(t), int(eps), int(batch))
         if key not in self._bindings:
+            session, graphs = self.session_for(int(batch))
             c, h, w = self.sample_shape
             dev = self.gpu.props.ordinal
-            binding = self.session.io_binding()
+            binding = session.io_binding()
             binding.bind_input(INPUT_X, "cuda", dev, np.float32, [batch, c, h, w], int(x))
             binding.bind_input(INPUT_T, "cuda", dev, np.int32, [batch], int(t))
             binding.bind_output(OUTPUT_EPS, "cuda", dev, np.float32, [batch, c, h, w], int(eps))
-            graph_id = len(self._bindings) if self.uses_graphs else None
-            self._bindings[key] = (binding, run_options(self._ort, self.same_stream, graph_id))
+            # one graph per binding of a session (its addresses are baked into the graph)
+            graph_id = sum(1 for k, v in self._bindings.items() if v[0] is session) if graphs else None
+            self._bindings[key] = (session, binding, run_options(self._ort, self.same_stream, graph_id), graphs)
         self._current = self._bindings[key]
+        self.uses_graphs = self._current[3]
 
     def enqueue(self, stream) -> None:
         if self._current is None:
             raise SamplingError(f"{self.path}: enqueue before bind: no buffers are bound")
-        binding, options = self._current
+        session, binding, options, _ = self._current
         if not self.same_stream:
             stream.synchronize()  # x and t must be written before ONNX Runtime's stream reads them
         try:
-            self.session.run_with_iobinding(binding, options)
+            session.run_with_iobinding(binding, options)
         except Exception as e:
             raise SamplingError(f"{self.path}: ONNX Runtime CUDA failed to run the model ({first_line(e)})") from None
 
     def eps(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """ε for host arrays (parity tests); never captured into ONNX Runtime's graphs (gpu_graph_id -1)."""
+        """ε for host arrays (parity tests), on the dynamic-batch session; never captured (gpu_graph_id -1)."""
         feeds = {INPUT_X: np.ascontiguousarray(x, dtype=np.float32), INPUT_T: np.ascontiguousarray(t, dtype=np.int32)}
-        options = run_options(self._ort, False, -1 if self.uses_graphs else None)
+        options = run_options(self._ort, False, -1 if self._main_graphs else None)
         return self.session.run([OUTPUT_EPS], feeds, options)[0]
 
     def capturable(self, stream) -> bool:
@@ -169,12 +201,9 @@ class OrtCudaRunner(Runner, DeviceRunner):
 
     def close(self) -> None:
         self._bindings.clear()
+        self._sessions.clear()
         self._current = None
         self.session = None
         if self._own_gpu and getattr(self, "gpu", None) is not None:
             self.gpu.close()
             self.gpu = None
-
-
-class _GraphsImpossible(Exception):
-    """The session could not be created with enable_cuda_graph (e.g. CPU nodes); retried without."""

@@ -9,6 +9,13 @@ CUDA graphs: a ``tensorrt`` context is captured by the device loop together with
 supports capturing ``enqueueV3``). A TensorRT-RTX context is captured only where ``is_stream_capturable``
 says so (plans built with user allocation); otherwise it uses RTX's own graphs (runtime config
 ``cuda_graph_strategy = WHOLE_GRAPH_CAPTURE``).
+
+TensorRT-RTX compiles its kernels just in time, on the first runs of every new process, unless its runtime cache
+is kept: a TensorRT-RTX plan's runner loads ``<plan>.runtime-cache`` (beside the plan; ``runtime_cache`` to choose
+another file or ``None`` for none) into the runtime config before the context is made, and writes it back when
+the runner closes, if it grew (atomically; a read-only folder is a warning, not an error). TensorRT-RTX itself
+refuses a cache made on another GPU, driver or TensorRT-RTX version (``deserialize`` returns False): then the
+kernels are compiled again and the file is replaced.
 """
 
 from __future__ import annotations
@@ -131,6 +138,71 @@ def check_batch_in_profile(batch: int, profile: dict[str, int], plan: str | os.P
         )
 
 
+RUNTIME_CACHE_SUFFIX = ".runtime-cache"
+
+
+def default_runtime_cache(plan: str | os.PathLike) -> Path:
+    """Where a TensorRT-RTX plan's runtime cache lives by default: beside the plan, ``model.plan.runtime-cache``."""
+    plan = Path(plan)
+    return plan.with_name(plan.name + RUNTIME_CACHE_SUFFIX)
+
+
+class RuntimeCacheFile:
+    """A TensorRT-RTX runtime cache (``IRuntimeCache``) kept in a file: ``attach`` it to a runtime config
+    before the execution context is created; ``save`` writes it back if it changed. ``loaded`` says whether the
+    file's contents were accepted (None: there was no file)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.cache = None
+        self.loaded: bool | None = None
+        self._saved: bytes | None = None
+
+    def attach(self, runtime_config) -> None:
+        self.cache = runtime_config.create_runtime_cache()
+        if self.cache is None:
+            log.warning("TensorRT-RTX could not create a runtime cache; kernels will be compiled in every process")
+            return
+        try:
+            blob = self.path.read_bytes()
+        except FileNotFoundError:
+            blob = None
+        except OSError as e:
+            log.warning("cannot read the TensorRT-RTX runtime cache %s (%s); compiling the kernels again", self.path, e)
+            blob = None
+        if blob is not None:
+            self.loaded = bool(self.cache.deserialize(blob))
+            if self.loaded:
+                self._saved = blob
+                log.info("TensorRT-RTX runtime cache loaded from %s (%d bytes)", self.path, len(blob))
+            else:
+                log.warning("the TensorRT-RTX runtime cache %s was made for another GPU, driver or TensorRT-RTX "
+                            "version (TensorRT-RTX refused it); compiling the kernels again and replacing it", self.path)
+        if not runtime_config.set_runtime_cache(self.cache):
+            log.warning("TensorRT-RTX did not accept the runtime cache; kernels will be compiled in every process")
+            self.cache = None
+
+    def save(self) -> bool:
+        """Write the cache if it holds anything new; True if the file was written."""
+        if self.cache is None:
+            return False
+        memory = self.cache.serialize()
+        blob = bytes(memory) if memory is not None else b""
+        if not blob or blob == self._saved:
+            return False
+        from ..fileio import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(self.path, blob)
+        except OSError as e:
+            log.warning("cannot save the TensorRT-RTX runtime cache to %s (%s); the next process compiles the "
+                        "kernels again", self.path, e)
+            return False
+        self._saved = blob
+        log.info("TensorRT-RTX runtime cache saved to %s (%d bytes)", self.path, len(blob))
+        return True
+
+
 def sidecar_io(inputs: list[dict], outputs: list[dict], where: str) -> tuple[int, int, int]:
     """Check a sidecar's I/O (its ``inputs`` and ``outputs``) against our contract; return the sample shape."""
     io = {t.get("name"): t for t in [*inputs, *outputs]}
@@ -153,8 +225,10 @@ class TrtRunner(Runner, DeviceRunner):
     device = "cuda"
 
     def __init__(self, path: str | os.PathLike, gpu=None, cuda_graph: bool = True, verify_hash: bool = True,
-                 device_id: int = 0):
+                 device_id: int = 0, runtime_cache: str | os.PathLike | None = "auto"):
         self.path = Path(path)
+        self.runtime_cache: RuntimeCacheFile | None = None
+        self._runtime_config = None
         self.sidecar = read_plan_sidecar(self.path, verify_hash=verify_hash)
         where = str(self.path)
         self.card = ModelCard.from_dict(self.sidecar.ddpm, where=f"{where} sidecar [ddpm]")
@@ -188,6 +262,9 @@ class TrtRunner(Runner, DeviceRunner):
                 )
             self._check_engine()
             self.uses_graphs = False
+            if self.flavour == "rtx" and runtime_cache is not None:
+                where_cache = default_runtime_cache(self.path) if runtime_cache == "auto" else Path(runtime_cache)
+                self.runtime_cache = RuntimeCacheFile(where_cache)
             self.context = self._create_context(cuda_graph)
         except BaseException:
             self.close()
@@ -209,11 +286,15 @@ class TrtRunner(Runner, DeviceRunner):
         from ..device.cuda import CudaError
 
         trt, e = self.trt, self.engine
-        if self.flavour == "rtx" and cuda_graph and hasattr(e, "create_runtime_config"):
-            config = e.create_runtime_config()
-            config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+        if self.flavour == "rtx" and hasattr(e, "create_runtime_config"):
+            # kept on the runner: the config and its cache must outlive the context
+            self._runtime_config = config = e.create_runtime_config()
+            if cuda_graph:
+                config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+                self.uses_graphs = True
+            if self.runtime_cache is not None:
+                self.runtime_cache.attach(config)
             context = e.create_execution_context(config)
-            self.uses_graphs = True
         else:
             context = e.create_execution_context()
         if context is None:
@@ -286,10 +367,12 @@ class TrtRunner(Runner, DeviceRunner):
         return out
 
     def close(self) -> None:
+        if getattr(self, "runtime_cache", None) is not None and getattr(self, "context", None) is not None:
+            self.runtime_cache.save()  # the kernels this process compiled, for the next one
         for arr in self._scratch.values():
             arr.close()
         self._scratch.clear()
-        self.context = self.engine = self.runtime = None
+        self.context = self.engine = self.runtime = self._runtime_config = None
         if self._own_gpu and getattr(self, "gpu", None) is not None:
             self.gpu.close()
             self.gpu = None

@@ -577,3 +577,130 @@ def test_ort_cuda_without_onnxruntime_gpu_names_the_package(tmp_path):
     model.write_bytes(b"not used")
     with pytest.raises(ConfigError, match="install onnxruntime-gpu instead of onnxruntime"):
         OrtCudaRunner(model, gpu=None)
+
+
+def _ops(path) -> dict[str, int]:
+    import collections
+
+    import onnx
+
+    return dict(collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node))
+
+
+SHAPE_OPS = ("Shape", "Gather", "ConstantOfShape", "Range")  # int64 shape arithmetic ORT's CUDA provider puts on the CPU
+
+
+def test_a_batch_fixed_session_folds_the_shape_subgraphs(random_micro_onnx, tmp_path):
+    """Why OrtCudaRunner opens one session per batch size: with the batch axis fixed before optimisation, ONNX
+    Runtime's constant folding removes every shape subgraph of our dynamic-batch export (checked here on the CPU
+    provider with the same optimiser; on CUDA those nodes would run on the CPU behind Memcpy nodes, and ORT's CUDA
+    graph cannot capture a model with CPU nodes). Same ε within the fp32 ε tolerance (static shapes pick other
+    kernels: not bit for bit)."""
+    pytest.importorskip("onnx")
+    from ddpm_deploy.runtime.backends.ort import OrtSession
+
+    dynamic = OrtSession(random_micro_onnx, "cpu", optimized_path=tmp_path / "dynamic.onnx")
+    fixed = OrtSession(random_micro_onnx, "cpu", batch_dims={n: 3 for n in dynamic.batch_dim_names},
+                       optimized_path=tmp_path / "fixed.onnx")
+
+    assert dynamic.batch_dim_names == ["batch"] and dynamic.fixed_batch is None
+    assert fixed.fixed_batch == 3 and fixed.batch_dim_names == []
+    before, after = _ops(tmp_path / "dynamic.onnx"), _ops(tmp_path / "fixed.onnx")
+    assert before.get("Shape", 0) > 0, before  # the export does carry shape subgraphs
+    assert not {op: after[op] for op in SHAPE_OPS if op in after}, after
+    x = np.random.default_rng(1).normal(size=(3, *dynamic.sample_shape)).astype(np.float32)
+    t = np.array([0, 500, 999], np.int32)
+    run = lambda s: s.session.run(["eps"], {"x": x, "t": t})[0]  # noqa: E731
+    from ddpm_deploy.runtime.tolerances import L2_EPS_FP32_ATOL
+
+    np.testing.assert_allclose(run(fixed), run(dynamic), rtol=0, atol=L2_EPS_FP32_ATOL)
+    with pytest.raises(Exception, match="(?i)dimension|shape"):
+        fixed.session.run(["eps"], {"x": x[:2], "t": t[:2]})
+
+
+# --- TensorRT-RTX runtime cache ------------------------------------------------------------------------------
+
+def test_runtime_cache_calls_exist_in_the_real_tensorrt_rtx_bindings():
+    """The calls RuntimeCacheFile and TrtRunner make, checked against the installed TensorRT-RTX module (its
+    runtime cannot execute here: no GPU, and none of the lent GPUs is one TensorRT-RTX supports)."""
+    trt = pytest.importorskip("tensorrt_rtx_bindings")
+
+    for cls, names in ((trt.ICudaEngine, ("create_runtime_config", "create_execution_context")),
+                       (trt.IRuntimeConfig, ("create_runtime_cache", "set_runtime_cache", "cuda_graph_strategy")),
+                       (trt.IRuntimeCache, ("serialize", "deserialize"))):
+        missing = [n for n in names if not hasattr(cls, n)]
+        assert not missing, f"{cls.__name__} lacks {missing}"
+    assert "blob" in trt.IRuntimeCache.deserialize.__doc__ and "-> bool" in trt.IRuntimeCache.deserialize.__doc__
+    assert "runtime_config" in trt.ICudaEngine.create_execution_context.__doc__
+    assert hasattr(trt.CudaGraphStrategy, "WHOLE_GRAPH_CAPTURE")
+
+
+class _StandInRuntimeCache:
+    """Stands in for IRuntimeCache, which exists only on a GPU TensorRT-RTX supports (none here): accepts blobs
+    starting with b"ok", serializes what it holds."""
+
+    def __init__(self):
+        self.blob = b""
+
+    def deserialize(self, blob):
+        if not bytes(blob).startswith(b"ok"):
+            return False
+        self.blob = bytes(blob)
+        return True
+
+    def serialize(self):
+        return self.blob
+
+
+class _StandInRuntimeConfig:
+    def __init__(self):
+        self.cache = None
+
+    def create_runtime_cache(self):
+        return _StandInRuntimeCache()
+
+    def set_runtime_cache(self, cache):
+        self.cache = cache
+        return True
+
+
+def test_runtime_cache_file_round_trip_with_stand_in_tensorrt_no_rtx_gpu_here(tmp_path, caplog):
+    path = trt_backend.default_runtime_cache(tmp_path / "model.plan")
+    assert path.name == "model.plan.runtime-cache"
+
+    first = trt_backend.RuntimeCacheFile(path)
+    config = _StandInRuntimeConfig()
+    first.attach(config)
+    assert first.loaded is None and config.cache is first.cache and not first.save()  # nothing compiled: no file
+    assert not path.exists()
+    config.cache.blob = b"ok:kernels-1"  # what TensorRT-RTX compiled in this process
+    assert first.save() and path.read_bytes() == b"ok:kernels-1"
+
+    second = trt_backend.RuntimeCacheFile(path)
+    second.attach(_StandInRuntimeConfig())
+    assert second.loaded is True and second.cache.blob == b"ok:kernels-1"
+    assert not second.save()  # unchanged: not rewritten
+    second.cache.blob += b",kernels-2"
+    assert second.save() and path.read_bytes() == b"ok:kernels-1,kernels-2"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_runtime_cache_from_another_gpu_is_replaced_and_an_unwritable_place_only_warns(tmp_path, caplog):
+    path = tmp_path / "cache" / "model.plan.runtime-cache"
+    path.parent.mkdir()
+    path.write_bytes(b"made on another GPU")
+
+    cache = trt_backend.RuntimeCacheFile(path)
+    with caplog.at_level("WARNING"):
+        cache.attach(_StandInRuntimeConfig())
+    assert cache.loaded is False and "made for another GPU" in caplog.text and str(path) in caplog.text
+    cache.cache.blob = b"ok:fresh"
+    assert cache.save() and path.read_bytes() == b"ok:fresh"
+
+    blocked = trt_backend.RuntimeCacheFile(tmp_path / "model.plan" / "x.runtime-cache")  # under a file: unwritable
+    (tmp_path / "model.plan").write_bytes(b"a plan")
+    blocked.attach(_StandInRuntimeConfig())
+    blocked.cache.blob = b"ok:compiled"
+    with caplog.at_level("WARNING"):
+        assert not blocked.save()
+    assert "cannot save the TensorRT-RTX runtime cache" in caplog.text and "next process compiles" in caplog.text

@@ -220,6 +220,11 @@ def test_ort_cuda_trajectory_matches_cpu_runtime(gpu, ort_cuda, request, record_
         with backend, DeviceSampler(backend, sched, shape, 4, gpu, cuda_graph=graph) as s:
             results[graph] = s.sample(9, idx)
             results[f"uses_graphs_{graph}"] = backend.uses_graphs
+            if graph:  # a partial last batch: a session (and ORT graph) of its own for batch 3
+                results["partial"] = s.sample(9, idx[:3])[0]
+                results["graph_error"] = backend.graph_error
+                for session, _ in backend._sessions.values():
+                    assert session.get_providers()[0] == "CUDAExecutionProvider"
 
     want = host_sample(cpu, sched, shape, 9, idx)
 
@@ -230,8 +235,36 @@ def test_ort_cuda_trajectory_matches_cpu_runtime(gpu, ort_cuda, request, record_
     record_property("ort_cuda", {"max_abs": c.max_abs, "uint8_max_diff": int(diff.max()),
                                  "uint8_pixels_differing": float((diff > 0).mean()),
                                  "ort_graphs": results["uses_graphs_True"],
+                                 "graph_error": results["graph_error"],
                                  "step_ms": results[True][1].summary()["step_ms_median"]})
     assert diff.max() <= 1 and (diff > 0).sum() <= max(1, UINT8_DIFFERING_FRACTION * diff.size)
+    assert_close("ORT CUDA, partial batch of 3 vs the same images at batch 4", results["partial"], x[:3],
+                 L3_TRAJECTORY_FP32_ATOL)
+    # with the batch fixed per session nothing is left on the CPU, so ORT's own CUDA graphs are on
+    assert results["uses_graphs_True"] and not results["uses_graphs_False"], results["graph_error"]
+
+
+def test_ort_cuda_batch_fixed_session_has_no_memcpy_nodes(gpu, ort_cuda, request, tmp_path, record_property):
+    """The dynamic-batch export on CUDA keeps shape subgraphs on the CPU behind Memcpy nodes; the runner's
+    per-batch session (batch fixed before optimisation) has none (ONNX Runtime saves the graph it runs)."""
+    import collections
+
+    import onnx
+
+    from ddpm_deploy.runtime.backends.ort import OrtSession
+    from ddpm_deploy.runtime.backends.ort_cuda import provider_options
+
+    micro_onnx = request.getfixturevalue("random_micro_onnx")
+    counts = {}
+    for label, dims in (("dynamic", None), ("fixed", {"batch": 4})):
+        path = tmp_path / f"{label}.onnx"
+        s = OrtSession(micro_onnx, "cuda", provider_options=provider_options(gpu.props.ordinal, None, False),
+                       batch_dims=dims, optimized_path=path)
+        assert s.session.get_providers()[0] == "CUDAExecutionProvider"
+        ops = collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+        counts[label] = {op: n for op, n in ops.items() if op.startswith("Memcpy") or op in ("Shape", "Gather")}
+    record_property("ort_cuda_placement", counts)
+    assert counts["fixed"] == {}, counts
 
 
 def test_ort_cuda_eps_matches_cpu(gpu, ort_cuda, request):

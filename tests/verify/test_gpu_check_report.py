@@ -1,0 +1,40 @@
+"""verify.gpu_check's CPU-runnable parts: the placement count (on ONNX Runtime's CPU provider) and the report
+table, so that the GPU run (15 device minutes a session) cannot fail on formatting."""
+
+from __future__ import annotations
+
+import pytest
+
+from ddpm_deploy.verify import gpu_check
+
+
+def test_placement_counts_the_shape_nodes_the_fixed_batch_folds(random_micro_onnx, tmp_path):
+    pytest.importorskip("onnx")
+
+    row = gpu_check.placement(random_micro_onnx, None, 4, tmp_path, "fp32", device="cpu")
+
+    assert "error" not in row, row
+    assert row["dynamic"]["shape_nodes"] > 0 and row["fixed"]["shape_nodes"] == 0, row
+    assert row["dynamic"]["memcpy"] == row["fixed"]["memcpy"] == 0  # the CPU provider inserts none
+    assert row["fixed"]["nodes"] < row["dynamic"]["nodes"]
+
+
+def test_report_formats_every_kind_of_row():
+    bench = [
+        {"backend": "ORT CUDA fp16 placement", "dynamic": {"nodes": 363, "memcpy": 6, "shape_nodes": 37},
+         "fixed": {"nodes": 286, "memcpy": 0, "shape_nodes": 0}},
+        {"backend": "ORT CUDA fp16 graph", "load_s": 2.0, "eps_ms": 10.0, "step_ms": 10.2, "overhead": 0.02,
+         "graph": "backend", "steps": 1000},
+        {"backend": "ORT CUDA fp16 no graph", "load_s": 2.0, "eps_ms": 10.0, "step_ms": 10.5, "overhead": 0.05,
+         "graph": "off", "steps": 100},
+        {"backend": "torch.compile fp16 autocast", "eps_ms": 15.0},
+        {"backend": "TensorRT fp16", "error": "ArtifactError: cannot run on NVIDIA H100"},
+    ]
+    tests = [{"test": "test_a", "outcome": "passed", "detail": "", "properties": {"max_abs": 1e-5}, "seconds": 1.0}]
+
+    text = gpu_check.report({"name": "NVIDIA H100", "compute_capability": (9, 0)}, tests, bench, 256)
+
+    assert "dynamic batch: 363 nodes, 6 Memcpy, 37 shape; fixed batch: 286 nodes, 0 Memcpy, 0 shape" in text
+    assert "2.00% ok" in text and "5.00% >3%" in text
+    assert "error: ArtifactError: cannot run on NVIDIA H100" in text and "max_abs=1e-05" in text
+    assert "torch.compile fp16 autocast" in text and "15.00" in text
