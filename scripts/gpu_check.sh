@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6, for a machine with an NVIDIA GPU (run from anywhere; it works in the repo root):
+# The GPU check (issue 14), for a machine with an NVIDIA GPU (run from anywhere; it works in the repo root):
 #   bash scripts/gpu_check.sh            # results in $OUT (default /tmp/gpu-check-out)
 # It installs what travelled with the working tree, never touching the machine's own packages:
 #   .whl/*.whl                  wheels (e.g. cuda-python, nvidia-cuda-nvrtc) -> /tmp/site

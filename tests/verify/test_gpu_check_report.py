@@ -23,8 +23,10 @@ def test_report_formats_every_kind_of_row():
     bench = [
         {"backend": "ORT CUDA fp16 placement", "dynamic": {"nodes": 363, "memcpy": 6, "shape_nodes": 37},
          "fixed": {"nodes": 286, "memcpy": 0, "shape_nodes": 0}},
+        {"backend": "ORT CUDA fp32 graph", "load_s": 2.0, "eps_ms": 30.0, "step_ms": 30.2, "overhead": 0.007,
+         "graph": "backend", "steps": 100, "eps_rel_l2": 0.0, "eps_reference": "ORT CUDA fp32 graph"},
         {"backend": "ORT CUDA fp16 graph", "load_s": 2.0, "eps_ms": 10.0, "step_ms": 10.2, "overhead": 0.02,
-         "graph": "backend", "steps": 1000},
+         "graph": "backend", "steps": 1000, "eps_rel_l2": 1.5e-3, "eps_reference": "ORT CUDA fp32 graph"},
         {"backend": "ORT CUDA fp16 no graph", "load_s": 2.0, "eps_ms": 10.0, "step_ms": 10.5, "overhead": 0.05,
          "graph": "off", "steps": 100},
         {"backend": "torch.compile fp16 autocast", "eps_ms": 15.0},
@@ -38,3 +40,23 @@ def test_report_formats_every_kind_of_row():
     assert "2.00% ok" in text and "5.00% >3%" in text
     assert "error: ArtifactError: cannot run on NVIDIA H100" in text and "max_abs=1e-05" in text
     assert "torch.compile fp16 autocast" in text and "15.00" in text
+    assert "1.5e-03" in text and "(ε rel L2: vs ORT CUDA fp32 graph, 8 samples" in text
+
+
+def test_ort_unet_fusions_make_the_cuda_ops_and_keep_our_io(random_micro_onnx, tmp_path):
+    """The fused model only runs on the CUDA provider (GroupNorm, NhwcConv): here its structure and I/O."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime.transformers.optimizer")
+    import collections
+
+    out = gpu_check.ort_unet_fusions(random_micro_onnx, tmp_path / "fused16.onnx")
+
+    model = onnx.load(str(out))
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    assert ops["NhwcConv"] > 0 and ops["GroupNorm"] + ops["SkipGroupNorm"] > 0 and ops["Conv"] == 0, dict(ops)
+    assert ops["InstanceNormalization"] == 0, dict(ops)
+    io = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    assert io == {"x": onnx.TensorProto.FLOAT, "t": onnx.TensorProto.INT32, "eps": onnx.TensorProto.FLOAT}
+    dtypes = collections.Counter(i.data_type for i in model.graph.initializer)
+    assert dtypes[onnx.TensorProto.FLOAT16] > dtypes[onnx.TensorProto.FLOAT], dtypes  # fp16 inside
+    assert not list(tmp_path.glob("*.tmp"))
