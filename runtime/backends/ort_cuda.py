@@ -9,8 +9,10 @@ One session per batch size (``static_batch``, the default): the model's batch ax
 optimises the graph (free dimension override), so constant folding removes the shape subgraphs a dynamic-batch
 export carries (37 Shape, 16 Gather, 21 Concat nodes in ddpm-cifar10). Left in, the CUDA provider places them on
 the CPU and inserts Memcpy nodes, which is what kept ONNX Runtime's CUDA graph off in the issue's measurement
-(6 Memcpy nodes). ``enable_cuda_graph`` then lets ONNX Runtime capture and replay the whole model; a session
-that still cannot use graphs is reloaded without them (logged, ``graph_error``). ONNX Runtime's run cannot be
+(6 Memcpy nodes). ``enable_cuda_graph`` then lets ONNX Runtime capture and replay the whole model (the capture
+is made in ``bind``); a session that still cannot use graphs, at creation or at capture, is reloaded without them
+(logged, ``graph_error``). The override is a level-1 optimisation: with ``opt_level="disable"`` nothing folds.
+Graphs live per session and per thread: one thread drives a runner. ONNX Runtime's run cannot be
 captured into our graph. Note: ONNX Runtime's graph replay (``CUDAGraph::Replay``) synchronizes the stream after
 each launch, so with its graphs the host does not run ahead of the GPU; which is faster per step (ORT graphs, or
 plain runs on our stream) is what ``scripts/gpu_check.sh`` measures ("graph" and "no graph" rows).
@@ -164,29 +166,58 @@ class OrtCudaRunner(Runner, DeviceRunner):
         return self._sessions[batch]
 
     def bind(self, x: int, t: int, eps: int, batch: int) -> None:
+        """Bind our buffers. With ORT graphs, the first run of a binding is its capture (ONNX Runtime runs the model
+        twice, captures the third run and replays it: correct ε, in one call); it is done here, so that a capture
+        that fails at run time falls back to plain runs for this batch size before any step counts on it."""
         key = (int(x), int(t), int(eps), int(batch))
         if key not in self._bindings:
-            session, graphs = self.session_for(int(batch))
-            c, h, w = self.sample_shape
-            dev = self.gpu.props.ordinal
-            binding = session.io_binding()
-            binding.bind_input(INPUT_X, "cuda", dev, np.float32, [batch, c, h, w], int(x))
-            binding.bind_input(INPUT_T, "cuda", dev, np.int32, [batch], int(t))
-            binding.bind_output(OUTPUT_EPS, "cuda", dev, np.float32, [batch, c, h, w], int(eps))
-            # one graph per binding of a session (its addresses are baked into the graph)
-            graph_id = sum(1 for k, v in self._bindings.items() if v[0] is session) if graphs else None
-            self._bindings[key] = (session, binding, run_options(self._ort, self.same_stream, graph_id), graphs)
+            self._bindings[key] = self._make_binding(key)
+            if self._bindings[key][3]:
+                try:
+                    if not self.same_stream:
+                        self.gpu.stream.synchronize()
+                    self._run(self._bindings[key])
+                except Exception as e:  # ORT's own types: capture not supported, invalidated, did not complete
+                    self.graph_error = first_line(e)
+                    log.warning("ONNX Runtime CUDA graph capture failed for %s at batch %d (%s); running it without "
+                                "graphs", self.path.name, batch, self.graph_error)
+                    if self.static_batch:  # this batch size's session only
+                        s = self._session(False, int(batch))
+                        self._sessions[int(batch)] = (s.session, False)
+                        self._bindings = {k: v for k, v in self._bindings.items() if k[3] != key[3]}
+                    else:  # the one session of every batch size
+                        self._main_graphs = False
+                        self.session = self._session(False, None).session
+                        self._bindings = {}
+                    self._bindings[key] = self._make_binding(key)
         self._current = self._bindings[key]
         self.uses_graphs = self._current[3]
+
+    def _make_binding(self, key: tuple) -> tuple:
+        x, t, eps, batch = key
+        session, graphs = self.session_for(batch)
+        c, h, w = self.sample_shape
+        dev = self.gpu.props.ordinal
+        binding = session.io_binding()
+        binding.bind_input(INPUT_X, "cuda", dev, np.float32, [batch, c, h, w], x)
+        binding.bind_input(INPUT_T, "cuda", dev, np.int32, [batch], t)
+        binding.bind_output(OUTPUT_EPS, "cuda", dev, np.float32, [batch, c, h, w], eps)
+        # one graph per binding of a session (its addresses are baked into the graph); ids from 1 (ORT: "users are
+        # not expected to set 0", the default id)
+        graph_id = 1 + sum(1 for v in self._bindings.values() if v[0] is session) if graphs else None
+        return session, binding, run_options(self._ort, self.same_stream, graph_id), graphs
+
+    def _run(self, bound: tuple) -> None:
+        session, binding, options, _ = bound
+        session.run_with_iobinding(binding, options)
 
     def enqueue(self, stream) -> None:
         if self._current is None:
             raise SamplingError(f"{self.path}: enqueue before bind: no buffers are bound")
-        session, binding, options, _ = self._current
         if not self.same_stream:
             stream.synchronize()  # x and t must be written before ONNX Runtime's stream reads them
         try:
-            session.run_with_iobinding(binding, options)
+            self._run(self._current)
         except Exception as e:
             raise SamplingError(f"{self.path}: ONNX Runtime CUDA failed to run the model ({first_line(e)})") from None
 
