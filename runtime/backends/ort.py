@@ -40,6 +40,17 @@ def check_provider(ort, device: str) -> None:
                           f"{INSTALL[device]}")
 
 
+def preload_cuda(ort) -> None:
+    """Load the CUDA/cuDNN libraries of the nvidia-* wheels where this onnxruntime-gpu can (>= 1.21); without it
+    the CUDA provider may fail to load them and ONNX Runtime falls back to the CPU (which OrtSession refuses)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as e:  # best effort: a system CUDA install may be found anyway
+            log.debug("onnxruntime.preload_dlls() failed: %s", e)
+
+
 class OrtSession:
     """An ONNX Runtime session of a ddpm-deploy ε model on exactly one execution provider.
 
@@ -67,6 +78,8 @@ class OrtSession:
             raise ConfigError(f"threads must be >= 0 (0: ONNX Runtime's default), found {threads}")
         self.provider = PROVIDERS[device]
         check_provider(ort, device)
+        if device == "cuda":
+            preload_cuda(ort)
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[opt_level])
         if threads:
@@ -115,9 +128,11 @@ class OrtSession:
             raise ArtifactError(f"{self.path}: eps must have x's batch axis, found x {xs} and eps {es} (a model that "
                                 f"returns batch {eb} for any batch would be broadcast over the samples)")
         self.fixed_batch = static(xs[0])
-        # the symbolic names of the batch axes (x, t, eps), for batch_dims; empty when the batch is fixed
-        self.batch_dim_names = sorted({d for d in (xs[0], ins[INPUT_T].shape[0] if ins[INPUT_T].shape else None, es[0])
-                                       if isinstance(d, str) and d})
+        # the symbolic names of the inputs' batch axes (x, t), for batch_dims: empty when x's batch is fixed or
+        # unnamed (ONNX Runtime then reports None; it invents names like "unk__233" for outputs only)
+        ts = ins[INPUT_T].shape
+        self.batch_dim_names = (sorted({d for d in (xs[0], ts[0] if ts else None) if isinstance(d, str) and d})
+                                if isinstance(xs[0], str) and xs[0] else [])
 
 
 class OrtRunner(Runner):

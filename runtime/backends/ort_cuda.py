@@ -7,7 +7,8 @@ synchronises its own after it.
 
 One session per batch size (``static_batch``, the default): the model's batch axis is fixed before ONNX Runtime
 optimises the graph (free dimension override), so constant folding removes the shape subgraphs a dynamic-batch
-export carries (37 Shape, 16 Gather, 21 Concat nodes in ddpm-cifar10). Left in, the CUDA provider places them on
+export carries (ddpm-cifar10 after ONNX Runtime's own optimisation: 51 Shape and 24 Gather nodes with the
+batch dynamic, none with it fixed). Left in, the CUDA provider places them on
 the CPU and inserts Memcpy nodes, which is what kept ONNX Runtime's CUDA graph off in the issue's measurement
 (6 Memcpy nodes). ``enable_cuda_graph`` then lets ONNX Runtime capture and replay the whole model (the capture
 is made in ``bind``); a session that still cannot use graphs, at creation or at capture, is reloaded without them
@@ -67,16 +68,6 @@ def run_options(ort, same_stream: bool, graph_id: int | None):
     return options
 
 
-def _preload(ort) -> None:
-    """Load the CUDA/cuDNN libraries of the nvidia-* wheels if this onnxruntime-gpu can (>= 1.21)."""
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is not None:
-        try:
-            preload()
-        except Exception as e:  # best effort: a system CUDA install may be found anyway
-            log.debug("onnxruntime.preload_dlls() failed: %s", e)
-
-
 class OrtCudaRunner(Runner, DeviceRunner):
     """An ONNX model on ONNX Runtime's CUDA provider, as a device runner (and a host ``eps``).
 
@@ -113,7 +104,6 @@ class OrtCudaRunner(Runner, DeviceRunner):
             raise
 
     def _open(self, same_stream, tf32, conv_algo_search, extra) -> None:
-        _preload(lazy_import("onnxruntime", "The ONNX Runtime CUDA backend", INSTALL_ORT_GPU))
         stream = self.gpu.stream.handle_int if same_stream else None
         self._options = lambda graph: {**provider_options(self.gpu.props.ordinal, stream, graph, tf32,  # noqa: E731
                                                           conv_algo_search), **extra}
@@ -127,14 +117,19 @@ class OrtCudaRunner(Runner, DeviceRunner):
         if stream and not self.same_stream:
             log.warning("ONNX Runtime did not take our CUDA stream; synchronising around each run instead")
         if self.static_batch and not self.batch_dim_names:
-            self.static_batch = False  # the batch is fixed in the model itself: its one session is the batch's
+            if self.fixed_batch is None:
+                log.info("%s: the batch axis of x has no name to fix it by; one dynamic-batch session serves every "
+                         "batch size (shape subgraphs may keep ONNX Runtime's CUDA graph off)", self.path.name)
+            self.static_batch = False  # the model's one session serves every batch (or the model's fixed batch)
             if self.cuda_graph:
                 s = self._session(True, None)
                 self.session, self._main_graphs = s.session, self._graphs_on(s)
 
     def _session(self, graph: bool, batch: int | None) -> OrtSession:
-        """An OrtSession on CUDA (batch: fix the batch axes to it); with graphs where ONNX Runtime can."""
+        """An OrtSession on CUDA (batch: fix the batch axes to it); with graphs where ONNX Runtime can. Once a
+        session could not be made with graphs, later ones (other batch sizes) are made without."""
         dims = {name: batch for name in self.batch_dim_names} if batch is not None else None
+        graph = graph and self.graph_error is None
         try:
             return OrtSession(self.path, "cuda", opt_level=self.opt_level, provider_options=self._options(graph),
                               batch_dims=dims)
@@ -181,14 +176,17 @@ class OrtCudaRunner(Runner, DeviceRunner):
                     self.graph_error = first_line(e)
                     log.warning("ONNX Runtime CUDA graph capture failed for %s at batch %d (%s); running it without "
                                 "graphs", self.path.name, batch, self.graph_error)
+                    # drop the bindings of the graph session first: if the session below cannot be made, the next
+                    # bind tries again instead of reusing a binding whose capture failed
                     if self.static_batch:  # this batch size's session only
+                        self._bindings = {k: v for k, v in self._bindings.items() if k[3] != key[3]}
+                        del self._sessions[int(batch)]
                         s = self._session(False, int(batch))
                         self._sessions[int(batch)] = (s.session, False)
-                        self._bindings = {k: v for k, v in self._bindings.items() if k[3] != key[3]}
                     else:  # the one session of every batch size
-                        self._main_graphs = False
-                        self.session = self._session(False, None).session
                         self._bindings = {}
+                        self.session = self._session(False, None).session
+                        self._main_graphs = False
                     self._bindings[key] = self._make_binding(key)
         self._current = self._bindings[key]
         self.uses_graphs = self._current[3]

@@ -13,9 +13,9 @@ says so (plans built with user allocation); otherwise it uses RTX's own graphs (
 TensorRT-RTX compiles its kernels just in time, on the first runs of every new process, unless its runtime cache
 is kept: a TensorRT-RTX plan's runner loads ``<plan>.runtime-cache`` (beside the plan; ``runtime_cache`` to choose
 another file or ``None`` for none) into the runtime config before the context is made, and writes it back when
-the runner closes, if it grew (atomically; a read-only folder is a warning, not an error). TensorRT-RTX itself
-refuses a cache made on another GPU, driver or TensorRT-RTX version (``deserialize`` returns False): then the
-kernels are compiled again and the file is replaced.
+the runner closes, if it changed (atomically; a read-only folder is a warning, not an error). TensorRT-RTX itself
+refuses a cache made on another GPU, TensorRT-RTX version or an older driver major version (``deserialize``
+returns False): then the kernels are compiled again and the file is replaced.
 """
 
 from __future__ import annotations
@@ -368,7 +368,11 @@ class TrtRunner(Runner, DeviceRunner):
 
     def close(self) -> None:
         if getattr(self, "runtime_cache", None) is not None and getattr(self, "context", None) is not None:
-            self.runtime_cache.save()  # the kernels this process compiled, for the next one
+            try:
+                self.runtime_cache.save()  # the kernels this process compiled, for the next one
+            except Exception as e:  # never keep close() from freeing the GPU: the cache is an optimisation
+                log.warning("could not save the TensorRT-RTX runtime cache %s (%s: %s)", self.runtime_cache.path,
+                            type(e).__name__, e)
         for arr in self._scratch.values():
             arr.close()
         self._scratch.clear()

@@ -95,7 +95,7 @@ def _try_load(plan: Path, ordinal: int) -> list[str]:
     from ..backends.trt import TrtRunner
 
     try:
-        with TrtRunner(plan, cuda_graph=False, device_id=ordinal):
+        with TrtRunner(plan, cuda_graph=False, device_id=ordinal, runtime_cache=None):  # info writes nothing
             return []
     except DDPMError as e:
         return [f"loading the plan failed: {e}"]

@@ -664,7 +664,7 @@ class _StandInRuntimeConfig:
         return True
 
 
-def test_runtime_cache_file_round_trip_with_stand_in_tensorrt_no_rtx_gpu_here(tmp_path, caplog):
+def test_runtime_cache_file_round_trip_with_stand_in_tensorrt_no_rtx_gpu_here(tmp_path):
     path = trt_backend.default_runtime_cache(tmp_path / "model.plan")
     assert path.name == "model.plan.runtime-cache"
 
@@ -704,3 +704,36 @@ def test_runtime_cache_from_another_gpu_is_replaced_and_an_unwritable_place_only
     with caplog.at_level("WARNING"):
         assert not blocked.save()
     assert "cannot save the TensorRT-RTX runtime cache" in caplog.text and "next process compiles" in caplog.text
+
+
+def test_trt_runner_attaches_the_cache_before_the_context_and_saves_it_on_close_stand_in_engine_no_rtx_gpu_here(tmp_path):
+    """TrtRunner's use of the cache, on a stand-in engine (a TensorRT-RTX engine deserializes only on a GPU that
+    TensorRT-RTX supports; none here): the cache is in the runtime config when the context is created, the
+    graph strategy is set, the config outlives the context, and close() writes what was compiled."""
+    import types
+
+    seen = {}
+
+    class Engine:
+        def create_runtime_config(self):
+            return _StandInRuntimeConfig()
+
+        def create_execution_context(self, config):
+            seen["cache_at_context"] = config.cache
+            seen["strategy"] = getattr(config, "cuda_graph_strategy", None)
+            return object()
+
+    runner = object.__new__(trt_backend.TrtRunner)
+    runner.path, runner.flavour, runner.engine = tmp_path / "model.plan", "rtx", Engine()
+    runner.trt = types.SimpleNamespace(CudaGraphStrategy=types.SimpleNamespace(WHOLE_GRAPH_CAPTURE="whole"))
+    runner.runtime_cache = trt_backend.RuntimeCacheFile(trt_backend.default_runtime_cache(runner.path))
+    runner._scratch, runner._own_gpu, runner.gpu, runner.uses_graphs = {}, False, None, False
+
+    runner.context = runner._create_context(cuda_graph=True)
+
+    assert seen["cache_at_context"] is runner.runtime_cache.cache is not None and seen["strategy"] == "whole"
+    assert runner.uses_graphs and runner._runtime_config.cache is runner.runtime_cache.cache
+    runner.runtime_cache.cache.blob = b"ok:jit-kernels"
+    runner.close()
+    assert (tmp_path / "model.plan.runtime-cache").read_bytes() == b"ok:jit-kernels"
+    assert runner.context is None and runner._runtime_config is None

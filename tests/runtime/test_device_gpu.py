@@ -223,8 +223,6 @@ def test_ort_cuda_trajectory_matches_cpu_runtime(gpu, ort_cuda, request, record_
             if graph:  # a partial last batch: a session (and ORT graph) of its own for batch 3
                 results["partial"] = s.sample(9, idx[:3])[0]
                 results["graph_error"] = backend.graph_error
-                for session, _ in backend._sessions.values():
-                    assert session.get_providers()[0] == "CUDAExecutionProvider"
 
     want = host_sample(cpu, sched, shape, 9, idx)
 

@@ -3,6 +3,7 @@ table, so that the GPU run (15 device minutes a session) cannot fail on formatti
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from ddpm_deploy.verify import gpu_check
@@ -40,7 +41,7 @@ def test_report_formats_every_kind_of_row():
     assert "2.00% ok" in text and "5.00% >3%" in text
     assert "error: ArtifactError: cannot run on NVIDIA H100" in text and "max_abs=1e-05" in text
     assert "torch.compile fp16 autocast" in text and "15.00" in text
-    assert "1.5e-03" in text and "(ε rel L2: vs ORT CUDA fp32 graph, 8 samples" in text
+    assert "1.5e-03" in text and "(ε rel L2: vs ORT CUDA fp32 graph, the same x" in text
 
 
 def test_ort_unet_fusions_make_the_cuda_ops_and_keep_our_io(random_micro_onnx, tmp_path):
@@ -59,4 +60,18 @@ def test_ort_unet_fusions_make_the_cuda_ops_and_keep_our_io(random_micro_onnx, t
     assert io == {"x": onnx.TensorProto.FLOAT, "t": onnx.TensorProto.INT32, "eps": onnx.TensorProto.FLOAT}
     dtypes = collections.Counter(i.data_type for i in model.graph.initializer)
     assert dtypes[onnx.TensorProto.FLOAT16] > dtypes[onnx.TensorProto.FLOAT], dtypes  # fp16 inside
+    assert {p.key: p.value for p in model.metadata_props}.get("ddpm_deploy.precision") == "fp16"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_eps_errors_compare_every_stored_row_with_the_fp32_graph_row():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=1000).astype(np.float32)
+    rows = [{"backend": gpu_check.REFERENCE_ROW}, {"backend": "ORT CUDA fp16 graph"}, {"backend": "torch eager fp32"}]
+    store = {gpu_check.REFERENCE_ROW: ref, "ORT CUDA fp16 graph": ref + 0.01 * rng.normal(size=1000).astype(np.float32)}
+
+    gpu_check.add_eps_errors(rows, store)
+
+    assert rows[0]["eps_rel_l2"] == 0.0 and 0.005 < rows[1]["eps_rel_l2"] < 0.02
+    assert "eps_rel_l2" not in rows[2]  # stored nothing: no number
+    assert rows[1]["eps_reference"] == gpu_check.REFERENCE_ROW
