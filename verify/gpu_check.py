@@ -184,10 +184,12 @@ def time_loop(backend, gpu, batch: int, shape, steps: int, cuda_graph: bool) -> 
     sched = Schedule(DiffusionConfig(), steps=None if steps >= 1000 else steps)
     start = time.perf_counter()
     with DeviceSampler(backend, sched, shape, batch, gpu, cuda_graph=cuda_graph) as sampler:
-        _, timings = sampler.sample(0, range(batch))
+        x0, timings = sampler.sample(0, range(batch))
+        capture_error = sampler.graph_error
     s = timings.summary()
     return {"steps": s["steps"], "step_ms": s["step_ms_median"], "graph": s["graph"], "wall_s": time.perf_counter() - start,
-            "eps_ms_in_loop": s["eps_ms_median"], "other_ms_in_loop": s["loop_ms_median"]}
+            "eps_ms_in_loop": s["eps_ms_median"], "other_ms_in_loop": s["loop_ms_median"], "x0": x0,
+            **({"capture_error": capture_error[:300]} if capture_error else {})}
 
 
 def bench_backend(label: str, make, gpu, batch: int, shape, steps: int, rows: list, cuda_graph: bool,
@@ -203,6 +205,9 @@ def bench_backend(label: str, make, gpu, batch: int, shape, steps: int, rows: li
             if eps_store is not None:
                 eps_store[label] = eps
             loop = time_loop(backend, gpu, batch, shape, steps, cuda_graph)
+            if eps_store is not None:
+                eps_store[("x0", label)] = (loop["steps"], loop.pop("x0"))
+            loop.pop("x0", None)
             graph_error = getattr(backend, "graph_error", None)
         finally:
             backend.close()
@@ -220,6 +225,12 @@ REFERENCE_ROW = "ORT CUDA fp32 graph"
 
 def add_eps_errors(rows: list, eps_store: dict, reference: str = REFERENCE_ROW) -> None:
     """ε relative L2 of every row that stored its ε, against the reference row's (fp32, TF32 off, on this GPU)."""
+    for row in rows:  # the loop's images vs the "no graph" row of the same precision and steps (same seed)
+        label = str(row.get("backend"))
+        plain = label.split(" ")[:3] + ["no", "graph"]  # "ORT CUDA fp16 ..." -> "ORT CUDA fp16 no graph"
+        mine, theirs = eps_store.get(("x0", label)), eps_store.get(("x0", " ".join(plain)))
+        if mine is not None and theirs is not None and mine[0] == theirs[0] and label != " ".join(plain):
+            row["x0_max_abs_vs_no_graph"] = float(np.abs(mine[1] - theirs[1]).max())
     ref = eps_store.get(reference)
     if ref is None:
         return
@@ -294,6 +305,12 @@ def report(device: dict, tests: list[dict], bench: list[dict], batch: int) -> st
                      f"{_fmt(None if over is None else over * 100, '.2f') + '%' if over is not None else '-':>10}{flag:<4}"
                      f"{_fmt(r.get('graph')):>6} {_fmt(r.get('steps')):>6} {_fmt(r.get('load_s'), '.1f'):>7}"
                      f" {_fmt(r.get('eps_rel_l2'), '.1e'):>9}")
+        if r.get("x0_max_abs_vs_no_graph") is not None:
+            lines.append(f"  {'':<34} x0 after {r.get('steps')} steps vs the no-graph row: max abs "
+                         f"{r['x0_max_abs_vs_no_graph']:.2e}")
+        for key in ("graph_error", "capture_error"):
+            if r.get(key):
+                lines.append(f"  {'':<34} {key.replace('_', ' ')}: {r[key][:160]}")
     ref = next((r["eps_reference"] for r in bench if r.get("eps_reference")), None)
     if ref:
         lines.append(f"  (ε rel L2: vs {ref}, the same x ~ N(0,1) of the benchmark batch, t spread over 0..999, "
@@ -316,7 +333,8 @@ class LiveRows(list):
         print(f"[gpu_check] row: {row}", flush=True)
 
 
-def write_outputs(args, device: dict, tests: list[dict], bench: list[dict]) -> str:
+def write_outputs(args, device: dict, tests: list[dict], bench: list[dict], eps_store: dict | None = None) -> str:
+    add_eps_errors(bench, eps_store or {})
     text = report(device, tests, bench, args.batch)
     (args.out / "gpu_check.txt").write_text(text + "\n")
     BenchResults(machine={"device": device, "python": platform.python_version()}, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -338,6 +356,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--no-placement", action="store_true", help="skip counting the nodes ORT CUDA leaves on the CPU")
     ap.add_argument("--no-fusions", action="store_true", help="skip the row of ONNX Runtime's UNet fusions")
+    ap.add_argument("--no-capture", action="store_true", help="skip the row of ONNX Runtime captured in our graph")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -352,10 +371,10 @@ def main(argv=None) -> int:
     except Exception as e:
         print(f"no usable GPU: {e}")
         device = {"error": str(e)}
-    bench = LiveRows(lambda rows: write_outputs(args, device, tests, rows))
+    eps_store: dict = {}  # row -> its ε of the common input; compared with REFERENCE_ROW as rows come
+    bench = LiveRows(lambda rows: write_outputs(args, device, tests, rows, eps_store))
     if not args.no_bench and "error" not in device:
         shape = (3, 32, 32)
-        eps_store: dict = {}  # row -> its ε of the common input; compared with REFERENCE_ROW at the end
         with GpuContext(0) as gpu:
             for half in (True, False):  # fp16 first: its 1000-step graph row is the one the issue's target is about
                 prec = "fp16" if half else "fp32"
@@ -394,8 +413,13 @@ def main(argv=None) -> int:
                     except Exception as e:
                         bench.append({"backend": f"TensorRT {prec}", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
                         traceback.print_exc()
-        add_eps_errors(bench, eps_store)
-    text = write_outputs(args, device, tests, bench)
+            # last, so that a crash inside ONNX Runtime under our capture loses no other row (rows are written live)
+            fp16 = args.work / "cifar10-random.fp16.onnx"
+            if not args.no_capture and fp16.exists():
+                bench_backend("ORT CUDA fp16 ε + step in our graph",
+                              lambda: OrtCudaRunner(fp16, gpu, capture_in_loop=True), gpu, args.batch, shape,
+                              args.short_steps, bench, True, eps_store)
+    text = write_outputs(args, device, tests, bench, eps_store)
     print(text)
     failed = [r for r in tests if r["outcome"] in ("failure", "error")]
     return 1 if failed else 0

@@ -7,16 +7,17 @@ synchronises its own after it.
 
 One session per batch size (``static_batch``, the default): the model's batch axis is fixed before ONNX Runtime
 optimises the graph (free dimension override), so constant folding removes the shape subgraphs a dynamic-batch
-export carries (ddpm-cifar10 after ONNX Runtime's own optimisation: 51 Shape and 24 Gather nodes with the
-batch dynamic, none with it fixed). Left in, the CUDA provider places them on
-the CPU and inserts Memcpy nodes, which is what kept ONNX Runtime's CUDA graph off in the issue's measurement
-(6 Memcpy nodes). ``enable_cuda_graph`` then lets ONNX Runtime capture and replay the whole model (the capture
-is made in ``bind``); a session that still cannot use graphs, at creation or at capture, is reloaded without them
-(logged, ``graph_error``). The override is a level-1 optimisation: with ``opt_level="disable"`` nothing folds.
-Graphs live per session and per thread: one thread drives a runner. ONNX Runtime's run cannot be
-captured into our graph. Note: ONNX Runtime's graph replay (``CUDAGraph::Replay``) synchronizes the stream after
-each launch, so with its graphs the host does not run ahead of the GPU; which is faster per step (ORT graphs, or
-plain runs on our stream) is what ``scripts/gpu_check.sh`` measures ("graph" and "no graph" rows).
+export carries (ddpm-cifar10 after ONNX Runtime's own optimisation: 51 Shape and 24 Gather nodes with the batch
+dynamic, none with it fixed). Left in, the CUDA provider places them on the CPU and inserts Memcpy nodes, which is
+what kept ONNX Runtime's CUDA graph off in the issue's measurement (6 Memcpy nodes). The override is a level-1
+optimisation: with ``opt_level="disable"`` nothing folds.
+
+``enable_cuda_graph`` then lets ONNX Runtime capture and replay the whole model (the capture is made in ``bind``);
+a session that cannot use graphs, at creation or at capture, is reloaded without them (logged, ``graph_error``).
+Graphs live per session and per thread: one thread drives a runner. ONNX Runtime's graph replay synchronizes the
+stream after each launch, so with its graphs the host does not run ahead of the GPU. ONNX Runtime does not
+promise that its run can be captured into our graph; ``capture_in_loop`` tries (experimental). Which is fastest
+per step (ORT graphs, plain runs on our stream, ε + step in our graph) is what ``scripts/gpu_check.sh`` measures.
 
 Needs ``onnxruntime-gpu`` (instead of ``onnxruntime``, never both).
 """
@@ -75,13 +76,18 @@ class OrtCudaRunner(Runner, DeviceRunner):
     ``device_id``. The session must really run on CUDA: a silent CPU fallback of ONNX Runtime is refused.
     ``static_batch``: the device loop runs a session of its own per batch size, with the batch fixed (see the
     module docstring); ``session`` (dynamic batch, never graphs) serves ``eps`` and describes the model.
-    ``provider_extra``: more CUDA provider options (e.g. ``{"prefer_nhwc": "1"}``), strings as ORT parses them."""
+    ``provider_extra``: more CUDA provider options (e.g. ``{"prefer_nhwc": "1"}``), strings as ORT parses them.
+    ``capture_in_loop`` (experimental, off by default; implies ORT graphs off): offer ONNX Runtime's run to the
+    device loop's own CUDA graph, so that ε and the step kernels replay as one graph with no host synchronisation
+    per step. ONNX Runtime does not promise its run is capturable; where the capture fails the loop runs without
+    graphs (logged). Measured by scripts/gpu_check.sh before it may become a default."""
 
     device = "cuda"
 
     def __init__(self, path: str | os.PathLike, gpu=None, cuda_graph: bool = True, opt_level: str = "all",
                  same_stream: bool = True, tf32: bool = False, conv_algo_search: str = "EXHAUSTIVE",
-                 device_id: int = 0, static_batch: bool = True, provider_extra: dict[str, str] | None = None):
+                 device_id: int = 0, static_batch: bool = True, provider_extra: dict[str, str] | None = None,
+                 capture_in_loop: bool = False):
         self.path = Path(path)
         check_provider(lazy_import("onnxruntime", "The ONNX Runtime CUDA backend", INSTALL_ORT_GPU), "cuda")
         self._own_gpu = gpu is None
@@ -94,7 +100,9 @@ class OrtCudaRunner(Runner, DeviceRunner):
         self._sessions: dict[int, tuple] = {}  # batch -> (session, uses_graphs)
         self._current: tuple | None = None
         self.session = None
-        self.cuda_graph, self.opt_level, self.static_batch = bool(cuda_graph), opt_level, bool(static_batch)
+        self.capture_in_loop = bool(capture_in_loop)
+        self.cuda_graph = bool(cuda_graph) and not self.capture_in_loop  # one graph owner: ours or ORT's
+        self.opt_level, self.static_batch = opt_level, bool(static_batch)
         self.graph_error: str | None = None
         self.uses_graphs = False
         try:
@@ -226,7 +234,9 @@ class OrtCudaRunner(Runner, DeviceRunner):
         return self.session.run([OUTPUT_EPS], feeds, options)[0]
 
     def capturable(self, stream) -> bool:
-        return False  # ONNX Runtime's run cannot be captured from outside; it has enable_cuda_graph instead
+        """Only with ``capture_in_loop``, on our stream, and a session whose batch is fixed (no Memcpy nodes)."""
+        return (self.capture_in_loop and self.same_stream and not self.uses_graphs
+                and (self.static_batch or self.fixed_batch is not None))
 
     def close(self) -> None:
         self._bindings.clear()

@@ -219,7 +219,7 @@ class DeviceSampler(Sampler):
         start = time.perf_counter()
         try:
             self._graph = Graph(stream, lambda st: self._enqueue_step(batch, st))
-        except CudaError as e:
+        except (CudaError, SamplingError) as e:  # SamplingError: the backend's own call failed under capture
             self.graph_error = str(e)
             log.warning("CUDA graph capture of the step failed, running without graphs: %s", e)
             self.cuda_graph = False

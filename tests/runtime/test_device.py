@@ -275,6 +275,29 @@ def test_capture_failure_falls_back_to_no_graph(gpu, sim, caplog):
     assert_close("fallback vs host", x, host_sample(backend, sched, shape, 1, [0, 1]), L4_STEP_RTOL)
 
 
+def test_backend_error_under_capture_falls_back_to_no_graph(gpu, sim, caplog):
+    """A backend whose own call fails while being captured (ONNX Runtime raises SamplingError from enqueue): the
+    capture is ended, the loop runs without graphs and the result is unchanged."""
+    from ddpm_deploy.runtime.errors import SamplingError
+
+    sched, shape = Schedule(DiffusionConfig(), steps=5), (1, 4, 4)
+    backend, sampler = _sampler(gpu, sched, shape, 2)
+    calls = {"n": 0}
+
+    def enqueue(stream, launch=backend.enqueue):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first call is the warm-up before the capture, the second is under capture
+            raise SamplingError("<test-linear>: ONNX Runtime CUDA failed to run the model (capture not supported)")
+        launch(stream)
+
+    backend.enqueue = enqueue
+    with sampler:
+        x, timings = sampler.sample(1, [0, 1])
+
+    assert timings.graph == "off" and "capture not supported" in sampler.graph_error
+    assert_close("fallback vs host", x, host_sample(backend, sched, shape, 1, [0, 1]), L4_STEP_RTOL)
+
+
 def test_timings_summary_has_the_host_loop_keys(gpu):
     from ddpm_deploy.runtime.device.loop import DeviceTimings
 

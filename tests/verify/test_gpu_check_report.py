@@ -75,3 +75,16 @@ def test_eps_errors_compare_every_stored_row_with_the_fp32_graph_row():
     assert rows[0]["eps_rel_l2"] == 0.0 and 0.005 < rows[1]["eps_rel_l2"] < 0.02
     assert "eps_rel_l2" not in rows[2]  # stored nothing: no number
     assert rows[1]["eps_reference"] == gpu_check.REFERENCE_ROW
+
+
+def test_images_of_graph_rows_are_compared_with_the_no_graph_row_of_their_precision():
+    x = np.zeros((2, 3, 4, 4), np.float32)
+    rows = [{"backend": "ORT CUDA fp16 no graph"}, {"backend": "ORT CUDA fp16 ε + step in our graph"},
+            {"backend": "ORT CUDA fp16 graph"}]
+    store = {("x0", "ORT CUDA fp16 no graph"): (100, x), ("x0", "ORT CUDA fp16 ε + step in our graph"): (100, x + 0.25),
+             ("x0", "ORT CUDA fp16 graph"): (1000, x)}
+
+    gpu_check.add_eps_errors(rows, store)
+
+    assert rows[1]["x0_max_abs_vs_no_graph"] == 0.25
+    assert "x0_max_abs_vs_no_graph" not in rows[0] and "x0_max_abs_vs_no_graph" not in rows[2]  # itself; other steps
