@@ -7,7 +7,16 @@
 #   .gpu-parts-*/p*/part0*      any other package packed the same way (e.g. TensorRT-RTX) -> /tmp/<dir>
 # then this repo (pip install --no-deps --no-build-isolation -e .), runs `pytest -m gpu` and the benchmark
 # (python -m ddpm_deploy.verify.gpu_check; extra arguments, e.g. --trt --torch --steps 200, go to it) and prints the table.
-# Environment: OUT, PYTHON (default python3). Exit status: non-zero if a gpu test failed.
+# Environment: OUT, PYTHON (default python3), GPU_PARTS (a folder of p1..p4 parts sent in earlier calls, see
+# below). Exit status: non-zero if a gpu test failed.
+#
+# Through the device tool (at most ~60 MB per call; onnxruntime-gpu is ~200 MB): here, once,
+# `bash ../shared/gpu/ort-gpu-parts.sh` (-> .gpu-parts/p1..p4), then four calls back to back (the machine stays
+# warm 30 s between them, and what is copied to /tmp stays):
+#   calls 1-3: carry [".gpu-parts/pN"], command: mkdir -p /tmp/parts && cp -r .gpu-parts/pN /tmp/parts/
+#   call 4:    carry [".gpu-parts/p4"], command: cp -r .gpu-parts/p4 /tmp/parts/ && GPU_PARTS=/tmp/parts bash scripts/gpu_check.sh --torch
+# Expected run time of call 4 on an H100: a few minutes (gpu tests, then ~12 benchmark rows at batch 256; each row
+# is written to $OUT/gpu_check.{txt,json} as it finishes, so a call cut off keeps what ran). Then give_back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -23,8 +32,17 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     || die "installing the carried wheels failed"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+if [ -n "${GPU_PARTS:-}" ]; then
+  compgen -G "$GPU_PARTS/p*/part0*" >/dev/null || die "GPU_PARTS=$GPU_PARTS holds no p*/part0* files"
+  n=$(ls "$GPU_PARTS"/p*/part0* | wc -l)
+  [ "$n" -eq 4 ] || log "warning: GPU_PARTS holds $n parts, expected 4"
+  log "unpacking $n parts from $GPU_PARTS into /tmp/gpu-parts"
+  mkdir -p /tmp/gpu-parts && cat "$GPU_PARTS"/p*/part0* | xz -d -T0 | tar x -C /tmp/gpu-parts || die "unpacking $GPU_PARTS failed"
+  export PYTHONPATH=/tmp/gpu-parts${PYTHONPATH:+:$PYTHONPATH}
+fi
 for dir in .gpu-parts .gpu-parts-*; do
   compgen -G "$dir/p*/part0*" >/dev/null || continue
+  [ -n "${GPU_PARTS:-}" ] && [ "$dir" = .gpu-parts ] && continue  # sent part by part: unpacked from GPU_PARTS above
   dest=/tmp/${dir#.}
   log "unpacking $dir into $dest"
   mkdir -p "$dest" && cat "$dir"/p*/part0* | xz -d -T0 | tar x -C "$dest" || die "unpacking $dir failed"
