@@ -31,6 +31,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || die "installing the carried wheels failed"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  # cuda-python finds libnvrtc & co. in site-packages, LD_LIBRARY_PATH or CUDA_HOME, never through PYTHONPATH
+  for lib in /tmp/site/nvidia/*/lib /tmp/site/nvidia/*/*/lib; do
+    [ -d "$lib" ] && export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  done
 fi
 if [ -n "${GPU_PARTS:-}" ]; then
   compgen -G "$GPU_PARTS/p*/part0*" >/dev/null || die "GPU_PARTS=$GPU_PARTS holds no p*/part0* files"

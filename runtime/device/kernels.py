@@ -259,7 +259,8 @@ def _load_nvrtc():
     except Exception as e:  # cuda.pathfinder's DynamicLibNotFoundError (a RuntimeError) and friends
         raise KernelCompileError(
             f"the NVRTC library (libnvrtc.so.13) could not be loaded ({str(e).splitlines()[0]}); install the "
-            f"NVRTC wheel: {INSTALL_GPU}"
+            f"NVRTC wheel: {INSTALL_GPU}. cuda-python looks in site-packages, LD_LIBRARY_PATH and CUDA_HOME, not in "
+            f"PYTHONPATH: a wheel installed with pip --target needs its nvidia/cu13/lib folder on LD_LIBRARY_PATH"
         ) from None
     return nvrtc, (int(major), int(minor))
 

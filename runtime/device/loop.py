@@ -245,6 +245,7 @@ class DeviceSampler(Sampler):
         idx = check_indices(indices, self.max_batch)
         key = np.asarray(rng.key_from_seed(seed), dtype=np.uint32)
         batch, stream, steps = len(idx), self.gpu.stream, self.steps
+        self.gpu.device.make_current()  # a server may call from another thread than the one that made the context
         self.backend.check_batch(batch)
         self.idx.upload(idx, stream)
         self.key.upload(key, stream)

@@ -395,6 +395,78 @@ def test_real_binding_accepts_our_argument_types(nvrtc):
             cuda.call(name, *args)
 
 
+class _RealBindingFirst:
+    """Wraps the stand-in driver: every cu* call first goes to the real ``cuda.bindings.driver`` with the very
+    objects the runtime built (the stand-in's own handles swapped for empty real ones of their kind). Without a
+    driver library the real binding checks each argument's type and range, then fails to load libcuda: any other
+    exception is a call the real driver would refuse. Then the stand-in runs the call."""
+
+    KINDS = {"context": "CUcontext", "event": "CUevent", "module": "CUmodule", "function": "CUfunction",
+             "graph": "CUgraph", "graph_exec": "CUgraphExec"}
+
+    def __init__(self, sim, real):
+        self._sim, self._real = sim, real
+        self.seen: dict[str, int] = {}
+        self.refused: list[tuple] = []
+
+    def _as_real(self, arg):
+        import hostsim
+
+        return getattr(self._real, self.KINDS[arg.kind])() if isinstance(arg, hostsim._Handle) else arg
+
+    def __getattr__(self, name):
+        attr = getattr(self._sim, name)
+        if not (name.startswith("cu") and callable(attr)):
+            return attr
+
+        def call(*args):
+            self.seen[name] = self.seen.get(name, 0) + 1
+            try:
+                getattr(self._real, name)(*[self._as_real(a) for a in args])
+                self.refused.append((name, "returned although no driver library is loaded"))
+            except RuntimeError as e:  # DynamicLibNotFoundError / FunctionNotFoundError: the types were accepted
+                if type(e).__name__ not in ("DynamicLibNotFoundError", "FunctionNotFoundError"):
+                    self.refused.append((name, repr(e)))
+            except Exception as e:
+                self.refused.append((name, f"{type(e).__name__}: {e}", [type(a).__name__ for a in args]))
+            return attr(*args)
+
+        return call
+
+
+def test_every_driver_call_of_a_sampling_run_is_accepted_by_the_real_binding(nvrtc):
+    """A whole device-loop run (with and without our CUDA graph, a partial batch, events, copies, the module)
+    with each driver call also given to the real cuda-python binding, arguments as built."""
+    import hostsim
+
+    from ddpm_deploy.runtime.device.loop import DeviceSampler, GpuContext
+
+    real = pytest.importorskip("cuda.bindings.driver")
+    if _driver_is_present():
+        pytest.skip("a real driver is present: the real calls would run on made-up handles")
+    if hostsim.host_compiler() is None:
+        pytest.skip("no host C++ compiler for the host build of the kernels")
+    proxy = _RealBindingFirst(hostsim.HostDriver(hostsim.LINEAR_EPS_SOURCE, hostsim.LINEAR_EPS_SIGNATURES), real)
+    previous = cuda.use_driver(proxy)
+    try:
+        sched, shape = Schedule(DiffusionConfig(), steps=4), (3, 8, 8)
+        with GpuContext(0) as gpu:
+            for graph in (True, False):
+                backend = hostsim.LinearEpsBackend(gpu, shape)
+                with backend, DeviceSampler(backend, sched, shape, 4, gpu, cuda_graph=graph) as sampler:
+                    sampler.sample(1, [0, 1, 2])
+                    _, timings = sampler.sample(1, [0, 1])
+                assert timings.graph == ("captured" if graph else "off")
+            gpu.device.synchronize()
+    finally:
+        cuda.use_driver(previous)
+
+    assert not proxy.refused, proxy.refused
+    for name in ("cuLaunchKernel", "cuStreamBeginCapture", "cuGraphInstantiate", "cuGraphLaunch", "cuMemcpyHtoDAsync",
+                 "cuMemcpyDtoHAsync", "cuEventElapsedTime", "cuModuleLoadData", "cuModuleGetFunction"):
+        assert proxy.seen.get(name, 0) > 0, (name, proxy.seen)
+
+
 def test_missing_cuda_python_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "cuda.bindings.driver", None)
     previous = cuda.use_driver(None)
