@@ -62,6 +62,9 @@ fi
 "$PY" -c "import ddpm_deploy.runtime, ddpm_deploy.verify" || die "ddpm_deploy is not importable after the install"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
+# the host CPU too: with AVX512_BF16 or AMX it can take issue 16's bf16 measurement (scripts/cpu_bf16_check.sh)
+echo "host CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'); $(nproc) cores; flags:" \
+  "$(grep -o -w -E 'avx512f|avx512_bf16|amx_tile|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')" | tee "$OUT/cpu.txt"
 "$PY" - <<'EOF' 2>&1 | tee "$OUT/versions.txt"
 import importlib, sys
 print("python", sys.version.split()[0])
