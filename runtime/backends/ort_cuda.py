@@ -83,13 +83,14 @@ class OrtCudaRunner(Runner, DeviceRunner):
     graphs (logged). Measured by scripts/gpu_check.sh before it may become a default."""
 
     device = "cuda"
+    ort_device = "cuda"  # ONNX Runtime's provider and IO-binding memory; "cpu" only in the CPU test of this logic
 
     def __init__(self, path: str | os.PathLike, gpu=None, cuda_graph: bool = True, opt_level: str = "all",
                  same_stream: bool = True, tf32: bool = False, conv_algo_search: str = "EXHAUSTIVE",
                  device_id: int = 0, static_batch: bool = True, provider_extra: dict[str, str] | None = None,
                  capture_in_loop: bool = False):
         self.path = Path(path)
-        check_provider(lazy_import("onnxruntime", "The ONNX Runtime CUDA backend", INSTALL_ORT_GPU), "cuda")
+        check_provider(lazy_import("onnxruntime", "The ONNX Runtime CUDA backend", INSTALL_ORT_GPU), self.ort_device)
         self._own_gpu = gpu is None
         if gpu is None:
             from ..device.loop import GpuContext
@@ -139,7 +140,8 @@ class OrtCudaRunner(Runner, DeviceRunner):
         dims = {name: batch for name in self.batch_dim_names} if batch is not None else None
         graph = graph and self.graph_error is None
         try:
-            return OrtSession(self.path, "cuda", opt_level=self.opt_level, provider_options=self._options(graph),
+            options = self._options(graph) if self.ort_device == "cuda" else None
+            return OrtSession(self.path, self.ort_device, opt_level=self.opt_level, provider_options=options,
                               batch_dims=dims)
         except (ArtifactError, ConfigError):
             raise
@@ -205,9 +207,10 @@ class OrtCudaRunner(Runner, DeviceRunner):
         c, h, w = self.sample_shape
         dev = self.gpu.props.ordinal
         binding = session.io_binding()
-        binding.bind_input(INPUT_X, "cuda", dev, np.float32, [batch, c, h, w], x)
-        binding.bind_input(INPUT_T, "cuda", dev, np.int32, [batch], t)
-        binding.bind_output(OUTPUT_EPS, "cuda", dev, np.float32, [batch, c, h, w], eps)
+        mem, dev = self.ort_device, (dev if self.ort_device == "cuda" else 0)
+        binding.bind_input(INPUT_X, mem, dev, np.float32, [batch, c, h, w], x)
+        binding.bind_input(INPUT_T, mem, dev, np.int32, [batch], t)
+        binding.bind_output(OUTPUT_EPS, mem, dev, np.float32, [batch, c, h, w], eps)
         # one graph per binding of a session (its addresses are baked into the graph); ids from 1 (ORT: "users are
         # not expected to set 0", the default id)
         graph_id = 1 + sum(1 for v in self._bindings.values() if v[0] is session) if graphs else None

@@ -154,7 +154,8 @@ def test_google_cifar10_config_exports_and_matches_diffusers_at_full_size(tmp_pa
     outs = {}
     for b in (1, 2):
         for t in (0, 1, 500, 999):
-            x = g.standard_normal((b, 3, 32, 32)).astype(np.float32) if b == 1 or t == 0 else x
+            if b == 1 or t == 0:  # a new x per batch size (and per t at batch 1)
+                x = g.standard_normal((b, 3, 32, 32)).astype(np.float32)
             tt = np.full(b, t, np.int32)
             with torch.no_grad():
                 want = model(torch.from_numpy(x), torch.from_numpy(tt)).numpy()

@@ -832,3 +832,42 @@ def test_trt_runner_attaches_the_cache_before_the_context_and_saves_it_on_close_
     runner.close()
     assert (tmp_path / "model.plan.runtime-cache").read_bytes() == b"ok:jit-kernels"
     assert runner.context is None and runner._runtime_config is None
+
+
+# --- OrtCudaRunner's bookkeeping on ONNX Runtime's CPU provider (the CUDA provider needs a GPU) -------------------
+
+def test_ort_cuda_runner_logic_on_the_cpu_provider_stand_in(gpu, random_micro_onnx, caplog):
+    """OrtCudaRunner with ONNX Runtime's CPU provider in place of CUDA (ort_device = "cpu"; the stand-in driver's
+    device buffers are host memory, so IO binding to them is real): one session per batch size with the batch fixed,
+    bindings reused, a partial last batch with a session of its own, the dynamic-batch session for eps(), and the
+    device loop's images equal to the host loop's. The same runner on CUDA is tests/runtime/test_device_gpu.py."""
+    from ddpm_deploy.runtime.backends.ort import OrtRunner
+    from ddpm_deploy.runtime.backends.ort_cuda import OrtCudaRunner
+    from ddpm_deploy.runtime.device.loop import DeviceSampler
+    from ddpm_deploy.runtime.tolerances import L3_TRAJECTORY_FP32_ATOL
+
+    class OnCpuProvider(OrtCudaRunner):
+        ort_device = "cpu"
+
+    cpu = OrtRunner(random_micro_onnx)
+    sched, shape = Schedule(cpu.card.diffusion, steps=6), cpu.sample_shape
+    with OnCpuProvider(random_micro_onnx, gpu) as runner, DeviceSampler(runner, sched, shape, 4, gpu) as sampler:
+        x4, timings = sampler.sample(5, [0, 1, 2, 3])
+        x3, _ = sampler.sample(5, [0, 1, 2])  # partial last batch
+        x4_again, _ = sampler.sample(5, [0, 1, 2, 3])
+        sessions = {b: s.get_inputs()[0].shape for b, (s, _) in runner._sessions.items()}
+        bindings = len(runner._bindings)
+        eps = runner.eps(*_probe(shape))
+
+    assert sessions == {4: [4, *shape], 3: [3, *shape]}, sessions  # batch fixed per session
+    assert bindings == 2 and timings.graph == "off"  # one binding per batch size, reused; no graphs on the CPU
+    want = host_sample(cpu, sched, shape, 5, [0, 1, 2, 3])
+    assert_close("device loop on ORT (batch-fixed sessions) vs host loop", x4, want, L3_TRAJECTORY_FP32_ATOL)
+    np.testing.assert_array_equal(x4_again, x4)
+    assert_close("partial batch vs the same images at batch 4", x3, x4[:3], L3_TRAJECTORY_FP32_ATOL)
+    np.testing.assert_allclose(eps, cpu.eps(*_probe(shape)), rtol=0, atol=1e-5)
+
+
+def _probe(shape):
+    x = np.random.default_rng(3).normal(size=(5, *shape)).astype(np.float32)
+    return x, np.array([0, 1, 500, 998, 999], np.int32)
