@@ -10,11 +10,12 @@
 # Environment: OUT, PYTHON (default python3), GPU_PARTS (a folder of p1..p4 parts sent in earlier calls, see
 # below). Exit status: non-zero if a gpu test failed.
 #
-# Through the device tool (at most ~60 MB per call; onnxruntime-gpu is ~200 MB): here, once,
-# `bash ../shared/gpu/ort-gpu-parts.sh` (-> .gpu-parts/p1..p4), then four calls back to back (the machine stays
-# warm 30 s between them, and what is copied to /tmp stays):
-#   calls 1-3: carry [".gpu-parts/pN"], command: mkdir -p /tmp/parts && cp -r .gpu-parts/pN /tmp/parts/
-#   call 4:    carry [".gpu-parts/p4"], command: cp -r .gpu-parts/p4 /tmp/parts/ && GPU_PARTS=/tmp/parts bash scripts/gpu_check.sh --torch
+# Through the device tool (at most 64 MiB travel per call; onnxruntime-gpu is ~200 MB): here, once,
+# `bash scripts/gpu_pack.sh` (onnxruntime-gpu + the calibrated fp16 ONNX -> .gpu-parts/p1..pN, N about 5; or
+# `bash ../shared/gpu/ort-gpu-parts.sh` for onnxruntime-gpu alone, N = 4), then N calls back to back (the machine
+# stays warm 30 s between them, and what is copied to /tmp stays):
+#   calls 1..N-1: carry [".gpu-parts/pK"], command: mkdir -p /tmp/parts && cp -r .gpu-parts/pK /tmp/parts/
+#   call N:       carry [".gpu-parts/pN"], command: mkdir -p /tmp/parts && cp -r .gpu-parts/pN /tmp/parts/ && GPU_PARTS=/tmp/parts bash scripts/gpu_check.sh --torch
 # Expected run time of call 4 on an H100: a few minutes (gpu tests, then ~12 benchmark rows at batch 256; each row
 # is written to $OUT/gpu_check.{txt,json} as it finishes, so a call cut off keeps what ran). Then give_back.
 set -uo pipefail
@@ -36,13 +37,21 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     [ -d "$lib" ] && export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   done
 fi
+extra=()
 if [ -n "${GPU_PARTS:-}" ]; then
-  compgen -G "$GPU_PARTS/p*/part0*" >/dev/null || die "GPU_PARTS=$GPU_PARTS holds no p*/part0* files"
-  n=$(ls "$GPU_PARTS"/p*/part0* | wc -l)
-  [ "$n" -eq 4 ] || log "warning: GPU_PARTS holds $n parts, expected 4"
-  log "unpacking $n parts from $GPU_PARTS into /tmp/gpu-parts"
-  mkdir -p /tmp/gpu-parts && cat "$GPU_PARTS"/p*/part0* | xz -d -T0 | tar x -C /tmp/gpu-parts || die "unpacking $GPU_PARTS failed"
+  # the parts in the order of their file names (part00, part01, ...), whatever folders they came in
+  mapfile -t parts < <(find "$GPU_PARTS" -type f -name 'part[0-9]*' -printf '%f %p\n' | sort | cut -d' ' -f2-)
+  [ "${#parts[@]}" -gt 0 ] || die "GPU_PARTS=$GPU_PARTS holds no part files (the machine was given back between calls? send all parts again)"
+  for k in "${!parts[@]}"; do  # part00, part01, ... with none missing
+    [ "$(basename "${parts[$k]}")" = "$(printf 'part%02d' "$k")" ] \
+      || die "GPU_PARTS: expected part$(printf %02d "$k"), found $(basename "${parts[$k]}") (a part missing: the machine was given back between calls? send all parts again)"
+  done
+  log "unpacking ${#parts[@]} parts from $GPU_PARTS into /tmp/gpu-parts"
+  mkdir -p /tmp/gpu-parts && cat "${parts[@]}" | xz -d -T0 | tar x -C /tmp/gpu-parts \
+    || die "unpacking $GPU_PARTS failed (a part missing? ${#parts[@]} found)"
   export PYTHONPATH=/tmp/gpu-parts${PYTHONPATH:+:$PYTHONPATH}
+  # scripts/gpu_pack.sh also sends the calibrated fp16 ONNX that ddpm-export --fp16 ships
+  [ -f /tmp/gpu-parts/calibrated/manifest.json ] && extra=(--calibrated /tmp/gpu-parts/calibrated)
 fi
 for dir in .gpu-parts .gpu-parts-*; do
   compgen -G "$dir/p*/part0*" >/dev/null || continue
@@ -55,17 +64,19 @@ done
 
 log "installing this repo (editable, no dependencies)"
 # PEP 668 Pythons refuse a plain install: retry with --break-system-packages (our package only, no dependencies)
-if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip-install.log" 2>&1; then
-  "$PY" -m pip install -q --no-deps --no-build-isolation --break-system-packages -e . >>"$OUT/pip-install.log" 2>&1 \
-    || { tail -5 "$OUT/pip-install.log"; die "pip install -e . failed (log: $OUT/pip-install.log)"; }
+# (the log stays in /tmp: the device tool returns at most 8 files from $OUT; it is printed on failure)
+if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/tmp/gpu-check-pip.log 2>&1; then
+  "$PY" -m pip install -q --no-deps --no-build-isolation --break-system-packages -e . >>/tmp/gpu-check-pip.log 2>&1 \
+    || { tail -20 /tmp/gpu-check-pip.log; die "pip install -e . failed"; }
 fi
 "$PY" -c "import ddpm_deploy.runtime, ddpm_deploy.verify" || die "ddpm_deploy is not importable after the install"
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
+# one file for the machine ($OUT comes back with at most 8 files: env.txt, pytest-gpu.{xml,log}, gpu_check.{log,txt,json})
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/env.txt"
 # the host CPU too: with AVX512_BF16 or AMX it can take issue 16's bf16 measurement (scripts/cpu_bf16_check.sh)
 echo "host CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'); $(nproc) cores; flags:" \
-  "$(grep -o -w -E 'avx512f|avx512_bf16|amx_tile|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')" | tee "$OUT/cpu.txt"
-"$PY" - <<'EOF' 2>&1 | tee "$OUT/versions.txt"
+  "$(grep -o -w -E 'avx512f|avx512_bf16|amx_tile|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')" | tee -a "$OUT/env.txt"
+"$PY" - <<'EOF' 2>&1 | tee -a "$OUT/env.txt"
 import importlib, sys
 print("python", sys.version.split()[0])
 for name in ("numpy", "onnxruntime", "cuda.bindings", "torch", "onnx", "tensorrt_rtx_bindings", "tensorrt"):
@@ -88,7 +99,8 @@ log "pytest -m gpu"
 status=${PIPESTATUS[0]}
 
 log "benchmark"
-"$PY" -m ddpm_deploy.verify.gpu_check --junit "$OUT/pytest-gpu.xml" --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+"$PY" -m ddpm_deploy.verify.gpu_check --junit "$OUT/pytest-gpu.xml" --out "$OUT" ${extra[@]+"${extra[@]}"} "$@" 2>&1 \
+  | tee "$OUT/gpu_check.log"
 bench=${PIPESTATUS[0]}
 log "pytest exit $status, benchmark exit $bench; results in $OUT"
 [ "$status" -eq 0 ] || [ "$status" -eq 5 ] && exit "$bench"

@@ -121,6 +121,10 @@ class HostDriver:
         return (getattr(self._real.CUresult, code),)
 
     def _run(self, op) -> None:
+        if op[0] == "host":  # a host callback: fn(user_data), as the driver would call it
+            if op[1] is not None:
+                op[1](op[2])
+            return
         name, grid, block, values = op
         for var, v in zip(("ddpm_grid_x", "ddpm_grid_y", "ddpm_block_x"), (grid[0], grid[1], block[0])):
             ctypes.c_uint.in_dll(self.lib, var).value = v
@@ -291,6 +295,26 @@ class HostDriver:
         if ops is None:
             return self._err("cuStreamEndCapture", "CUDA_ERROR_ILLEGAL_STATE") + (None,)
         return self._ok("cuStreamEndCapture", _Handle("graph", ops=ops))
+
+    def cuGraphGetNodes(self, graph, num_nodes=0):
+        if not num_nodes:
+            return self._ok("cuGraphGetNodes", None, len(graph.ops))
+        nodes = [_Handle("graph_node", op=op) for op in graph.ops[: int(num_nodes)]]
+        return self._ok("cuGraphGetNodes", nodes, len(nodes))
+
+    def cuGraphNodeGetType(self, node):
+        kinds = self._real.CUgraphNodeType
+        kind = kinds.CU_GRAPH_NODE_TYPE_HOST if node.op[0] == "host" else kinds.CU_GRAPH_NODE_TYPE_KERNEL
+        return self._ok("cuGraphNodeGetType", kind)
+
+    def cuLaunchHostFunc(self, stream, fn, user_data):
+        """Not used by the runtime: a test backend calls it to put a host callback into a capture."""
+        op = ("host", fn, user_data)
+        if self._capturing(stream):
+            self.capturing[int(stream)].append(op)
+        else:
+            self._run(op)
+        return self._ok("cuLaunchHostFunc")
 
     def cuGraphInstantiate(self, graph, flags):
         return self._ok("cuGraphInstantiate", _Handle("graph_exec", ops=list(graph.ops)))

@@ -95,6 +95,45 @@ ORT_VARIANTS = {
 }
 
 
+def weights_digest(onnx_path: Path) -> str:
+    """SHA-256 over the model's initializers (name, dtype, shape, bytes; sorted by name): tells whether two exports
+    of the random preset (here and on the GPU machine, other torch versions) hold the same weights."""
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    h = hashlib.sha256()
+    for init in sorted(onnx.load(str(onnx_path)).graph.initializer, key=lambda i: i.name):
+        a = numpy_helper.to_array(init)
+        h.update(f"{init.name}|{a.dtype}|{a.shape}|".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def prepare_calibrated(work: Path, out: Path) -> dict:
+    """Here, on a CPU machine with ModelOpt (the GPU machine has none): the calibrated mixed-precision fp16 ONNX of
+    the random ddpm-cifar10 preset, as ``ddpm-export --fp16`` makes it (AutoCast, digits calibration), into ``out``
+    with a manifest naming the fp32 weights it came from. scripts/gpu_pack.sh sends it with onnxruntime-gpu."""
+    import json
+    import shutil
+
+    from ddpm_deploy.export.fp16 import export_fp16
+
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = export_preset(work, False)
+    fp16, report = export_fp16(fp32, work / "calibrated-fp16", dataset="digits")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(fp16, out / CALIBRATED_NAME)
+    manifest = {"fp32_weights_sha256": weights_digest(fp32), "source": "export_fp16(dataset='digits')",
+                "eps_rel_l2_max_cpu": report.to_dict().get("error", {}).get("worst_rel_l2")}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+CALIBRATED_NAME = "cifar10-random.calibrated-fp16.onnx"
+
+
 def ort_unet_fusions(src: Path, dst: Path, fp16: bool = True) -> Path:
     """The lever ONNX Runtime's own Stable Diffusion pipeline uses: its transformer optimizer for UNets (fused
     GroupNorm/SkipGroupNorm with SiLU, NHWC convolutions; com.microsoft ops that only the CUDA provider runs),
@@ -119,6 +158,28 @@ def ort_unet_fusions(src: Path, dst: Path, fp16: bool = True) -> Path:
     model.save_model_to_file(str(tmp))
     tmp.replace(dst)
     return dst
+
+
+def calibrated_row(args, gpu, shape, bench: list, eps_store: dict) -> None:
+    """The calibrated fp16 ONNX (sent from a CPU machine) with the runner's defaults. Its ε is compared with the fp32
+    rows only if this machine's fp32 export holds the same weights it was calibrated from (else speed only)."""
+    import json
+
+    from ddpm_deploy.runtime.backends.ort_cuda import OrtCudaRunner
+
+    label = "ORT CUDA calibrated fp16 graph"
+    try:
+        path = args.calibrated / CALIBRATED_NAME
+        manifest = json.loads((args.calibrated / "manifest.json").read_text())
+        same = manifest.get("fp32_weights_sha256") == weights_digest(export_preset(args.work, False))
+        store = eps_store if same else None
+        bench_backend(label, lambda: OrtCudaRunner(path, gpu, cuda_graph=True), gpu, args.batch, shape,
+                      args.short_steps, bench, True, store)
+        bench[-1]["same_weights_as_fp32_rows"] = same
+        bench[-1]["eps_rel_l2_max_cpu_calibration"] = manifest.get("eps_rel_l2_max_cpu")
+    except Exception as e:
+        bench.append({"backend": label, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+        traceback.print_exc()
 
 
 def placement(onnx_path: Path, gpu, batch: int, work: Path, prec: str, device: str = "cuda") -> dict:
@@ -193,24 +254,27 @@ def time_loop(backend, gpu, batch: int, shape, steps: int, cuda_graph: bool) -> 
 
 
 def bench_backend(label: str, make, gpu, batch: int, shape, steps: int, rows: list, cuda_graph: bool,
-                  eps_store: dict | None = None) -> None:
+                  eps_store: dict | None = None, plain_check: bool = False) -> None:
     """One row: load time, bare ε, the loop per step. ``eps_store[label]`` gets the row's ε of the common input
-    (``time_eps``), from the very session that was timed; ``add_eps_errors`` compares the rows at the end."""
+    (``time_eps``), from the very session that was timed; ``add_eps_errors`` compares the rows. ``plain_check``:
+    sample the same images again on the same backend without our graph (same session, same convolution
+    algorithms) and report the largest difference: what a captured step changes."""
     start = time.perf_counter()
     try:
         backend = make()
         load_s = time.perf_counter() - start
         try:
             eps_ms, eps = time_eps(backend, gpu, batch, shape)
-            if eps_store is not None:
-                eps_store[label] = eps
             loop = time_loop(backend, gpu, batch, shape, steps, cuda_graph)
-            if eps_store is not None:
-                eps_store[("x0", label)] = (loop["steps"], loop.pop("x0"))
-            loop.pop("x0", None)
+            x0 = loop.pop("x0")
+            if plain_check:
+                plain = time_loop(backend, gpu, batch, shape, steps, False)
+                loop["x0_graph_vs_plain_max_abs"] = float(np.abs(x0 - plain.pop("x0")).max())
             graph_error = getattr(backend, "graph_error", None)
         finally:
             backend.close()
+        if eps_store is not None:
+            eps_store[label] = eps
         rows.append({"backend": label, "load_s": load_s, "eps_ms": eps_ms, **loop,
                      "overhead": (loop["step_ms"] - eps_ms) / eps_ms, "row_s": time.perf_counter() - start,
                      **({"graph_error": graph_error} if graph_error else {})})
@@ -225,12 +289,6 @@ REFERENCE_ROW = "ORT CUDA fp32 graph"
 
 def add_eps_errors(rows: list, eps_store: dict, reference: str = REFERENCE_ROW) -> None:
     """ε relative L2 of every row that stored its ε, against the reference row's (fp32, TF32 off, on this GPU)."""
-    for row in rows:  # the loop's images vs the "no graph" row of the same precision and steps (same seed)
-        label = str(row.get("backend"))
-        plain = label.split(" ")[:3] + ["no", "graph"]  # "ORT CUDA fp16 ..." -> "ORT CUDA fp16 no graph"
-        mine, theirs = eps_store.get(("x0", label)), eps_store.get(("x0", " ".join(plain)))
-        if mine is not None and theirs is not None and mine[0] == theirs[0] and label != " ".join(plain):
-            row["x0_max_abs_vs_no_graph"] = float(np.abs(mine[1] - theirs[1]).max())
     ref = eps_store.get(reference)
     if ref is None:
         return
@@ -305,9 +363,9 @@ def report(device: dict, tests: list[dict], bench: list[dict], batch: int) -> st
                      f"{_fmt(None if over is None else over * 100, '.2f') + '%' if over is not None else '-':>10}{flag:<4}"
                      f"{_fmt(r.get('graph')):>6} {_fmt(r.get('steps')):>6} {_fmt(r.get('load_s'), '.1f'):>7}"
                      f" {_fmt(r.get('eps_rel_l2'), '.1e'):>9}")
-        if r.get("x0_max_abs_vs_no_graph") is not None:
-            lines.append(f"  {'':<34} x0 after {r.get('steps')} steps vs the no-graph row: max abs "
-                         f"{r['x0_max_abs_vs_no_graph']:.2e}")
+        if r.get("x0_graph_vs_plain_max_abs") is not None:
+            lines.append(f"  {'':<34} x0 after {r.get('steps')} steps, our graph vs plain runs (same session): max "
+                         f"abs {r['x0_graph_vs_plain_max_abs']:.2e}")
         for key in ("graph_error", "capture_error"):
             if r.get(key):
                 lines.append(f"  {'':<34} {key.replace('_', ' ')}: {r[key][:160]}")
@@ -357,7 +415,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-placement", action="store_true", help="skip counting the nodes ORT CUDA leaves on the CPU")
     ap.add_argument("--no-fusions", action="store_true", help="skip the row of ONNX Runtime's UNet fusions")
     ap.add_argument("--no-capture", action="store_true", help="skip the row of ONNX Runtime captured in our graph")
+    ap.add_argument("--calibrated", type=Path, help="a folder from prepare_calibrated (sent by scripts/gpu_pack.sh): "
+                    "adds the row of the calibrated fp16 ONNX that ddpm-export --fp16 ships")
+    ap.add_argument("--prepare-calibrated", type=Path, metavar="OUT",
+                    help="(on a CPU machine with ModelOpt) write that folder and exit")
     args = ap.parse_args(argv)
+    if args.prepare_calibrated:
+        print(prepare_calibrated(args.work, args.prepare_calibrated))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
 
@@ -392,6 +457,8 @@ def main(argv=None) -> int:
                     bench_torch(bench, args.batch, half, compile_=half)  # torch.compile: the fp16 target only
                 if not args.no_placement:
                     bench.append(placement(onnx_path, gpu, args.batch, args.work, prec))
+                if half and args.calibrated:
+                    calibrated_row(args, gpu, shape, bench, eps_store)
                 if half and not args.no_fusions:
                     label = "ORT CUDA fp16 graph, ORT unet fusions"
                     try:
@@ -418,7 +485,7 @@ def main(argv=None) -> int:
             if not args.no_capture and fp16.exists():
                 bench_backend("ORT CUDA fp16 ε + step in our graph",
                               lambda: OrtCudaRunner(fp16, gpu, capture_in_loop=True), gpu, args.batch, shape,
-                              args.short_steps, bench, True, eps_store)
+                              args.short_steps, bench, True, eps_store, plain_check=True)
     text = write_outputs(args, device, tests, bench, eps_store)
     print(text)
     failed = [r for r in tests if r["outcome"] in ("failure", "error")]

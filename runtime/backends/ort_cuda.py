@@ -83,6 +83,7 @@ class OrtCudaRunner(Runner, DeviceRunner):
     graphs (logged). Measured by scripts/gpu_check.sh before it may become a default."""
 
     device = "cuda"
+    capture_warmup = 2  # runs before the device loop captures it (capture_in_loop): ORT's own graphs wait for 2 too
     ort_device = "cuda"  # ONNX Runtime's provider and IO-binding memory; "cpu" only in the CPU test of this logic
 
     def __init__(self, path: str | os.PathLike, gpu=None, cuda_graph: bool = True, opt_level: str = "all",

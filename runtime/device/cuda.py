@@ -364,6 +364,14 @@ class Graph:
             call("cuGraphDestroy", self.graph)
             raise
 
+    def node_types(self) -> list[str]:
+        """The captured graph's node types by name (``CU_GRAPH_NODE_TYPE_KERNEL``, ``..._HOST``, ...)."""
+        _, count = call("cuGraphGetNodes", self.graph, 0)
+        if not count:
+            return []
+        nodes, _ = call("cuGraphGetNodes", self.graph, int(count))
+        return [call("cuGraphNodeGetType", node).name for node in nodes if node is not None]
+
     def launch(self, stream: Stream) -> None:
         call("cuGraphLaunch", self.exec, stream.handle)
 

@@ -214,11 +214,20 @@ class DeviceSampler(Sampler):
             self._graph.close()
             self._graph = None
         stream = self.gpu.stream
-        self.backend.enqueue(stream)  # warm-up outside the capture (TensorRT flushes deferred shape updates)
+        # warm-up outside the capture (TensorRT flushes deferred shape updates; ONNX Runtime's first runs search
+        # convolution algorithms and grow its memory arena, which must not happen under capture)
+        for _ in range(max(1, int(getattr(self.backend, "capture_warmup", 1)))):
+            self.backend.enqueue(stream)
         stream.synchronize()
         start = time.perf_counter()
         try:
             self._graph = Graph(stream, lambda st: self._enqueue_step(batch, st))
+            host = self._host_nodes(self._graph)
+            if host:  # a host callback replayed every step would run again on state its owner has moved on from
+                self._graph.close()
+                self._graph = None
+                raise CudaError(f"the captured step holds {host} host-function node(s) (the backend's run enqueues "
+                                f"host callbacks), which are not safe to replay")
         except (CudaError, SamplingError) as e:  # SamplingError: the backend's own call failed under capture
             self.graph_error = str(e)
             log.warning("CUDA graph capture of the step failed, running without graphs: %s", e)
@@ -227,6 +236,15 @@ class DeviceSampler(Sampler):
         self._graph_batch = batch
         self.setup_seconds["capture"] = time.perf_counter() - start
         return self._graph
+
+    @staticmethod
+    def _host_nodes(graph: Graph) -> int:
+        """Host-function nodes in the captured graph (0 where the driver cannot list them: logged)."""
+        try:
+            return sum(1 for name in graph.node_types() if name.endswith("_HOST"))
+        except CudaError as e:
+            log.debug("cannot list the captured graph's nodes: %s", e)
+            return 0
 
     def _ensure_events(self, count: int) -> list[Event]:
         while len(self._events) < count:

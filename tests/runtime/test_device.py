@@ -298,6 +298,27 @@ def test_backend_error_under_capture_falls_back_to_no_graph(gpu, sim, caplog):
     assert_close("fallback vs host", x, host_sample(backend, sched, shape, 1, [0, 1]), L4_STEP_RTOL)
 
 
+def test_a_captured_host_callback_is_not_replayed(gpu, sim, caplog):
+    """A backend whose run enqueues a host callback (ONNX Runtime frees deferred CPU buffers that way): captured,
+    the callback would run again at every replay on memory its owner has freed. The loop lists the graph's nodes,
+    refuses it and runs without graphs; the callback then runs once per step, as the backend meant."""
+    sched, shape = Schedule(DiffusionConfig(), steps=5), (1, 4, 4)
+    backend, sampler = _sampler(gpu, sched, shape, 2)
+    calls = []
+
+    def enqueue(stream, launch=backend.enqueue):
+        launch(stream)
+        cuda.driver().cuLaunchHostFunc(stream.handle, calls.append, "freed")
+
+    backend.enqueue = enqueue
+    with sampler:
+        x, timings = sampler.sample(1, [0, 1])
+
+    assert timings.graph == "off" and "1 host-function node" in sampler.graph_error
+    assert len(calls) == 1 + 5  # the warm-up, then one per step (the discarded capture never ran it)
+    assert_close("fallback vs host", x, host_sample(backend, sched, shape, 1, [0, 1]), L4_STEP_RTOL)
+
+
 def test_timings_summary_has_the_host_loop_keys(gpu):
     from ddpm_deploy.runtime.device.loop import DeviceTimings
 
@@ -402,7 +423,7 @@ class _RealBindingFirst:
     exception is a call the real driver would refuse. Then the stand-in runs the call."""
 
     KINDS = {"context": "CUcontext", "event": "CUevent", "module": "CUmodule", "function": "CUfunction",
-             "graph": "CUgraph", "graph_exec": "CUgraphExec"}
+             "graph": "CUgraph", "graph_exec": "CUgraphExec", "graph_node": "CUgraphNode"}
 
     def __init__(self, sim, real):
         self._sim, self._real = sim, real
@@ -463,6 +484,7 @@ def test_every_driver_call_of_a_sampling_run_is_accepted_by_the_real_binding(nvr
 
     assert not proxy.refused, proxy.refused
     for name in ("cuLaunchKernel", "cuStreamBeginCapture", "cuGraphInstantiate", "cuGraphLaunch", "cuMemcpyHtoDAsync",
+                 "cuGraphGetNodes", "cuGraphNodeGetType",
                  "cuMemcpyDtoHAsync", "cuEventElapsedTime", "cuModuleLoadData", "cuModuleGetFunction"):
         assert proxy.seen.get(name, 0) > 0, (name, proxy.seen)
 
@@ -871,3 +893,24 @@ def test_ort_cuda_runner_logic_on_the_cpu_provider_stand_in(gpu, random_micro_on
 def _probe(shape):
     x = np.random.default_rng(3).normal(size=(5, *shape)).astype(np.float32)
     return x, np.array([0, 1, 500, 998, 999], np.int32)
+
+
+def test_ort_cuda_capture_in_loop_rules_on_the_cpu_provider_stand_in(gpu, random_micro_onnx):
+    """capture_in_loop turns ONNX Runtime's own graphs off (one graph owner) and offers the run to our graph only on
+    our stream and with the batch fixed; without it the run is never offered."""
+    from ddpm_deploy.runtime.backends.ort_cuda import OrtCudaRunner
+
+    class OnCpuProvider(OrtCudaRunner):
+        ort_device = "cpu"
+
+    with OnCpuProvider(random_micro_onnx, gpu, cuda_graph=True, capture_in_loop=True) as runner:
+        assert runner.cuda_graph is False and runner.capture_warmup == 2
+        runner.same_stream = True  # the CPU provider takes no stream; on CUDA the provider reports it
+        assert runner.capturable(gpu.stream)
+        runner.static_batch = False  # a dynamic-batch session keeps shape nodes (Memcpy on CUDA): not offered
+        assert not runner.capturable(gpu.stream)
+        runner.static_batch, runner.same_stream = True, False
+        assert not runner.capturable(gpu.stream)  # not on our stream: nothing to capture
+    with OnCpuProvider(random_micro_onnx, gpu) as runner:
+        runner.same_stream = True
+        assert runner.cuda_graph is True and not runner.capturable(gpu.stream)
