@@ -62,6 +62,7 @@ def export_preset(out: Path, half: bool) -> Path:
     path = out / f"cifar10-random{'.fp16' if half else ''}.onnx"
     if path.exists():
         return path
+    out.mkdir(parents=True, exist_ok=True)
     model, cfg = random_preset_model("ddpm-cifar10")
     if half:
         class ToHalf(torch.nn.Module):
