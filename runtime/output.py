@@ -62,7 +62,8 @@ class NpzStream:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._tmp = _tmp_name(self.path)
-        self._zip = zipfile.ZipFile(self._tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed in close/abort)
+        self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
 
     def array(self, key: str, dtype, shape: tuple[int, ...], chunks) -> None:
         """Write member ``key``: the header of an array of ``dtype``/``shape``, then the C-order ``chunks``."""
@@ -79,13 +80,25 @@ class NpzStream:
             raise ValueError(f"{self.path}: member {key} got {total} values for shape {shape}")
 
     def close(self) -> Path:
+        """Finish the file, make its bytes and its name durable (fsync of the file, then of the folder after the
+        rename): the sampler removes the parts it was merged from right after, so the merge must survive a crash."""
         self._zip.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
         os.replace(self._tmp, self.path)
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         return self.path
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             self._zip.close()
+        with contextlib.suppress(Exception):
+            self._file.close()
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self):

@@ -586,3 +586,33 @@ def test_samples_npz_bytes_do_not_depend_on_batch_or_time(model, done_job, tmp_p
     time.sleep(2.1)  # zip member timestamps have 2 s resolution: this job's clock differs from done_job's
     assert_ok(invoke("ddpm-run", *_job(model, out, batch=4)))
     assert _digest(out) == _digest(done_job)
+
+
+def test_the_merged_samples_are_durable_before_the_parts_are_removed(model, tmp_path, monkeypatch):
+    """On completion the parts are merged into samples.npz and removed: samples.npz's bytes and its rename must
+    reach the disk first (fsync of the file, then of the folder), or a crash right after could leave neither."""
+    import shutil
+
+    from ddpm_deploy.runtime import output
+
+    events = []
+    real_fsync, real_rmtree = os.fsync, shutil.rmtree
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rmtree(path, *a, **kw):
+        events.append(("rmtree", str(path)))
+        return real_rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(output.os, "fsync", fsync)
+    monkeypatch.setattr(output.shutil, "rmtree", rmtree)
+    out = tmp_path / "samples"
+    assert_ok(invoke("ddpm-run", *_job(model, out)))
+
+    removed = events.index(("rmtree", str(out / "parts")))
+    synced = [path for kind, path in events[:removed] if kind == "fsync"]
+    npz_tmp = [k for k, path in enumerate(synced) if Path(path).name.startswith(".samples.npz")]
+    assert npz_tmp, synced  # the temporary samples.npz's bytes, before its rename
+    assert str(out) in synced[npz_tmp[-1]:], synced  # then the folder holding the rename
