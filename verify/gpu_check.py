@@ -1,12 +1,20 @@
-"""The GPU check (issue 14): the results of the ``gpu`` tests as a table, and a short benchmark of the device
-loop on the DDPM CIFAR-10 preset (random weights), on this machine's GPU. Run by scripts/gpu_check.sh.
+"""The GPU check (issue 14): the results of the ``gpu`` tests as a table, and a benchmark of the device loop on
+the DDPM CIFAR-10 preset (random weights), on this machine's GPU. Run by scripts/gpu_check.sh.
 
-Benchmark rows (ONNX Runtime CUDA, IO binding on our buffers and stream; TensorRT with --trt; torch with
---torch): the bare ε call (median of GPU-event-timed calls), the whole loop per step, and the loop's cost
-beyond ε: (step − ε) / ε, which the issue wants ≤ 3%. "fp16" here is the preset exported from a ``.half()``
-model (speed only; not the calibrated mixed-precision ONNX of ddpm-export --fp16).
+Rows, each measured in this one process on this one card (fp16 first; each written to OUT as it finishes):
+- ONNX Runtime CUDA (IO binding on our buffers and stream): ORT's own graphs, plain runs, the dynamic-batch session,
+  prefer_nhwc; fp32 and fp16 ("fp16" = the preset exported from a ``.half()`` model);
+- the calibrated fp16 ONNX that ddpm-export --fp16 ships (``--calibrated``: made on a CPU machine with ModelOpt,
+  sent by scripts/gpu_pack.sh), ONNX Runtime's own UNet fusions, and (last) ORT's run captured with our step kernels
+  in one graph;
+- placement: the nodes ORT CUDA leaves on the CPU (Memcpy) with the batch dynamic and fixed;
+- PyTorch with ``--torch``: eager and torch.compile(reduce-overhead), the bare ε and a diffusers-style loop;
+  TensorRT with ``--trt``.
+Columns: the bare ε call (median of GPU-event-timed calls), the whole loop per step, the loop's cost beyond ε
+((step − ε) / ε, which the issue wants ≤ 3%), and ε's relative L2 against the fp32 graph row (same input).
 
-    python -m ddpm_deploy.verify.gpu_check --junit OUT/pytest-gpu.xml --out OUT [--batch 256] [--steps 1000] [--trt] [--torch]
+    python -m ddpm_deploy.verify.gpu_check --junit OUT/pytest-gpu.xml --out OUT [--batch 256] [--steps 1000]
+        [--calibrated DIR] [--trt] [--torch]
 """
 
 from __future__ import annotations
@@ -300,35 +308,88 @@ def add_eps_errors(rows: list, eps_store: dict, reference: str = REFERENCE_ROW) 
             row["eps_reference"] = reference
 
 
-def bench_torch(onnx_rows: list, batch: int, half: bool, compile_: bool = True) -> None:
-    import torch
+def bench_torch(rows: list, batch: int, half: bool, compile_: bool = True, steps: int = 100,
+                device: str = "cuda") -> None:
+    """PyTorch on the same card, the ddpm-cifar10 UNet (random weights; ``.half()`` for fp16, the fastest PyTorch
+    setting, as our fp16 export): the bare ε call (GPU events, median of 20) and a diffusers-style loop of
+    ``steps`` ancestral steps in torch (x float32; ε, x̂0 clipping, posterior mean and σ·z with torch.randn), for
+    eager and torch.compile(mode="reduce-overhead"). Each failure is a row of its own. ``device="cpu"``: the same
+    code timed with the host clock (the tests' way to run it without a GPU)."""
+    prec = "fp16 (.half())" if half else "fp32"
+    try:
+        import torch
 
-    from ddpm_deploy.trainer.presets import get_preset
-    from ddpm_deploy.trainer.unet import UNet
+        from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
+        from ddpm_deploy.trainer.presets import get_preset
+        from ddpm_deploy.trainer.unet import UNet
 
-    cfg = get_preset("ddpm-cifar10").unet
-    model = UNet(cfg).eval().cuda()
-    x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, device="cuda")
-    t = torch.full((batch,), 500, device="cuda", dtype=torch.int32)
-    variants = [("torch eager", model)]
-    if compile_:
-        variants.append(("torch.compile", torch.compile(model, mode="reduce-overhead")))
+        cfg = get_preset("ddpm-cifar10").unet
+        dtype = torch.float16 if half else torch.float32
+        model = UNet(cfg).eval().to(device=device, dtype=dtype)
+        shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
+        x = torch.randn(*shape, device=device, dtype=dtype)
+        t = torch.full((batch,), 500, device=device, dtype=torch.int32)
+        sched = Schedule(DiffusionConfig(), steps=None if steps >= 1000 else steps)
+        table = torch.tensor(np.asarray(sched.table32), device=device)  # a, b, c1, c2, sigma per step
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+        def event():
+            return torch.cuda.Event(enable_timing=True) if device == "cuda" else _HostEvent()
+        timesteps = [int(v) for v in sched.timesteps]
+        variants = [("torch eager", model)]
+        if compile_:
+            variants.append(("torch.compile", torch.compile(model, mode="reduce-overhead")))
+    except Exception as e:
+        rows.append({"backend": f"torch {prec}", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+        traceback.print_exc()
+        return
     for name, fn in variants:
-        label = f"{name} {'fp16 autocast' if half else 'fp32'}"
+        label = f"{name} {prec}"
+        start = time.perf_counter()
         try:
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=half):
+            with torch.no_grad():
                 for _ in range(3):
                     fn(x, t)
-                torch.cuda.synchronize()
-                ev = [torch.cuda.Event(enable_timing=True) for _ in range(21)]
+                sync()
+                ev = [event() for _ in range(21)]
                 ev[0].record()
                 for k in range(20):
                     fn(x, t)
                     ev[k + 1].record()
-                torch.cuda.synchronize()
-            onnx_rows.append({"backend": label, "eps_ms": statistics.median(ev[k].elapsed_time(ev[k + 1]) for k in range(20))})
+                sync()
+                eps_ms = statistics.median(ev[k].elapsed_time(ev[k + 1]) for k in range(20))
+                xt = torch.randn(*shape, device=device)
+                tt = torch.empty(batch, device=device, dtype=torch.int32)
+                begin, end = event(), event()
+                begin.record()
+                for i in range(len(timesteps) - 1, -1, -1):
+                    tt.fill_(timesteps[i])
+                    eps = fn(xt.to(dtype), tt).float()
+                    a, b, c1, c2, sigma = table[i]
+                    x0 = (a * xt - b * eps).clamp_(-1.0, 1.0)
+                    xt = c1 * x0 + c2 * xt
+                    if i > 0:
+                        xt = xt + sigma * torch.randn_like(xt)
+                end.record()
+                sync()
+                step_ms = begin.elapsed_time(end) / len(timesteps)
+            rows.append({"backend": label, "eps_ms": eps_ms, "step_ms": step_ms, "steps": len(timesteps),
+                         "overhead": (step_ms - eps_ms) / eps_ms, "graph": "compile" if name != "torch eager" else "off",
+                         "row_s": time.perf_counter() - start})
         except Exception as e:
-            onnx_rows.append({"backend": label, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            rows.append({"backend": label, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                         "row_s": time.perf_counter() - start})
+            traceback.print_exc()
+
+
+class _HostEvent:
+    """torch.cuda.Event's two methods on the host clock (bench_torch on the CPU)."""
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, other: "_HostEvent") -> float:
+        return (other.t - self.t) * 1e3
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -441,11 +502,12 @@ def main(argv=None) -> int:
     bench = LiveRows(lambda rows: write_outputs(args, device, tests, rows, eps_store))
     if not args.no_bench and "error" not in device:
         shape = (3, 32, 32)
+        exported: dict[str, Path] = {}
         with GpuContext(0) as gpu:
             for half in (True, False):  # fp16 first: its 1000-step graph row is the one the issue's target is about
                 prec = "fp16" if half else "fp32"
                 try:
-                    onnx_path = export_preset(args.work, half)
+                    onnx_path = exported[prec] = export_preset(args.work, half)
                 except Exception as e:
                     bench.append({"backend": f"export {prec}", "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"})
                     traceback.print_exc()
@@ -455,7 +517,7 @@ def main(argv=None) -> int:
                     bench_backend(f"ORT CUDA {prec} {label}", lambda p=onnx_path, o=options: OrtCudaRunner(p, gpu, **o),
                                   gpu, args.batch, shape, steps, bench, options["cuda_graph"], eps_store)
                 if args.torch:
-                    bench_torch(bench, args.batch, half, compile_=half)  # torch.compile: the fp16 target only
+                    bench_torch(bench, args.batch, half, compile_=half, steps=args.short_steps)  # compile: fp16 only
                 if not args.no_placement:
                     bench.append(placement(onnx_path, gpu, args.batch, args.work, prec))
                 if half and args.calibrated:
@@ -482,8 +544,8 @@ def main(argv=None) -> int:
                         bench.append({"backend": f"TensorRT {prec}", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
                         traceback.print_exc()
             # last, so that a crash inside ONNX Runtime under our capture loses no other row (rows are written live)
-            fp16 = args.work / "cifar10-random.fp16.onnx"
-            if not args.no_capture and fp16.exists():
+            fp16 = exported.get("fp16")
+            if not args.no_capture and fp16 is not None:
                 bench_backend("ORT CUDA fp16 ε + step in our graph",
                               lambda: OrtCudaRunner(fp16, gpu, capture_in_loop=True), gpu, args.batch, shape,
                               args.short_steps, bench, True, eps_store, plain_check=True)

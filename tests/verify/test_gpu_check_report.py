@@ -79,3 +79,81 @@ def test_eps_errors_compare_every_stored_row_with_the_fp32_graph_row():
     assert rows[0]["eps_rel_l2"] == 0.0 and 0.005 < rows[1]["eps_rel_l2"] < 0.02
     assert "eps_rel_l2" not in rows[2]  # stored nothing: no number
     assert rows[1]["eps_reference"] == gpu_check.REFERENCE_ROW
+
+
+def test_gpu_check_main_runs_every_row_on_the_stand_ins(tmp_path, monkeypatch):
+    """The whole benchmark of scripts/gpu_check.sh, end to end, on stand-ins (no GPU here): the host stand-in
+    driver (kernels built by the C++ compiler) as the GPU, ONNX Runtime's CPU provider as the CUDA provider, and a
+    small 3x32x32 UNet as ddpm-cifar10. What it proves: every row runs or fails into its own error row, the
+    outputs are written, and main() returns — so the one GPU run is not lost to a bug in this script."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    import json
+
+    import hostsim
+
+    from ddpm_deploy.runtime.backends import ort_cuda
+    from ddpm_deploy.runtime.device import kernels
+    from ddpm_deploy.trainer.config import UNetConfig
+    from ddpm_deploy.verify.models import random_unet_onnx
+
+    try:
+        kernels.nvrtc_version()
+    except Exception as e:
+        pytest.skip(f"NVRTC is not available: {e}")
+    if hostsim.host_compiler() is None:
+        pytest.skip("no host C++ compiler for the host build of the kernels")
+
+    class OnCpuProvider(ort_cuda.OrtCudaRunner):
+        ort_device = "cpu"
+
+    small = UNetConfig(image_size=32, in_channels=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,),
+                       dropout=0.0, norm_groups=4)
+
+    def export_preset(out, half):
+        return random_unet_onnx(small, out / "small.onnx")[0]
+
+    monkeypatch.setattr(ort_cuda, "OrtCudaRunner", OnCpuProvider)
+    monkeypatch.setattr(gpu_check, "export_preset", export_preset)
+    out, work, calibrated = tmp_path / "out", tmp_path / "work", tmp_path / "calibrated"
+    calibrated.mkdir()  # what prepare_calibrated sends, here the fp32 model itself (ModelOpt is the slow part)
+    small_onnx = export_preset(work, False)
+    (calibrated / gpu_check.CALIBRATED_NAME).write_bytes(small_onnx.read_bytes())
+    (calibrated / "manifest.json").write_text(json.dumps({"fp32_weights_sha256": gpu_check.weights_digest(small_onnx),
+                                                          "eps_rel_l2_max_cpu": 1e-3}))
+    with hostsim.HostDriver.installed(hostsim.LINEAR_EPS_SOURCE, hostsim.LINEAR_EPS_SIGNATURES):
+        code = gpu_check.main(["--out", str(out), "--work", str(work), "--batch", "2", "--steps", "3",
+                               "--short-steps", "2", "--calibrated", str(calibrated)])
+
+    assert code == 0
+    rows = {r["backend"]: r for r in json.loads((out / "gpu_check.json").read_text())["results"]}
+    ran = [k for k, r in rows.items() if "error" not in r]
+    for prec, variants in gpu_check.ORT_VARIANTS.items():
+        for label, _ in variants:
+            assert f"ORT CUDA {prec} {label}" in ran, rows.get(f"ORT CUDA {prec} {label}")
+    assert rows["ORT CUDA fp16 ε + step in our graph"]["x0_graph_vs_plain_max_abs"] == 0.0
+    assert rows[gpu_check.REFERENCE_ROW]["eps_rel_l2"] == 0.0
+    cal = rows["ORT CUDA calibrated fp16 graph"]
+    assert cal["same_weights_as_fp32_rows"] is True and cal["eps_rel_l2"] == 0.0  # the same model, here
+    assert all(r["steps"] in (2, 3) and r["eps_ms"] > 0 for k, r in rows.items() if k in ran)
+    # what needs the CUDA provider fails into its own row, with the reason
+    assert "CUDAExecutionProvider" in rows["ORT CUDA fp32 placement"]["error"]
+    assert "error" in rows["ORT CUDA fp16 graph, ORT unet fusions"]
+    assert "ORT CUDA fp32 graph" in (out / "gpu_check.txt").read_text()
+
+
+def test_bench_torch_rows_on_the_cpu(one_torch_thread):
+    """bench_torch's code on the CPU (host clock): the ε row and the diffusers-style loop of 2 steps; and on a
+    torch without CUDA the GPU rows fail into an error row each instead of stopping the benchmark."""
+    torch = pytest.importorskip("torch")
+    rows: list = []
+
+    gpu_check.bench_torch(rows, batch=1, half=False, compile_=False, steps=2, device="cpu")
+    if not torch.cuda.is_available():
+        gpu_check.bench_torch(rows, batch=1, half=True, steps=2)
+
+    eager = rows[0]
+    assert eager["backend"] == "torch eager fp32" and "error" not in eager, eager
+    assert eager["steps"] == 2 and eager["eps_ms"] > 0 and eager["step_ms"] > 0
+    if not torch.cuda.is_available():
+        assert rows[1]["backend"] == "torch fp16 (.half())" and "error" in rows[1]
