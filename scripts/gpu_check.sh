@@ -94,7 +94,7 @@ except Exception as e:
 EOF
 
 log "pytest -m gpu"
-"$PY" -m pytest -m gpu tests/runtime/test_device_gpu.py -p no:cacheprovider -rA \
+"$PY" -m pytest -m gpu tests/runtime/test_device_gpu.py tests/parity/test_l4_backend.py -p no:cacheprovider -rA \
   --junitxml="$OUT/pytest-gpu.xml" -o junit_family=xunit1 2>&1 | tee "$OUT/pytest-gpu.log"
 status=${PIPESTATUS[0]}
 

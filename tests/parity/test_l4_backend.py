@@ -53,6 +53,38 @@ def test_parity_level4_runs_the_device_loop_on_the_gpu(micro_run, micro_onnx):
     assert dev.checks and dev.checks[0].max_abs <= L3_TRAJECTORY_FP32_ATOL
 
 
+@pytest.mark.gpu
+@needs_gpu
+def test_the_cli_samples_and_checks_parity_on_the_gpu(micro_run, micro_onnx, tmp_path):
+    """What a user types, end to end on the GPU: `ddpm-run sample --device cuda` gives the images of the CPU job
+    (same seed and indices, within the trajectory tolerance), and `ddpm-run parity --device cuda` passes with the
+    device loop run (not skipped)."""
+    import json
+
+    import onnxruntime as ort
+    from click.testing import CliRunner
+
+    from ddpm_deploy.verify.cli import main
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("a GPU is present but onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu")
+    cli = CliRunner()
+    job = ["sample", "--onnx", str(micro_onnx), "--num", "6", "--batch", "4", "--steps", "20", "--seed", "3",
+           "--no-progress"]
+    gpu = cli.invoke(main, [*job, "--device", "cuda", "--out", str(tmp_path / "gpu")])
+    cpu = cli.invoke(main, [*job, "--device", "cpu", "--out", str(tmp_path / "cpu")])
+    assert gpu.exit_code == 0 and cpu.exit_code == 0, (gpu.output, cpu.output)
+    a, b = (np.load(tmp_path / d / "samples.npz")["images"].astype(int) for d in ("gpu", "cpu"))
+    assert a.shape == b.shape == (6, 8, 8, 1) and np.abs(a - b).max() <= 1  # uint8 images: one level at most
+
+    r = cli.invoke(main, ["parity", "--checkpoint", str(micro_run), "--onnx", str(micro_onnx), "--device", "cuda",
+                          "--steps", "20", "--out", str(tmp_path / "parity")])
+    report = json.loads((tmp_path / "parity" / "parity.json").read_text())
+    device = [lv for lv in report["levels"] if str(lv.get("backend", "")).startswith("device loop")]
+    assert r.exit_code == 0, r.output
+    assert device and device[0]["status"] == "pass", device
+
+
 def test_parity_level4_device_loop_without_a_gpu_is_reported_not_run(micro_run, micro_onnx):
     import onnxruntime as ort
 
