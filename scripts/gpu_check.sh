@@ -16,8 +16,10 @@
 # stays warm 30 s between them, and what is copied to /tmp stays):
 #   calls 1..N-1: carry [".gpu-parts/pK"], command: mkdir -p /tmp/parts && cp -r .gpu-parts/pK /tmp/parts/
 #   call N:       carry [".gpu-parts/pN"], command: mkdir -p /tmp/parts && cp -r .gpu-parts/pN /tmp/parts/ && GPU_PARTS=/tmp/parts bash scripts/gpu_check.sh --torch
-# Expected run time of call 4 on an H100: a few minutes (gpu tests, then ~12 benchmark rows at batch 256; each row
-# is written to $OUT/gpu_check.{txt,json} as it finishes, so a call cut off keeps what ran). Then give_back.
+# Expected run time of the last call on an H100: a few minutes (the gpu tests incl. the CLI end to end, ~15 benchmark
+# rows at batch 256, each written to $OUT/gpu_check.{txt,json} as it finishes, so a call cut off keeps what ran;
+# then the demo model through `ddpm-run sample/parity --device cuda`, fp32 and calibrated fp16, into demo.txt).
+# Use a timeout_s that leaves time for a second run; then give_back.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -71,7 +73,8 @@ if ! "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/tmp/gpu-check
 fi
 "$PY" -c "import ddpm_deploy.runtime, ddpm_deploy.verify" || die "ddpm_deploy is not importable after the install"
 
-# one file for the machine ($OUT comes back with at most 8 files: env.txt, pytest-gpu.{xml,log}, gpu_check.{log,txt,json})
+# one file for the machine ($OUT comes back with at most 8 files: env.txt, pytest-gpu.{xml,log}, gpu_check.{log,txt,json},
+# demo.txt)
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/env.txt"
 # the host CPU too: with AVX512_BF16 or AMX it can take issue 16's bf16 measurement (scripts/cpu_bf16_check.sh)
 echo "host CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'); $(nproc) cores; flags:" \
@@ -102,6 +105,20 @@ log "benchmark"
 "$PY" -m ddpm_deploy.verify.gpu_check --junit "$OUT/pytest-gpu.xml" --out "$OUT" ${extra[@]+"${extra[@]}"} "$@" 2>&1 \
   | tee "$OUT/gpu_check.log"
 bench=${PIPESTATUS[0]}
+
+# the demo model sent by scripts/gpu_pack.sh: the commands a user types, on the GPU (one file back: demo.txt)
+demo=/tmp/gpu-parts/demo
+if [ -f "$demo/run/model.json" ]; then
+  log "demo model: ddpm-run sample and parity --device cuda"
+  run_cli() { echo "\$ ddpm-run $*"; "$PY" -m ddpm_deploy.verify.cli "$@"; echo "exit status $?"; }
+  {
+    run_cli sample --onnx "$demo/export/model.onnx" --device cuda --num 64 --batch 64 --seed 0 \
+      --out /tmp/demo-samples --overwrite --no-progress
+    run_cli parity --checkpoint "$demo/run" --onnx "$demo/export/model.onnx" --device cuda --out /tmp/demo-parity-fp32
+    run_cli parity --checkpoint "$demo/run" --onnx "$demo/export/model.fp16.onnx" --device cuda --out /tmp/demo-parity-fp16
+    cat /tmp/demo-parity-fp32/parity.md /tmp/demo-parity-fp16/parity.md 2>/dev/null
+  } 2>&1 | tee "$OUT/demo.txt"
+fi
 log "pytest exit $status, benchmark exit $bench; results in $OUT"
 [ "$status" -eq 0 ] || [ "$status" -eq 5 ] && exit "$bench"
 exit "$status"

@@ -4,12 +4,16 @@
 # fp16 ONNX of the random ddpm-cifar10 preset that `ddpm-export --fp16` would ship (made here: it needs ModelOpt,
 # which the GPU machine does not have). Parts go to .gpu-parts/p1..pN (ignored by git), each under PART_MB.
 #   bash scripts/gpu_pack.sh                 # then: see scripts/gpu_check.sh for the device calls
-# Environment: ORT_GPU_VERSION (1.31.1), PART_MB (56), PYTHON (.venv/bin/python), NO_CALIBRATED=1 to leave it out.
+# And the demo model (a trained run: model.json + weights.safetensors, with its fp32 and calibrated fp16 exports), on
+# which the GPU check runs `ddpm-run sample/parity --device cuda` as a user would: DEMO_RUN (default runs/latest).
+# Environment: ORT_GPU_VERSION (1.31.1), PART_MB (58), PYTHON (.venv/bin/python), NO_CALIBRATED=1 to leave the
+# calibrated ddpm-cifar10 model out, DEMO_RUN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 version=${ORT_GPU_VERSION:-1.31.1}
-part_mb=${PART_MB:-56}
+part_mb=${PART_MB:-58}
+demo_run=${DEMO_RUN:-runs/latest}
 out=.gpu-parts
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -24,6 +28,14 @@ mkdir -p "$tmp/pack"
 if [ -z "${NO_CALIBRATED:-}" ]; then
   log "making the calibrated fp16 ONNX of ddpm-cifar10 (random weights; ModelOpt AutoCast, digits calibration)"
   "$PY" -m ddpm_deploy.verify.gpu_check --work "$tmp/work" --prepare-calibrated "$tmp/pack/calibrated" >/dev/null
+fi
+if [ -f "$demo_run/model.json" ] && [ -f "$demo_run/weights.safetensors" ]; then
+  log "the demo model: $demo_run (+ its ONNX and calibrated fp16 ONNX)"
+  mkdir -p "$tmp/pack/demo/run"
+  cp "$demo_run/model.json" "$demo_run/weights.safetensors" "$tmp/pack/demo/run/"
+  "$PY" -m ddpm_deploy.export.cli "$tmp/pack/demo/run" --fp16 --out "$tmp/pack/demo/export" --no-progress >/dev/null
+else
+  log "no demo run at $demo_run (set DEMO_RUN, or train one: bash scripts/demo.sh): the CLI checks will be skipped"
 fi
 log "compressing"
 (cd "$tmp/pack" && tar cf - . | xz -T0 -6 >"$tmp/all.tar.xz")
