@@ -28,20 +28,34 @@ class SamplingError(DDPMError):
 class MissingDependencyError(DDPMError):
     """An optional package that the requested feature needs is not installed."""
 
-    def __init__(self, package: str, feature: str, install: str | None = None):
+    def __init__(self, package: str, feature: str, install: str | None = None, broken: str | None = None):
         self.package = package
         hint = install or f"pip install {package}"
-        super().__init__(f"{feature} needs the Python package '{package}', which is not installed. Install it with: {hint}")
+        if broken:  # there, but its import fails: another Python's build, a half-installed or mixed package
+            super().__init__(f"{feature} needs the Python package '{package}', which is installed but cannot be "
+                             f"imported ({broken}); reinstall it for this Python: {hint}")
+        else:
+            super().__init__(f"{feature} needs the Python package '{package}', which is not installed. Install it "
+                             f"with: {hint}")
 
 
 def lazy_import(module: str, feature: str, install: str | None = None):
     """Import an optional module, or raise MissingDependencyError naming what to install."""
     import importlib
 
+    import importlib.util
+
     try:
         return importlib.import_module(module)
     except ImportError as e:  # pragma: no cover - exercised by tests that hide modules
-        raise MissingDependencyError(module.split(".")[0], feature, install) from e
+        top = module.split(".")[0]
+        try:  # a regular package that is there, failing inside (not a namespace such as cuda or nvidia)
+            spec = importlib.util.find_spec(top)
+            absent = isinstance(e, ModuleNotFoundError) and e.name in (top, module)
+            present = spec is not None and spec.origin not in (None, "namespace") and not absent
+        except (ImportError, ValueError):
+            present = False
+        raise MissingDependencyError(top, feature, install, broken=f"{type(e).__name__}: {e}" if present else None) from e
 
 
 class Interrupted(KeyboardInterrupt):

@@ -175,3 +175,20 @@ def test_run_json_v2_reads_as_complete_and_v1_is_refused():
         contract.RunInfo.from_dict({**v2, "schema_version": 1})
     partial = contract.RunInfo.from_dict(d)
     assert not partial.complete and partial.done_count() == 2
+
+
+def test_a_package_that_is_there_but_fails_to_import_is_not_called_missing(tmp_path, monkeypatch):
+    """E.g. an onnxruntime built for another Python on PYTHONPATH: 'not installed' would send the user to install
+    what is there; the message says it cannot be imported and why."""
+    from ddpm_deploy.runtime.errors import MissingDependencyError, lazy_import
+
+    pkg = tmp_path / "halfinstalled"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from . import _native  # the compiled part is missing\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    with pytest.raises(MissingDependencyError, match=r"'halfinstalled', which is installed but cannot be imported "
+                                                     r"\(ImportError: .*_native.*\); reinstall it for this Python"):
+        lazy_import("halfinstalled", "The X backend")
+    with pytest.raises(MissingDependencyError, match="'nosuch_package_xyz', which is not installed"):
+        lazy_import("nosuch_package_xyz", "The X backend")
