@@ -6,6 +6,7 @@ would give them (0666 less the process umask), not the 0600 of ``tempfile.mkstem
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -41,6 +42,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if isinstance(e, OSError) and e.filename is None:  # a failed write(2) names no file: name the target
             raise OSError(e.errno, e.strerror, str(p)) from None
         raise
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the names in folder ``path`` durable (after a rename into it). Where the file system cannot sync a
+    folder (some network, FUSE or non-POSIX ones) this is a no-op: the rename itself has happened."""
+    if os.name != "posix":
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EISDIR, errno.EROFS):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

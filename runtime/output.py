@@ -34,7 +34,7 @@ import numpy as np
 
 from .contract import Artifact
 from .errors import ConfigError, DDPMError, Interrupted, SamplingError
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, fsync_dir
 from .imageio import grid_scale, make_grid, png_bytes, save_png, to_uint8
 
 GRID_MAX = 64
@@ -87,11 +87,7 @@ class NpzStream:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self._tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.path.parent)
         return self.path
 
     def abort(self) -> None:
@@ -569,6 +565,7 @@ def sample_job(runner, sampler, card, model_path, out_dir, seed: int, start_inde
                     save_png(out.out / "grid.png", make_grid(grid), scale=grid_scale(h))
                 info = record("complete")
                 info.save(out.out / "run.json")
+                fsync_dir(out.out)  # run.json "complete" is on disk before the parts it no longer needs go
                 shutil.rmtree(out.parts, ignore_errors=True)
                 return info
         except BaseException as e:

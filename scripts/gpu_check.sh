@@ -7,8 +7,9 @@
 #   .gpu-parts-*/p*/part0*      any other package packed the same way (e.g. TensorRT-RTX) -> /tmp/<dir>
 # then this repo (pip install --no-deps --no-build-isolation -e .), runs `pytest -m gpu` and the benchmark
 # (python -m ddpm_deploy.verify.gpu_check; extra arguments, e.g. --trt --torch --steps 200, go to it) and prints the table.
-# Environment: OUT, PYTHON (default python3), GPU_PARTS (a folder of p1..p4 parts sent in earlier calls, see
-# below). Exit status: non-zero if a gpu test failed.
+# Environment: OUT, PYTHON (default python3), GPU_PARTS (a folder of the p1..pN parts sent in earlier calls, see
+# below), TOTAL_S (540: the whole script's deadline, under a device call's 600 s), TEST_S (200: the tests').
+# Exit status: non-zero if a gpu test failed (124/130: a stage ran out of time).
 #
 # Through the device tool (at most 64 MiB travel per call; onnxruntime-gpu is ~200 MB): here, once,
 # `bash scripts/gpu_pack.sh` (onnxruntime-gpu + the calibrated fp16 ONNX -> .gpu-parts/p1..pN, N about 5; or
@@ -96,21 +97,31 @@ except Exception as e:
     print("nvrtc: unavailable:", e)
 EOF
 
-log "pytest -m gpu"
-"$PY" -m pytest -m gpu tests/runtime/test_device_gpu.py tests/parity/test_l4_backend.py -p no:cacheprovider -rA \
+# one deadline for the three stages (a device call may run 600 s at most): each gets at most its cap and what is
+# left, and is stopped with SIGINT (then SIGKILL) when it is over; what was written by then comes back
+DEADLINE=${TOTAL_S:-540}  # seconds since this script started (bash's SECONDS), the unpacking and install included
+budget() {
+  local left=$((DEADLINE - SECONDS - 15))
+  [ "$left" -lt 1 ] && left=1  # (timeout 0 would mean no limit)
+  [ "$left" -lt "$1" ] && echo "$left" || echo "$1"
+}
+
+log "pytest -m gpu (at most $(budget "${TEST_S:-200}") s)"
+timeout -s INT -k 15 "$(budget "${TEST_S:-200}")" \
+  "$PY" -m pytest -m gpu tests/runtime/test_device_gpu.py tests/parity/test_l4_backend.py -p no:cacheprovider -rA \
   --junitxml="$OUT/pytest-gpu.xml" -o junit_family=xunit1 2>&1 | tee "$OUT/pytest-gpu.log"
 status=${PIPESTATUS[0]}
 
-log "benchmark"
-"$PY" -m ddpm_deploy.verify.gpu_check --junit "$OUT/pytest-gpu.xml" --out "$OUT" ${extra[@]+"${extra[@]}"} "$@" 2>&1 \
-  | tee "$OUT/gpu_check.log"
-bench=${PIPESTATUS[0]}
-
-# the demo model sent by scripts/gpu_pack.sh: the commands a user types, on the GPU (one file back: demo.txt)
+# the demo model sent by scripts/gpu_pack.sh: the commands a user types, on the GPU (one file back: demo.txt);
+# before the benchmark: it is the correctness check, and it is short
 demo=/tmp/gpu-parts/demo
 if [ -f "$demo/run/model.json" ]; then
   log "demo model: ddpm-run sample and parity --device cuda"
-  run_cli() { echo "\$ ddpm-run $*"; "$PY" -m ddpm_deploy.verify.cli "$@"; echo "exit status $?"; }
+  run_cli() {
+    echo "\$ ddpm-run $*"
+    timeout -s INT -k 10 "$(budget 90)" "$PY" -m ddpm_deploy.verify.cli "$@"
+    echo "exit status $?"
+  }
   {
     run_cli sample --onnx "$demo/export/model.onnx" --device cuda --num 64 --batch 64 --seed 0 \
       --out /tmp/demo-samples --overwrite --no-progress
@@ -119,6 +130,12 @@ if [ -f "$demo/run/model.json" ]; then
     cat /tmp/demo-parity-fp32/parity.md /tmp/demo-parity-fp16/parity.md 2>/dev/null
   } 2>&1 | tee "$OUT/demo.txt"
 fi
+
+log "benchmark (at most $(budget 600) s; rows are written as they finish)"
+timeout -s INT -k 15 "$(budget 600)" \
+  "$PY" -m ddpm_deploy.verify.gpu_check --junit "$OUT/pytest-gpu.xml" --out "$OUT" ${extra[@]+"${extra[@]}"} "$@" 2>&1 \
+  | tee "$OUT/gpu_check.log"
+bench=${PIPESTATUS[0]}
 log "pytest exit $status, benchmark exit $bench; results in $OUT"
 [ "$status" -eq 0 ] || [ "$status" -eq 5 ] && exit "$bench"
 exit "$status"

@@ -59,6 +59,19 @@ def parse_junit(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------------------------- models
 
 
+def to_half(model):
+    """The UNet in fp16 throughout, as ``.half()`` alone cannot do: the sinusoidal timestep embedding is computed in
+    fp32 and must enter the (now fp16) time MLP as fp16."""
+    import torch
+
+    class ToHalf(torch.nn.Module):
+        def forward(self, v):
+            return v.half()
+
+    model.temb = torch.nn.Sequential(ToHalf(), *model.temb)
+    return model.half()
+
+
 def export_preset(out: Path, half: bool) -> Path:
     """The ddpm-cifar10 UNet with random weights as ONNX (x f32, t i32 -> eps f32), fp32 or all-fp16 inside."""
     import onnx
@@ -73,15 +86,10 @@ def export_preset(out: Path, half: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model, cfg = random_preset_model("ddpm-cifar10")
     if half:
-        class ToHalf(torch.nn.Module):
-            def forward(self, v):
-                return v.half()
-
         class HalfEps(torch.nn.Module):
             def __init__(self, m):
                 super().__init__()
-                m.temb = torch.nn.Sequential(ToHalf(), *m.temb)  # the fp32 sinusoidal embedding enters fp16
-                self.m = m.half()
+                self.m = to_half(m)
 
             def forward(self, x, t):
                 return self.m(x.half(), t).float()
@@ -309,23 +317,28 @@ def add_eps_errors(rows: list, eps_store: dict, reference: str = REFERENCE_ROW) 
 
 
 def bench_torch(rows: list, batch: int, half: bool, compile_: bool = True, steps: int = 100,
-                device: str = "cuda") -> None:
-    """PyTorch on the same card, the ddpm-cifar10 UNet (random weights; ``.half()`` for fp16, the fastest PyTorch
-    setting, as our fp16 export): the bare ε call (GPU events, median of 20) and a diffusers-style loop of
-    ``steps`` ancestral steps in torch (x float32; ε, x̂0 clipping, posterior mean and σ·z with torch.randn), for
-    eager and torch.compile(mode="reduce-overhead"). Each failure is a row of its own. ``device="cpu"``: the same
-    code timed with the host clock (the tests' way to run it without a GPU)."""
+                device: str = "cuda", preset: str = "ddpm-cifar10") -> None:
+    """PyTorch on the same card, the ddpm-cifar10 UNet (the random weights of our rows; fp16 throughout for fp16,
+    as our fp16 export; cudnn.benchmark on, TF32 off): the bare ε call (GPU events, median of 20) and a
+    diffusers-style loop of ``steps`` ancestral steps in torch (x float32; ε, x̂0 clipping, posterior mean and σ·z
+    with torch.randn; median step, as ours), for eager and torch.compile(mode="reduce-overhead"). Each failure is a
+    row of its own. ``device="cpu"``: the same code timed with the host clock (the tests' way to run it, with the
+    ``tiny`` preset: fp16 convolutions on a CPU are slow)."""
     prec = "fp16 (.half())" if half else "fp32"
     try:
         import torch
 
         from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
-        from ddpm_deploy.trainer.presets import get_preset
-        from ddpm_deploy.trainer.unet import UNet
 
-        cfg = get_preset("ddpm-cifar10").unet
+        from ddpm_deploy.verify.models import random_preset_model
+
+        model, cfg = random_preset_model(preset)  # the weights of our ONNX rows (speed does not depend on them)
         dtype = torch.float16 if half else torch.float32
-        model = UNet(cfg).eval().to(device=device, dtype=dtype)
+        model = (to_half(model) if half else model).eval().to(device)
+        # the fastest PyTorch setting that keeps our rows' arithmetic: cuDNN picks its algorithms (ORT: EXHAUSTIVE),
+        # fp32 stays fp32 (ORT: use_tf32=0)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
         x = torch.randn(*shape, device=device, dtype=dtype)
         t = torch.full((batch,), 500, device=device, dtype=torch.int32)
@@ -360,9 +373,9 @@ def bench_torch(rows: list, batch: int, half: bool, compile_: bool = True, steps
                 eps_ms = statistics.median(ev[k].elapsed_time(ev[k + 1]) for k in range(20))
                 xt = torch.randn(*shape, device=device)
                 tt = torch.empty(batch, device=device, dtype=torch.int32)
-                begin, end = event(), event()
-                begin.record()
-                for i in range(len(timesteps) - 1, -1, -1):
+                marks = [event() for _ in range(len(timesteps) + 1)]
+                marks[0].record()
+                for k, i in enumerate(range(len(timesteps) - 1, -1, -1)):
                     tt.fill_(timesteps[i])
                     eps = fn(xt.to(dtype), tt).float()
                     a, b, c1, c2, sigma = table[i]
@@ -370,9 +383,9 @@ def bench_torch(rows: list, batch: int, half: bool, compile_: bool = True, steps
                     xt = c1 * x0 + c2 * xt
                     if i > 0:
                         xt = xt + sigma * torch.randn_like(xt)
-                end.record()
+                    marks[k + 1].record()
                 sync()
-                step_ms = begin.elapsed_time(end) / len(timesteps)
+                step_ms = statistics.median(marks[k].elapsed_time(marks[k + 1]) for k in range(len(timesteps)))
             rows.append({"backend": label, "eps_ms": eps_ms, "step_ms": step_ms, "steps": len(timesteps),
                          "overhead": (step_ms - eps_ms) / eps_ms, "graph": "compile" if name != "torch eager" else "off",
                          "row_s": time.perf_counter() - start})

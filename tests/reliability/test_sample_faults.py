@@ -588,12 +588,13 @@ def test_samples_npz_bytes_do_not_depend_on_batch_or_time(model, done_job, tmp_p
     assert _digest(out) == _digest(done_job)
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads which file an fd is from /proc (Linux)")
 def test_the_merged_samples_are_durable_before_the_parts_are_removed(model, tmp_path, monkeypatch):
     """On completion the parts are merged into samples.npz and removed: samples.npz's bytes and its rename must
     reach the disk first (fsync of the file, then of the folder), or a crash right after could leave neither."""
     import shutil
 
-    from ddpm_deploy.runtime import output
+    from ddpm_deploy.runtime import fileio, output
 
     events = []
     real_fsync, real_rmtree = os.fsync, shutil.rmtree
@@ -606,13 +607,17 @@ def test_the_merged_samples_are_durable_before_the_parts_are_removed(model, tmp_
         events.append(("rmtree", str(path)))
         return real_rmtree(path, *a, **kw)
 
-    monkeypatch.setattr(output.os, "fsync", fsync)
+    monkeypatch.setattr(output.os, "fsync", fsync)  # (the os module: output and fileio share it)
     monkeypatch.setattr(output.shutil, "rmtree", rmtree)
+    assert fileio.os is output.os
     out = tmp_path / "samples"
     assert_ok(invoke("ddpm-run", *_job(model, out)))
 
+    real_out = os.path.realpath(out)  # /proc gives resolved paths
     removed = events.index(("rmtree", str(out / "parts")))
     synced = [path for kind, path in events[:removed] if kind == "fsync"]
     npz_tmp = [k for k, path in enumerate(synced) if Path(path).name.startswith(".samples.npz")]
     assert npz_tmp, synced  # the temporary samples.npz's bytes, before its rename
-    assert str(out) in synced[npz_tmp[-1]:], synced  # then the folder holding the rename
+    assert real_out in synced[npz_tmp[-1]:], synced  # then the folder holding the rename
+    run_json = [k for k, path in enumerate(synced) if Path(path).name.startswith(".run.json")]
+    assert run_json and real_out in synced[run_json[-1]:], synced  # run.json "complete", then its folder

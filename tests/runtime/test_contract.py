@@ -192,3 +192,27 @@ def test_a_package_that_is_there_but_fails_to_import_is_not_called_missing(tmp_p
         lazy_import("halfinstalled", "The X backend")
     with pytest.raises(MissingDependencyError, match="'nosuch_package_xyz', which is not installed"):
         lazy_import("nosuch_package_xyz", "The X backend")
+
+
+def test_fsync_dir_syncs_a_folder_and_tolerates_what_cannot_be_synced(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from ddpm_deploy.runtime import fileio
+
+    fileio.fsync_dir(tmp_path)  # a real folder: synced
+    fileio.fsync_dir(tmp_path / "gone")  # nothing to open: nothing to sync
+
+    def no_dir_sync(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")  # as some network and FUSE file systems answer
+
+    monkeypatch.setattr(fileio.os, "fsync", no_dir_sync)
+    fileio.fsync_dir(tmp_path)
+
+    def broken(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fileio.os, "fsync", broken)
+    with pytest.raises(OSError, match="Input/output error"):  # a real fault is not hidden
+        fileio.fsync_dir(tmp_path)
+    assert os.path.isdir(tmp_path)

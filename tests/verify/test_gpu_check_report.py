@@ -148,12 +148,13 @@ def test_bench_torch_rows_on_the_cpu(one_torch_thread):
     torch = pytest.importorskip("torch")
     rows: list = []
 
-    gpu_check.bench_torch(rows, batch=1, half=False, compile_=False, steps=2, device="cpu")
+    for half in (False, True):  # fp16 throughout (the time embedding too): a dtype mix would fail the row
+        gpu_check.bench_torch(rows, batch=1, half=half, compile_=False, steps=2, device="cpu", preset="tiny")
     if not torch.cuda.is_available():
         gpu_check.bench_torch(rows, batch=1, half=True, steps=2)
 
-    eager = rows[0]
-    assert eager["backend"] == "torch eager fp32" and "error" not in eager, eager
-    assert eager["steps"] == 2 and eager["eps_ms"] > 0 and eager["step_ms"] > 0
+    for row, label in zip(rows, ("torch eager fp32", "torch eager fp16 (.half())")):
+        assert row["backend"] == label and "error" not in row, row
+        assert row["steps"] == 2 and row["eps_ms"] > 0 and row["step_ms"] > 0
     if not torch.cuda.is_available():
-        assert rows[1]["backend"] == "torch fp16 (.half())" and "error" in rows[1]
+        assert rows[2]["backend"] == "torch fp16 (.half())" and "error" in rows[2]
