@@ -12,15 +12,16 @@
 # Exit status: non-zero if a gpu test failed (124/130: a stage ran out of time).
 #
 # Through the device tool (at most 64 MiB travel per call; onnxruntime-gpu is ~200 MB): here, once,
-# `bash scripts/gpu_pack.sh` (onnxruntime-gpu + the calibrated fp16 ONNX -> .gpu-parts/p1..pN, N about 5; or
-# `bash ../shared/gpu/ort-gpu-parts.sh` for onnxruntime-gpu alone, N = 4), then N calls back to back (the machine
-# stays warm 30 s between them, and what is copied to /tmp stays):
+# `bash scripts/gpu_pack.sh` (onnxruntime-gpu, polygraphy, the calibrated fp16 ONNX and the demo model ->
+# .gpu-parts/p1..pN, N = 5; NO_CALIBRATED=1 leaves the 71 MB calibrated model out: N = 4), then N calls back to
+# back (the machine stays warm 30 s between them, and what is copied to /tmp stays):
 #   calls 1..N-1: carry [".gpu-parts/pK"], command: mkdir -p /tmp/parts && cp -r .gpu-parts/pK /tmp/parts/
 #   call N:       carry [".gpu-parts/pN"], command: mkdir -p /tmp/parts && cp -r .gpu-parts/pN /tmp/parts/ && GPU_PARTS=/tmp/parts bash scripts/gpu_check.sh --torch
-# Expected run time of the last call on an H100: a few minutes (the gpu tests incl. the CLI end to end, ~15 benchmark
-# rows at batch 256, each written to $OUT/gpu_check.{txt,json} as it finishes, so a call cut off keeps what ran;
-# then the demo model through `ddpm-run sample/parity --device cuda`, fp32 and calibrated fp16, into demo.txt).
-# Use a timeout_s that leaves time for a second run; then give_back.
+# The last call runs at most TOTAL_S (540 s; give it timeout_s 570): the gpu tests incl. the CLI end to end, the
+# demo model through `ddpm-run sample/parity --device cuda` in fp32 and calibrated fp16 (demo.txt), then ~15
+# benchmark rows at batch 256, each written to $OUT/gpu_check.{txt,json} as it finishes, so a stage cut off keeps
+# what ran. Estimated (not measured) a few minutes on an H100. Then give_back. A rerun after the machine was given
+# back needs all N parts again.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
