@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from ddpm_deploy.runtime.config import DataSpec, ModelCard
+from ddpm_deploy.runtime.checks import KINDS, check_field, is_number
 from ddpm_deploy.runtime.checks import is_int as _is_int
-from ddpm_deploy.runtime.checks import is_number
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, lazy_import
 from ddpm_deploy.runtime.schedule import DiffusionConfig
 
@@ -54,14 +54,12 @@ def _is_num(v: Any) -> bool:
     return is_number(v, finite=False)
 
 
-_T = {  # a type test and what it expects, for the config keys ddpm-deploy reads or diffusers builds the model from
-    "int": (_is_int, "an integer"), "posint": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-    "num": (_is_num, "a number"), "bool": (lambda v: isinstance(v, bool), "true or false"),
+_T = {  # the shared kinds, and those diffusers configs add (for the keys ddpm-deploy reads or diffusers builds from)
+    **KINDS,
+    "num": (_is_num, "a number"),
     "str": (lambda v: isinstance(v, str), "a string"),
     "str?": (lambda v: v is None or isinstance(v, str), "a string or null"),
     "int?": (lambda v: v is None or _is_int(v), "an integer or null"),
-    "ints": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(x) and x >= 1 for x in v),
-             "a non-empty list of positive integers"),
     "strs": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, str) for x in v),
              "a non-empty list of strings"),
     "size": (lambda v: (_is_int(v) and v >= 1) or (isinstance(v, (list, tuple)) and all(_is_int(x) for x in v)),
@@ -74,7 +72,7 @@ SCHEDULER_TYPES = {"num_train_timesteps": "posint", "timesteps": "posint", "beta
                    "prediction_type": "str", "thresholding": "bool", "clip_sample_range": "num",
                    "rescale_betas_zero_snr": "bool", "_class_name": "str"}
 UNET_TYPES = {"sample_size": "size", "in_channels": "posint", "out_channels": "posint", "layers_per_block": "posint",
-              "block_out_channels": "ints", "down_block_types": "strs", "up_block_types": "strs",
+              "block_out_channels": "posint_list", "down_block_types": "strs", "up_block_types": "strs",
               "norm_num_groups": "int?", "norm_eps": "num", "attention_head_dim": "int?", "act_fn": "str",
               "time_embedding_type": "str", "flip_sin_to_cos": "bool", "freq_shift": "int",
               "center_input_sample": "bool", "dropout": "num", "add_attention": "bool", "mid_block_scale_factor": "num",
@@ -87,9 +85,10 @@ def check_types(cfg: dict[str, Any], types: dict[str, str], where: str) -> None:
     a string for a number silently)."""
     for k, kind in types.items():
         if k in cfg:
-            ok, what = _T[kind]
-            if not ok(cfg[k]):
-                raise ConfigError(f"{where}: {k} must be {what}, found {json.dumps(cfg[k], default=repr)}")
+            try:
+                check_field(k, cfg[k], kind, _T)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True)

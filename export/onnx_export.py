@@ -24,7 +24,7 @@ from ddpm_deploy.runtime.contract import INPUT_NAMES, OUTPUT_NAMES, ExportReport
 from ddpm_deploy.runtime.errors import ArtifactError
 
 # the torch-free ONNX steps, re-exported here for the export chain's callers
-from .onnx_io import cleanup, finalize, load_onnx, naming, read_card, save_onnx, set_card, set_metadata, set_precision  # noqa: F401,E501
+from .onnx_io import cleanup, finalize, load_onnx, read_card, save_onnx, set_card, set_metadata, set_precision  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,7 @@ def export_verified(model: torch.nn.Module, card: ModelCard, out_dir: str | os.P
     rep = verify(onnx_path, model, card)
     report = ExportReport(onnx=onnx_path.name, source=report, export_seconds=export_s, verify_fp32=rep.to_dict(),
                           model_sha256=sha256_file(onnx_path))
-    with naming(out_dir / "export_report.json"):
-        report.save(out_dir / "export_report.json")
+    report.save(out_dir / "export_report.json")  # atomic; a fault names the file
     if not rep.passed:
         worst = max(rep.cases, key=lambda c: c["max_abs"])
         raise ArtifactError(

@@ -6,7 +6,6 @@ serving machine with no torch can run ``ddpm-export --onnx model.onnx --engine``
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -117,17 +116,5 @@ def finalize(model: onnx.ModelProto, card: ModelCard) -> onnx.ModelProto:
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     data = model.SerializeToString()
-    with naming(path):
-        atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data)  # a fault names the file (a full disk fails write(2), which names none)
     return Path(path)
-
-
-@contextlib.contextmanager
-def naming(path: str | os.PathLike):
-    """An OSError of a write that does not say which file (a full disk fails ``write``, not ``open``) names ``path``."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None:
-            e.filename = str(path)
-        raise

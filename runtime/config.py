@@ -14,6 +14,7 @@ from typing import Any
 
 from .contract import ONNX_METADATA_KEY  # noqa: F401  (the key the ModelCard is stored under in ONNX)
 from .checks import found as _found
+from .checks import is_int, is_number
 from .errors import ArtifactError, ConfigError
 from .schedule import DiffusionConfig
 
@@ -38,11 +39,11 @@ class DataSpec:
             if k not in d:
                 raise ArtifactError(f"{where}: data.{k} is missing (expected a positive integer)")
             v = d[k]
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not (is_int(v) and v >= 1):
                 raise ArtifactError(f"{where}: data.{k} must be a positive integer, found {_found(v)}")
         vr = d.get("value_range", (-1, 1))
         if not (isinstance(vr, (list, tuple)) and len(vr) == 2
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vr) and vr[0] < vr[1]):
+                and all(is_number(v, finite=False) for v in vr) and vr[0] < vr[1]):
             raise ArtifactError(f"{where}: data.value_range must be [low, high] numbers, found {_found(vr)}")
         return cls(d["channels"], d["image_size"], (float(vr[0]), float(vr[1])))
 

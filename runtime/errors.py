@@ -41,8 +41,6 @@ class MissingDependencyError(DDPMError):
 
 def lazy_import(module: str, feature: str, install: str | None = None):
     """Import an optional module, or raise MissingDependencyError naming what to install."""
-    import importlib
-
     import importlib.util
 
     try:

@@ -113,10 +113,7 @@ def main(preset, dataset, channels, out, resume, resume_from, schedule, num_time
                                 f"--out RUN_DIR)")
         card, ucfg = ckpt.load_card(run_dir)
         arch0 = ucfg
-        try:
-            tcfg = TrainConfig.from_dict(card.training, where=str(run_dir / ckpt.MODEL_JSON))
-        except ConfigError as e:
-            raise ConfigError(str(e)) from None
+        tcfg = TrainConfig.from_dict(card.training, where=str(run_dir / ckpt.MODEL_JSON))
         dcfg = card.diffusion
         if dataset is not None and dataset != card.training.get("dataset"):
             click.echo(f"warning: --resume continues on {dataset}; the run was trained on "

@@ -11,38 +11,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ddpm_deploy.runtime.checks import KINDS, check_field  # noqa: F401  (check_field: also the CLI's)
 from ddpm_deploy.runtime.checks import found as _found
-from ddpm_deploy.runtime.checks import is_int as _is_int
-from ddpm_deploy.runtime.checks import is_number as _is_number
 from ddpm_deploy.runtime.errors import ConfigError
 
 DEFAULT_LR = 2e-4
 DEFAULT_GRAD_CLIP = 1.0
 DEFAULT_EMA_DECAY = 0.9999
-
-
-# kind -> (test, what the value must be). Each test gets the value and returns True when it is valid.
-KINDS: dict[str, tuple[Any, str]] = {
-    "posint": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
-    "nonneg_int": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "int": (_is_int, "an integer"),
-    "unit_float": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "pos_float": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-    "nonneg_float": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "posint_list": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(x) and x >= 1 for x in v),
-                    "a non-empty list of positive integers"),
-    "posint_list0": (lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 1 for x in v),
-                     "a list of positive integers"),
-}
-
-
-def check_field(name: str, value: Any, kind: str) -> Any:
-    """``value`` if it is of ``kind`` (lists become tuples), else ConfigError '<name> must be …, found …'."""
-    test, what = KINDS[kind]
-    if not test(value):
-        raise ConfigError(f"{name} must be {what}, found {_found(value)}")
-    return tuple(value) if isinstance(value, list) else value
 
 
 def check_section(d: Any, fields: dict[str, str], where: str, section: str, required: bool) -> dict[str, Any]:
@@ -61,6 +36,25 @@ def check_section(d: Any, fields: dict[str, str], where: str, section: str, requ
             except ConfigError as e:
                 raise ConfigError(f"{where}: {section}.{e}") from None
     return d
+
+
+def from_section(cls, d: dict[str, Any], fields: dict[str, str], section: str, where: str | None,
+                 unknown: tuple[str, set[str]] | None = None):
+    """``cls`` from a file's ``section``: with ``where`` (the file) every field must be present and of its type, and
+    messages name ``where: section.F``. Keys that are not fields are ignored, or with ``unknown`` = (what the keys
+    are called, keys also allowed) refused."""
+    if where is not None:
+        d = check_section(d, fields, where, section, required=True)
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown is not None and set(d) - known - unknown[1]:
+        raise ConfigError(f"{where + ': ' if where else ''}unknown {unknown[0]} keys {sorted(set(d) - known - unknown[1])} "
+                          f"in {section}; known: {sorted(known)}")
+    try:
+        return cls(**{k: v for k, v in d.items() if k in known})
+    except ConfigError as e:
+        if where is None:
+            raise
+        raise ConfigError(f"{where}: {section}.{e}") from None
 
 
 UNET_FIELDS = {"image_size": "posint", "in_channels": "posint", "ch": "posint", "ch_mult": "posint_list",
@@ -113,21 +107,8 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str | None = None) -> "UNetConfig":
-        """From model.json's ``architecture`` section. With ``where`` (the file) every field must be present and
-        of its type, and messages name ``where: architecture.F``."""
-        if where is not None:
-            d = check_section(d, UNET_FIELDS, where, "architecture", required=True)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known - {"type"}
-        if unknown:
-            raise ConfigError(f"{where + ': ' if where else ''}unknown UNet config keys {sorted(unknown)} in "
-                              f"architecture; known: {sorted(known)}")
-        try:
-            return cls(**{k: v for k, v in d.items() if k in known})
-        except ConfigError as e:
-            if where is None:
-                raise
-            raise ConfigError(f"{where}: architecture.{e}") from None
+        """From model.json's ``architecture`` section (``from_section``); a key that is not a field is refused."""
+        return from_section(cls, d, UNET_FIELDS, "architecture", where, unknown=("UNet config", {"type"}))
 
 
 @dataclass(frozen=True)
@@ -149,27 +130,17 @@ class TrainConfig:
     keep: int = 3  # checkpoints kept in checkpoints/
 
     def __post_init__(self):
-        for name, kind in TRAIN_FIELDS.items():
+        for name, kind in TRAIN_FIELDS.items():  # ema_decay: a number in [0, 1)
             object.__setattr__(self, name, check_field(name, getattr(self, name), kind))
-        if not self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay must be in [0, 1), found {self.ema_decay}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str | None = None) -> "TrainConfig":
-        """From model.json's ``training`` section (other keys — dataset, preset, counts — are ignored). With
-        ``where`` (the file), every field must be present and of its type; messages name ``where: training.F``."""
-        if where is not None:
-            d = check_section(d, TRAIN_FIELDS, where, "training", required=True)
-        known = {f.name for f in dataclasses.fields(cls)}
-        try:
-            return cls(**{k: v for k, v in d.items() if k in known})
-        except ConfigError as e:
-            if where is None:
-                raise
-            raise ConfigError(f"{where}: training.{e}") from None
+        """From model.json's ``training`` section (``from_section``; other keys — dataset, preset, counts — are
+        ignored)."""
+        return from_section(cls, d, TRAIN_FIELDS, "training", where)
 
 
 def parse_override(cfg_objs: dict[str, Any], item: str) -> tuple[str, str, Any]:

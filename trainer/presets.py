@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 from ddpm_deploy.runtime.errors import ConfigError
 
-from .config import TrainConfig
-from .config import UNetConfig
+from .config import TrainConfig, UNetConfig
 
 
 @dataclass(frozen=True)
