@@ -39,6 +39,34 @@ def cpu_supports_bf16(core) -> bool:
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+COMPUTE_LAYERS = ("Convolution", "FullyConnected", "MatMul")  # the execution graph's layers that do the FLOPs
+
+
+def hint_is_bf16(value) -> bool:
+    """Whether a compiled model's INFERENCE_PRECISION_HINT is bf16. OpenVINO 2024+ returns an ``ov.Type``
+    (whose text is ``<Type: 'bfloat16'>``), older releases the string 'bf16': compare the type, not its text."""
+    name = value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+    return name in ("bf16", "bfloat16")
+
+
+def compute_precisions(compiled) -> dict[str, int]:
+    """{runtime precision: count} over the convolutions and matrix products of OpenVINO's execution graph
+    (``get_runtime_model()``: what the CPU plugin really runs after its own precision choices)."""
+    counts: dict[str, int] = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        rt = op.get_rt_info()
+        if "layerType" in rt and rt["layerType"].astype(str) in COMPUTE_LAYERS and "runtimePrecision" in rt:
+            p = rt["runtimePrecision"].astype(str)
+            counts[p] = counts.get(p, 0) + 1
+    return counts
+
+
+def precision_that_ran(counts: dict[str, int]) -> str:
+    """'bf16' if most compute layers ran in bf16, else 'fp32' (an fp32 model's layers run f32 or bf16)."""
+    bf16 = sum(n for p, n in counts.items() if p in ("bf16", "bfloat16"))
+    return "bf16" if bf16 > 0 and 2 * bf16 >= sum(counts.values()) else "fp32"
+
+
 class OpenVinoRunner(Runner):
     """``eps(x, t)`` through OpenVINO on the CPU."""
 
@@ -86,10 +114,16 @@ class OpenVinoRunner(Runner):
                                 f"({(str(e).splitlines() or [type(e).__name__])[0][:300]})") from None
         self.request = self.compiled.create_infer_request()
         self.config = {k: str(v) for k, v in config.items()}
-        # what OpenVINO really runs: it ignores the bf16 hint on CPUs without AVX512_BF16/AMX (f32 then)
-        effective = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
-        # the model's own precision (int8 IR, fp16/bf16 mixed ONNX) wins; an fp32 model runs at the hint's
-        self.precision = model_precision if model_precision != "fp32" else ("bf16" if "bf16" in effective else "fp32")
+        # what OpenVINO really runs: its execution graph's runtime precision of the convolutions and matrix
+        # products (it ignores the bf16 hint on CPUs without AVX512_BF16/AMX and runs f32 then)
+        self.compute_precisions = compute_precisions(self.compiled)
+        ran = precision_that_ran(self.compute_precisions)
+        hinted = "bf16" if hint_is_bf16(self.compiled.get_property("INFERENCE_PRECISION_HINT")) else "fp32"
+        if ran != hinted and model_precision == "fp32":
+            log.warning("OpenVINO reports the precision hint %s but its execution graph runs %s (%s); reporting "
+                        "what ran", hinted, ran, dict(self.compute_precisions))
+        # the model's own precision (int8 IR, fp16/bf16 mixed ONNX) wins; an fp32 model runs at what ran
+        self.precision = model_precision if model_precision != "fp32" else ran
         if precision == "bf16" and self.precision != "bf16":
             log.warning("OpenVINO runs f32: this CPU has no native bf16 (AVX512_BF16 or AMX), so the bf16 hint is "
                         "ignored")

@@ -42,15 +42,44 @@ def test_runner_matches_onnxruntime_at_fp32(micro_onnx, tmp_path):
     assert any((tmp_path / "cache").iterdir())  # the compiled model was cached
 
 
-def test_bf16_hint_reports_what_openvino_really_runs(micro_onnx, tmp_path, caplog):
+def _conv_precisions(compiled) -> set[str]:
+    """The runtime precision of every convolution in OpenVINO's execution graph (read here independently)."""
+    out = set()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        rt = op.get_rt_info()
+        if "layerType" in rt and rt["layerType"].astype(str) == "Convolution":
+            out.add(rt["runtimePrecision"].astype(str))
+    return out
+
+
+@pytest.mark.parametrize("asked", ["fp32", "bf16"])
+def test_precision_reported_is_what_the_execution_graph_ran(micro_onnx, asked, caplog):
     from ddpm_deploy.runtime.backends.openvino import cpu_supports_bf16
 
-    with open_runner(micro_onnx, "cpu", backend="openvino", precision="bf16", cache_dir=False) as r:
-        precision = r.precision
+    with open_runner(micro_onnx, "cpu", backend="openvino", precision=asked, cache_dir=False) as r:
+        reported, convs = r.precision, _conv_precisions(r.compiled)
 
-    assert precision == ("bf16" if cpu_supports_bf16(ov.Core()) else "fp32")
-    if precision == "fp32":
-        assert "no native bf16" in caplog.text
+    ran = {"bf16"} if asked == "bf16" and cpu_supports_bf16(ov.Core()) else {"f32"}
+    assert convs == ran  # OpenVINO's own account of the convolutions
+    assert reported == {"bf16": "bf16", "f32": "fp32"}[convs.pop()]
+    assert ("no native bf16" in caplog.text) == (asked == "bf16" and reported == "fp32")
+
+
+@pytest.mark.parametrize("value, bf16", [(ov.Type.bf16, True), (ov.Type.f32, False), ("bf16", True),
+                                         ("f32", False), ("<Type: 'bfloat16'>", False)])
+def test_hint_is_compared_as_a_type_not_as_its_text(value, bf16):
+    from ddpm_deploy.runtime.backends.openvino import hint_is_bf16
+
+    assert hint_is_bf16(value) is bf16
+
+
+@pytest.mark.parametrize("counts, want", [({"bf16": 41, "f32": 2}, "bf16"), ({"f32": 59}, "fp32"),
+                                          ({"f32": 50, "bf16": 9}, "fp32"), ({}, "fp32"), ({"bfloat16": 3}, "bf16")])
+def test_precision_that_ran_counts_compute_layers(counts, want):
+    """Both branches on any CPU: the verdict from the execution graph's counts (bf16 and AVX2-only machines)."""
+    from ddpm_deploy.runtime.backends.openvino import precision_that_ran
+
+    assert precision_that_ran(counts) == want
 
 
 def test_sample_with_openvino_equals_onnxruntime(onnx_here, tmp_path):
