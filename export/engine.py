@@ -451,7 +451,7 @@ def adopt_plan(plan_path: str | os.PathLike, onnx_path: str | os.PathLike,
 def _verify_on_gpu(trt, runtime, data: bytes, plan_path: Path, io: dict, settings: EngineSettings) -> str | None:
     """Deserialize on GPU 0 and compare the engine's I/O and profile with the ONNX and the given profile; the GPU's
     name when they match, None when TensorRT cannot load the plan here (reported, not fatal: adopt on the target)."""
-    from ddpm_deploy.runtime.device.loop import GpuContext
+    from ddpm_deploy.runtime.device.cuda import GpuContext
 
     with GpuContext(0) as gpu:
         engine = runtime.deserialize_cuda_engine(data)

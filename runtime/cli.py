@@ -10,7 +10,7 @@ import click
 from .clitools import CONTEXT, clean_errors, latest_run, setup_logging, version_option
 from .config import DataSpec, ModelCard
 from .errors import ArtifactError, ConfigError
-from .schedule import DiffusionConfig, Schedule
+from .schedule import DiffusionConfig
 
 CTX = CONTEXT
 
@@ -52,7 +52,21 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
 @click.option("--batch", "-b", type=int, default=16, help="Images per model call.")
 @click.option("--seed", type=int, default=0, envvar="DDPM_SEED", show_envvar=True, help="Seed; image i of seed s is the same at any batch size.")
 @click.option("--start-index", type=int, default=0, help="Index of the first image (resume or shard a large job).")
-@click.option("--steps", type=int, default=None, help="Respaced sampling with K < T steps. Default: all T steps.")
+@click.option("--steps", type=int, default=None,
+              help="ε calls per image. DDPM: respaced ancestral sampling with K < T steps (default: all T). Other "
+                   "schedulers: default 20.")
+@click.option("--scheduler", default=None, metavar="NAME",
+              help="ddpm (ancestral, the default), ddim, dpmsolver++, sde-dpmsolver++ or unipc; diffusers' class names "
+                   "(DDIMScheduler, …) work too. See the README for which to use at which step count.")
+@click.option("--scheduler-config", type=click.Path(path_type=Path), default=None,
+              help="A diffusers scheduler_config.json (or a pipeline folder with scheduler/), read as diffusers reads "
+                   "it: _class_name picks the scheduler; a field ddpm-deploy does not implement is refused by name. "
+                   "--scheduler, --eta, --order and --option override it.")
+@click.option("--eta", type=float, default=None, help="DDIM's η: 0 deterministic (default), 1 DDPM-like noise.")
+@click.option("--order", type=int, default=None, help="solver_order of dpmsolver++ / unipc (1–3; default 2).")
+@click.option("--option", "sched_options", multiple=True, metavar="KEY=VALUE",
+              help="Any other option of the scheduler by its diffusers name, value as JSON (repeatable), e.g. "
+                   "--option use_karras_sigmas=true --option timestep_spacing=trailing.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output directory. Default: samples/ beside the model.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
@@ -94,13 +108,18 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
 @click.option("--no-progress", is_flag=True, envvar="DDPM_NO_PROGRESS", show_envvar=True, help="No progress bar.")
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @clean_errors
-def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device, backend, precision, cuda_graph,
+def sample(onnx_path, engine, num, batch, seed, start_index, steps, scheduler, scheduler_config, eta, order,
+           sched_options, out, device, backend, precision, cuda_graph,
            threads, graph_opt, no_pngs, resume, overwrite, schedule, beta_start, beta_end, num_timesteps, variance_type, clip, shard,
            device_id, no_progress,
            verbose):
-    """Sample images with ancestral sampling.
+    """Sample images: DDPM ancestral sampling (1000 steps by default), or a fast scheduler in 10–50 ε calls.
 
     \b
+    ddpm-run sample --scheduler dpmsolver++ --steps 20     (DPM-Solver++ 2M, 20 ε calls per image)
+    ddpm-run sample --scheduler ddim --steps 50 --eta 0    (DDIM)
+    ddpm-run sample --scheduler-config scheduler_config.json   (a diffusers scheduler config, as is)
+
     CPU:  ddpm-run sample --onnx model.onnx            (NumPy step, ε from ONNX Runtime CPU)
     GPU:  ddpm-run sample --engine model.plan          (device loop, ε from TensorRT / TensorRT-RTX)
           ddpm-run sample --onnx model.onnx --device cuda   (device loop, ε from ONNX Runtime CUDA)
@@ -115,8 +134,9 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device,
     setup_logging(verbose)
     from contextlib import ExitStack
 
-    from .backends.base import open_runner, open_sampler
+    from .backends.base import open_runner
     from .output import sample_job
+    from .sampling.open import open_loop
     from .shard import device_id_from, shard_from
 
     from .rng import MAX_SEED, MAX_WORD
@@ -167,27 +187,29 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, out, device,
                                                  device_id=device_id_from(device_id)))
         card = _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, variance_type, clip)
         shape = (card.data.channels, card.data.image_size, card.data.image_size)
-        sched = Schedule(card.diffusion, steps=steps)
-        sampler = stack.enter_context(open_sampler(runner, sched, shape, max_batch=min(batch, num),
-                                                   cuda_graph=cuda_graph))
+        plan = resolve_plan(card, scheduler, scheduler_config, steps, eta, order, sched_options,
+                            variance_type=variance_type, clip=clip)
+        loop = stack.enter_context(open_loop(runner, shape, max_batch=min(batch, num), cuda_graph=cuda_graph))
         out = out or model_path.parent / "samples"
         hint = _resume_command(engine, onnx_path, out if job is None else (job_out or out.parent), job_num, batch,
                                seed, job_start, steps, backend, precision, device,
-                               None if job is None else f"{job.index}/{job.count}", no_pngs)
+                               None if job is None else f"{job.index}/{job.count}", no_pngs,
+                               scheduler_args(scheduler, scheduler_config, eta, order, sched_options))
         bar = None
         if not no_progress:  # shown from the first step on (not before the output folder is checked)
-            bar = stack.enter_context(_LazyBar(total=num * len(sched), unit="img·step", unit_scale=True,
+            bar = stack.enter_context(_LazyBar(total=num * len(plan), unit="img·step", unit_scale=True,
                                                dynamic_ncols=True, desc="sample"))
         mode = "resume" if resume else "overwrite" if overwrite else "new"
-        info = sample_job(runner, sampler, card, model_path, out, seed, start_index, num, batch,
+        info = sample_job(runner, loop, plan, card, model_path, out, seed, start_index, num, batch,
                           write_pngs=not no_pngs, on_step=bar.update if bar is not None else None, shard=shard_info,
                           mode=mode, resume_hint=hint, echo=lambda s: click.echo(s, err=True),
-                          on_skip=(lambda n: bar.update(n * len(sched))) if bar is not None else None)
+                          on_skip=(lambda n: bar.update(n * len(plan))) if bar is not None else None)
     if getattr(info, "nothing_to_do", False):
         return
     total = max(info.total_seconds, 1e-9)
     med = info.timings.get("eps_ms_median") or info.timings.get("step_ms_median") or 0.0
-    click.echo(f"sampled {num} images ({len(sched)} steps, batch {batch}, {runner.name}) in {total:.1f}s "
+    click.echo(f"sampled {num} images ({plan.scheduler}, {len(plan)} ε calls each, batch {batch}, {runner.name}) in "
+               f"{total:.1f}s "
                f"({num / total:.2f} images/s; {med:.1f} ms/step median)")
     click.echo(f"wrote {out}/grid.png, images/, samples.npz, run.json")
 
@@ -215,7 +237,7 @@ class _LazyBar:
 
 
 def _resume_command(engine, onnx_path, out, num, batch, seed, start_index, steps, backend, precision, device, shard,
-                    no_pngs) -> str:
+                    no_pngs, sched_args=()) -> str:
     """The command that continues this job (printed when it is interrupted)."""
     import shlex
 
@@ -239,7 +261,87 @@ def _resume_command(engine, onnx_path, out, num, batch, seed, start_index, steps
         args += ["--shard", str(shard)]
     if no_pngs:
         args.append("--no-pngs")
-    return shlex.join([*args, "--resume"])
+    return shlex.join([*args, *sched_args, "--resume"])
+
+
+def scheduler_args(scheduler, scheduler_config, eta, order, sched_options) -> list[str]:
+    """The scheduler options of a command line, as given (for the resume command)."""
+    args: list[str] = []
+    if scheduler is not None:
+        args += ["--scheduler", str(scheduler)]
+    if scheduler_config is not None:
+        args += ["--scheduler-config", str(scheduler_config)]
+    if eta is not None:
+        args += ["--eta", repr(eta)]
+    if order is not None:
+        args += ["--order", str(order)]
+    for o in sched_options:
+        args += ["--option", o]
+    return args
+
+
+FLAG_OPTIONS = {"eta": "--eta", "solver_order": "--order"}
+
+
+def parse_options(sched_options) -> dict:
+    """--option KEY=VALUE pairs, values as JSON (a bare word is a string)."""
+    import json
+
+    out = {}
+    for item in sched_options:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option must be KEY=VALUE (a diffusers option name and a JSON value), found {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def resolve_plan(card: ModelCard, scheduler, scheduler_config, steps, eta, order, sched_options,
+                 variance_type=None, clip=None):
+    """The StepPlan of a command line's scheduler options (the one place the CLIs build plans)."""
+    from .sampling.config import DDPMConfig, SCHEDULERS, from_diffusers, make_scheduler, plan_for, read_config_file, \
+        scheduler_class
+
+    given = {"eta": eta, "solver_order": order, **parse_options(sched_options)}
+    given = {k: v for k, v in given.items() if v is not None}
+    if scheduler_config is not None:
+        source = read_config_file(scheduler_config)
+        name = source.get("_class_name")
+        if scheduler is not None:
+            cls, preset = scheduler_class(scheduler)
+            if name in SCHEDULERS and cls.NAME != name:
+                raise ConfigError(f"--scheduler {scheduler} is {cls.NAME}, --scheduler-config {scheduler_config} is a "
+                                  f"{name} config; give one of them")
+            given = {**preset, **given}
+        if name in SCHEDULERS:
+            _checked(name, given)
+        cfg = from_diffusers(source, card.diffusion, str(scheduler_config), **given)
+    else:
+        cls, _ = scheduler_class(scheduler or "ddpm")
+        cfg = make_scheduler(scheduler or "ddpm", **_checked(cls.NAME, given))
+    if not isinstance(cfg, DDPMConfig):
+        if variance_type is not None:
+            raise ConfigError(f"--variance-type is an option of the ddpm scheduler, not of {cfg.NAME}")
+        if clip is not None and "clip_sample" in cfg.option_names():
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, clip_sample=clip)
+    return plan_for(card.diffusion, cfg, steps)
+
+
+def _checked(name: str, given: dict) -> dict:
+    """``given`` if the scheduler takes every option; else one error naming the flag and the scheduler."""
+    from .sampling.config import scheduler_class
+
+    cls, _ = scheduler_class(name)
+    for key in given:
+        if key not in cls.option_names():
+            flag = FLAG_OPTIONS.get(key, f"--option {key}")
+            raise ConfigError(f"{flag} is not an option of {cls.NAME}; its options: {', '.join(cls.option_names())}")
+    return given
 
 
 @main.command(context_settings=CTX)

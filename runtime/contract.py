@@ -246,11 +246,12 @@ class RunInfo(Artifact):
     """``run.json`` of ``ddpm-run sample`` (and ``ddpm-run request``): what was sampled, how, and how fast.
     ``model_sha256``: the ONNX/plan. v2 added ``shard`` (index, count, num_total of a ``--shard I/N`` run); v3
     ``status`` ("running" while a job writes, "interrupted"/"failed" when it stopped early, "complete") and ``done``
-    (the finished indices as inclusive [first, last] ranges). v2 files read as complete."""
+    (the finished indices as inclusive [first, last] ranges); v4 ``scheduler`` (the step plan's scheduler, options and
+    number of ε calls: ``StepPlan.describe()``). v2 files read as complete, v2/v3 files as DDPM ancestral sampling."""
 
     SCHEMA: ClassVar[str] = "ddpm-deploy/samples"
-    SCHEMA_VERSION: ClassVar[int] = 3
-    OLDER_VERSIONS: ClassVar[tuple[int, ...]] = (2,)
+    SCHEMA_VERSION: ClassVar[int] = 4
+    OLDER_VERSIONS: ClassVar[tuple[int, ...]] = (2, 3)
     WHAT: ClassVar[str] = "sampling record (run.json)"
     REWRITE: ClassVar[str] = "sample again with ddpm-run sample"
 
@@ -273,6 +274,7 @@ class RunInfo(Artifact):
     shard: dict[str, int] | None = None  # {"index": i, "count": n, "num_total": N} of a sharded job
     status: str = "complete"
     done: list[list[int]] | None = None  # finished indices, inclusive ranges; None: all of them (v2)
+    scheduler: dict[str, Any] | None = None  # StepPlan.describe(); None: DDPM ancestral (v2, v3)
 
     @property
     def complete(self) -> bool:
@@ -300,6 +302,7 @@ class MergeInfo(Artifact):
     diffusion: dict[str, Any]
     shards: list[dict[str, Any]]         # dir, shard, start_index, num, backend, total_seconds, run_json_sha256
     sampling_seconds: float              # sum over the shards
+    scheduler: dict[str, Any] | None = None  # the shards' StepPlan.describe() (None: DDPM ancestral, older shards)
 
 
 @dataclass(kw_only=True)

@@ -213,7 +213,7 @@ def _todo(start: int, num: int, done: list[tuple[int, int]]) -> list[tuple[int, 
 # --- the output folder ---------------------------------------------------------------------------------------------
 
 RESUME_KEYS = ("seed", "start_index", "num", "steps", "num_timesteps", "diffusion", "model_sha256", "shard", "backend",
-               "precision")  # backend: runner and device (host and device loops agree within tolerance, not bytes)
+               "precision", "scheduler")  # backend: runner and device (host and device loops agree within tolerance, not bytes)
 
 
 def model_digest(path: str | os.PathLike) -> str:
@@ -457,14 +457,15 @@ def signals_ignored():
 MODES = ("new", "resume", "overwrite")
 
 
-def sample_job(runner, sampler, card, model_path, out_dir, seed: int, start_index: int, num: int, batch: int,
+def sample_job(runner, loop, plan, card, model_path, out_dir, seed: int, start_index: int, num: int, batch: int,
                write_pngs: bool = True, on_step=None, shard: dict | None = None, mode: str = "new",
                resume_hint: str | None = None, echo=None, on_skip=None):
     """Sample indices ``start_index`` … ``start_index + num − 1`` in batches of ``batch`` into ``out_dir`` (see the
     module docstring for the folder and what survives an interruption). ``mode``: "new" (refuse a folder that holds
     samples), "resume" (continue the job there; checked against its run.json), "overwrite" (replace our outputs
     there). ``on_step(n)`` after every step of a batch of n images; ``on_skip(n)`` once with the number of images a
-    resume finds done; ``echo(text)`` for notes to the user;
+    resume finds done; ``echo(text)`` for notes to the user; ``loop`` (``sampling.open_loop``) drives ``runner``
+    along ``plan`` (a ``StepPlan``);
     ``resume_hint``: the command that continues the job, for messages. Returns the RunInfo written (status
     "complete"). Used by ``ddpm-run sample`` and ``fid-compare`` alike."""
     import dataclasses
@@ -480,9 +481,9 @@ def sample_job(runner, sampler, card, model_path, out_dir, seed: int, start_inde
     image_shape = (h, w, c)
     model_sha = model_digest(model_path)
     base = RunInfo(
-        seed=seed, num=num, batch=batch, start_index=start_index, steps=len(sampler.schedule),
+        seed=seed, num=num, batch=batch, start_index=start_index, steps=len(plan), scheduler=plan.describe(),
         num_timesteps=card.diffusion.num_timesteps, backend=runner.name, runner=type(runner).__name__,
-        loop=sampler.loop, precision=runner.precision, model=str(model_path), diffusion=card.diffusion.to_dict(),
+        loop=loop.kind, precision=runner.precision, model=str(model_path), diffusion=card.diffusion.to_dict(),
         total_seconds=0.0, images_per_second=0.0, timings={},
         host={"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version()},
         model_sha256=model_sha, shard=shard, status="running", done=[])
@@ -510,6 +511,8 @@ def sample_job(runner, sampler, card, model_path, out_dir, seed: int, start_inde
                 theirs = getattr(prev, key)
                 if key == "diffusion":
                     theirs = {**mine["diffusion"], **theirs}  # run.json of older versions may lack new keys
+                if key == "scheduler" and theirs is None and _legacy_ddpm(mine["scheduler"]):
+                    theirs = mine["scheduler"]  # v2/v3 run.json: DDPM ancestral with the linspace respacing
                 if theirs != mine[key]:
                     what = "the model file differs" if key == "model_sha256" else f"{key} {theirs!r} there, " \
                         f"{mine[key]!r} in this command"
@@ -530,7 +533,7 @@ def sample_job(runner, sampler, card, model_path, out_dir, seed: int, start_inde
             if on_skip is not None:
                 on_skip(n_before)
         todo = _todo(start_index, num, done)
-        timings = sampler.new_timings()
+        timings = loop.new_timings()
         t0 = time.perf_counter()
 
         def record(status: str):
@@ -549,7 +552,7 @@ def sample_job(runner, sampler, card, model_path, out_dir, seed: int, start_inde
                     for b0 in range(lo, hi, batch):
                         idx = np.arange(b0, min(b0 + batch, hi), dtype=np.int64)
                         cb = (lambda d, t, n=len(idx): on_step(n)) if on_step is not None else None
-                        x, tm = sampler.sample(seed, idx, callback=cb)
+                        x, tm = loop.sample(plan, seed, idx, callback=cb)
                         timings.extend(tm)
                         imgs = to_uint8(x, card.data.value_range)
                         out.write_part(imgs, int(idx[0]))  # first: the record a resume trusts
@@ -592,6 +595,13 @@ def sample_job(runner, sampler, card, model_path, out_dir, seed: int, start_inde
             raise
     finally:
         out.close(keep=wrote)
+
+
+def _legacy_ddpm(scheduler: dict) -> bool:
+    """Whether a plan is what every ddpm-run sample before run.json v4 did: DDPM with the linspace respacing."""
+    return scheduler.get("scheduler") == "DDPMScheduler" and \
+        scheduler.get("options", {}).get("timestep_spacing") == "linspace" and \
+        not scheduler.get("options", {}).get("steps_offset")
 
 
 def _safe_previous(out: SampleDir):

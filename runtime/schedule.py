@@ -1,4 +1,8 @@
-"""The DDPM noise schedule and the ancestral step (Ho, Jain & Abbeel 2020), as a pure NumPy object.
+"""The DDPM noise schedule and its posterior tables (Ho, Jain & Abbeel 2020), as a pure NumPy object.
+
+The forward process (β, ᾱ) is the model card's (``DiffusionConfig``). The reverse step of every scheduler lives in
+``runtime.sampling`` (plans, the step rule); ``Schedule`` keeps DDPM's float64 posterior tables, from which the
+DDPM plan is built, and its ``step`` is that rule on one row (the parity suite's L0/L1 check these tables).
 
 Tables are computed once in float64 and cast to float32 at use. Equation numbers refer to the DDPM paper;
 respacing follows Nichol & Dhariwal 2021 (improved DDPM), section 4.
@@ -113,18 +117,20 @@ class Schedule:
     ``timesteps[i]`` (the original, un-respaced timestep).
     """
 
-    def __init__(self, cfg: DiffusionConfig, steps: int | None = None):
+    def __init__(self, cfg: DiffusionConfig, steps: int | None = None, timesteps: np.ndarray | None = None):
+        """``timesteps``: the kept timesteps, ascending (default: ``respaced_timesteps(T, steps)``)."""
         self.config = cfg
         base_betas = make_betas(cfg)
         base_abar = np.cumprod(1.0 - base_betas)
         self.base_betas = base_betas
         self.base_alphas_cumprod = base_abar
-        self.timesteps = respaced_timesteps(cfg.num_timesteps, steps)
+        self.timesteps = respaced_timesteps(cfg.num_timesteps, steps) if timesteps is None else \
+            np.asarray(timesteps, dtype=np.int64)
         abar = base_abar[self.timesteps]
         abar_prev = np.concatenate([[1.0], abar[:-1]])
         # Respacing (improved DDPM §4): β from ᾱ at the kept steps; identical to the base β when K = T.
         betas = 1.0 - abar / abar_prev
-        if steps is None or len(self.timesteps) == cfg.num_timesteps:
+        if len(self.timesteps) == cfg.num_timesteps:
             betas = base_betas.copy()
         self.betas = betas
         self.alphas_cumprod = abar
@@ -140,37 +146,28 @@ class Schedule:
         sigma = np.sqrt(var)
         sigma[0] = 0.0  # no noise at the last step (t = 0)
         self.sigmas = sigma
-        # float32 tables used by the step (and uploaded once by the device loop)
-        self.table32 = np.stack(
-            [
-                self.sqrt_recip_alphas_cumprod,
-                self.sqrt_recipm1_alphas_cumprod,
-                self.posterior_mean_coef1,
-                self.posterior_mean_coef2,
-                self.sigmas,
-            ],
-            axis=1,
-        ).astype(np.float32)
 
     def __len__(self) -> int:
         return len(self.timesteps)
 
     def step(self, x_t: np.ndarray, eps: np.ndarray, i: int, noise: np.ndarray | None) -> np.ndarray:
-        """One ancestral step x_t → x_{t-1} (eq. 11 via x̂0), in float32.
+        """One ancestral step x_t → x_{t-1} at ascending index i (eq. 11 via x̂0, eq. 15), in float32: the sampling
+        layer's rule (``sampling.rules.linear_step``) on this schedule's DDPM row, the one step the loops run.
 
         ``noise`` is z ~ N(0, I) of x's shape; ignored (may be None) at i = 0.
         """
-        a, b, c1, c2, sigma = (np.float32(v) for v in self.table32[i])
-        x0 = a * x_t - b * eps
-        if self.config.clip_denoised:
-            np.clip(x0, -1.0, 1.0, out=x0)
-        mean = c1 * x0 + c2 * x_t
-        if i == 0:
-            return mean
-        if noise is None:
+        from .sampling.plan import NO_CLIP, Lin, row
+        from .sampling.rules import linear_step
+
+        if i > 0 and noise is None:
             raise ValueError("noise is required for i > 0")
-        mean += sigma * noise
-        return mean
+        m0, x = Lin.of("m0"), Lin.of("x")
+        x_next = self.posterior_mean_coef1[i] * m0 + self.posterior_mean_coef2[i] * x + self.sigmas[i] * Lin.of("z")
+        r = row(self.sqrt_recip_alphas_cumprod[i], self.sqrt_recipm1_alphas_cumprod[i], x_next,
+                clip=1.0 if self.config.clip_denoised else NO_CLIP).astype(np.float32)
+        coef = np.broadcast_to(r, (len(x_t), len(r)))
+        out, _, _ = linear_step(x_t, eps, coef, None, None, noise if i > 0 else None)
+        return out
 
     def q_sample(self, x0: np.ndarray, t: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """Forward process x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (eq. 4), t in original timesteps."""

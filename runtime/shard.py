@@ -128,7 +128,7 @@ def merge(out: str | os.PathLike, shard_dirs: Sequence[str | os.PathLike]) -> Me
     loaded = [(d, *_load_shard(d)) for d in dirs]
     d0, ref = loaded[0][0], loaded[0][1]
     for d, info, _, _ in loaded[1:]:
-        for key in ("seed", "steps", "model_sha256", "diffusion"):
+        for key in ("seed", "steps", "model_sha256", "diffusion", "scheduler"):
             if getattr(info, key) != getattr(ref, key):
                 raise ArtifactError(f"{d}: {key} {getattr(info, key)!r} differs from {d0}'s {getattr(ref, key)!r}; "
                                     f"merge only shards of one job")
@@ -175,7 +175,7 @@ def merge(out: str | os.PathLike, shard_dirs: Sequence[str | os.PathLike]) -> Me
     save_grid(out, images)
     merged = MergeInfo(
         seed=ref.seed, num=len(indices), first_index=int(lo), steps=ref.steps, num_timesteps=ref.num_timesteps,
-        precision=ref.precision, diffusion=ref.diffusion, model_sha256=ref.model_sha256,
+        precision=ref.precision, diffusion=ref.diffusion, model_sha256=ref.model_sha256, scheduler=ref.scheduler,
         shards=[{"dir": str(d), "shard": info.shard, "start_index": info.start_index, "num": info.num,
                  "backend": info.backend, "total_seconds": info.total_seconds,
                  "run_json_sha256": sha256_file(d / "run.json")} for d, info, _, _ in loaded],

@@ -27,6 +27,12 @@ L1_STEP_ATOL = 1e-5
 L1_DIFFUSERS_FLOAT32_ATOL = 1e-3
 # L1 golden test (diffusers style): the float32 step vs its closed form in float64 on an arange sample.
 L1_STEP_GOLDEN_RTOL, L1_STEP_GOLDEN_ATOL = 1e-5, 1e-6
+# L1 per scheduler: our float32 plan rule over a whole trajectory (10–50 steps) vs diffusers' own scheduler class on
+# the same ε function and noise, relative to max |x_0| (the schedulers issue's bound; measured 2e-7 – 5e-6: DDIM,
+# DPM-Solver++ and its SDE form, UniPC bh1/bh2, orders 1–3; diffusers' float32 ᾱ dominates).
+L1_SCHEDULER_FP32_RTOL = 1e-4
+# the same plan in float64 vs diffusers' formulas on float64 tables (UniPC measured ≤ 7e-15): transcription only.
+L1_SCHEDULER_FLOAT64_RTOL = 1e-12
 # L2 ε: ONNX Runtime fp32 vs PyTorch fp32.
 L2_EPS_FP32_ATOL = 1e-4
 # L2 ε: fp16 mixed-precision ONNX / engine vs fp32, relative L2 over a batch.

@@ -26,6 +26,7 @@ from ddpm_deploy.runtime.config import DataSpec, ModelCard
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, DataError
 from ddpm_deploy.runtime.fileio import atomic_write_text
 from ddpm_deploy.runtime.imageio import grid_scale, make_grid, save_png, to_uint8
+from ddpm_deploy.runtime.sampling.config import plan_for
 from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
 
 from . import checkpoint as ckpt
@@ -281,9 +282,9 @@ class Trainer:
     def sample_grid(self) -> Path | None:
         if not self.env.is_main:
             return None
-        sched = Schedule(self.dcfg, steps=min(self.tcfg.sample_steps, self.dcfg.num_timesteps))
+        plan = plan_for(self.dcfg, "ddpm", steps=min(self.tcfg.sample_steps, self.dcfg.num_timesteps))
         n = self.tcfg.num_samples
-        x = sample_torch(self.ema, sched, self.data.shape[1:], seed=self.tcfg.seed, indices=range(n))
+        x = sample_torch(self.ema, plan, self.data.shape[1:], seed=self.tcfg.seed, indices=range(n))
         grid = make_grid(to_uint8(np.clip(x, -1, 1)))
         path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
         save_png(path, grid, scale=grid_scale(self.ucfg.image_size))

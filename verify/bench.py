@@ -111,18 +111,20 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         out["eps_ms"] = _median_ms(lambda: runner.eps(x, t), warm, rep)
         out["runner"], out["precision"] = type(runner).__name__, runner.precision  # what OpenVINO really ran
     elif backend == "ort-cpu":
-        from ddpm_deploy.runtime.backends.base import open_runner, open_sampler
+        from ddpm_deploy.runtime.backends.base import open_runner
+        from ddpm_deploy.runtime.sampling.open import open_loop
 
         runner = open_runner(_onnx_for(preset, Path(job["workdir"])), "cpu", threads=threads)
         out["eps_ms"] = _median_ms(lambda: runner.eps(x, t), warm, rep)
         out["runner"] = type(runner).__name__
         if job.get("e2e_steps"):
-            from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
+            from ddpm_deploy.runtime.sampling.config import plan_for
+            from ddpm_deploy.runtime.schedule import DiffusionConfig
 
-            sched = Schedule(DiffusionConfig(), steps=job["e2e_steps"])
-            sampler = open_sampler(runner, sched, x.shape[1:], max_batch=b)
+            sched = plan_for(DiffusionConfig(), job.get("scheduler") or "ddpm", steps=job["e2e_steps"])
+            sampler = open_loop(runner, x.shape[1:], max_batch=b)
             t0 = time.perf_counter()
-            _, tm = sampler.sample(seed=0, indices=np.arange(b))
+            _, tm = sampler.sample(sched, seed=0, indices=np.arange(b))
             wall = time.perf_counter() - t0
             s = tm.summary()
             out.update(e2e_steps=len(sched), e2e_seconds=wall, e2e_eps_seconds=s["eps_seconds"],

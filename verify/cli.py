@@ -31,7 +31,13 @@ __all__ = ["main"]
 @click.option("--engine", "engine", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TensorRT plan (with its model.plan.json sidecar). Runs only on an NVIDIA GPU; elsewhere the "
                    "sidecar is validated and the engine levels are reported as not run.")
-@click.option("--steps", type=int, default=None, help="Respaced L3 trajectory with K steps. Default: all T steps.")
+@click.option("--steps", type=int, default=None, help="ε calls of the L3 trajectory. Default: all T steps (DDPM), "
+              "20 for the other schedulers.")
+@click.option("--scheduler", default=None, metavar="NAME",
+              help="L1/L3/L4 along this scheduler (ddpm, ddim, dpmsolver++, sde-dpmsolver++, unipc): L1 vs diffusers' "
+                   "own scheduler class, L3 vs diffusers' scheduler driving the PyTorch model, same noise.")
+@click.option("--option", "sched_options", multiple=True, metavar="KEY=VALUE",
+              help="A scheduler option by its diffusers name, value as JSON (repeatable).")
 @click.option("--batch", "-b", type=int, default=4, help="Samples in the L3 trajectory (and the largest L2 batch).")
 @click.option("--seed", type=int, default=0, envvar="DDPM_SEED", show_envvar=True, help="Seed of the inputs and the sampling noise.")
 @click.option("--weights", type=click.Choice(["ema", "raw"]), default="ema",
@@ -48,7 +54,8 @@ __all__ = ["main"]
               help="Where parity.json and parity.md go. Default: parity/ beside the ONNX (or in CHECKPOINT).")
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @clean_errors
-def parity(checkpoint, onnx_path, engine, steps, batch, seed, weights, threads, backend, device, out, verbose):
+def parity(checkpoint, onnx_path, engine, steps, scheduler, sched_options, batch, seed, weights, threads, backend,
+           device, out, verbose):
     """Check every parity level the given artifacts allow and write parity.json + parity.md.
 
     L0 schedule tables and L1 one step (vs the paper's equations in float64 and diffusers' DDPMScheduler), L2 ε
@@ -66,7 +73,7 @@ def parity(checkpoint, onnx_path, engine, steps, batch, seed, weights, threads, 
     checkpoint = Path(checkpoint) if checkpoint else latest_run()
     settings = parity_mod.ParitySettings(checkpoint=checkpoint, onnx=onnx_path, engine=engine, steps=steps,
                                          batch=batch, seed=seed, weights=weights, threads=threads, device=device,
-                                         backend=backend)
+                                         backend=backend, scheduler=scheduler, scheduler_options=tuple(sched_options))
     rep = parity_mod.run_parity(settings, echo=lambda m: click.echo(m, err=True))
     out = out or ((onnx_path.parent if onnx_path else checkpoint) / "parity")
     json_path, md_path = parity_mod.write_reports(rep, out)

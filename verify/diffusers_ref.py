@@ -97,3 +97,69 @@ def sample_diffusers(model: torch.nn.Module, scheduler, timesteps: np.ndarray, s
         z = torch.from_numpy(rng.normals(seed, idx, t, shape)) if t > 0 else None
         x = step_with_noise(scheduler, eps, t, x, z)
     return x.numpy()
+
+
+# --- every scheduler: diffusers' own class driven along one of our plans -----------------------------------------
+
+PREVIOUS_TIMESTEP_BUG = ("diffusers steps DDIM/DDPM to t − T // N, not to the next timestep called "
+                         "(huggingface/diffusers #9261, #11347, #12633): it differs from the timestep list for "
+                         "linspace spacing and for trailing when N does not divide T; ddpm-deploy follows the list")
+
+
+def diffusers_agrees(plan, T: int) -> tuple[bool, str]:
+    """Whether diffusers computes this plan as we do (False, with the reason, where diffusers is known wrong)."""
+    if plan.scheduler != "DDIMScheduler" or len(plan) == T:
+        return True, ""  # DDPM: sample_with_scheduler gives diffusers our list as custom timesteps (then it agrees)
+    spacing = plan.options.get("timestep_spacing")
+    if spacing == "leading" or (spacing == "trailing" and T % len(plan) == 0):
+        return True, ""
+    return False, PREVIOUS_TIMESTEP_BUG
+
+
+def diffusers_scheduler(plan, cfg: DiffusionConfig):
+    """diffusers' class of ``plan.scheduler`` with the plan's options and the model's forward process; returns
+    (scheduler, step keyword arguments)."""
+    diffusers = lazy_import("diffusers", "The diffusers reference scheduler", INSTALL)
+    opts = dict(plan.options)
+    step_kw = {}
+    if "eta" in opts:
+        step_kw["eta"] = opts.pop("eta")
+    if "disable_corrector" in opts:
+        opts["disable_corrector"] = list(opts["disable_corrector"])
+    cls = getattr(diffusers, plan.scheduler)
+    s = cls(num_train_timesteps=cfg.num_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+            beta_schedule={v: k for k, v in BETA_SCHEDULES.items()}[cfg.schedule], **opts)
+    return s, step_kw
+
+
+@torch.no_grad()
+def sample_with_scheduler(eps_fn, plan, cfg: DiffusionConfig, shape, seed: int, indices,
+                          dtype=torch.float64) -> np.ndarray:
+    """diffusers' own scheduler stepping along ``plan``'s options with x_T and every z from ``runtime.rng`` (as the
+    runtime draws them: ``variance_noise``, or the DDPM step's ``randn_tensor``). ``eps_fn(x, t)`` on float32 NumPy
+    arrays (a model or a dummy). ValueError if diffusers' timesteps are not the plan's."""
+    from ddpm_deploy.runtime import rng
+
+    idx = np.asarray(indices, dtype=np.int64)
+    shape = tuple(int(s) for s in shape)
+    s, step_kw = diffusers_scheduler(plan, cfg)
+    if plan.scheduler == "DDPMScheduler" and plan.options.get("timestep_spacing") != "leading" and len(plan) != \
+            cfg.num_timesteps:
+        s.set_timesteps(timesteps=[int(t) for t in plan.timesteps])  # our respacing as diffusers' custom list
+    else:
+        s.set_timesteps(len(plan))
+    ts = s.timesteps.numpy().astype(np.int64)
+    if not np.array_equal(ts, plan.timesteps):
+        raise ValueError(f"diffusers' timesteps {ts.tolist()} are not the plan's {plan.timesteps.tolist()}")
+    x = torch.from_numpy(rng.normals(seed, idx, rng.INITIAL_STEP, shape)).to(dtype)
+    for k, t in enumerate(s.timesteps):
+        t = int(t)
+        eps = torch.from_numpy(eps_fn(x.float().numpy(), np.full(len(idx), t, np.int32))).to(dtype)
+        z = torch.from_numpy(rng.normals(seed, idx, int(plan.noise_ids[k]), shape)).to(dtype)
+        if plan.scheduler == "DDPMScheduler":
+            x = step_with_noise(s, eps, t, x, z if k + 1 < len(plan) else None)
+        elif "variance_noise" in inspect.signature(s.step).parameters:
+            x = s.step(eps, t, x, variance_noise=z, **step_kw).prev_sample
+        else:
+            x = s.step(eps, t, x, **step_kw).prev_sample
+    return x.float().numpy()

@@ -196,13 +196,15 @@ def write_stats(ref: str, out: Path, settings: FidSettings, ext: InceptionExtrac
 
 def sample_set(model: Path, device: str, out: Path, num: int, batch: int, seed: int, steps: int | None,
                threads: int = 0, progress: Progress | None = None, stage: str = "sample", mode: str = "resume",
-               echo=None) -> ImageSet:
+               echo=None, scheduler: str | None = None, options=()) -> ImageSet:
     """Sample ``num`` images (seed, indices 0..num−1) with the shipped runner and loop; writes samples.npz and
     run.json to ``out`` (as ``ddpm-run sample --no-pngs``) and returns them. ``mode`` as ``output.sample_job``:
-    "resume" reuses (or continues) the same job already in ``out``."""
-    from ddpm_deploy.runtime.backends.base import open_runner, open_sampler
+    "resume" reuses (or continues) the same job already in ``out``. ``scheduler`` and ``options`` (KEY=VALUE
+    strings) as ``ddpm-run sample --scheduler … --option …``."""
+    from ddpm_deploy.runtime.backends.base import open_runner
+    from ddpm_deploy.runtime.cli import resolve_plan
     from ddpm_deploy.runtime.output import sample_job
-    from ddpm_deploy.runtime.schedule import Schedule
+    from ddpm_deploy.runtime.sampling.open import open_loop
 
     with open_runner(model, device, threads=threads) as runner:
         card = runner.card
@@ -210,15 +212,15 @@ def sample_set(model: Path, device: str, out: Path, num: int, batch: int, seed: 
             raise ArtifactError(f"{model}: has no ddpm-deploy metadata (ddpm_deploy.config); export it with "
                                 "ddpm-export")
         shape = (card.data.channels, card.data.image_size, card.data.image_size)
-        sched = Schedule(card.diffusion, steps=steps)
-        with open_sampler(runner, sched, shape, max_batch=min(batch, num)) as sampler:
-            done, total_steps = [0], num * len(sched)
+        plan = resolve_plan(card, scheduler, None, steps, None, None, options)
+        with open_loop(runner, shape, max_batch=min(batch, num)) as loop:
+            done, total_steps = [0], num * len(plan)
 
             def step_done(n):  # after each step of a batch of n images
                 done[0] += n
                 progress(stage, done[0], total_steps)
 
-            sample_job(runner, sampler, card, model, out, seed, 0, num, batch, write_pngs=False,
+            sample_job(runner, loop, plan, card, model, out, seed, 0, num, batch, write_pngs=False,
                        on_step=step_done if progress else None, mode=mode, echo=echo)
     return read_image_set(out)
 

@@ -205,16 +205,24 @@ def fid_extractor(out, force, verbose):
 @main.command("fid-compare", context_settings=CTX)
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The reference model (fp32 ONNX), sampled on --device.")
-@click.option("--against", "against", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("--against", "against", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The model to judge: another precision (model.fp16.onnx), the same ONNX on another device, or a "
-                   "TensorRT plan (always on the GPU).")
+                   "TensorRT plan (always on the GPU). Default: --onnx itself (compare schedulers or step counts).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Device of the reference model.")
 @click.option("--against-device", type=click.Choice(["cpu", "cuda"]), default="cpu",
               help="Device of the --against model (a .plan always runs on cuda).")
 @click.option("--num", "-n", type=click.IntRange(min=2), default=256, help="Images per side (same seeds).")
 @click.option("--sample-batch", type=click.IntRange(min=1), default=64, help="Images per sampling call.")
 @click.option("--seed", type=int, default=0, envvar="DDPM_SEED", show_envvar=True, help="Seed of both sides.")
-@click.option("--steps", type=int, default=None, help="Respaced sampling with K steps. Default: all T steps.")
+@click.option("--steps", type=int, default=None,
+              help="ε calls per image of the reference (DDPM default: all T; other schedulers: 20).")
+@click.option("--scheduler", default=None, metavar="NAME", help="The reference's scheduler (default ddpm).")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="A reference scheduler option (JSON).")
+@click.option("--against-steps", type=int, default=None, help="The candidate's ε calls. Default: --steps.")
+@click.option("--against-scheduler", default=None, metavar="NAME", help="The candidate's scheduler. Default: "
+              "--scheduler.")
+@click.option("--against-option", "against_options", multiple=True, metavar="KEY=VALUE",
+              help="A candidate scheduler option (JSON). Default: the reference's --option values.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where reference/, candidate/ (samples.npz, run.json) and fid.json go. Default: fid-compare/ "
                    "beside --onnx.")
@@ -225,7 +233,8 @@ def fid_extractor(out, force, verbose):
 @kid_options
 @extraction_options
 @clean_errors
-def fid_compare(onnx_path, against, device, against_device, num, sample_batch, seed, steps, out, overwrite, max_fid, max_kid,
+def fid_compare(onnx_path, against, device, against_device, num, sample_batch, seed, steps, scheduler, options,
+                against_steps, against_scheduler, against_options, out, overwrite, max_fid, max_kid,
                 kid_subsets, kid_subset_size, extractor, batch, threads, image_size, channels, no_progress, verbose):
     """Quality gate for a precision or backend: sample the same seeds with the fp32 reference and with
     --against, then FID/KID between the two sets, per-image differences and both sides' speed (fid.json).
@@ -234,6 +243,8 @@ def fid_compare(onnx_path, against, device, against_device, num, sample_batch, s
       ddpm-run fid-compare --onnx model.onnx --against model.fp16.onnx --num 1000 --max-fid 1
       ddpm-run fid-compare --onnx model.onnx --against model.plan --num 1000        (GPU)
       ddpm-run fid-compare --onnx model.onnx --against model.onnx --against-device cuda
+      ddpm-run fid-compare --onnx model.onnx --against-scheduler dpmsolver++ --against-steps 20   (1000-step DDPM
+                                                                                    vs DPM-Solver++ at 20 calls)
 
     Exits with status 1 when --max-fid / --max-kid is given and exceeded.
     """
@@ -244,6 +255,10 @@ def fid_compare(onnx_path, against, device, against_device, num, sample_batch, s
         raise ConfigError(f"--seed must be >= 0, found {seed}")
     settings = _settings(extractor, batch, threads, image_size, channels, kid_subsets, kid_subset_size)
     out = Path(out or onnx_path.parent / "fid-compare")
+    against = against or onnx_path
+    cand_sched = dict(steps=steps if against_steps is None else against_steps,
+                      scheduler=scheduler if against_scheduler is None else against_scheduler,
+                      options=options if not against_options else against_options)
     for path in (onnx_path, against):  # both exist before anything is sampled (a side sampled is kept and reused)
         if not path.is_file():
             raise ArtifactError(f"{path}: model not found (an ONNX file from ddpm-export, or a plan)")
@@ -252,9 +267,12 @@ def fid_compare(onnx_path, against, device, against_device, num, sample_batch, s
         bars = Bars(stack, not no_progress)
         mode = "overwrite" if overwrite else "resume"
         sample_set(onnx_path, device_for(onnx_path, device), out / "reference", num, sample_batch, seed, steps,
-                   threads, bars, "sample reference", mode=mode, echo=lambda m: click.echo(m, err=True))
+                   threads, bars, "sample reference", mode=mode, echo=lambda m: click.echo(m, err=True),
+                   scheduler=scheduler, options=options)
         cand = sample_set(against, device_for(against, against_device), out / "candidate", num, sample_batch, seed,
-                          steps, threads, bars, "sample candidate", mode=mode, echo=lambda m: click.echo(m, err=True))
+                          cand_sched["steps"], threads, bars, "sample candidate", mode=mode,
+                          echo=lambda m: click.echo(m, err=True), scheduler=cand_sched["scheduler"],
+                          options=cand_sched["options"])
         rep = fid_report(cand, str(out / "reference"), settings, ext, progress=bars, paired=True,
                          max_fid=max_fid, max_kid=max_kid)
     _print_report(rep, rep.save(out / "fid.json"))

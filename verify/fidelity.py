@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ddpm_deploy.runtime.backends.base import open_runner, open_sampler
+from ddpm_deploy.runtime.backends.base import open_runner
 from ddpm_deploy.runtime.contract import BenchResults
 from ddpm_deploy.runtime.fileio import atomic_write_text
 from ddpm_deploy.runtime.imageio import to_uint8
-from ddpm_deploy.runtime.schedule import Schedule
+from ddpm_deploy.runtime.sampling.config import plan_for
+from ddpm_deploy.runtime.sampling.open import open_loop
 
 
 def psnr_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -42,9 +43,9 @@ def psnr_per_image(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def sample_all(runner, schedule, shape, seed: int, num: int, batch: int):
     """All ``num`` images with the shipped host loop; returns (x0 float32 [N,C,H,W], median ε ms at ``batch``)."""
     xs, eps_ms = [], []
-    with open_sampler(runner, schedule, shape, max_batch=batch) as sampler:
+    with open_loop(runner, shape, max_batch=batch) as loop:
         for lo in range(0, num, batch):
-            x, tm = sampler.sample(seed, np.arange(lo, min(lo + batch, num)))
+            x, tm = loop.sample(schedule, seed, np.arange(lo, min(lo + batch, num)))
             xs.append(x)
             if lo + batch <= num:  # full batches only: the speed at `batch`
                 eps_ms.append(tm.summary()["eps_ms_median"])
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     ref_runner = open_runner(args.onnx, "cpu", threads=args.threads)
     card = ref_runner.card
     shape = (card.data.channels, card.data.image_size, card.data.image_size)
-    sched = Schedule(card.diffusion, steps=args.steps)
+    sched = plan_for(card.diffusion, "ddpm", steps=args.steps)
     int8 = args.int8 or args.onnx.with_name("model.int8.xml")
     wanted = {r.strip() for r in args.rows.split(",")} | {"ref"}
     unknown = wanted - {"ref", "spread", "ov-fp32", "ov-bf16", "int8"}

@@ -255,15 +255,16 @@ def time_eps(backend, gpu, batch: int, shape, repeat: int = 20, warmup: int = 3)
             obj.close()
 
 
-def time_loop(backend, gpu, batch: int, shape, steps: int, cuda_graph: bool) -> dict:
-    from ddpm_deploy.runtime.device.loop import DeviceSampler
-    from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
+def time_loop(backend, gpu, batch: int, shape, steps: int, cuda_graph: bool, scheduler: str = "ddpm") -> dict:
+    from ddpm_deploy.runtime.device.loop import DeviceLoop
+    from ddpm_deploy.runtime.sampling.config import plan_for
+    from ddpm_deploy.runtime.schedule import DiffusionConfig
 
-    sched = Schedule(DiffusionConfig(), steps=None if steps >= 1000 else steps)
+    sched = plan_for(DiffusionConfig(), scheduler, steps=None if steps >= 1000 and scheduler == "ddpm" else steps)
     start = time.perf_counter()
-    with DeviceSampler(backend, sched, shape, batch, gpu, cuda_graph=cuda_graph) as sampler:
-        x0, timings = sampler.sample(0, range(batch))
-        capture_error = sampler.graph_error
+    with DeviceLoop(backend, shape, batch, gpu, cuda_graph=cuda_graph) as loop:
+        x0, timings = loop.sample(sched, 0, range(batch))
+        capture_error = loop.graph_error
     s = timings.summary()
     return {"steps": s["steps"], "step_ms": s["step_ms_median"], "graph": s["graph"], "wall_s": time.perf_counter() - start,
             "eps_ms_in_loop": s["eps_ms_median"], "other_ms_in_loop": s["loop_ms_median"], "x0": x0,
@@ -328,7 +329,9 @@ def bench_torch(rows: list, batch: int, half: bool, compile_: bool = True, steps
     try:
         import torch
 
-        from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
+        from ddpm_deploy.runtime.sampling.config import plan_for
+        from ddpm_deploy.runtime.sampling.plan import COL
+        from ddpm_deploy.runtime.schedule import DiffusionConfig
 
         from ddpm_deploy.verify.models import random_preset_model
 
@@ -342,8 +345,9 @@ def bench_torch(rows: list, batch: int, half: bool, compile_: bool = True, steps
         shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
         x = torch.randn(*shape, device=device, dtype=dtype)
         t = torch.full((batch,), 500, device=device, dtype=torch.int32)
-        sched = Schedule(DiffusionConfig(), steps=None if steps >= 1000 else steps)
-        table = torch.tensor(np.asarray(sched.table32), device=device)  # a, b, c1, c2, sigma per step
+        sched = plan_for(DiffusionConfig(), "ddpm", steps=None if steps >= 1000 else steps)
+        cols = [COL[c] for c in ("a", "b", "m0", "x", "z")]  # DDPM's columns: x̂0 = a·x − b·ε; c1·x̂0 + c2·x + σ·z
+        table = torch.tensor(np.asarray(sched.table32[:, cols]), device=device)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
         def event():
@@ -375,13 +379,13 @@ def bench_torch(rows: list, batch: int, half: bool, compile_: bool = True, steps
                 tt = torch.empty(batch, device=device, dtype=torch.int32)
                 marks = [event() for _ in range(len(timesteps) + 1)]
                 marks[0].record()
-                for k, i in enumerate(range(len(timesteps) - 1, -1, -1)):
-                    tt.fill_(timesteps[i])
+                for k in range(len(timesteps)):  # the plan's ε-call order
+                    tt.fill_(timesteps[k])
                     eps = fn(xt.to(dtype), tt).float()
-                    a, b, c1, c2, sigma = table[i]
+                    a, b, c1, c2, sigma = table[k]
                     x0 = (a * xt - b * eps).clamp_(-1.0, 1.0)
                     xt = c1 * x0 + c2 * xt
-                    if i > 0:
+                    if k + 1 < len(timesteps):
                         xt = xt + sigma * torch.randn_like(xt)
                     marks[k + 1].record()
                 sync()
@@ -503,7 +507,7 @@ def main(argv=None) -> int:
 
     from ddpm_deploy.runtime.backends.ort_cuda import OrtCudaRunner
     from ddpm_deploy.runtime.device.info import device_info
-    from ddpm_deploy.runtime.device.loop import GpuContext
+    from ddpm_deploy.runtime.device.cuda import GpuContext
 
     tests = parse_junit(args.junit) if args.junit and args.junit.exists() else []
     try:

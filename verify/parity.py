@@ -10,6 +10,8 @@ loop without a GPU) is recorded as "not run" with the reason, never as a pass.
 
 from __future__ import annotations
 
+import importlib.util
+
 import math
 import platform
 import time
@@ -46,6 +48,15 @@ class ParitySettings:
     threads: int = 0  # PyTorch and ONNX Runtime intra-op threads; 0 leaves the libraries' defaults
     device: str = "cpu"  # "cuda": L4 also runs the device loop (ONNX Runtime CUDA, and the plan) against the host loop
     backend: str = "onnxruntime"  # the CPU backend of L2/L3/L4: "onnxruntime" or "openvino"
+    scheduler: str | None = None  # L1/L3/L4 along this scheduler's plan (None: DDPM ancestral)
+    scheduler_options: tuple[str, ...] = ()  # KEY=VALUE, as ddpm-run sample --option
+
+
+def plan_of(card: ModelCard, s: ParitySettings, steps: int | None = None):
+    """The StepPlan the levels sample along (``steps`` overrides the settings')."""
+    from ddpm_deploy.runtime.cli import resolve_plan
+
+    return resolve_plan(card, s.scheduler, None, s.steps if steps is None else steps, None, None, s.scheduler_options)
 
 
 @dataclass
@@ -157,7 +168,8 @@ def step_scale(sched: Schedule, x, eps, i: int) -> np.ndarray:
     """1 + c1·(a·|x_t| + b·|ε|) + c2·|x_t|: the sum of the magnitudes of the step's terms, which float32 rounding
     is relative to (forward error bound). a·x_t and b·ε nearly cancel in x̂0 where ᾱ_t is tiny (≈ 1e4 each at
     t = T−1 of the cosine schedule), so a plain absolute tolerance would judge the conditioning, not the code."""
-    a, b, c1, c2, _ = np.abs(sched.table32[i].astype(np.float64))
+    a, b = sched.sqrt_recip_alphas_cumprod[i], sched.sqrt_recipm1_alphas_cumprod[i]
+    c1, c2 = abs(sched.posterior_mean_coef1[i]), abs(sched.posterior_mean_coef2[i])
     ax, ae = np.abs(np.asarray(x, np.float64)), np.abs(np.asarray(eps, np.float64))
     return 1.0 + c1 * (a * ax + b * ae) + c2 * ax
 
@@ -452,6 +464,42 @@ def _l2_result(ref: Reference, name: str, runner, feeds, results, acc, T: int) -
 
 # --- L3: the whole loop -----------------------------------------------------------------------------------
 
+def level1_scheduler(card: ModelCard, plan, seed: int) -> LevelResult:
+    """L1 for any scheduler: the runtime's NumPy rule over the whole plan vs diffusers' own scheduler class, on a
+    deterministic ε (tanh(0.9·x + 10⁻³·t)) with the same x_T and z; "reported" where diffusers is known wrong."""
+    from ddpm_deploy.runtime.sampling.host import HostLoop
+
+    r = LevelResult("L1 step", f"numpy plan rule, {plan.scheduler} {len(plan)} steps",
+                    f"diffusers {plan.scheduler}.step, same noise", runner="HostLoop")
+    if importlib.util.find_spec("diffusers") is None:
+        r.status, r.reason = "skipped", "diffusers is not installed (pip install '.[test]')"
+        return r
+    from ddpm_deploy.verify.diffusers_ref import diffusers_agrees, sample_with_scheduler
+
+    class Dummy:
+        def eps(self, x, t):
+            return np.tanh(0.9 * x + t.astype(np.float32)[:, None, None, None] * 1e-3).astype(np.float32)
+
+    shape, idx = (card.data.channels, card.data.image_size, card.data.image_size), np.arange(2)
+    got, _ = HostLoop(Dummy(), shape, len(idx)).sample(plan, seed, idx)
+    try:
+        want = sample_with_scheduler(Dummy().eps, plan, card.diffusion, shape, seed, idx)
+    except ValueError as e:
+        r.status, r.reason = "reported", str(e)
+        return r
+    scale = float(np.abs(want).max())
+    c = compare(f"x_0 after {len(plan)} steps (atol = {tol.L1_SCHEDULER_FP32_RTOL:g} × max |x_0| = {scale:.3g})",
+                got, want, tol.L1_SCHEDULER_FP32_RTOL * scale)
+    agree, why = diffusers_agrees(plan, card.diffusion.num_timesteps)
+    if agree:
+        r.add(c)
+    else:
+        r.checks.append(c)
+        r.status, r.reason = "reported", why
+    r.metrics = {"scheduler": plan.describe()}
+    return r
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two [-1, 1] image batches mapped to [0, 1]."""
     ua, ub = np.clip((a + 1) / 2, 0, 1), np.clip((b + 1) / 2, 0, 1)
@@ -459,12 +507,28 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
-def reference_loop(ref: Reference, sched: Schedule, shape, seed: int, idx, hook=None) -> np.ndarray:
-    if ref.kind == "diffusers":
+def reference_loop(ref: Reference, sched, shape, seed: int, idx, hook=None) -> np.ndarray:
+    """The trajectory of ``sched`` (a StepPlan) in PyTorch: diffusers' own scheduler class driving the model where
+    diffusers computes this plan as we do (every scheduler; the DDPM loop of a diffusers model's own config), else
+    the trainer's torch sampler over the same plan table."""
+    from ddpm_deploy.verify.diffusers_ref import diffusers_agrees
+
+    if sched.scheduler != "DDPMScheduler" and importlib.util.find_spec("diffusers") is not None and \
+            diffusers_agrees(sched, ref.card.diffusion.num_timesteps)[0]:
+        from ddpm_deploy.verify.diffusers_ref import sample_with_scheduler
+
+        def eps_fn(x, t):
+            e = ref.model(torch.from_numpy(x), torch.from_numpy(t)).float().numpy()
+            if hook is not None:
+                hook(int(t[0]), e)
+            return e
+
+        return sample_with_scheduler(eps_fn, sched, ref.card.diffusion, shape, seed, idx, dtype=torch.float32)
+    if ref.kind == "diffusers" and sched.scheduler == "DDPMScheduler":
         from ddpm_deploy.verify.diffusers_ref import make_scheduler, sample_diffusers
 
-        return sample_diffusers(ref.model, make_scheduler(ref.scheduler_config), sched.timesteps, shape, seed, idx,
-                                eps_hook=hook)
+        return sample_diffusers(ref.model, make_scheduler(ref.scheduler_config), sched.timesteps[::-1], shape, seed,
+                                idx, eps_hook=hook)
     from ddpm_deploy.trainer.sample import sample_torch
 
     class Hooked(torch.nn.Module):
@@ -481,19 +545,18 @@ def reference_loop(ref: Reference, sched: Schedule, shape, seed: int, idx, hook=
     return sample_torch(Hooked(ref.model), sched, shape, seed, idx)
 
 
-def level3(ref: Reference, onnx_path: Path, steps: int | None, batch: int, seed: int, threads: int = 0,
+def level3(ref: Reference, onnx_path: Path, sched, batch: int, seed: int, threads: int = 0,
            backend: str = "onnxruntime") -> LevelResult:
     from ddpm_deploy.runtime.backends.base import open_runner
-    from ddpm_deploy.runtime.sampler import HostSampler
+    from ddpm_deploy.runtime.sampling.host import HostLoop
 
     card = ref.card
-    sched = Schedule(card.diffusion, steps)
     shape = (card.data.channels, card.data.image_size, card.data.image_size)
     idx = np.arange(batch)
     with open_runner(onnx_path, "cpu", backend=backend, threads=threads) as runner:
         hooked = _Hooked(runner)  # ε of the runtime's trajectory, by timestep
         t0 = time.perf_counter()
-        got, _ = HostSampler(hooked, sched, shape).sample(seed, idx)
+        got, _ = HostLoop(hooked, shape, len(idx)).sample(sched, seed, idx)
         t1 = time.perf_counter()
     seen = hooked.seen
     per_t: dict[int, tuple[float, float, float]] = {}
@@ -507,8 +570,14 @@ def level3(ref: Reference, onnx_path: Path, steps: int | None, batch: int, seed:
     t2 = time.perf_counter()
     precision = runner.precision
     refname = "diffusers DDPMScheduler loop" if ref.kind == "diffusers" else "pytorch reference loop (trainer.sample)"
-    r = LevelResult("L3 trajectory", f"{runner.name} ({precision}) + host loop", f"{refname}, same noise",
-                    runner=f"{type(runner).__name__} + HostSampler")
+    if sched.scheduler != "DDPMScheduler":
+        from ddpm_deploy.verify.diffusers_ref import diffusers_agrees
+
+        agree, why = diffusers_agrees(sched, card.diffusion.num_timesteps)
+        refname = f"diffusers {sched.scheduler} loop" if agree and importlib.util.find_spec("diffusers") else \
+            f"pytorch loop over the same plan (trainer.sample{'; ' + why if why else ''})"
+    r = LevelResult("L3 trajectory", f"{runner.name} ({precision}) + host loop, {sched.scheduler} {len(sched)} steps",
+                    f"{refname}, same noise", runner=f"{type(runner).__name__} + HostLoop")
     c = compare(f"x_0 after {len(sched)} steps, batch {batch}, seed {seed}", got, want, tol.L3_TRAJECTORY_FP32_ATOL)
     if precision == "fp32":
         r.add(c)
@@ -516,7 +585,8 @@ def level3(ref: Reference, onnx_path: Path, steps: int | None, batch: int, seed:
         r.checks.append(c)
         r.status, r.reason = "reported", "no L3 tolerance is defined for fp16 models: reported, not judged"
     u8 = lambda a: np.round(np.clip((a + 1) / 2, 0, 1) * 255).astype(np.int16)  # noqa: E731
-    r.metrics = {"steps": len(sched), "batch": batch, "seed": seed, "psnr_db": psnr(got, want),
+    r.metrics = {"steps": len(sched), "scheduler": sched.describe(), "batch": batch, "seed": seed,
+                 "psnr_db": psnr(got, want),
                  "uint8_max_diff": int(np.abs(u8(got) - u8(want)).max()), "seconds_runtime": t1 - t0,
                  "seconds_reference": t2 - t1, "eps_along_trajectories_buckets": _bucket_table(per_t, card.diffusion.num_timesteps)}
     return r
@@ -524,10 +594,10 @@ def level3(ref: Reference, onnx_path: Path, steps: int | None, batch: int, seed:
 
 # --- L4: GPU backends vs CPU (and the CPU-checkable parts) -------------------------------------------------
 
-def _device_loop_level(name: str, open_fn, host_x0: np.ndarray | None, sched: Schedule, shape, seed: int,
+def _device_loop_level(name: str, open_fn, host_x0: np.ndarray | None, sched, shape, seed: int,
                        idx: np.ndarray, runner_cls: str, host: str = "onnxruntime-cpu") -> LevelResult:
     """The device loop (kernels + a device runner) vs the host loop on ONNX Runtime CPU, same seed and indices."""
-    from ddpm_deploy.runtime.backends.base import open_sampler
+    from ddpm_deploy.runtime.sampling.open import open_loop
 
     r = LevelResult("L4 backend", f"device loop + {name}", f"host loop + {host}", runner=runner_cls)
     runner, status, why = open_fn()
@@ -537,15 +607,15 @@ def _device_loop_level(name: str, open_fn, host_x0: np.ndarray | None, sched: Sc
     from ddpm_deploy.runtime.errors import DDPMError, MissingDependencyError
 
     with runner:
-        r.runner = f"{type(runner).__name__} + DeviceSampler"
+        r.runner = f"{type(runner).__name__} + DeviceLoop"
         try:
             runner.check_batch(len(idx))
         except DDPMError as e:
             r.status, r.reason = "not run", f"batch {len(idx)}: {e}"
             return r
         try:
-            with open_sampler(runner, sched, shape, max_batch=len(idx)) as sampler:
-                got, timings = sampler.sample(seed, idx)
+            with open_loop(runner, shape, max_batch=len(idx)) as loop:
+                got, timings = loop.sample(sched, seed, idx)
         except MissingDependencyError as e:
             r.status, r.reason = "not run", str(e)
             return r
@@ -565,18 +635,20 @@ def _device_loop_level(name: str, open_fn, host_x0: np.ndarray | None, sched: Sc
 
 
 def level4(ref: Reference, onnx_path: Path | None, engine: dict | None, steps: int | None, batch: int,
-           seed: int, threads: int = 0, device: str = "cpu", backend: str = "onnxruntime") -> list[LevelResult]:
+           seed: int, threads: int = 0, device: str = "cpu", backend: str = "onnxruntime",
+           settings: ParitySettings | None = None) -> list[LevelResult]:
     """The host loop's independence of the batch composition (CPU), and with ``device='cuda'`` the device loop
     (ONNX Runtime CUDA, and the plan's TensorRT runner) against the host loop (ONNX Runtime CPU)."""
     from ddpm_deploy.runtime.backends.base import open_runner
-    from ddpm_deploy.runtime.sampler import HostSampler
+    from ddpm_deploy.runtime.sampling.host import HostLoop
 
     out: list[LevelResult] = []
-    k = min(len(Schedule(ref.card.diffusion, steps)), L4_MAX_STEPS)
-    sched = Schedule(ref.card.diffusion, k)
+    settings = settings or ParitySettings(ref.path if hasattr(ref, "path") else Path("."), steps=steps)
+    k = min(len(plan_of(ref.card, settings, steps)), L4_MAX_STEPS)
+    sched = plan_of(ref.card, settings, k)
     shape = (ref.card.data.channels, ref.card.data.image_size, ref.card.data.image_size)
     r = LevelResult("L4 backend", "host loop, batch composition", "the same samples one at a time (CPU)",
-                    runner="HostSampler")
+                    runner="HostLoop")
     g_rng = rng.normals(seed, np.arange(batch), 7, (3, 5, 5))
     one = np.concatenate([rng.normals(seed, [i], 7, (3, 5, 5)) for i in range(batch)])
     r.add(compare("rng.normals batch vs one by one (bitwise)", g_rng, one, 0.0))
@@ -585,10 +657,10 @@ def level4(ref: Reference, onnx_path: Path | None, engine: dict | None, steps: i
         return out + [r]
     idx = np.arange(batch)
     with open_runner(onnx_path, "cpu", backend=backend, threads=threads) as runner:
-        host = HostSampler(runner, sched, shape)
-        whole, _ = host.sample(seed, idx)
-        single = np.concatenate([host.sample(seed, [i])[0] for i in range(batch)])
-        r.runner = f"{type(runner).__name__} + HostSampler"
+        host = HostLoop(runner, shape, batch)
+        whole, _ = host.sample(sched, seed, idx)
+        single = np.concatenate([host.sample(sched, seed, [i])[0] for i in range(batch)])
+        r.runner = f"{type(runner).__name__} + HostLoop"
         host_name = runner.name
     c = r.add(compare(f"x_0 ({k} steps) batch {batch} vs one by one", whole, single, tol.L4_BATCH_INDEPENDENCE_ATOL))
     r.metrics = {"steps": k, "bitwise_equal": bool(np.array_equal(whole, single)), "max_abs": c.max_abs}
@@ -637,7 +709,7 @@ def run_parity(s: ParitySettings, echo: Callable[[str], None] = lambda m: None) 
     if s.threads:
         torch.set_num_threads(s.threads)
     ref = load_reference(s.checkpoint, s.weights)
-    Schedule(ref.card.diffusion, s.steps)  # validates --steps against T
+    plan = plan_of(ref.card, s)  # validates --steps and the scheduler options
     onnx_path = s.onnx
     if onnx_path is None and (s.checkpoint / "export" / "model.onnx").is_file():
         onnx_path = s.checkpoint / "export" / "model.onnx"
@@ -659,19 +731,21 @@ def run_parity(s: ParitySettings, echo: Callable[[str], None] = lambda m: None) 
     if problems:
         levels.append(LevelResult("L0 schedule", "plan sidecar", "--onnx", "fail", "; ".join(problems)))
     echo("L1 step …")
-    levels += level1(ref.card.diffusion, s.steps, s.seed)
+    if plan.scheduler == "DDPMScheduler":
+        levels += level1(ref.card.diffusion, s.steps, s.seed)
+    levels.append(level1_scheduler(ref.card, plan, s.seed))
     if onnx_path is None:
         why = f"no --onnx given and {s.checkpoint / 'export' / 'model.onnx'} does not exist"
         levels += [LevelResult("L2 eps", "onnxruntime-cpu", "pytorch", "skipped", why, runner="OrtRunner"),
                    LevelResult("L3 trajectory", "onnxruntime-cpu", "reference loop", "skipped", why,
-                               runner="OrtRunner + HostSampler")]
+                               runner="OrtRunner + HostLoop")]
     else:
         echo("L2 eps (Polygraphy Comparator) …")
         levels += level2(ref, onnx_path, tuple(sorted({1, s.batch})), s.seed, engine, s.threads, s.backend)
-        echo(f"L3 trajectory ({len(Schedule(ref.card.diffusion, s.steps))} steps, batch {s.batch}) …")
-        levels.append(level3(ref, onnx_path, s.steps, s.batch, s.seed, s.threads, s.backend))
+        echo(f"L3 trajectory ({plan.scheduler}, {len(plan)} steps, batch {s.batch}) …")
+        levels.append(level3(ref, onnx_path, plan, s.batch, s.seed, s.threads, s.backend))
     echo("L4 backend …")
-    levels += level4(ref, onnx_path, engine, s.steps, s.batch, s.seed, s.threads, s.device, s.backend)
+    levels += level4(ref, onnx_path, engine, s.steps, s.batch, s.seed, s.threads, s.device, s.backend, s)
     failed = [lv for lv in levels if lv.status == "fail"]
     from ddpm_deploy.runtime.fileio import sha256_file
 
@@ -679,7 +753,7 @@ def run_parity(s: ParitySettings, echo: Callable[[str], None] = lambda m: None) 
         passed=not failed, failed=[f"{lv.level} [{lv.backend} vs {lv.reference}]" for lv in failed],
         checkpoint=str(s.checkpoint), reference=ref.kind, onnx=str(onnx_path) if onnx_path else None,
         engine=str(s.engine) if s.engine else None, device=s.device,
-        steps=len(Schedule(ref.card.diffusion, s.steps)), batch=s.batch, seed=s.seed,
+        steps=len(plan), batch=s.batch, seed=s.seed,
         diffusion=ref.card.diffusion.to_dict(),
         tolerances={k: getattr(tol, k) for k in dir(tol) if k[:2] in ("L0", "L1", "L2", "L3", "L4")},
         levels=[lv.to_dict() for lv in levels], seconds=time.perf_counter() - start,

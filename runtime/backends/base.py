@@ -6,22 +6,24 @@ A **runner** (Polygraphy's word) turns one artifact into ε = model(x, t):
   None where the artifact leaves an axis dynamic), ``precision`` ('fp32', 'fp16', …), ``device`` ('cpu' or
   'cuda'), ``name`` (what run.json and reports call it), ``eps(x, t)`` on host arrays, ``check_shape``,
   ``check_batch``, ``close``; a context manager.
-- ``DeviceRunner`` (mixin, device runners only): ``gpu`` (the ``device.loop.GpuContext``), ``bind`` device
+- ``DeviceRunner`` (mixin, device runners only): ``gpu`` (the ``device.cuda.GpuContext``), ``bind`` device
   buffers, ``enqueue`` on our stream, ``capturable`` in our CUDA graph, ``uses_graphs`` (its own graphs).
 
-``open_runner(path, device)`` picks the runner class from the artifact's suffix and the device (``RUNNERS``), and
-``open_sampler(runner, schedule, shape, max_batch)`` the loop that drives it: the NumPy host loop for host
-runners, the fused-kernel device loop for device runners. Both loops implement ``Sampler.sample(seed,
-indices)``. Adding a backend = one module here + one line in ``RUNNERS`` (docs/architecture.md has an example).
+``open_runner(path, device)`` picks the runner class from the artifact's suffix and the device (``RUNNERS``).
+The loops that drive runners live in ``runtime.sampling`` (``open_loop``); nothing here knows them. Adding a
+backend = one module here + one line in ``RUNNERS`` (docs/architecture.md has an example).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..device.cuda import GpuContext
 
 import numpy as np
 
@@ -79,9 +81,9 @@ class Runner:
 
 
 class DeviceRunner:
-    """Mixin for runners whose ε runs on device buffers in the device loop (``device.loop.DeviceSampler``)."""
+    """Mixin for runners whose ε runs on device buffers in the device loop (``device.loop.DeviceLoop``)."""
 
-    gpu: Any  # device.loop.GpuContext
+    gpu: "GpuContext"
     uses_graphs: bool = False  # the backend replays its own CUDA graphs (ONNX Runtime, TensorRT-RTX)
 
     def bind(self, x: int, t: int, eps: int, batch: int) -> None:
@@ -151,7 +153,7 @@ def open_runner(path: str | os.PathLike, device: str = "cpu", backend: str | Non
 
     Options go to the runner: ``threads``, ``opt_level`` (ONNX Runtime), ``precision``/``hint`` (OpenVINO),
     ``cuda_graph`` (device runners),
-    ``gpu`` (a ``device.loop.GpuContext`` to share; device runners open their own otherwise, on
+    ``gpu`` (a ``device.cuda.GpuContext`` to share; device runners open their own otherwise, on
     ``device_id``). Options a runner does not take are dropped, so callers need not know which runner opens.
     """
     import inspect
@@ -159,41 +161,3 @@ def open_runner(path: str | os.PathLike, device: str = "cpu", backend: str | Non
     cls = runner_class(path, device, backend)
     accepted = inspect.signature(cls.__init__).parameters
     return cls(path, **{k: v for k, v in options.items() if k in accepted})
-
-
-class Sampler:
-    """Ancestral sampling of whole batches with one runner: ``sample(seed, indices)`` → (x_0 float32
-    [B, C, H, W], timings). Implemented by the host loop (``sampler.HostSampler``) and the device loop
-    (``device.loop.DeviceSampler``); a context manager."""
-
-    loop: str = "host"
-    runner: Runner
-
-    def sample(self, seed: int, indices, callback: Callable[[int, int], None] | None = None):
-        raise NotImplementedError
-
-    def new_timings(self):
-        """An empty timings object of this loop's kind, to ``extend`` over batches."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release buffers and kernels (idempotent)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def open_sampler(runner: Runner, schedule, shape: Sequence[int], max_batch: int, cuda_graph: bool = True) -> Sampler:
-    """The loop for ``runner``: the device loop for device runners, the host loop otherwise."""
-    runner.check_shape(shape)
-    if isinstance(runner, DeviceRunner):
-        from ..device.loop import DeviceSampler
-
-        return DeviceSampler(runner, schedule, shape, max_batch=max_batch, gpu=runner.gpu, cuda_graph=cuda_graph)
-    from ..sampler import HostSampler
-
-    runner.check_batch(max_batch)
-    return HostSampler(runner, schedule, shape)

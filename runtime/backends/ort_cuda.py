@@ -72,7 +72,7 @@ def run_options(ort, same_stream: bool, graph_id: int | None):
 class OrtCudaRunner(Runner, DeviceRunner):
     """An ONNX model on ONNX Runtime's CUDA provider, as a device runner (and a host ``eps``).
 
-    ``gpu``: a ``device.loop.GpuContext`` to share; without one the runner opens (and closes) its own on
+    ``gpu``: a ``device.cuda.GpuContext`` to share; without one the runner opens (and closes) its own on
     ``device_id``. The session must really run on CUDA: a silent CPU fallback of ONNX Runtime is refused.
     ``static_batch``: the device loop runs a session of its own per batch size, with the batch fixed (see the
     module docstring); ``session`` (dynamic batch, never graphs) serves ``eps`` and describes the model.
@@ -94,7 +94,7 @@ class OrtCudaRunner(Runner, DeviceRunner):
         check_provider(lazy_import("onnxruntime", "The ONNX Runtime CUDA backend", INSTALL_ORT_GPU), self.ort_device)
         self._own_gpu = gpu is None
         if gpu is None:
-            from ..device.loop import GpuContext
+            from ..device.cuda import GpuContext
 
             gpu = GpuContext(device_id)
         self.gpu = gpu

@@ -219,7 +219,7 @@ def sidecar_io(inputs: list[dict], outputs: list[dict], where: str) -> tuple[int
 class TrtRunner(Runner, DeviceRunner):
     """A TensorRT / TensorRT-RTX plan (+ sidecar) as a device runner (and a host ``eps``).
 
-    ``gpu``: a ``device.loop.GpuContext`` to share; without one the runner opens (and closes) its own on
+    ``gpu``: a ``device.cuda.GpuContext`` to share; without one the runner opens (and closes) its own on
     ``device_id``. The sidecar is read and checked before TensorRT is imported or the GPU touched."""
 
     device = "cuda"
@@ -242,7 +242,7 @@ class TrtRunner(Runner, DeviceRunner):
         self._bound: tuple | None = None
         self._scratch: dict[str, Any] = {}
         if gpu is None:
-            from ..device.loop import GpuContext
+            from ..device.cuda import GpuContext
 
             gpu = GpuContext(device_id)
         self.gpu = gpu

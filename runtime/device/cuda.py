@@ -261,6 +261,15 @@ class DeviceArray:
         if host.size:
             call("cuMemcpyHtoDAsync", self.ptr, host.ctypes.data, host.nbytes, stream.handle)
 
+    def upload_at(self, host: np.ndarray, offset: int, stream: Stream) -> None:
+        """Copy ``host`` to elements ``offset`` … ``offset + host.size − 1``."""
+        host = np.ascontiguousarray(host, dtype=self.dtype)
+        if offset < 0 or offset + host.size > self.count:
+            raise ValueError(f"upload_at: elements {offset}..{offset + host.size} outside the {self.count} allocated")
+        if host.size:
+            call("cuMemcpyHtoDAsync", self.address + offset * self.dtype.itemsize, host.ctypes.data, host.nbytes,
+                 stream.handle)
+
     def download(self, out: np.ndarray, stream: Stream) -> np.ndarray:
         """Copy the first ``out.size`` elements into ``out`` (returns after the copy has finished)."""
         self._host(out, "download")
@@ -380,3 +389,28 @@ class Graph:
             graph, self.graph = self.graph, None
             call("cuGraphExecDestroy", self.exec)
             call("cuGraphDestroy", graph)
+
+
+class GpuContext:
+    """A GPU (primary context current) and the stream everything runs on. A context manager."""
+
+    def __init__(self, ordinal: int = 0):
+        self.device = Device(ordinal)
+        try:
+            self.stream = Stream()
+        except BaseException:
+            self.device.close()
+            raise
+        self.props = self.device.props
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        finally:
+            self.device.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

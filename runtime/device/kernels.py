@@ -1,24 +1,34 @@
-"""The device loop's CUDA kernels: source generated from the reference constants, compiled with NVRTC.
+"""The device loop's CUDA kernels: source generated from the reference definitions, compiled with NVRTC.
 
 The Philox constants, the round count, ``INITIAL_STEP`` and the Box–Muller constants are written into the
-source from ``runtime.rng``, so the kernel cannot drift from the NumPy reference. The step uses explicitly
-rounded float32 operations (``__fmul_rn`` …, which are never contracted into FMAs) in the order of
-``Schedule.step``: x̂0 = a·x − b·ε; clip; μ = c1·x̂0 + c2·x; x ← μ + σ·z (eq. 11 via eq. 15).
+source from ``runtime.rng``, and the plan table's column offsets from ``runtime.sampling.plan.COLUMNS``, so the
+kernel cannot drift from the NumPy reference. The step is ``sampling.rules.linear_step`` with explicitly
+rounded float32 operations (``__fmul_rn`` …, never contracted into FMAs) in the same order, and a term skipped
+where the image's coefficient is zero (the host skips it where it is zero for the whole batch: the same value).
 
 The same source also compiles as host C++ (no ``__CUDACC_RTC__``): every kernel body is written as a loop
 over its threads, which is one thread on the device and all of them on the host. ``tests/hostsim.py`` uses
 that to run the device loop on a CPU in the tests.
 
-Kernels (grid x over Philox blocks or samples, 256 threads; grid y over the batch):
+Per-image state (every array has one entry per slot b of the loop): ``idx`` u32 (sample index), ``keys``
+u32[2] (the Philox key of the image's seed), ``plan`` i32 (a plan of the loop's plan table), ``k`` i32 (steps
+done), ``active`` i32. The plan table: ``table`` f32[rows, NCOLS], ``timesteps`` i32[rows], ``noise_ids``
+u32[rows], ``offsets``/``lengths`` i32[plans]. Kernels (grid x over Philox blocks or samples, 256 threads; grid y
+over the batch):
 
-- ``ddpm_philox_words(out u32[B, nb*4], idx u32[B], key u32[2], step, nb)``: the raw words (tests).
-- ``ddpm_normals(out f32[B, n], idx, key, step, n, nb)``: N(0, 1) noise, e.g. x_T with ``INITIAL_STEP``.
-- ``ddpm_prepare(t i32[B], timesteps i32[K], state i32[4], K, B)``: t ← timesteps[i] for the next ε call.
-- ``ddpm_step(x, eps, table f32[K, 5], timesteps, state, idx, key, n, nb, K, clip)``: one fused step.
-- ``ddpm_advance(state)``: one thread, state[0] += 1 (after the step, so no kernel races on the counter).
+- ``ddpm_philox_words(out u32[B, nb*4], idx, keys, step, nb)``: the raw words (tests).
+- ``ddpm_normals(out f32[B, n], idx, keys, mask, step, n, nb)``: N(0, 1) noise of the rows with ``mask[b]``,
+  e.g. x_T with ``INITIAL_STEP`` for the images just admitted.
+- ``ddpm_prepare(t, row, timesteps, offsets, lengths, plan, k, active, state, B)``: each active image's table
+  row and t for the next ε call (row −1 for a free slot or a finished image; state[3] ← 1 if an image is past its
+  last step).
+- ``ddpm_step(x, eps, hist, xp, table, row, noise_ids, idx, keys, k, state, n, nb, B, H, use_xp)``: one fused
+  step of every image with a row: noise, x̂0, x_next, the x̂0 history shift, UniPC's corrected sample.
+- ``ddpm_advance(k, row, B)``: k[b] += 1 for each image that stepped.
 
-``state`` is int32[4]: [0] steps done k (the row is i = K − 1 − k), [1] unused, [2] the largest i that
-produced a non-finite value (−1: none), [3] 1 if a kernel ran past the last step.
+``hist`` is f32[B, HMAX, n] (m1, m2, m3 of each image; H ≤ HMAX of them in use), ``xp`` f32[B, n].
+``state`` is int32[4]: [0] unused, [1] unused, [2] the earliest step k (0-based, per image) that produced a
+non-finite value (INT_MAX: none), [3] 1 if a kernel found an image past its last step.
 """
 
 from __future__ import annotations
@@ -29,21 +39,22 @@ import time
 from dataclasses import dataclass, field
 
 from .. import rng
+from ..sampling.plan import COLUMNS, MAX_HISTORY
 from ..errors import DDPMError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
-THREADS = 256  # threads per block of every kernel except ddpm_advance
+THREADS = 256  # threads per block of every kernel
 STATE_WORDS = 4
-TABLE_COLUMNS = 5  # Schedule.table32: a, b, c1, c2, sigma
+NO_BAD_STEP = 2**31 - 1  # state[2] when no step produced a non-finite value
 ENTRY_POINTS = ("ddpm_philox_words", "ddpm_normals", "ddpm_prepare", "ddpm_step", "ddpm_advance")
 # Argument kinds of each kernel, in order: "ptr" (device pointer), "u32", "i32". Used to pack launches.
 SIGNATURES: dict[str, tuple[str, ...]] = {
     "ddpm_philox_words": ("ptr", "ptr", "ptr", "u32", "u32"),
-    "ddpm_normals": ("ptr", "ptr", "ptr", "u32", "u32", "u32"),
-    "ddpm_prepare": ("ptr", "ptr", "ptr", "i32", "i32"),
-    "ddpm_step": ("ptr", "ptr", "ptr", "ptr", "ptr", "ptr", "ptr", "u32", "u32", "i32", "i32"),
-    "ddpm_advance": ("ptr",),
+    "ddpm_normals": ("ptr", "ptr", "ptr", "ptr", "u32", "u32", "u32"),
+    "ddpm_prepare": ("ptr",) * 9 + ("i32",),
+    "ddpm_step": ("ptr",) * 11 + ("u32", "u32", "i32", "i32", "i32"),
+    "ddpm_advance": ("ptr", "ptr", "i32"),
 }
 NVRTC_OPTIONS = ("--std=c++17", "--fmad=false", "--extra-device-vectorization")
 INSTALL_GPU = "pip install cuda-python==13.4.4 nvidia-cuda-nvrtc==13.4.92"
@@ -81,7 +92,7 @@ static inline float __fsub_rn(float a, float b) { return a - b; }
 static inline double __dmul_rn(double a, double b) { return a * b; }
 static inline double __dadd_rn(double a, double b) { return a + b; }
 static inline float __double2float_rn(double a) { return (float)a; }
-static inline int atomicMax(int* p, int v) { int old = *p; if (v > old) *p = v; return old; }
+static inline int atomicMin(int* p, int v) { int old = *p; if (v < old) *p = v; return old; }
 #endif
 """
 
@@ -114,24 +125,24 @@ DDPM_HD void block_normals(unsigned blk, unsigned step, unsigned index, const un
   box_muller(c[2], c[3], &z[2], &z[3]);
 }
 
-DDPM_KERNEL ddpm_philox_words(unsigned* out, const unsigned* idx, const unsigned* key, unsigned step,
+DDPM_KERNEL ddpm_philox_words(unsigned* out, const unsigned* idx, const unsigned* keys, unsigned step,
                               unsigned nblocks) {
   DDPM_THREADS
   if (tx < nblocks) {
     unsigned c[4] = {tx, step, idx[ty], 0u};
-    philox4x32_10(c, key[0], key[1]);
+    philox4x32_10(c, keys[2 * ty], keys[2 * ty + 1]);
     unsigned* o = out + ((size_t)ty * nblocks + tx) * 4;
     o[0] = c[0]; o[1] = c[1]; o[2] = c[2]; o[3] = c[3];
   }
   DDPM_END_THREADS
 }
 
-DDPM_KERNEL ddpm_normals(float* out, const unsigned* idx, const unsigned* key, unsigned step, unsigned n,
-                         unsigned nblocks) {
+DDPM_KERNEL ddpm_normals(float* out, const unsigned* idx, const unsigned* keys, const int* mask, unsigned step,
+                         unsigned n, unsigned nblocks) {
   DDPM_THREADS
-  if (tx < nblocks) {
+  if (tx < nblocks && mask[ty]) {
     float z[4];
-    block_normals(tx, step, idx[ty], key, z);
+    block_normals(tx, step, idx[ty], keys + 2 * ty, z);
     for (unsigned j = 0; j < 4; ++j) {
       const unsigned e = 4 * tx + j;
       if (e < n) out[(size_t)ty * n + e] = z[j];
@@ -140,57 +151,82 @@ DDPM_KERNEL ddpm_normals(float* out, const unsigned* idx, const unsigned* key, u
   DDPM_END_THREADS
 }
 
-DDPM_KERNEL ddpm_prepare(int* t, const int* timesteps, const int* state, int n_steps, int batch) {
+DDPM_KERNEL ddpm_prepare(int* t, int* row, const int* timesteps, const int* offsets, const int* lengths,
+                         const int* plan, const int* k, const int* active, int* state, int batch) {
   DDPM_THREADS
   if (ty == 0 && tx < (unsigned)batch) {
-    int i = n_steps - 1 - state[0];
-    i = i < 0 ? 0 : (i >= n_steps ? n_steps - 1 : i);
-    t[tx] = timesteps[i];
+    int r = -1;
+    if (active[tx]) {
+      const int p = plan[tx], kk = k[tx];
+      if (kk < 0 || kk > lengths[p]) state[3] = 1;
+      else if (kk < lengths[p]) r = offsets[p] + kk;  /* k == length: done, waiting to be taken */
+    }
+    row[tx] = r;
+    if (r >= 0) t[tx] = timesteps[r];
   }
   DDPM_END_THREADS
 }
 
-DDPM_KERNEL ddpm_step(float* x, const float* eps, const float* table, const int* timesteps, int* state,
-                      const unsigned* idx, const unsigned* key, unsigned n, unsigned nblocks, int n_steps,
-                      int clip) {
+/* One step of sampling.rules.linear_step for image ty, elements 4*tx .. 4*tx+3. */
+DDPM_KERNEL ddpm_step(float* x, const float* eps, float* hist, float* xp, const float* table, const int* row,
+                      const unsigned* noise_ids, const unsigned* idx, const unsigned* keys, const int* k, int* state,
+                      unsigned n, unsigned nblocks, int batch, int H, int use_xp) {
   DDPM_THREADS
-  const int i = n_steps - 1 - state[0];
-  if (i < 0 || i >= n_steps) {
-    if (tx == 0 && ty == 0) state[3] = 1;
-  } else if (tx < nblocks) {
-    const float* row = table + (size_t)i * 5;
-    const float a = row[0], b = row[1], c1 = row[2], c2 = row[3], sigma = row[4];
+  if (tx < nblocks && ty < (unsigned)batch && row[ty] >= 0) {
+    const float* c = table + (size_t)row[ty] * NCOLS;
     float z[4] = {0.f, 0.f, 0.f, 0.f};
-    if (i > 0) block_normals(tx, (unsigned)timesteps[i], idx[ty], key, z);
+    if (c[COL_Z] != 0.f) block_normals(tx, noise_ids[row[ty]], idx[ty], keys + 2 * ty, z);
     bool bad = false;
     for (unsigned j = 0; j < 4; ++j) {
       const unsigned e = 4 * tx + j;
-      if (e < n) {
-        const size_t off = (size_t)ty * n + e;
-        const float xv = x[off];
-        float x0 = __fsub_rn(__fmul_rn(a, xv), __fmul_rn(b, eps[off]));  /* eq. 15 */
-        if (clip) x0 = x0 < -1.f ? -1.f : (x0 > 1.f ? 1.f : x0);        /* NaN passes, as np.clip */
-        float mean = __fadd_rn(__fmul_rn(c1, x0), __fmul_rn(c2, xv));    /* eq. 7 */
-        if (i > 0) mean = __fadd_rn(mean, __fmul_rn(sigma, z[j]));        /* eq. 11 */
-        x[off] = mean;
-        bad = bad || !DDPM_ISFINITE(mean) || !DDPM_ISFINITE(eps[off]);  /* ε: clipping would hide it */
+      if (e >= n) break;
+      const size_t off = (size_t)ty * n + e;
+      const float xv = x[off], ev = eps[off];
+      float m[4] = {0.f, 0.f, 0.f, 0.f};  /* m0 (this step's x̂0), m1..m3 */
+      float* hv = hist + ((size_t)ty * HMAX) * n + e;  /* this element's history, [HMAX] with stride n */
+      for (int h = 0; h < H; ++h) m[h + 1] = hv[(size_t)h * n];
+      m[0] = __fsub_rn(__fmul_rn(c[COL_A], xv), __fmul_rn(c[COL_B], ev));  /* eq. 15 */
+      const float cl = c[COL_CLIP];
+      if (cl < DDPM_INF) m[0] = m[0] < -cl ? -cl : (m[0] > cl ? cl : m[0]);   /* NaN passes, as np.clip */
+      const float pv = use_xp ? xp[off] : 0.f;
+      float out = __fadd_rn(__fmul_rn(c[COL_M0], m[0]), __fmul_rn(c[COL_X], xv));
+      if (c[COL_EPS] != 0.f) out = __fadd_rn(out, __fmul_rn(c[COL_EPS], ev));
+      if (c[COL_M1] != 0.f) out = __fadd_rn(out, __fmul_rn(c[COL_M1], m[1]));
+      if (c[COL_M2] != 0.f) out = __fadd_rn(out, __fmul_rn(c[COL_M2], m[2]));
+      if (c[COL_M3] != 0.f) out = __fadd_rn(out, __fmul_rn(c[COL_M3], m[3]));
+      if (c[COL_XP] != 0.f) out = __fadd_rn(out, __fmul_rn(c[COL_XP], pv));
+      if (c[COL_Z] != 0.f) out = __fadd_rn(out, __fmul_rn(c[COL_Z], z[j]));
+      if (use_xp) {
+        float q = 0.f;
+        if (c[COL_XP_X] != 0.f) q = __fadd_rn(q, __fmul_rn(c[COL_XP_X], xv));
+        if (c[COL_XP_XP] != 0.f) q = __fadd_rn(q, __fmul_rn(c[COL_XP_XP], pv));
+        if (c[COL_XP_M0] != 0.f) q = __fadd_rn(q, __fmul_rn(c[COL_XP_M0], m[0]));
+        if (c[COL_XP_M1] != 0.f) q = __fadd_rn(q, __fmul_rn(c[COL_XP_M1], m[1]));
+        if (c[COL_XP_M2] != 0.f) q = __fadd_rn(q, __fmul_rn(c[COL_XP_M2], m[2]));
+        if (c[COL_XP_M3] != 0.f) q = __fadd_rn(q, __fmul_rn(c[COL_XP_M3], m[3]));
+        xp[off] = q;
       }
+      for (int h = H - 1; h > 0; --h) hv[(size_t)h * n] = m[h];
+      if (H > 0) hv[0] = m[0];
+      x[off] = out;
+      bad = bad || !DDPM_ISFINITE(out) || !DDPM_ISFINITE(ev);  /* ε: clipping would hide it */
     }
-    if (bad) atomicMax(&state[2], i);
+    if (bad) atomicMin(&state[2], k[ty]);
   }
   DDPM_END_THREADS
 }
 
-DDPM_KERNEL ddpm_advance(int* state) {
+DDPM_KERNEL ddpm_advance(int* k, const int* row, int batch) {
   DDPM_THREADS
-  if (tx == 0 && ty == 0) state[0] += 1;
+  if (ty == 0 && tx < (unsigned)batch && row[tx] >= 0) k[tx] += 1;
   DDPM_END_THREADS
 }
 """
 
 
 def _constants() -> str:
-    """``#define``s of every constant the kernels share with runtime.rng (exact: hex literals)."""
+    """``#define``s of every constant the kernels share with runtime.rng (exact: hex literals) and of the plan
+    table's layout (``sampling.plan.COLUMNS``)."""
     lines = [
         f"#define PHILOX_M0 0x{rng.PHILOX_M0:08X}u",
         f"#define PHILOX_M1 0x{rng.PHILOX_M1:08X}u",
@@ -200,6 +236,9 @@ def _constants() -> str:
         f"#define INITIAL_STEP 0x{rng.INITIAL_STEP:08X}u",
         f"#define TWO_PI {float.hex(rng.TWO_PI)}",  # 6.283185307179586, bit for bit
         f"#define TWO_POW_M32 {float.hex(2.0 ** -32)}",
+        f"#define NCOLS {len(COLUMNS)}",
+        f"#define HMAX {MAX_HISTORY}",
+        *(f"#define COL_{name.upper()} {i}" for i, name in enumerate(COLUMNS)),
     ]
     return "\n".join(lines) + "\n"
 

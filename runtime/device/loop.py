@@ -1,17 +1,19 @@
-"""The device loop: ancestral sampling with x, ε and t in GPU buffers, one fused NVRTC step kernel per step.
+"""The device loop: sampling with x, ε, t and every image's state in GPU buffers, one fused NVRTC step kernel per
+step, for any plan of the sampling layer.
 
-Per step, on one stream: ``ddpm_prepare`` (t ← timesteps[i]), the ε backend (TensorRT ``execute_async_v3``
-or ONNX Runtime CUDA with IO binding, both on our stream), ``ddpm_step`` (noise + step, in place on x) and
-``ddpm_advance`` (i ← i − 1 on the device). No per-step host argument changes, so one step is captured
-once into a CUDA graph and replayed K times when the backend allows capture; otherwise the backend may use
-its own graphs (ONNX Runtime's ``enable_cuda_graph``, TensorRT-RTX's runtime strategy). ``cuda_graph=False``
-turns every graph off; the same kernels run either way, so the results are identical.
+Per step, on one stream: ``ddpm_prepare`` (each image's table row and t), the ε backend (TensorRT
+``execute_async_v3`` or ONNX Runtime CUDA with IO binding, both on our stream), ``ddpm_step`` (noise + the step
+rule + history, in place) and ``ddpm_advance`` (each image's k += 1 on the device). No per-step host argument
+changes, so one step is captured once per batch size into a CUDA graph and replayed when the backend allows
+capture; otherwise the backend may use its own graphs (ONNX Runtime's ``enable_cuda_graph``, TensorRT-RTX's
+runtime strategy). ``cuda_graph=False`` turns every graph off; the same kernels run either way.
 
-Typical use (what ``ddpm-run sample`` does)::
+One loop per runner (``DeviceLoop.for_runner``): it owns the runner's binding, its buffers and its plan table;
+a new scheduler or step count is a table upload, not a new loop. Typical use (what ``ddpm-run sample`` does)::
 
-    with open_runner("model.plan", "cuda") as runner:     # or "model.onnx" on "cuda": ONNX Runtime CUDA
-        with open_sampler(runner, schedule, (3, 32, 32), max_batch=256) as sampler:   # a DeviceSampler
-            x0, timings = sampler.sample(seed, indices)    # float32 [B, 3, 32, 32] on the host
+    with open_runner("model.plan", "cuda") as runner:
+        loop = open_loop(runner, (3, 32, 32), max_batch=256)           # a DeviceLoop
+        x0, timings = loop.sample(plan, seed, indices)                 # float32 [B, 3, 32, 32] on the host
 """
 
 from __future__ import annotations
@@ -25,46 +27,24 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import rng
-from ..backends.base import DeviceRunner, Sampler
+from ..backends.base import DeviceRunner
 from ..errors import ConfigError, SamplingError
-from ..schedule import Schedule
+from ..sampling.base import Loop
+from ..sampling.plan import COL, MAX_HISTORY, StepPlan
+from ..sampling.rules import nonfinite_error
+from ..sampling.state import PlanTable
 from . import kernels as K
-from .cuda import CudaError, Device, DeviceArray, Event, Graph, Module, Stream
+from .cuda import CudaError, DeviceArray, Event, GpuContext, Graph, Module, Stream
 
 log = logging.getLogger(__name__)
 
 GRAPH_OURS, GRAPH_BACKEND, GRAPH_OFF = "captured", "backend", "off"
 
 
-class GpuContext:
-    """A GPU (primary context current) and the stream everything runs on. A context manager."""
-
-    def __init__(self, ordinal: int = 0):
-        self.device = Device(ordinal)
-        try:
-            self.stream = Stream()
-        except BaseException:
-            self.device.close()
-            raise
-        self.props = self.device.props
-
-    def close(self) -> None:
-        try:
-            self.stream.close()
-        finally:
-            self.device.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
 @dataclass
 class DeviceTimings:
-    """GPU-event timings of one batch, in milliseconds. ``eps_ms``/``other_ms`` are per step when the loop
-    ran without our graph (with it, only whole steps are timed)."""
+    """GPU-event timings, in milliseconds. ``eps_ms``/``other_ms`` are per step when the loop ran without our
+    graph (with it, only whole steps are timed)."""
 
     step_ms: list[float] = field(default_factory=list)
     eps_ms: list[float] | None = None
@@ -85,7 +65,7 @@ class DeviceTimings:
         return self
 
     def summary(self) -> dict:
-        """The keys of ``sampler.LoopTimings.summary`` (None where not measured) plus the graph mode."""
+        """The keys of ``sampling.base.Timings.summary`` (None where not measured) plus the graph mode."""
         s = np.asarray(self.step_ms)
         e = np.asarray(self.eps_ms) if self.eps_ms is not None else None
         o = np.asarray(self.other_ms) if self.other_ms is not None else None
@@ -124,34 +104,57 @@ def check_indices(indices, max_batch: int) -> np.ndarray:
     return idx.astype(np.uint32)
 
 
-class DeviceSampler(Sampler):
-    """The device loop as a ``Sampler``: kernels, buffers and (once per batch size) the captured step graph of
-    one device runner and schedule. ``gpu`` defaults to the runner's."""
+class DeviceLoop(Loop):
+    """``Loop`` on the GPU for one device runner: buffers for ``max_batch`` slots of samples of ``shape``, the
+    kernels, the plan table, and (once per batch size) the captured step graph. ``gpu`` defaults to the runner's."""
 
-    loop = "device"
+    kind = "device"
 
-    def __init__(self, backend: DeviceRunner, schedule: Schedule, shape: Sequence[int], max_batch: int,
-                 gpu: GpuContext | None = None, cuda_graph: bool = True):
-        gpu = gpu if gpu is not None else backend.gpu
+    def __init__(self, runner: DeviceRunner, shape: Sequence[int], max_batch: int, gpu: GpuContext | None = None,
+                 cuda_graph: bool = True):
+        gpu = gpu if gpu is not None else runner.gpu
         self.shape = check_shape(shape)
         if int(max_batch) < 1:
             raise ConfigError(f"max_batch must be >= 1, found {max_batch}")
-        backend.check_batch(int(max_batch))
-        self.backend, self.schedule, self.gpu, self.cuda_graph = backend, schedule, gpu, bool(cuda_graph)
-        self.runner = backend
-        self.max_batch = int(max_batch)
+        runner.check_batch(int(max_batch))
+        self.runner, self.gpu, self.cuda_graph = runner, gpu, bool(cuda_graph)
+        self.capacity = self.max_batch = int(max_batch)
         self.n = math.prod(self.shape)
         self.nblocks = -(-self.n // rng.WORDS_PER_BLOCK)
-        self.steps = len(schedule)
+        self.plans = PlanTable()
         self._owned: list = []
         self._graph: Graph | None = None
-        self._graph_batch = self._bound_batch = None
+        self._graph_key = None
         self.graph_error: str | None = None
+        self._table_rows = 0
+        # host mirrors of the per-slot state (uploaded when it changes between steps)
+        B = self.capacity
+        self.h_active = np.zeros(B, np.int32)
+        self.h_plan = np.zeros(B, np.int32)
+        self.h_k = np.zeros(B, np.int32)
+        self.h_idx = np.zeros(B, np.uint32)
+        self.h_keys = np.zeros((B, 2), np.uint32)
+        self._dirty = False
         try:
             self._setup()
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def for_runner(cls, runner: DeviceRunner, shape: Sequence[int], max_batch: int, cuda_graph: bool = True
+                   ) -> "DeviceLoop":
+        """The runner's one device loop (made on first use; a new one when the shape or a larger batch is asked
+        for, which closes the old one)."""
+        loop = getattr(runner, "_device_loop", None)
+        if loop is not None and not loop.closed and loop.shape == check_shape(shape) \
+                and loop.capacity >= int(max_batch) and loop.cuda_graph == bool(cuda_graph):
+            return loop
+        if loop is not None:
+            loop.close()
+        loop = cls(runner, shape, max_batch, cuda_graph=cuda_graph)
+        runner._device_loop = loop
+        return loop
 
     def _own(self, obj):
         self._owned.append(obj)
@@ -163,69 +166,112 @@ class DeviceSampler(Sampler):
         self.kernels = K.compile_kernels(target)
         self.module = self._own(Module(self.kernels.image, K.SIGNATURES))
         self.setup_seconds = {"compile": self.kernels.seconds, "load": time.perf_counter() - start - self.kernels.seconds}
-        B, n, s = self.max_batch, self.n, self.gpu.stream
+        B, n = self.capacity, self.n
         self.x = self._own(DeviceArray(B * n, np.float32))
         self.eps = self._own(DeviceArray(B * n, np.float32))
+        self.hist = self._own(DeviceArray(B * MAX_HISTORY * n, np.float32))
+        self.xp = self._own(DeviceArray(B * n, np.float32))
         self.t = self._own(DeviceArray(B, np.int32))
+        self.row = self._own(DeviceArray(B, np.int32))
         self.idx = self._own(DeviceArray(B, np.uint32))
-        self.key = self._own(DeviceArray(2, np.uint32))
+        self.keys = self._own(DeviceArray(2 * B, np.uint32))
+        self.plan = self._own(DeviceArray(B, np.int32))
+        self.k = self._own(DeviceArray(B, np.int32))
+        self.active = self._own(DeviceArray(B, np.int32))
+        self.mask = self._own(DeviceArray(B, np.int32))
         self.state = self._own(DeviceArray(K.STATE_WORDS, np.int32))
-        self.table = self._own(DeviceArray(self.steps * K.TABLE_COLUMNS, np.float32))
-        self.timesteps = self._own(DeviceArray(self.steps, np.int32))
-        self.table.upload(np.ascontiguousarray(self.schedule.table32, dtype=np.float32).reshape(-1), s)
-        self.timesteps.upload(np.asarray(self.schedule.timesteps, dtype=np.int32), s)
+        self.table = self.timesteps = self.noise_ids = self.offsets = self.lengths = None
         self._events: list[Event] = []
-        s.synchronize()
+        self.closed = False
+
+    # -------------------------------------------------------------------------------------- the plan table
+
+    def _upload_plans(self, stream: Stream) -> None:
+        """(Re)upload the plan table after a plan was added; a larger table is a new buffer, so our graph goes."""
+        P = self.plans
+        rows = len(P.table32)
+        if rows == self._table_rows:
+            return
+        for name in ("table", "timesteps", "noise_ids", "offsets", "lengths"):
+            old = getattr(self, name)
+            if old is not None:
+                self._owned.remove(old)
+                old.close()
+        self._drop_graph()
+        self.table = self._own(DeviceArray(rows * len(P.table32[0]), np.float32))
+        self.timesteps = self._own(DeviceArray(rows, np.int32))
+        self.noise_ids = self._own(DeviceArray(rows, np.uint32))
+        self.offsets = self._own(DeviceArray(len(P.plans), np.int32))
+        self.lengths = self._own(DeviceArray(len(P.plans), np.int32))
+        self.table.upload(np.ascontiguousarray(P.table32).reshape(-1), stream)
+        self.timesteps.upload(P.timesteps.astype(np.int32), stream)
+        self.noise_ids.upload(P.noise_ids.astype(np.uint32), stream)
+        self.offsets.upload(P.offsets.astype(np.int32), stream)
+        self.lengths.upload(P.lengths.astype(np.int32), stream)
+        self._table_rows = rows
+
+    @property
+    def history(self) -> int:
+        return self.plans.history
 
     # -------------------------------------------------------------------------------------- launches
 
     def _grid(self, batch: int) -> tuple[int, int, int]:
         return (-(-self.nblocks // K.THREADS), batch, 1)
 
-    def _launch_normals(self, batch: int, step: int) -> None:
-        self.module.launch("ddpm_normals", self._grid(batch), (K.THREADS, 1, 1),
-                           (self.x.address, self.idx.address, self.key.address, step, self.n, self.nblocks),
-                           self.gpu.stream)
-
     def _enqueue_prepare(self, batch: int, stream: Stream) -> None:
         self.module.launch("ddpm_prepare", (-(-batch // K.THREADS), 1, 1), (K.THREADS, 1, 1),
-                           (self.t.address, self.timesteps.address, self.state.address, self.steps, batch), stream)
+                           (self.t.address, self.row.address, self.timesteps.address, self.offsets.address,
+                            self.lengths.address, self.plan.address, self.k.address, self.active.address,
+                            self.state.address, batch), stream)
 
     def _enqueue_update(self, batch: int, stream: Stream) -> None:
-        clip = int(self.schedule.config.clip_denoised)
         self.module.launch("ddpm_step", self._grid(batch), (K.THREADS, 1, 1),
-                           (self.x.address, self.eps.address, self.table.address, self.timesteps.address,
-                            self.state.address, self.idx.address, self.key.address, self.n, self.nblocks,
-                            self.steps, clip), stream)
-        self.module.launch("ddpm_advance", (1, 1, 1), (1, 1, 1), (self.state.address,), stream)
+                           (self.x.address, self.eps.address, self.hist.address, self.xp.address,
+                            self.table.address, self.row.address, self.noise_ids.address, self.idx.address,
+                            self.keys.address, self.k.address, self.state.address, self.n, self.nblocks, batch,
+                            self.plans.history, int(self.plans.uses_xp)), stream)
+        self.module.launch("ddpm_advance", (-(-batch // K.THREADS), 1, 1), (K.THREADS, 1, 1),
+                           (self.k.address, self.row.address, batch), stream)
 
     def _enqueue_step(self, batch: int, stream: Stream) -> None:
         self._enqueue_prepare(batch, stream)
-        self.backend.enqueue(stream)
+        self.runner.enqueue(stream)
         self._enqueue_update(batch, stream)
 
-    def _graph_for(self, batch: int) -> Graph | None:
-        """Our captured step for this batch size; None when graphs are off or the backend cannot be captured."""
-        if not self.cuda_graph or not self.backend.capturable(self.gpu.stream):
-            return None
-        if self._graph is not None and self._graph_batch == batch:
-            return self._graph
+    def _bind(self, batch: int) -> None:
+        """Bind the runner to our buffers unless it is bound to them at this batch size already (a runner is
+        shared: whoever bound it last owns its binding)."""
+        if getattr(self.runner, "_bound_to", None) != (id(self), batch):
+            self.runner.bind(self.x.address, self.t.address, self.eps.address, batch)
+            self.runner._bound_to = (id(self), batch)
+
+    def _drop_graph(self) -> None:
         if self._graph is not None:
             self._graph.close()
-            self._graph = None
+        self._graph, self._graph_key = None, None
+
+    def _graph_for(self, batch: int) -> Graph | None:
+        """Our captured step for this batch size and table; None when graphs are off or the backend cannot be
+        captured."""
+        if not self.cuda_graph or not self.runner.capturable(self.gpu.stream):
+            return None
+        key = (batch, self._table_rows, self.plans.history, self.plans.uses_xp)
+        if self._graph is not None and self._graph_key == key:
+            return self._graph
+        self._drop_graph()
         stream = self.gpu.stream
         # warm-up outside the capture (TensorRT flushes deferred shape updates; ONNX Runtime's first runs search
         # convolution algorithms and grow its memory arena, which must not happen under capture)
-        for _ in range(max(1, int(getattr(self.backend, "capture_warmup", 1)))):
-            self.backend.enqueue(stream)
+        for _ in range(max(1, int(getattr(self.runner, "capture_warmup", 1)))):
+            self.runner.enqueue(stream)
         stream.synchronize()
         start = time.perf_counter()
         try:
             self._graph = Graph(stream, lambda st: self._enqueue_step(batch, st))
             host = self._host_nodes(self._graph)
             if host:  # a host callback replayed every step would run again on state its owner has moved on from
-                self._graph.close()
-                self._graph = None
+                self._drop_graph()
                 raise CudaError(f"the captured step holds {host} host-function node(s) (the backend's run enqueues "
                                 f"host callbacks), which are not safe to replay")
         except (CudaError, SamplingError) as e:  # SamplingError: the backend's own call failed under capture
@@ -233,7 +279,7 @@ class DeviceSampler(Sampler):
             log.warning("CUDA graph capture of the step failed, running without graphs: %s", e)
             self.cuda_graph = False
             return None
-        self._graph_batch = batch
+        self._graph_key = key
         self.setup_seconds["capture"] = time.perf_counter() - start
         return self._graph
 
@@ -251,28 +297,110 @@ class DeviceSampler(Sampler):
             self._events.append(self._own(Event()))
         return self._events[:count]
 
-    # -------------------------------------------------------------------------------------- sampling
+    # -------------------------------------------------------------------------------------- slots
+
+    def occupied(self) -> int:
+        return int(self.h_active.sum())
 
     def new_timings(self) -> DeviceTimings:
         return DeviceTimings()
 
-    def sample(self, seed: int, indices, callback: Callable[[int, int], None] | None = None
+    def admit(self, slots, plan: StepPlan, seed: int, indices) -> None:
+        """Start images in free slots: their state is uploaded and x_T drawn on the device (``INITIAL_STEP``)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        idx = check_indices(indices, self.capacity)
+        if len(slots) != len(idx) or slots.min() < 0 or slots.max() >= self.capacity \
+                or len(np.unique(slots)) != len(slots):
+            raise ConfigError(f"admit needs one distinct slot in [0, {self.capacity}) per index, found "
+                              f"{slots.tolist()} for {len(idx)} indices")
+        if self.h_active[slots].any():
+            raise ConfigError(f"slots {slots[self.h_active[slots] != 0].tolist()} are occupied")
+        key = np.asarray(rng.key_from_seed(seed), dtype=np.uint32)
+        pid = self.plans.add(plan)
+        stream = self.gpu.stream
+        self.gpu.device.make_current()  # a server may call from another thread than the one that made the context
+        self._upload_plans(stream)
+        self.h_active[slots], self.h_plan[slots], self.h_k[slots] = 1, pid, 0
+        self.h_idx[slots], self.h_keys[slots] = idx, key
+        mask = np.zeros(self.capacity, np.int32)
+        mask[slots] = 1
+        self._upload_state(stream)
+        self.mask.upload(mask, stream)
+        self.state.upload(np.array([0, 0, K.NO_BAD_STEP, 0], dtype=np.int32), stream)
+        hi = int(slots.max()) + 1
+        self.module.launch("ddpm_normals", self._grid(hi), (K.THREADS, 1, 1),
+                           (self.x.address, self.idx.address, self.keys.address, self.mask.address, rng.INITIAL_STEP,
+                            self.n, self.nblocks), stream)
+        zeros = np.zeros(MAX_HISTORY * self.n, np.float32)
+        for s in slots:  # fresh history and corrected sample for the new images
+            if self.plans.history:
+                self.hist.upload_at(zeros, int(s) * MAX_HISTORY * self.n, stream)
+            if self.plans.uses_xp:
+                self.xp.upload_at(zeros[:self.n], int(s) * self.n, stream)
+
+    def _upload_state(self, stream: Stream) -> None:
+        self.active.upload(self.h_active, stream)
+        self.plan.upload(self.h_plan, stream)
+        self.k.upload(self.h_k, stream)
+        self.idx.upload(self.h_idx, stream)
+        self.keys.upload(self.h_keys.reshape(-1), stream)
+
+    def _batch(self) -> int:
+        """Slots 0 … b−1 cover every occupied slot: the batch the runner computes (free slots in it are idle)."""
+        act = np.flatnonzero(self.h_active)
+        return int(act[-1]) + 1 if len(act) else 0
+
+    def step(self) -> list[int]:
+        """One step of every occupied slot (the runner computes ε over slots 0 … b−1)."""
+        batch = self._batch()
+        if batch == 0:
+            return []
+        stream = self.gpu.stream
+        self.gpu.device.make_current()
+        self.runner.check_batch(batch)
+        self._bind(batch)
+        self._enqueue_step(batch, stream)
+        act = self.h_active[:batch] != 0
+        lengths = self.plans.lengths[self.h_plan[:batch]]
+        self.h_k[:batch][act & (self.h_k[:batch] < lengths)] += 1
+        stream.synchronize()
+        self._check_state(np.flatnonzero(self.h_active))
+        lengths = self.plans.lengths[self.h_plan]
+        return np.flatnonzero((self.h_active != 0) & (self.h_k >= lengths)).tolist()
+
+    def clear(self) -> None:
+        self.h_active[:] = 0
+        self.active.upload(self.h_active, self.gpu.stream)
+
+    def take(self, slots) -> np.ndarray:
+        slots = np.asarray(slots, dtype=np.int64)
+        if not self.h_active[slots].all():
+            raise ConfigError(f"slots {slots[self.h_active[slots] == 0].tolist()} hold no image")
+        if (self.h_k[slots] < self.plans.lengths[self.h_plan[slots]]).any():
+            raise ConfigError("those slots are still sampling")
+        stream = self.gpu.stream
+        hi = int(slots.max()) + 1
+        x = np.empty((hi, *self.shape), dtype=np.float32)
+        self.x.download(x.reshape(-1), stream)
+        self._check_finite(x[slots], slots)
+        self.h_active[slots] = 0
+        self.active.upload(self.h_active, stream)
+        return x[slots].copy()
+
+    # -------------------------------------------------------------------------------------- whole batches
+
+    def sample(self, plan: StepPlan, seed: int, indices, callback: Callable[[int, int], None] | None = None
                ) -> tuple[np.ndarray, DeviceTimings]:
         """Sample one batch; returns float32 x_0 [B, C, H, W] on the host and the batch's timings.
         ``callback(done, total)`` after each step is enqueued (the host runs ahead of the GPU)."""
-        idx = check_indices(indices, self.max_batch)
-        key = np.asarray(rng.key_from_seed(seed), dtype=np.uint32)
-        batch, stream, steps = len(idx), self.gpu.stream, self.steps
-        self.gpu.device.make_current()  # a server may call from another thread than the one that made the context
-        self.backend.check_batch(batch)
-        self.idx.upload(idx, stream)
-        self.key.upload(key, stream)
-        self.state.upload(np.array([0, 0, -1, 0], dtype=np.int32), stream)
-        self.t.fill32(int(self.schedule.timesteps[-1]), stream, batch)
-        self._launch_normals(batch, rng.INITIAL_STEP)
-        if self._bound_batch != batch:
-            self.backend.bind(self.x.address, self.t.address, self.eps.address, batch)
-            self._bound_batch = batch
+        idx = check_indices(indices, self.capacity)
+        if self.occupied():
+            raise ConfigError("sample() needs an empty loop; this one has images in flight")
+        batch, stream, steps = len(idx), self.gpu.stream, len(plan)
+        self.runner.check_batch(batch)
+        slots = np.arange(batch)
+        self.admit(slots, plan, seed, idx)
+        self._bind(batch)
         graph = self._graph_for(batch)
         timings = DeviceTimings(setup_seconds=dict(self.setup_seconds))
         if graph is not None:
@@ -287,13 +415,13 @@ class DeviceSampler(Sampler):
             ev[-1].synchronize()
             timings.step_ms = [ev[k].elapsed_ms(ev[k + 1]) for k in range(steps)]
         else:
-            timings.graph = GRAPH_BACKEND if self.backend.uses_graphs else GRAPH_OFF
+            timings.graph = GRAPH_BACKEND if self.runner.uses_graphs else GRAPH_OFF
             ev = self._ensure_events(3 * steps + 1)
             ev[0].record(stream)
             for k in range(steps):
                 self._enqueue_prepare(batch, stream)
                 ev[3 * k + 1].record(stream)
-                self.backend.enqueue(stream)
+                self.runner.enqueue(stream)
                 ev[3 * k + 2].record(stream)
                 self._enqueue_update(batch, stream)
                 ev[3 * k + 3].record(stream)
@@ -304,36 +432,48 @@ class DeviceSampler(Sampler):
             timings.eps_ms = ms[1::3]
             timings.other_ms = [a + b for a, b in zip(ms[0::3], ms[2::3])]
             timings.step_ms = [a + b + c for a, b, c in zip(ms[0::3], ms[1::3], ms[2::3])]
-        x = np.empty((batch, *self.shape), dtype=np.float32)
-        self.x.download(x.reshape(-1), stream)
-        state = self.state.download(np.empty(K.STATE_WORDS, dtype=np.int32), stream)
-        self._check_result(x, state, idx)
-        return x, timings
+        self.h_k[slots] += steps
+        try:
+            self._check_state(slots, expect_k=steps)
+            return self.take(slots), timings
+        finally:
+            self.h_active[slots] = 0
 
-    def _check_result(self, x: np.ndarray, state: np.ndarray, idx: np.ndarray) -> None:
-        if state[3] or state[0] != self.steps:
-            raise CudaError(f"the device step counter ended at {int(state[0])} of {self.steps} steps "
-                            f"(overrun flag {int(state[3])}): the loop did not run as enqueued")
-        finite = np.isfinite(x.reshape(len(idx), -1)).all(axis=1)
-        if state[2] >= 0 or not finite.all():
-            i = int(state[2]) if state[2] >= 0 else 0
-            bad = np.flatnonzero(~finite)
-            first = f"sample index {int(idx[bad[0]])} ({len(bad)} of {len(idx)} samples affected)" if len(bad) else \
-                "a sample that recovered by the end"
-            raise SamplingError(
-                f"non-finite values first at step t={int(self.schedule.timesteps[i])} (loop step {self.steps - i}/"
-                f"{self.steps}) on the GPU, in {first}; check the model file and its precision (try the fp32 model)"
-            )
+    def _check_state(self, slots: np.ndarray, expect_k: int | None = None) -> None:
+        stream = self.gpu.stream
+        state = self.state.download(np.empty(K.STATE_WORDS, dtype=np.int32), stream)
+        k = self.k.download(np.empty(self.capacity, dtype=np.int32), stream)
+        if state[3] or (expect_k is not None and not np.all(k[slots] == expect_k)):
+            raise CudaError(f"the device step counters ended at {sorted(set(k[slots].tolist()))} of "
+                            f"{expect_k} steps (overrun flag {int(state[3])}): the loop did not run as enqueued")
+        if state[2] != K.NO_BAD_STEP:
+            self._nonfinite(slots, int(state[2]))
+
+    def _check_finite(self, x: np.ndarray, slots: np.ndarray) -> None:
+        finite = np.isfinite(x.reshape(len(slots), -1)).all(axis=1)
+        if not finite.all():
+            self._nonfinite(slots, None, x)
+
+    def _nonfinite(self, slots: np.ndarray, k: int | None, x: np.ndarray | None = None) -> None:
+        stream = self.gpu.stream
+        if x is None:
+            hi = int(slots.max()) + 1
+            x = np.empty((hi, *self.shape), dtype=np.float32)
+            self.x.download(x.reshape(-1), stream)
+            x = x[slots]
+        bad = np.flatnonzero(~np.isfinite(x.reshape(len(slots), -1)).all(axis=1))
+        s = int(slots[bad[0]]) if len(bad) else int(slots[0])
+        plan = self.plans.plans[int(self.h_plan[s])]
+        k = 0 if k is None else k
+        raise nonfinite_error("values", int(plan.timesteps[min(k, len(plan) - 1)]), k + 1, len(plan),
+                              self.h_idx[slots].astype(np.int64), bad, where=" on the GPU")
 
     def close(self) -> None:
-        if self._graph is not None:
-            self._graph.close()
-            self._graph = None
+        self._drop_graph()
         while self._owned:
             self._owned.pop().close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        self.closed = True
+        if getattr(self.runner, "_device_loop", None) is self:
+            self.runner._device_loop = None
+        if getattr(self.runner, "_bound_to", (None,))[0] == id(self):
+            self.runner._bound_to = None

@@ -96,14 +96,17 @@ def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, ins
 @click.option("--seed", type=int, default=0, help="Seed.")
 @click.option("--index", "start_index", type=int, default=0, help="Index of the first image.")
 @click.option("--num", "-n", type=int, default=1, help="Images: indices INDEX … INDEX+NUM-1, one request each.")
-@click.option("--steps", type=int, default=None, help="Respaced sampling with K steps. Default: the server's.")
+@click.option("--steps", type=int, default=None, help="ε calls per image. Default: the server's.")
+@click.option("--scheduler", default=None, metavar="NAME|JSON",
+              help="ddpm, ddim, dpmsolver++, sde-dpmsolver++, unipc, or JSON ({\"scheduler\": \"ddim\", \"options\": "
+                   "{\"eta\": 0.5}} or a diffusers scheduler config). Default: the server's.")
 @click.option("--concurrency", "-c", type=int, default=4, help="Requests in flight at once.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("served"),
               help="Output directory (grid.png, images/, samples.npz, run.json).")
 @click.option("--no-pngs", is_flag=True, help="Skip images/NNNNNN.png.")
 @click.option("--overwrite", is_flag=True, help="Replace the samples already in --out (otherwise refused).")
 @clean_errors
-def request(url, protocol, seed, start_index, num, steps, concurrency, out, no_pngs, overwrite):
+def request(url, protocol, seed, start_index, num, steps, scheduler, concurrency, out, no_pngs, overwrite):
     """Fetch images from a served model (tritonclient) and write the usual sample outputs."""
     from .client import TritonImages
 
@@ -117,7 +120,8 @@ def request(url, protocol, seed, start_index, num, steps, concurrency, out, no_p
                           f"another --out")
     with TritonImages(url, protocol) as client:
         params = client.parameters()
-        got = client.fetch(seed, range(start_index, start_index + num), steps=steps, concurrency=concurrency)
+        got = client.fetch(seed, range(start_index, start_index + num), steps=steps, concurrency=concurrency,
+                           scheduler=scheduler)
     h, w, c = got.images.shape[1:]
     folder = SampleDir(out).open()  # the folder lock: no sampling job writes there meanwhile
     try:
@@ -127,7 +131,8 @@ def request(url, protocol, seed, start_index, num, steps, concurrency, out, no_p
                               f"choose another --out")
         if held:
             folder.remove_outputs()
-        _write_served(out, num, c, h, w, no_pngs, got, params, client, seed, start_index, steps, concurrency)
+        _write_served(out, num, c, h, w, no_pngs, got, params, client, seed, start_index, steps, concurrency,
+                      scheduler)
     finally:
         folder.close(keep=True)
     lat = np.asarray(got.latencies) * 1e3
@@ -135,7 +140,8 @@ def request(url, protocol, seed, start_index, num, steps, concurrency, out, no_p
                f"({num / got.seconds:.2f} images/s, p50 {np.percentile(lat, 50):.0f} ms); wrote {out}")
 
 
-def _write_served(out, num, c, h, w, no_pngs, got, params, client, seed, start_index, steps, concurrency) -> None:
+def _write_served(out, num, c, h, w, no_pngs, got, params, client, seed, start_index, steps, concurrency,
+                  scheduler=None) -> None:
     from ..contract import RunInfo
     from ..output import SampleWriter
     from .client import diffusion_of
@@ -144,9 +150,11 @@ def _write_served(out, num, c, h, w, no_pngs, got, params, client, seed, start_i
     writer.add_uint8(got.images, range(start_index, start_index + num))
     lat = np.asarray(got.latencies) * 1e3
     T = int(params.get("num_timesteps") or 0)
+    plan = _served_plan(params, scheduler, steps)
     writer.close(RunInfo(
         seed=seed, num=num, batch=1, start_index=start_index,
-        steps=int(steps or params.get("default_steps") or T), num_timesteps=T,
+        steps=len(plan) if plan else int(steps or params.get("default_steps") or T), num_timesteps=T,
+        scheduler=plan.describe() if plan else None,
         backend=f"triton-{client.protocol}", runner="tritonclient", loop="served", precision=params.get("precision", "?"),
         model=f"{client.protocol}://{client.url}/{params.get('artifact', '')}", diffusion=diffusion_of(params),
         total_seconds=got.seconds, images_per_second=num / got.seconds,
@@ -154,3 +162,21 @@ def _write_served(out, num, c, h, w, no_pngs, got, params, client, seed, start_i
                  "latency_ms_p99": float(np.percentile(lat, 99))},
         host={"machine": platform.machine(), "python": platform.python_version()},
         model_sha256=params.get("model_sha256") or None))
+
+
+def _served_plan(params: dict, scheduler, steps):
+    """The plan the server sampled along (computed here from its parameters), for run.json; None if unknown."""
+    import json
+
+    from ..errors import DDPMError
+    from ..sampling.config import plan_for
+    from ..schedule import DiffusionConfig
+    from .handler import parse_scheduler
+
+    try:
+        diffusion = DiffusionConfig.from_dict(json.loads(params["diffusion"]))
+        source, options = parse_scheduler(scheduler if scheduler is not None else params.get("default_scheduler") or None)
+        default_steps = int(params["default_steps"]) if params.get("default_steps") else None
+        return plan_for(diffusion, source, steps if steps is not None else default_steps, **options)
+    except (KeyError, ValueError, TypeError, DDPMError):
+        return None

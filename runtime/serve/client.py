@@ -39,13 +39,16 @@ def _module(protocol: str):
                        "pip install 'tritonclient[http,grpc]'")
 
 
-def make_inputs(mod, seeds: Sequence[int], indices: Sequence[int], steps: int | None):
-    """Inputs of one request of k images: seed UINT64 [k, 1], index INT64 [k, 1], optional steps INT32 [k, 1]."""
+def make_inputs(mod, seeds: Sequence[int], indices: Sequence[int], steps: int | None, scheduler: str | None = None):
+    """Inputs of one request of k images: seed UINT64 [k, 1], index INT64 [k, 1], optional steps INT32 [k, 1] and
+    scheduler BYTES [k, 1] (a name such as "ddim", or JSON)."""
     k = len(indices)
     arrays = [("seed", np.asarray(seeds, dtype=np.uint64).reshape(k, 1), "UINT64"),
               ("index", np.asarray(indices, dtype=np.int64).reshape(k, 1), "INT64")]
     if steps is not None:
         arrays.append(("steps", np.full((k, 1), steps, dtype=np.int32), "INT32"))
+    if scheduler is not None:
+        arrays.append(("scheduler", np.full((k, 1), str(scheduler).encode(), dtype=object), "BYTES"))
     out = []
     for name, arr, dtype in arrays:
         inp = mod.InferInput(name, list(arr.shape), dtype)
@@ -92,11 +95,12 @@ class TritonImages:
         cfg = cfg.get("config", cfg)
         return {k: v.get("string_value", v.get("stringValue", "")) for k, v in cfg.get("parameters", {}).items()}
 
-    def request(self, seed: int, indices: Sequence[int], steps: int | None = None) -> np.ndarray:
+    def request(self, seed: int, indices: Sequence[int], steps: int | None = None, scheduler: str | None = None
+                ) -> np.ndarray:
         """One request for ``len(indices)`` images; uint8 [k, H, W, C]."""
         mod = self.mod
         try:
-            res = self.client().infer(self.model, make_inputs(mod, [seed] * len(indices), indices, steps),
+            res = self.client().infer(self.model, make_inputs(mod, [seed] * len(indices), indices, steps, scheduler),
                                       outputs=[mod.InferRequestedOutput("image", **({"binary_data": True}
                                                                                     if self.protocol == "http" else {}))],
                                       **({"client_timeout": self.timeout} if self.protocol == "grpc" else {}))
@@ -104,7 +108,8 @@ class TritonImages:
             raise RequestFailed(f"request seed {seed} index {list(indices)[:4]} to {self.url} failed: {e}") from None
         return res.as_numpy("image")
 
-    def fetch(self, seed: int, indices: Sequence[int], steps: int | None = None, concurrency: int = 4) -> Fetched:
+    def fetch(self, seed: int, indices: Sequence[int], steps: int | None = None, concurrency: int = 4,
+              scheduler: str | None = None) -> Fetched:
         """One request per index, ``concurrency`` in flight; images in the order of ``indices``."""
         if concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, found {concurrency}")
@@ -112,7 +117,7 @@ class TritonImages:
 
         def one(i):
             t0 = time.perf_counter()
-            img = self.request(seed, [i], steps)
+            img = self.request(seed, [i], steps, scheduler)
             return img[0], time.perf_counter() - t0
 
         t0 = time.perf_counter()

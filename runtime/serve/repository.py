@@ -1,6 +1,7 @@
 """Write a Triton Inference Server model repository with one model, ``ddpm``, on Triton's Python backend:
 
-    REPO/ddpm/config.pbtxt          inputs seed UINT64 [1], index INT64 [1], optional steps INT32 [1];
+    REPO/ddpm/config.pbtxt          inputs seed UINT64 [1], index INT64 [1], optional steps INT32 [1],
+                                    optional scheduler BYTES [1];
                                     output image UINT8 [H, W, C]; dynamic batching; instance_group; parameters
     REPO/ddpm/1/model.py            runtime/serve/triton_model.py (loads the artifact through our runtime)
     REPO/ddpm/1/model.onnx          the ε model travels in the repository (or model.plan + model.plan.json)
@@ -38,7 +39,8 @@ class RepoSettings:
     max_batch: int | None = None
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
     threads: int = 0                       # ONNX Runtime threads per instance; 0: the cores / instances
-    default_steps: int | None = None       # steps when a request has none; None: all T
+    default_steps: int | None = None       # steps when a request has none; None: all T (DDPM), else 20
+    default_scheduler: str | None = None   # scheduler when a request has none (a name or JSON); None: ddpm
 
     def __post_init__(self):
         if self.instances < 1:
@@ -84,7 +86,8 @@ def _pbtxt_str(s: str) -> str:
 def config_pbtxt(card, precision: str, artifact: str, settings: RepoSettings, max_batch: int, sha256: str) -> str:
     c, s = card.data.channels, card.data.image_size
     params = {"artifact": artifact, "threads": str(settings.threads),
-              "default_steps": str(settings.default_steps or ""), "num_timesteps": str(card.diffusion.num_timesteps),
+              "default_steps": str(settings.default_steps or ""),
+              "default_scheduler": settings.default_scheduler or "", "num_timesteps": str(card.diffusion.num_timesteps),
               "precision": precision, "model_sha256": sha256, "value_range": ",".join(map(str, card.data.value_range)),
               "diffusion": json.dumps(card.diffusion.to_dict(), sort_keys=True),
               "image_shape": f"{s},{s},{c}"}
@@ -95,7 +98,8 @@ def config_pbtxt(card, precision: str, artifact: str, settings: RepoSettings, ma
         "input [",
         '  { name: "seed" data_type: TYPE_UINT64 dims: [ 1 ] },',
         '  { name: "index" data_type: TYPE_INT64 dims: [ 1 ] },',
-        '  { name: "steps" data_type: TYPE_INT32 dims: [ 1 ] optional: true }',
+        '  { name: "steps" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
+        '  { name: "scheduler" data_type: TYPE_STRING dims: [ 1 ] optional: true }',
         "]",
         "output [",
         f'  {{ name: "image" data_type: TYPE_UINT8 dims: [ {s}, {s}, {c} ] }}',
@@ -117,9 +121,13 @@ def write_repository(model: str | os.PathLike, repo: str | os.PathLike, settings
     if plan_max is not None and max_batch > plan_max:
         raise ConfigError(f"max batch {max_batch} exceeds the plan's profile max {plan_max}; rebuild the plan with "
                           f"--batch-max {max_batch} or serve with a max batch <= {plan_max}")
-    if settings.default_steps is not None and not 2 <= settings.default_steps <= card.diffusion.num_timesteps:
-        raise ConfigError(f"default steps must be between 2 and {card.diffusion.num_timesteps}, found "
+    if settings.default_steps is not None and not 1 <= settings.default_steps <= card.diffusion.num_timesteps:
+        raise ConfigError(f"default steps must be between 1 and {card.diffusion.num_timesteps}, found "
                           f"{settings.default_steps}")
+    if settings.default_scheduler:
+        from ..sampling.config import plan_for
+
+        plan_for(card.diffusion, settings.default_scheduler, settings.default_steps)  # refuses a bad default now
     folder = repo / MODEL_NAME
     tmp = repo / f".{MODEL_NAME}.{os.getpid()}.tmp"
     try:

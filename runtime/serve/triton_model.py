@@ -65,7 +65,8 @@ class TritonPythonModel:
                 os.path.join(here, params["artifact"]), device="cuda" if gpu else "cpu",
                 device_id=int(args.get("model_instance_device_id", 0) or 0), threads=threads,
                 max_batch=max(1, int(config.get("max_batch_size", 1))),
-                default_steps=int(params["default_steps"]) if params.get("default_steps") else None)
+                default_steps=int(params["default_steps"]) if params.get("default_steps") else None,
+                default_scheduler=params.get("default_scheduler") or None)
         except Exception as e:  # noqa: BLE001 - the load fails with the reason, the server keeps its other models
             raise pb_utils.TritonModelException(f"ddpm: cannot load {params.get('artifact')}: {e}") from None
         import onnxruntime
@@ -79,9 +80,14 @@ class TritonPythonModel:
         t = self.pb.get_input_tensor_by_name(request, name)
         return None if t is None else self.np.from_dlpack(t).copy()
 
+    def _text_input(self, request, name):
+        t = self.pb.get_input_tensor_by_name(request, name)
+        return None if t is None else t.as_numpy()  # BYTES: an object array (no DLPack for strings)
+
     def execute(self, requests):
         batch = [self.Request(seed=self._input(r, "seed"), index=self._input(r, "index"),
-                              steps=self._input(r, "steps")) for r in requests]
+                              steps=self._input(r, "steps"), scheduler=self._text_input(r, "scheduler"))
+                 for r in requests]
         responses = []
         for result in self.model.infer(batch):
             if isinstance(result, Exception):
