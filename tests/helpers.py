@@ -61,3 +61,91 @@ def ttur_fid(mu1, s1, mu2, s2, eps=1e-6) -> float:
             covmean = scipy.linalg.sqrtm((s1 + off) @ (s2 + off))
     d = mu1 - mu2
     return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
+
+
+class Bound:
+    """A device loop and one plan: ``sample(seed, indices)`` (tests that sample one plan at a time)."""
+
+    def __init__(self, loop, plan):
+        self.loop, self.plan = loop, plan
+
+    def sample(self, seed, indices):
+        return self.loop.sample(self.plan, seed, indices)
+
+    def __getattr__(self, name):
+        return getattr(self.loop, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.close()
+
+
+STEP_PLANS = [  # every scheduler family and option that changes the rule's columns
+    ("ddpm", None, {"variance_type": "fixed_small", "clip_sample": True}),
+    ("ddpm", 50, {"variance_type": "fixed_large", "clip_sample": False}),
+    ("ddim", 20, {"eta": 0.5}),
+    ("dpmsolver++", 10, {"solver_order": 3}),
+    ("sde-dpmsolver++", 10, {}),
+    ("unipc", 10, {"solver_order": 3}),
+    ("unipc", 8, {"solver_type": "bh1"}),
+]
+
+
+def check_step_kernel(gpu, name, steps, options, shape=(3, 8, 8)):
+    """The fused step kernel vs ``rules.linear_step`` at several rows of a scheduler's plan, with a batch whose two
+    images stand at different rows and seeds (per-image state), history and UniPC's corrected sample included. On
+    the host stand-in (tests/runtime/test_device.py) and on a GPU (test_device_gpu.py)."""
+    import numpy as np
+
+    from ddpm_deploy.runtime import rng
+    from ddpm_deploy.runtime.device import kernels
+    from ddpm_deploy.runtime.device.loop import DeviceLoop
+    from ddpm_deploy.runtime.sampling.config import plan_for
+    from ddpm_deploy.runtime.schedule import DiffusionConfig
+    from ddpm_deploy.runtime.tolerances import L4_STEP_RTOL, assert_close
+    from ddpm_deploy.runtime.sampling.plan import COL, MAX_HISTORY
+    from ddpm_deploy.runtime.sampling.rules import linear_step
+    from hostsim import LinearEpsBackend
+
+    plan = plan_for(DiffusionConfig(), name, steps, **options)
+    idx, seeds = np.array([4, 9]), [7, 8]
+    g = np.random.default_rng(0)
+    x, eps = (g.normal(size=(2, *shape)).astype(np.float32) * 3 for _ in range(2))
+    hist = g.normal(size=(MAX_HISTORY, 2, *shape)).astype(np.float32)
+    xp = g.normal(size=(2, *shape)).astype(np.float32)
+    K = len(plan)
+    with DeviceLoop(LinearEpsBackend(gpu, shape), shape, 2, gpu) as s:
+        s.admit([0, 1], plan, 0, idx)  # uploads the plan table
+        s.keys.upload(np.asarray([rng.key_from_seed(v) for v in seeds], np.uint32).reshape(-1), gpu.stream)
+        H, use_xp = plan.history, int(plan.uses_xp)
+        for rows in ([0, K - 1], [1, K // 2], [K - 2, 2], [K - 1, 0]):
+            rows = np.clip(rows, 0, K - 1)
+            s.x.upload(x.reshape(-1), gpu.stream)
+            s.eps.upload(eps.reshape(-1), gpu.stream)
+            s.hist.upload(np.ascontiguousarray(hist.transpose(1, 0, 2, 3, 4)).reshape(-1), gpu.stream)
+            s.xp.upload(xp.reshape(-1), gpu.stream)
+            s.row.upload(rows.astype(np.int32), gpu.stream)
+            s.state.upload(np.array([0, 0, kernels.NO_BAD_STEP, 0], np.int32), gpu.stream)
+            s.module.launch("ddpm_step", s._grid(2), (kernels.THREADS, 1, 1),
+                            (s.x.address, s.eps.address, s.hist.address, s.xp.address, s.table.address,
+                             s.row.address, s.noise_ids.address, s.idx.address, s.keys.address, s.k.address,
+                             s.state.address, s.n, s.nblocks, 2, H, use_xp), gpu.stream)
+            got = s.x.download(np.empty(2 * s.n, np.float32), gpu.stream).reshape(2, *shape)
+            got_h = s.hist.download(np.empty(2 * MAX_HISTORY * s.n, np.float32), gpu.stream)
+            got_xp = s.xp.download(np.empty(2 * s.n, np.float32), gpu.stream).reshape(2, *shape)
+
+            coef = plan.table32[rows]
+            z = np.stack([rng.normals(seeds[b], [int(idx[b])], int(plan.noise_ids[rows[b]]), shape)[0] for b in range(2)])
+            need = coef[:, COL["z"]] != 0
+            want, m0, want_xp = linear_step(x, eps, coef, hist, xp if use_xp else None, z * need[:, None, None, None])
+
+            assert_close(f"{name} rows {rows.tolist()}: x", got, want, L4_STEP_RTOL * np.abs(want).max())
+            if H:
+                got_h = got_h.reshape(2, MAX_HISTORY, *shape)
+                assert_close("x̂0 history m1 ← m0", got_h[:, 0], m0, L4_STEP_RTOL * np.abs(m0).max())
+                if H > 1:
+                    np.testing.assert_array_equal(got_h[:, 1], hist[0])  # m2 ← m1: moved, not recomputed
+            if use_xp:
+                assert_close("UniPC's corrected sample", got_xp, want_xp, L4_STEP_RTOL * np.abs(want_xp).max())

@@ -576,8 +576,9 @@ def level3(ref: Reference, onnx_path: Path, sched, batch: int, seed: int, thread
         agree, why = diffusers_agrees(sched, card.diffusion.num_timesteps)
         refname = f"diffusers {sched.scheduler} loop" if agree and importlib.util.find_spec("diffusers") else \
             f"pytorch loop over the same plan (trainer.sample{'; ' + why if why else ''})"
-    r = LevelResult("L3 trajectory", f"{runner.name} ({precision}) + host loop, {sched.scheduler} {len(sched)} steps",
-                    f"{refname}, same noise", runner=f"{type(runner).__name__} + HostLoop")
+    r = LevelResult("L3 trajectory", f"{runner.name} ({precision}) + host loop",
+                    f"{refname}, same noise ({sched.scheduler}, {len(sched)} steps)",
+                    runner=f"{type(runner).__name__} + HostLoop")
     c = compare(f"x_0 after {len(sched)} steps, batch {batch}, seed {seed}", got, want, tol.L3_TRAJECTORY_FP32_ATOL)
     if precision == "fp32":
         r.add(c)

@@ -1,15 +1,7 @@
-"""The GPU runtime: cuda-python driver wrappers, the NVRTC kernels and the device sampling loop.
+"""The GPU runtime: cuda-python driver wrappers (``cuda``: ``GpuContext``, ``DeviceArray``, …), the NVRTC kernels
+(``kernels``), the device sampling loop (``loop.DeviceLoop``) and ``info.device_info`` / ``info.engine_info``; ε
+backends in ``runtime.backends.trt`` (TensorRT, TensorRT-RTX) and ``runtime.backends.ort_cuda`` (ONNX Runtime CUDA).
 
-Importing this package needs neither cuda-python nor a GPU; the first CUDA call does, and says what is
-missing (``NoDeviceError``, ``MissingDependencyError``). Entry points: ``cuda.GpuContext``,
-``loop.DeviceLoop``, ``info.device_info`` / ``info.engine_info``; ε backends
-in ``runtime.backends.trt`` (TensorRT, TensorRT-RTX) and ``runtime.backends.ort_cuda`` (ONNX Runtime CUDA).
+Importing this package needs neither cuda-python nor a GPU, and imports none of its modules (import them by name):
+the first CUDA call says what is missing (``cuda.NoDeviceError``, ``MissingDependencyError``).
 """
-
-from .cuda import CudaError, GpuContext, NoDeviceError
-from .info import device_info, engine_info, format_engine_info
-from .kernels import KernelCompileError
-from .loop import DeviceLoop, DeviceTimings
-
-__all__ = ["CudaError", "DeviceLoop", "DeviceTimings", "GpuContext", "KernelCompileError", "NoDeviceError",
-           "device_info", "engine_info", "format_engine_info"]

@@ -37,8 +37,9 @@ class HostLoop(Loop):
     def shape(self) -> tuple[int, ...]:
         return self.slots.shape
 
-    def admit(self, slots, plan, seed: int, indices) -> None:
-        self.slots.admit(slots, plan, seed, indices)
+    def admit(self, slots, plan, seed: int, indices, x_T: np.ndarray | None = None) -> None:
+        """As ``Loop.admit``; ``x_T`` (float32 [n, C, H, W]) replaces the initial noise (tests, golden loops)."""
+        self.slots.admit(slots, plan, seed, indices, x_T)
 
     def occupied(self) -> int:
         return int(self.slots.active.sum())
@@ -103,3 +104,11 @@ class HostLoop(Loop):
         out = S.x[slots].copy()
         S.free(slots)
         return out
+
+
+def sample(model: EpsModel, plan, shape: Sequence[int], seed: int, indices,
+           callback=None) -> np.ndarray:
+    """One batch along ``plan`` with the host loop: float32 x_0 [B, *shape] (tests, references, scripts)."""
+    idx = np.asarray(indices, dtype=np.int64)
+    x, _ = HostLoop(model, shape, len(idx)).sample(plan, seed, idx, callback=callback)
+    return x

@@ -69,7 +69,8 @@ class Slots:
         self.hist: np.ndarray | None = None  # [MAX_HISTORY, B, C, H, W], allocated when a plan needs it
         self.xp: np.ndarray | None = None
 
-    def admit(self, slots: np.ndarray, plan: StepPlan, seed: int, indices: np.ndarray) -> None:
+    def admit(self, slots: np.ndarray, plan: StepPlan, seed: int, indices: np.ndarray,
+              x_T: np.ndarray | None = None) -> None:
         slots = np.asarray(slots, dtype=np.int64)
         idx = np.asarray(indices, dtype=np.int64)
         if len(slots) != len(idx) or len(idx) == 0:
@@ -80,8 +81,7 @@ class Slots:
             raise ConfigError(f"slots {slots[self.active[slots]].tolist()} are occupied")
         rng.key_from_seed(seed)  # checks the seed
         pid = self.plans.add(plan)
-        x0 = rng.normals(seed, idx, rng.INITIAL_STEP, self.shape)
-        self.x[slots] = x0
+        self.x[slots] = rng.normals(seed, idx, rng.INITIAL_STEP, self.shape) if x_T is None else x_T
         if plan.history and self.hist is None:
             self.hist = np.zeros((MAX_HISTORY, self.capacity, *self.shape), dtype=np.float32)
         if plan.uses_xp and self.xp is None:

@@ -46,8 +46,10 @@ def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, ins
       ddpm-run serve --onnx model.onnx --instances 2      writes a repository, starts tritonserver
       ddpm-run serve --repo triton-repo                   a repository from ddpm-export --triton-repo
 
-    One request = one image: inputs seed UINT64 [1], index INT64 [1], optional steps INT32 [1]; output image
-    UINT8 [H, W, C]. The image equals `ddpm-run sample` for the same seed and index, bit for bit.
+    One request = one image: inputs seed UINT64 [1], index INT64 [1], optional steps INT32 [1] and scheduler UINT8
+    [1024] (a name or JSON, zero-padded UTF-8: `ddpm-run request --scheduler`); output image UINT8 [H, W, C]. The
+    image equals `ddpm-run sample` for the same seed, index, scheduler and steps, bit for bit; requests of different
+    schedulers and step counts share the model's ε calls.
     """
     setup_logging(verbose)
     from .repository import RepoSettings, write_repository

@@ -39,16 +39,29 @@ def _module(protocol: str):
                        "pip install 'tritonclient[http,grpc]'")
 
 
+def encode_scheduler(text: str) -> np.ndarray:
+    """A scheduler (name or JSON) as the model's input: UTF-8, zero-padded to SCHEDULER_BYTES."""
+    from .repository import SCHEDULER_BYTES
+
+    raw = str(text).encode("utf-8")
+    if len(raw) > SCHEDULER_BYTES or b"\0" in raw:
+        raise ConfigError(f"the scheduler text must be at most {SCHEDULER_BYTES} bytes of UTF-8 without NUL, found "
+                          f"{len(raw)} bytes; give a name and options instead of a whole config file")
+    out = np.zeros(SCHEDULER_BYTES, np.uint8)
+    out[:len(raw)] = np.frombuffer(raw, np.uint8)
+    return out
+
+
 def make_inputs(mod, seeds: Sequence[int], indices: Sequence[int], steps: int | None, scheduler: str | None = None):
     """Inputs of one request of k images: seed UINT64 [k, 1], index INT64 [k, 1], optional steps INT32 [k, 1] and
-    scheduler BYTES [k, 1] (a name such as "ddim", or JSON)."""
+    scheduler UINT8 [k, 1024] (a name such as "ddim", or JSON, as zero-padded UTF-8)."""
     k = len(indices)
     arrays = [("seed", np.asarray(seeds, dtype=np.uint64).reshape(k, 1), "UINT64"),
               ("index", np.asarray(indices, dtype=np.int64).reshape(k, 1), "INT64")]
     if steps is not None:
         arrays.append(("steps", np.full((k, 1), steps, dtype=np.int32), "INT32"))
     if scheduler is not None:
-        arrays.append(("scheduler", np.full((k, 1), str(scheduler).encode(), dtype=object), "BYTES"))
+        arrays.append(("scheduler", np.repeat(encode_scheduler(scheduler)[None], k, axis=0), "UINT8"))
     out = []
     for name, arr, dtype in arrays:
         inp = mod.InferInput(name, list(arr.shape), dtype)

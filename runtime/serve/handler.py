@@ -34,7 +34,7 @@ class Request:
     seed: np.ndarray
     index: np.ndarray
     steps: np.ndarray | None = None
-    scheduler: np.ndarray | None = None
+    scheduler: np.ndarray | None = None  # UINT8 [k, SCHEDULER_BYTES]: zero-padded UTF-8
 
 
 class RequestError(DDPMError):
@@ -71,8 +71,7 @@ class ServedModel:
             raise ConfigError(f"the repository's default scheduler/steps: {e}") from None
 
     def check_steps(self, steps: int) -> int:
-        if not 1 <= int(steps) <= self.T:
-            raise RequestError(f"steps must be between 1 and {self.T} (the model's T), found {int(steps)}")
+        """A request's step count as an int (its range is the scheduler's: DDPM 2 … T, the others 1 … T)."""
         return int(steps)
 
     def plan(self, scheduler: str | None, steps: int | None):
@@ -108,11 +107,18 @@ class ServedModel:
             bad = int(index[(index < 0) | (index > MAX_INDEX)][0])
             raise RequestError(f"index must be in [0, {MAX_INDEX}], found {bad}")
         steps = self._per_index(req.steps, len(index), "steps")
-        scheds = self._per_index(req.scheduler, len(index), "scheduler")
+        scheds = None
+        if req.scheduler is not None:
+            raw = np.asarray(req.scheduler)
+            if raw.dtype != np.uint8:
+                raise RequestError(f"expected scheduler UINT8 (zero-padded UTF-8), found {raw.dtype}")
+            raw = raw.reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw.reshape(1, -1)
+            scheds = self._per_index(np.array([bytes(r).rstrip(b"\0") for r in raw], dtype=object), len(index),
+                                     "scheduler")
         plans = []
         for k in range(len(index)):
             st = self.default_steps if steps is None else self.check_steps(int(steps[k]))
-            sc = None if scheds is None else _text(scheds[k])
+            sc = None if scheds is None else scheds[k].decode("utf-8", errors="replace")
             plans.append(self.plan(sc or None, st))
         return seed.astype(np.uint64), index.astype(np.int64), plans
 
@@ -198,8 +204,3 @@ def parse_scheduler(text: str | None) -> tuple[object, dict]:
         raise RequestError('scheduler JSON must be a diffusers scheduler config (with _class_name) or '
                            '{"scheduler": NAME, "options": {...}}')
     return source.get("scheduler"), dict(source.get("options", {}))
-
-
-def _text(v) -> str:
-    """A Triton BYTES element as text."""
-    return v.decode("utf-8", errors="replace") if isinstance(v, (bytes, np.bytes_)) else str(v)

@@ -1,7 +1,7 @@
 """Write a Triton Inference Server model repository with one model, ``ddpm``, on Triton's Python backend:
 
     REPO/ddpm/config.pbtxt          inputs seed UINT64 [1], index INT64 [1], optional steps INT32 [1],
-                                    optional scheduler BYTES [1];
+                                    optional scheduler UINT8 [1024] (UTF-8, zero-padded);
                                     output image UINT8 [H, W, C]; dynamic batching; instance_group; parameters
     REPO/ddpm/1/model.py            runtime/serve/triton_model.py (loads the artifact through our runtime)
     REPO/ddpm/1/model.onnx          the ε model travels in the repository (or model.plan + model.plan.json)
@@ -28,6 +28,12 @@ KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 DEFAULT_MAX_BATCH = 16          # ONNX models; a plan's default is its profile's max batch
 DEFAULT_QUEUE_DELAY_US = 2000   # how long the dynamic batcher waits to fill a batch
 TEMPLATE = Path(__file__).with_name("triton_model.py")
+
+
+# The scheduler input: UTF-8 text (a name, or JSON) zero-padded to a fixed length, as UINT8. Fixed, so that
+# requests of different schedulers batch together; UINT8, because the bundled Python backend reads tensors by DLPack
+# (its BYTES deserialiser fails under NumPy 2, shared notes on Triton) and DLPack has no strings.
+SCHEDULER_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,7 @@ def config_pbtxt(card, precision: str, artifact: str, settings: RepoSettings, ma
         '  { name: "seed" data_type: TYPE_UINT64 dims: [ 1 ] },',
         '  { name: "index" data_type: TYPE_INT64 dims: [ 1 ] },',
         '  { name: "steps" data_type: TYPE_INT32 dims: [ 1 ] optional: true },',
-        '  { name: "scheduler" data_type: TYPE_STRING dims: [ 1 ] optional: true }',
+        f'  {{ name: "scheduler" data_type: TYPE_UINT8 dims: [ {SCHEDULER_BYTES} ] optional: true }}',
         "]",
         "output [",
         f'  {{ name: "image" data_type: TYPE_UINT8 dims: [ {s}, {s}, {c} ] }}',

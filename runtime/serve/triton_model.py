@@ -1,7 +1,8 @@
 """The Triton Python-backend model of a ddpm-deploy model repository (copied there as ``ddpm/1/model.py``).
 
 One request = one image (or k, with a request batch of k): inputs ``seed`` UINT64 [1], ``index`` INT64 [1],
-optional ``steps`` INT32 [1]; output ``image`` UINT8 [H, W, C]. Triton's dynamic batcher hands several requests
+optional ``steps`` INT32 [1] and ``scheduler`` UINT8 [1024] (a name or JSON as zero-padded UTF-8); output
+``image`` UINT8 [H, W, C]. Requests of different schedulers and step counts are sampled in one loop. Triton's dynamic batcher hands several requests
 to ``execute`` at once; ``runtime.serve.handler.ServedModel`` samples them together.
 
 Tensors cross the backend boundary by DLPack, not by the backend's NumPy bridge: the Python backend bundled
@@ -80,13 +81,9 @@ class TritonPythonModel:
         t = self.pb.get_input_tensor_by_name(request, name)
         return None if t is None else self.np.from_dlpack(t).copy()
 
-    def _text_input(self, request, name):
-        t = self.pb.get_input_tensor_by_name(request, name)
-        return None if t is None else t.as_numpy()  # BYTES: an object array (no DLPack for strings)
-
     def execute(self, requests):
         batch = [self.Request(seed=self._input(r, "seed"), index=self._input(r, "index"),
-                              steps=self._input(r, "steps"), scheduler=self._text_input(r, "scheduler"))
+                              steps=self._input(r, "steps"), scheduler=self._input(r, "scheduler"))
                  for r in requests]
         responses = []
         for result in self.model.infer(batch):

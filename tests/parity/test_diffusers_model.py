@@ -24,8 +24,9 @@ from ddpm_deploy.export.from_diffusers import find_layout, load_diffusers, sched
 from ddpm_deploy.export.onnx_io import read_card
 from ddpm_deploy.runtime.backends.ort import OrtRunner
 from ddpm_deploy.runtime.errors import ConfigError
-from ddpm_deploy.runtime.sampler import sample
-from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
+from ddpm_deploy.runtime.sampling.config import plan_for
+from ddpm_deploy.runtime.sampling.host import sample
+from ddpm_deploy.runtime.schedule import DiffusionConfig
 from ddpm_deploy.runtime.tolerances import L2_EPS_FP32_ATOL, L3_TRAJECTORY_FP32_ATOL, assert_close
 from ddpm_deploy.verify.cli import main as run_cli
 from ddpm_deploy.verify.diffusers_ref import make_scheduler, sample_diffusers
@@ -171,12 +172,12 @@ def test_google_cifar10_config_exports_and_matches_diffusers_at_full_size(tmp_pa
 @pytest.mark.slow
 def test_full_trajectory_matches_diffusers_ddpm_loop(tiny_diffusers_dir, tiny_diffusers_onnx):
     model, card, _ = load_diffusers(tiny_diffusers_dir)
-    sched = Schedule(card.diffusion)
+    sched = plan_for(card.diffusion, "ddpm")
     shape = (3, 32, 32)
     assert len(sched) == 1000 and card.diffusion == GOOGLE_DIFFUSION
 
     got = sample(OrtRunner(tiny_diffusers_onnx, threads=1), sched, shape, seed=7, indices=[0, 1])
-    want = sample_diffusers(model, make_scheduler(card.architecture["scheduler_config"]), sched.timesteps, shape,
+    want = sample_diffusers(model, make_scheduler(card.architecture["scheduler_config"]), sched.timesteps[::-1], shape,
                             seed=7, indices=[0, 1])
 
     assert_close("L3 1000 steps: runtime (ORT) vs diffusers DDPMScheduler loop", got, want, L3_TRAJECTORY_FP32_ATOL)
@@ -192,11 +193,11 @@ def test_respaced_trajectory_fixed_small_matches_diffusers(tmp_path):
 
     onnx_path, _ = export_diffusers(src, tmp_path / "export")
     model, card, _ = load_diffusers(src)
-    sched = Schedule(card.diffusion, steps=50)
+    sched = plan_for(card.diffusion, "ddpm", 50)
     shape = (3, 32, 32)
 
     got = sample(OrtRunner(onnx_path, threads=1), sched, shape, seed=2, indices=[5])
-    want = sample_diffusers(model, make_scheduler(card.architecture["scheduler_config"]), sched.timesteps, shape,
+    want = sample_diffusers(model, make_scheduler(card.architecture["scheduler_config"]), sched.timesteps[::-1], shape,
                             seed=2, indices=[5])
 
     assert card.diffusion.variance_type == "fixed_small" and card.diffusion.clip_denoised

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from ddpm_deploy.runtime.config import DataSpec, ModelCard
+from ddpm_deploy.runtime.sampling.config import plan_for
+from ddpm_deploy.runtime.sampling.plan import COL
 from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
 from ddpm_deploy.runtime.tolerances import L0_DIFFUSERS_FLOAT32_RTOL, L0_FLOAT64_RTOL, assert_close
 from ddpm_deploy.verify.parity import compare_rel, level0
@@ -90,7 +92,8 @@ def test_sigmas_are_the_paper_choices(variance_type):
     want[0] = 0.0  # no noise at t = 0 (Algorithm 2, line 3)
 
     assert_close(f"σ ({variance_type})", sched.sigmas, want, L0_FLOAT64_RTOL)
-    assert np.array_equal(sched.table32[:, 4], sched.sigmas.astype(np.float32))
+    plan = plan_for(DiffusionConfig(variance_type=variance_type), "ddpm")  # σ_t is the z column, in call order
+    assert np.array_equal(plan.table32[:, COL["z"]], sched.sigmas[::-1].astype(np.float32))
 
 
 def test_golden_values():

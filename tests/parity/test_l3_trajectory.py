@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from ddpm_deploy.runtime.backends.ort import OrtRunner
-from ddpm_deploy.runtime.sampler import sample
-from ddpm_deploy.runtime.schedule import Schedule
+from ddpm_deploy.runtime.sampling.config import plan_for
+from ddpm_deploy.runtime.sampling.host import sample
 from ddpm_deploy.runtime.tolerances import L3_TRAJECTORY_FP32_ATOL, assert_close
 from ddpm_deploy.trainer.checkpoint import load_model
 from ddpm_deploy.trainer.sample import sample_torch
@@ -28,7 +28,7 @@ def tiny_trained(tmp_path_factory):
 def test_full_1000_step_trajectory_matches_pytorch(tiny_trained):
     run, onnx_path = tiny_trained
     model, card, _ = load_model(run)
-    sched = Schedule(card.diffusion)
+    sched = plan_for(card.diffusion, "ddpm")
     assert len(sched) == 1000
     shape = (card.data.channels, card.data.image_size, card.data.image_size)
     idx = [0, 1, 2, 3]

@@ -12,7 +12,8 @@ import pytest
 from ddpm_deploy.runtime import rng
 from ddpm_deploy.runtime.backends.base import open_runner
 from ddpm_deploy.runtime.backends.ort import OrtRunner
-from ddpm_deploy.runtime.sampler import sample
+from ddpm_deploy.runtime.sampling.config import plan_for
+from ddpm_deploy.runtime.sampling.host import sample
 from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule, respaced_timesteps
 from ddpm_deploy.runtime.tolerances import (L0_FLOAT64_RTOL, L2_EPS_FP32_ATOL, L3_TRAJECTORY_FP32_ATOL,
                                             assert_close)
@@ -49,7 +50,7 @@ def test_parity_level4_runs_the_device_loop_on_the_gpu(micro_run, micro_onnx):
     results = level4(load_reference(micro_run), micro_onnx, None, 20, 3, seed=0, threads=1, device="cuda")
 
     dev = [r for r in results if r.backend.startswith("device loop")][0]
-    assert dev.runner == "OrtCudaRunner + DeviceSampler" and dev.status == "pass", dev.to_dict()
+    assert dev.runner == "OrtCudaRunner + DeviceLoop" and dev.status == "pass", dev.to_dict()
     assert dev.checks and dev.checks[0].max_abs <= L3_TRAJECTORY_FP32_ATOL
 
 
@@ -99,7 +100,7 @@ def test_parity_level4_device_loop_without_a_gpu_is_reported_not_run(micro_run, 
     [dev] = [r for r in on_cuda if r.backend.startswith("device loop")]
     assert dev.status in ("skipped", "not run") and dev.runner == "OrtCudaRunner" and dev.reason
     cpu = [r for r in on_cuda if r.backend.startswith("host loop")][0]
-    assert cpu.status == "pass" and cpu.metrics["steps"] == 20 and cpu.runner == "OrtRunner + HostSampler"
+    assert cpu.status == "pass" and cpu.metrics["steps"] == 20 and cpu.runner == "OrtRunner + HostLoop"
 
 
 # --- CPU-checkable: respacing ---------------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def test_parity_level4_device_loop_without_a_gpu_is_reported_not_run(micro_run, 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_full_length_respacing_is_the_plain_schedule(schedule):
     cfg = DiffusionConfig(schedule=schedule)
-    a, b = Schedule(cfg), Schedule(cfg, steps=cfg.num_timesteps)
+    a, b = plan_for(cfg, "ddpm"), plan_for(cfg, "ddpm", cfg.num_timesteps)
 
     assert np.array_equal(a.timesteps, b.timesteps) and np.array_equal(a.table32, b.table32)
 
@@ -142,7 +143,7 @@ def test_noise_is_bitwise_independent_of_the_batch():
 
 def test_host_loop_images_do_not_depend_on_batch_size_or_shard(micro_onnx):
     runner = OrtRunner(micro_onnx, threads=1)
-    sched = Schedule(DiffusionConfig(), steps=20)
+    sched = plan_for(DiffusionConfig(), "ddpm", 20)
     shape = (1, 8, 8)
 
     whole = sample(runner, sched, shape, seed=3, indices=np.arange(5))

@@ -51,7 +51,7 @@ def test_passing_model_writes_both_reports(micro_run, micro_onnx, tmp_path):
     assert l2["runner"] == "OrtRunner"  # the runner `ddpm-run sample` ships, not Polygraphy's own
     l3 = lv["L3 trajectory", "onnxruntime-cpu (fp32) + host loop"]
     assert l3["status"] == "pass" and l3["metrics"]["psnr_db"] > 60 and l3["metrics"]["uint8_max_diff"] <= 1
-    assert l3["runner"] == "OrtRunner + HostSampler"
+    assert l3["runner"] == "OrtRunner + HostLoop"
     assert rep["schema"] == "ddpm-deploy/parity" and rep["schema_version"] == 2 and rep["device"] == "cpu"
     assert all(v["runner"] for v in lv.values() if v["level"] in ("L2 eps", "L3 trajectory", "L4 backend"))
     assert "[OrtRunner]" in r.output and "| runner |" in md

@@ -23,10 +23,12 @@ from ddpm_deploy.runtime.device import cuda, kernels
 from ddpm_deploy.runtime.device.kernels import KernelCompileError
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, DDPMError, MissingDependencyError, SamplingError
 from ddpm_deploy.runtime.plan import sidecar_path
-from ddpm_deploy.runtime.sampler import LoopTimings
-from ddpm_deploy.runtime.sampler import sample as host_sample
+from ddpm_deploy.runtime.sampling.base import Timings as LoopTimings
+from ddpm_deploy.runtime.sampling.config import plan_for
+from ddpm_deploy.runtime.sampling.host import sample as host_sample
 from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
 from ddpm_deploy.runtime.tolerances import L4_STEP_RTOL, assert_close
+from helpers import STEP_PLANS, Bound, check_step_kernel
 
 
 def _nvrtc_or_skip():
@@ -55,7 +57,7 @@ def sim(nvrtc):
 
 @pytest.fixture()
 def gpu(sim):
-    from ddpm_deploy.runtime.device.loop import GpuContext
+    from ddpm_deploy.runtime.device.cuda import GpuContext
 
     with GpuContext(0) as ctx:
         yield ctx
@@ -129,15 +131,15 @@ def test_nvrtc_error_carries_the_compile_log(nvrtc):
 # --- the kernels, built by the host compiler from the same source ----------------------------------------
 
 def _words(seed, idx, step, n):
-    from ddpm_deploy.runtime.device.loop import GpuContext
+    from ddpm_deploy.runtime.device.cuda import GpuContext
 
     nb = -(-n // 4)
     with GpuContext() as g:
         mod = cuda.Module(b".entry", kernels.SIGNATURES)
         out, i, k = cuda.DeviceArray(len(idx) * nb * 4, np.uint32), cuda.DeviceArray(len(idx), np.uint32), \
-            cuda.DeviceArray(2, np.uint32)
+            cuda.DeviceArray(2 * len(idx), np.uint32)
         i.upload(np.asarray(idx, np.uint32), g.stream)
-        k.upload(np.asarray(rng.key_from_seed(seed), np.uint32), g.stream)
+        k.upload(np.tile(np.asarray(rng.key_from_seed(seed), np.uint32), len(idx)), g.stream)  # a key per image
         mod.launch("ddpm_philox_words", (-(-nb // 256), len(idx), 1), (256, 1, 1),
                    (out.address, i.address, k.address, step, nb), g.stream)
         return out.download(np.empty((len(idx), nb * 4), np.uint32), g.stream)
@@ -160,57 +162,58 @@ def _ulps(a, b):
 
 
 def test_host_built_normals_within_two_ulp(gpu):
-    from ddpm_deploy.runtime.device.loop import DeviceSampler
+    from ddpm_deploy.runtime.device.loop import DeviceLoop
     from hostsim import LinearEpsBackend
 
-    shape, idx = (3, 16, 16), [0, 3, 2**32 - 1]
-    with DeviceSampler(LinearEpsBackend(gpu, shape), Schedule(DiffusionConfig(), steps=2), shape, 3, gpu) as s:
+    shape, idx, seeds = (3, 16, 16), [0, 3, 2**32 - 1], [42, 42, 7]
+    with DeviceLoop(LinearEpsBackend(gpu, shape), shape, 3, gpu) as s:
         s.idx.upload(np.asarray(idx, np.uint32), gpu.stream)
-        s.key.upload(np.asarray(rng.key_from_seed(42), np.uint32), gpu.stream)
-        s._launch_normals(3, 17)
+        s.keys.upload(np.asarray([rng.key_from_seed(v) for v in seeds], np.uint32).reshape(-1), gpu.stream)
+        s.mask.upload(np.ones(3, np.int32), gpu.stream)
+        s.module.launch("ddpm_normals", s._grid(3), (kernels.THREADS, 1, 1),
+                        (s.x.address, s.idx.address, s.keys.address, s.mask.address, 17, s.n, s.nblocks), gpu.stream)
         got = s.x.download(np.empty(3 * s.n, np.float32), gpu.stream).reshape(3, *shape)
 
-    assert _ulps(got, rng.normals(42, idx, 17, shape)).max() <= 2
+    want = np.concatenate([rng.normals(42, idx[:2], 17, shape), rng.normals(7, idx[2:], 17, shape)])
+    assert _ulps(got, want).max() <= 2  # each image's own key: per-image seeds
 
 
-@pytest.mark.parametrize("variance, clip", [("fixed_small", True), ("fixed_large", False)])
-def test_host_built_step_matches_schedule_step(gpu, variance, clip):
-    from ddpm_deploy.runtime.device.loop import DeviceSampler
+@pytest.mark.parametrize("name, steps, options", STEP_PLANS)
+def test_host_built_step_kernel_matches_the_numpy_rule(gpu, name, steps, options):
+    """The fused step kernel vs ``rules.linear_step`` at several rows of every scheduler's plan, with a batch whose
+    two images stand at different rows (per-image state), history and UniPC's corrected sample included."""
+    check_step_kernel(gpu, name, steps, options)
+
+
+def test_host_built_step_kernel_skips_free_slots(gpu):
+    from ddpm_deploy.runtime.device.loop import DeviceLoop
     from hostsim import LinearEpsBackend
 
-    sched = Schedule(DiffusionConfig(variance_type=variance, clip_denoised=clip), steps=50)
-    shape, idx, seed = (3, 8, 8), np.array([4, 9]), 7
-    x = np.random.default_rng(0).normal(size=(2, *shape)).astype(np.float32) * 3
-    eps = np.random.default_rng(1).normal(size=(2, *shape)).astype(np.float32)
-    with DeviceSampler(LinearEpsBackend(gpu, shape), sched, shape, 2, gpu) as s:
-        s.idx.upload(idx.astype(np.uint32), gpu.stream)
-        s.key.upload(np.asarray(rng.key_from_seed(seed), np.uint32), gpu.stream)
-        for i in (len(sched) - 1, 25, 1, 0):
-            s.x.upload(x.reshape(-1), gpu.stream)
-            s.eps.upload(eps.reshape(-1), gpu.stream)
-            s.state.upload(np.array([len(sched) - 1 - i, 0, -1, 0], np.int32), gpu.stream)
-            s._enqueue_update(2, gpu.stream)
-            got = s.x.download(np.empty((2, *shape), np.float32).reshape(-1), gpu.stream).reshape(2, *shape)
-            z = rng.normals(seed, idx, int(sched.timesteps[i]), shape) if i else None
-
-            want = sched.step(x.copy(), eps, i, z)
-
-            assert_close(f"step i={i}", got, want, L4_STEP_RTOL * np.abs(want).max())
+    plan, shape = plan_for(DiffusionConfig(), "ddim", 10), (1, 4, 4)
+    x = np.arange(2 * 16, dtype=np.float32).reshape(2, 1, 4, 4)
+    with DeviceLoop(LinearEpsBackend(gpu, shape), shape, 2, gpu) as s:
+        s.admit([0], plan, 0, [0])
+        s.x.upload(x.reshape(-1), gpu.stream)
+        s.row.upload(np.array([3, -1], np.int32), gpu.stream)
+        s._enqueue_update(2, gpu.stream)
+        got = s.x.download(np.empty(32, np.float32), gpu.stream).reshape(2, 1, 4, 4)
+    np.testing.assert_array_equal(got[1], x[1])  # row −1: a free slot is left alone
+    assert not np.array_equal(got[0], x[0])
 
 
 # --- the device loop on the host stand-in -----------------------------------------------------------------
 
 def _sampler(gpu, sched, shape, max_batch, **kw):
-    from ddpm_deploy.runtime.device.loop import DeviceSampler
+    from ddpm_deploy.runtime.device.loop import DeviceLoop
     from hostsim import LinearEpsBackend
 
     backend = LinearEpsBackend(gpu, shape, **{k: kw.pop(k) for k in ("nan_t", "capture", "inf") if k in kw})
-    return backend, DeviceSampler(backend, sched, shape, max_batch, gpu, **kw)
+    return backend, Bound(DeviceLoop(backend, shape, max_batch, gpu, **kw), sched)
 
 
 @pytest.mark.parametrize("steps", [None, 20])
 def test_device_loop_matches_host_loop_with_and_without_graph(gpu, sim, steps):
-    sched, shape, idx = Schedule(DiffusionConfig(), steps=steps), (1, 8, 8), [0, 5, 9]
+    sched, shape, idx = plan_for(DiffusionConfig(), "ddpm", steps), (1, 8, 8), [0, 5, 9]
     backend, graphed = _sampler(gpu, sched, shape, 4, cuda_graph=True)
     with graphed:
         x_graph, t_graph = graphed.sample(11, idx)
@@ -226,8 +229,55 @@ def test_device_loop_matches_host_loop_with_and_without_graph(gpu, sim, steps):
     assert sim.calls["cuGraphLaunch"] == len(sched) and sim.calls["cuStreamBeginCapture"] == 1
 
 
+def test_two_loops_on_one_runner_each_rebind_it(gpu, sim):
+    """Two device loops over one runner (the Triton model's and the API's old per-(steps, batch) loops), called A, B,
+    A at one batch size: each call must bind the runner to its own buffers. Before the fix the loop rebound only
+    when its own batch size changed, and A's third call computed ε from B's buffers."""
+    from ddpm_deploy.runtime.device.loop import DeviceLoop
+    from hostsim import LinearEpsBackend
+
+    shape = (1, 4, 4)
+    a_plan, b_plan = plan_for(DiffusionConfig(), "ddpm", 10), plan_for(DiffusionConfig(), "ddim", 7)
+    backend = LinearEpsBackend(gpu, shape, capture=False)  # no graph of ours: the binding is what is used
+    with DeviceLoop(backend, shape, 2, gpu) as a, DeviceLoop(backend, shape, 2, gpu) as b:
+        first, _ = a.sample(a_plan, 1, [0, 1])
+        b.sample(b_plan, 2, [0, 1])
+        again, _ = a.sample(a_plan, 1, [0, 1])
+
+    np.testing.assert_array_equal(again, first)
+    assert_close("loop A vs host loop", again, host_sample(backend, a_plan, shape, 1, [0, 1]), L4_STEP_RTOL)
+
+
+@pytest.mark.parametrize("graph", [True, False])
+def test_a_batch_of_images_with_their_own_plans_and_seeds(gpu, sim, graph):
+    """Per-image state on the device: images of different schedulers, step counts and seeds admitted at different
+    times share ε calls and come out as the host loop computes each alone."""
+    from ddpm_deploy.runtime.device.loop import DeviceLoop
+    from hostsim import LinearEpsBackend
+
+    shape, cfg = (1, 4, 4), DiffusionConfig()
+    plans = [plan_for(cfg, "ddim", 5, eta=1.0), plan_for(cfg, "dpmsolver++", 6, solver_order=3),
+             plan_for(cfg, "unipc", 4), plan_for(cfg, "ddpm", 3)]
+    seeds, idx = [3, 4, 3, 9], [0, 7, 2, 5]
+    backend = LinearEpsBackend(gpu, shape)
+    got = {}
+    with DeviceLoop(backend, shape, 4, gpu, cuda_graph=graph) as loop:
+        loop.admit([0], plans[0], seeds[0], [idx[0]])
+        loop.admit([1], plans[1], seeds[1], [idx[1]])
+        loop.step()  # the next two join one step later
+        loop.admit([2], plans[2], seeds[2], [idx[2]])
+        loop.admit([3], plans[3], seeds[3], [idx[3]])
+        while len(got) < 4:
+            for slot in loop.step():
+                got[slot] = loop.take([slot])[0]
+
+    for slot in range(4):
+        want = host_sample(backend, plans[slot], shape, seeds[slot], [idx[slot]])[0]
+        assert_close(f"slot {slot} ({plans[slot].scheduler})", got[slot], want, L4_STEP_RTOL)
+
+
 def test_device_loop_is_batch_invariant_and_recaptures_per_batch_size(gpu, sim):
-    sched, shape = Schedule(DiffusionConfig(), steps=10), (1, 4, 4)
+    sched, shape = plan_for(DiffusionConfig(), "ddpm", 10), (1, 4, 4)
     _, sampler = _sampler(gpu, sched, shape, 6)
     with sampler:
         x_all, _ = sampler.sample(3, range(6))
@@ -242,18 +292,18 @@ def test_device_loop_is_batch_invariant_and_recaptures_per_batch_size(gpu, sim):
 
 
 def test_device_loop_reports_the_first_non_finite_step(gpu):
-    sched = Schedule(DiffusionConfig(), steps=10)
-    _, sampler = _sampler(gpu, sched, (1, 4, 4), 2, nan_t=int(sched.timesteps[6]))
+    sched = plan_for(DiffusionConfig(), "ddpm", 10)
+    _, sampler = _sampler(gpu, sched, (1, 4, 4), 2, nan_t=int(sched.timesteps[3]))
 
-    with sampler, pytest.raises(SamplingError, match=rf"t={int(sched.timesteps[6])} \(loop step 4/10\).*sample index 0"):
+    with sampler, pytest.raises(SamplingError, match=rf"t={int(sched.timesteps[3])} \(loop step 4/10\).*sample index 0"):
         sampler.sample(0, [0, 1])
 
 
 def test_device_loop_reports_an_infinite_eps_that_clipping_hides(gpu):
     """ε = +Inf gives x̂0 = −Inf, clipped to −1: x stays finite (all-black images, exit 0, before this check). The
     step kernel flags a non-finite ε itself."""
-    sched = Schedule(DiffusionConfig(), steps=10)
-    t_bad = int(sched.timesteps[6])
+    sched = plan_for(DiffusionConfig(), "ddpm", 10)
+    t_bad = int(sched.timesteps[3])
     _, sampler = _sampler(gpu, sched, (1, 4, 4), 2, nan_t=t_bad, inf=True)
     host_x = Schedule(DiffusionConfig(), steps=10)  # the same ε in the host step stays finite: what the check is for
     eps = np.full((2, 1, 4, 4), np.inf, np.float32)
@@ -263,7 +313,7 @@ def test_device_loop_reports_an_infinite_eps_that_clipping_hides(gpu):
 
 
 def test_capture_failure_falls_back_to_no_graph(gpu, sim, caplog):
-    sched, shape = Schedule(DiffusionConfig(), steps=5), (1, 4, 4)
+    sched, shape = plan_for(DiffusionConfig(), "ddpm", 5), (1, 4, 4)
     backend, sampler = _sampler(gpu, sched, shape, 2)
     backend.enqueue = lambda stream, launch=backend.enqueue: (stream.synchronize(), launch(stream))  # capture-unsafe
 
@@ -280,7 +330,7 @@ def test_backend_error_under_capture_falls_back_to_no_graph(gpu, sim, caplog):
     capture is ended, the loop runs without graphs and the result is unchanged."""
     from ddpm_deploy.runtime.errors import SamplingError
 
-    sched, shape = Schedule(DiffusionConfig(), steps=5), (1, 4, 4)
+    sched, shape = plan_for(DiffusionConfig(), "ddpm", 5), (1, 4, 4)
     backend, sampler = _sampler(gpu, sched, shape, 2)
     calls = {"n": 0}
 
@@ -302,7 +352,7 @@ def test_a_captured_host_callback_is_not_replayed(gpu, sim, caplog):
     """A backend whose run enqueues a host callback (ONNX Runtime frees deferred CPU buffers that way): captured,
     the callback would run again at every replay on memory its owner has freed. The loop lists the graph's nodes,
     refuses it and runs without graphs; the callback then runs once per step, as the backend meant."""
-    sched, shape = Schedule(DiffusionConfig(), steps=5), (1, 4, 4)
+    sched, shape = plan_for(DiffusionConfig(), "ddpm", 5), (1, 4, 4)
     backend, sampler = _sampler(gpu, sched, shape, 2)
     calls = []
 
@@ -322,7 +372,7 @@ def test_a_captured_host_callback_is_not_replayed(gpu, sim, caplog):
 def test_timings_summary_has_the_host_loop_keys(gpu):
     from ddpm_deploy.runtime.device.loop import DeviceTimings
 
-    _, sampler = _sampler(gpu, Schedule(DiffusionConfig(), steps=4), (1, 4, 4), 1, cuda_graph=False)
+    _, sampler = _sampler(gpu, plan_for(DiffusionConfig(), "ddpm", 4), (1, 4, 4), 1, cuda_graph=False)
     with sampler:
         _, timings = sampler.sample(0, [0])
 
@@ -363,7 +413,8 @@ def test_failed_calls_name_the_call_and_the_error(gpu, sim):
         cuda.query_device()
     sim.fail["cuLaunchKernel"] = codes.CUDA_ERROR_LAUNCH_FAILED
     with pytest.raises(cuda.CudaError, match=r"cuLaunchKernel\(ddpm_advance\) failed"):
-        cuda.Module(b".entry", kernels.SIGNATURES).launch("ddpm_advance", (1, 1, 1), (1, 1, 1), (0,), gpu.stream)
+        cuda.Module(b".entry", kernels.SIGNATURES).launch("ddpm_advance", (1, 1, 1), (1, 1, 1), (0, 0, 0),
+                                                             gpu.stream)
 
 
 def test_pack_args_checks_count_and_range():
@@ -387,7 +438,7 @@ def _driver_is_present() -> bool:
 def test_no_driver_gives_a_clear_error(nvrtc):
     if _driver_is_present():
         pytest.skip("an NVIDIA driver and GPU are present here")
-    from ddpm_deploy.runtime.device.loop import GpuContext
+    from ddpm_deploy.runtime.device.cuda import GpuContext
 
     with pytest.raises(cuda.NoDeviceError, match=r"cuInit: the NVIDIA driver library \(libcuda.so.1\) was not found"):
         GpuContext(0)
@@ -460,7 +511,8 @@ def test_every_driver_call_of_a_sampling_run_is_accepted_by_the_real_binding(nvr
     with each driver call also given to the real cuda-python binding, arguments as built."""
     import hostsim
 
-    from ddpm_deploy.runtime.device.loop import DeviceSampler, GpuContext
+    from ddpm_deploy.runtime.device.cuda import GpuContext
+    from ddpm_deploy.runtime.device.loop import DeviceLoop
 
     real = pytest.importorskip("cuda.bindings.driver")
     if _driver_is_present():
@@ -470,13 +522,13 @@ def test_every_driver_call_of_a_sampling_run_is_accepted_by_the_real_binding(nvr
     proxy = _RealBindingFirst(hostsim.HostDriver(hostsim.LINEAR_EPS_SOURCE, hostsim.LINEAR_EPS_SIGNATURES), real)
     previous = cuda.use_driver(proxy)
     try:
-        sched, shape = Schedule(DiffusionConfig(), steps=4), (3, 8, 8)
+        sched, shape = plan_for(DiffusionConfig(), "ddpm", 4), (3, 8, 8)
         with GpuContext(0) as gpu:
             for graph in (True, False):
                 backend = hostsim.LinearEpsBackend(gpu, shape)
-                with backend, DeviceSampler(backend, sched, shape, 4, gpu, cuda_graph=graph) as sampler:
-                    sampler.sample(1, [0, 1, 2])
-                    _, timings = sampler.sample(1, [0, 1])
+                with backend, DeviceLoop(backend, shape, 4, gpu, cuda_graph=graph) as loop:
+                    loop.sample(sched, 1, [0, 1, 2])
+                    _, timings = loop.sample(sched, 1, [0, 1])
                 assert timings.graph == ("captured" if graph else "off")
             gpu.device.synchronize()
     finally:
@@ -600,7 +652,7 @@ def test_trt_runner_refuses_missing_sidecar_and_tampered_plan(rtx_plan, tmp_path
 @pytest.fixture()
 def rtx_gpu(sim):
     """The stand-in driver posing as an RTX-class GPU (compute capability 8.9, which TensorRT-RTX supports)."""
-    from ddpm_deploy.runtime.device.loop import GpuContext
+    from ddpm_deploy.runtime.device.cuda import GpuContext
 
     sim.cc = (8, 9)
     with GpuContext(0) as ctx:
@@ -865,18 +917,18 @@ def test_ort_cuda_runner_logic_on_the_cpu_provider_stand_in(gpu, random_micro_on
     device loop's images equal to the host loop's. The same runner on CUDA is tests/runtime/test_device_gpu.py."""
     from ddpm_deploy.runtime.backends.ort import OrtRunner
     from ddpm_deploy.runtime.backends.ort_cuda import OrtCudaRunner
-    from ddpm_deploy.runtime.device.loop import DeviceSampler
+    from ddpm_deploy.runtime.device.loop import DeviceLoop
     from ddpm_deploy.runtime.tolerances import L3_TRAJECTORY_FP32_ATOL
 
     class OnCpuProvider(OrtCudaRunner):
         ort_device = "cpu"
 
     cpu = OrtRunner(random_micro_onnx)
-    sched, shape = Schedule(cpu.card.diffusion, steps=6), cpu.sample_shape
-    with OnCpuProvider(random_micro_onnx, gpu) as runner, DeviceSampler(runner, sched, shape, 4, gpu) as sampler:
-        x4, timings = sampler.sample(5, [0, 1, 2, 3])
-        x3, _ = sampler.sample(5, [0, 1, 2])  # partial last batch
-        x4_again, _ = sampler.sample(5, [0, 1, 2, 3])
+    sched, shape = plan_for(cpu.card.diffusion, "ddpm", 6), cpu.sample_shape
+    with OnCpuProvider(random_micro_onnx, gpu) as runner, DeviceLoop(runner, shape, 4, gpu) as loop:
+        x4, timings = loop.sample(sched, 5, [0, 1, 2, 3])
+        x3, _ = loop.sample(sched, 5, [0, 1, 2])  # partial last batch
+        x4_again, _ = loop.sample(sched, 5, [0, 1, 2, 3])
         sessions = {b: s.get_inputs()[0].shape for b, (s, _) in runner._sessions.items()}
         bindings = len(runner._bindings)
         eps = runner.eps(*_probe(shape))

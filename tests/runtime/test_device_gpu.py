@@ -11,8 +11,10 @@ import pytest
 from ddpm_deploy.runtime import rng
 from ddpm_deploy.runtime.errors import ConfigError, DDPMError, MissingDependencyError
 from ddpm_deploy.runtime.imageio import to_uint8
-from ddpm_deploy.runtime.sampler import sample as host_sample
-from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
+from ddpm_deploy.runtime.sampling.config import plan_for
+from ddpm_deploy.runtime.sampling.host import sample as host_sample
+from ddpm_deploy.runtime.schedule import DiffusionConfig
+from helpers import STEP_PLANS, Bound, check_step_kernel
 from ddpm_deploy.runtime.tolerances import (L2_EPS_FP32_ATOL, L3_TRAJECTORY_FP32_ATOL, L4_STEP_RTOL,
                                             UINT8_DIFFERING_FRACTION, assert_close)
 
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def gpu():
-    from ddpm_deploy.runtime.device.loop import GpuContext
+    from ddpm_deploy.runtime.device.cuda import GpuContext
 
     try:
         ctx = GpuContext(0)
@@ -76,7 +78,7 @@ def test_philox_words_bitwise_equal_to_numpy(gpu, kernels_module, seed, idx, ste
     module, _ = kernels_module
     nb = -(-n // 4)
     out = DeviceArray(len(idx) * nb * 4, np.uint32)
-    d_idx, d_key = _upload(gpu, idx, np.uint32), _upload(gpu, rng.key_from_seed(seed), np.uint32)
+    d_idx, d_key = _upload(gpu, idx, np.uint32), _upload(gpu, list(rng.key_from_seed(seed)) * len(idx), np.uint32)
     module.launch("ddpm_philox_words", (-(-nb // 256), len(idx), 1), (256, 1, 1),
                   (out.address, d_idx.address, d_key.address, step, nb), gpu.stream)
 
@@ -94,73 +96,38 @@ def test_normals_within_two_ulp_of_numpy(gpu, kernels_module, seed, idx, step, n
     module, _ = kernels_module
     nb = -(-n // 4)
     out = DeviceArray(len(idx) * n, np.float32)
-    d_idx, d_key = _upload(gpu, idx, np.uint32), _upload(gpu, rng.key_from_seed(seed), np.uint32)
+    d_idx, d_key = _upload(gpu, idx, np.uint32), _upload(gpu, list(rng.key_from_seed(seed)) * len(idx), np.uint32)
+    d_mask = _upload(gpu, [1] * len(idx), np.int32)
     module.launch("ddpm_normals", (-(-nb // 256), len(idx), 1), (256, 1, 1),
-                  (out.address, d_idx.address, d_key.address, step, n, nb), gpu.stream)
+                  (out.address, d_idx.address, d_key.address, d_mask.address, step, n, nb), gpu.stream)
 
     got = out.download(np.empty((len(idx), n), np.float32), gpu.stream)
 
     ulps = _ulps(got, rng.normals(seed, idx, step, n))
     record_property("normals", {"max_ulp": int(ulps.max()), "not_bitwise": int((ulps > 0).sum()), "n": int(ulps.size)})
     assert ulps.max() <= 2
-    for arr in (out, d_idx, d_key):
+    for arr in (out, d_idx, d_key, d_mask):
         arr.close()
 
 
 def _linear_sampler(gpu, sched, shape, max_batch, **kw):
-    from ddpm_deploy.runtime.device.loop import DeviceSampler
+    from ddpm_deploy.runtime.device.loop import DeviceLoop
     from hostsim import LinearEpsBackend
 
     backend = LinearEpsBackend(gpu, shape, **{k: kw.pop(k) for k in ("nan_t", "capture", "inf") if k in kw})
-    return backend, DeviceSampler(backend, sched, shape, max_batch, gpu, **kw)
+    return backend, Bound(DeviceLoop(backend, shape, max_batch, gpu, **kw), sched)
 
 
-@pytest.mark.parametrize("variance, clip", [("fixed_small", True), ("fixed_large", False)])
-def test_step_kernel_matches_numpy_step(gpu, variance, clip):
-    sched = Schedule(DiffusionConfig(variance_type=variance, clip_denoised=clip))
-    shape, idx, seed = (3, 32, 32), np.array([0, 17, 2**31]), 5
-    x = np.random.default_rng(0).normal(size=(3, *shape)).astype(np.float32) * 2
-    eps = np.random.default_rng(1).normal(size=(3, *shape)).astype(np.float32)
-    _, s = _linear_sampler(gpu, sched, shape, 3)
-    with s:
-        s.idx.upload(idx.astype(np.uint32), gpu.stream)
-        s.key.upload(np.asarray(rng.key_from_seed(seed), np.uint32), gpu.stream)
-        for i in (999, 500, 1, 0):
-            s.x.upload(x.reshape(-1), gpu.stream)
-            s.eps.upload(eps.reshape(-1), gpu.stream)
-            s.state.upload(np.array([999 - i, 0, -1, 0], np.int32), gpu.stream)
-            s._enqueue_update(3, gpu.stream)
-            got = s.x.download(np.empty(x.size, np.float32), gpu.stream).reshape(x.shape)
-            z = rng.normals(seed, idx, int(sched.timesteps[i]), shape) if i else None
-
-            want = sched.step(x.copy(), eps, i, z)
-
-            assert_close(f"step i={i}", got, want, L4_STEP_RTOL * np.abs(want).max())
-
-
-def test_device_loop_matches_host_loop_and_graph_is_identical(gpu, record_property):
-    sched, shape, idx = Schedule(DiffusionConfig()), (3, 32, 32), list(range(8))
-    backend, graphed = _linear_sampler(gpu, sched, shape, 8, cuda_graph=True)
-    with graphed:
-        x_graph, t_graph = graphed.sample(2024, idx)
-    _, plain = _linear_sampler(gpu, sched, shape, 8, cuda_graph=False)
-    with plain:
-        x_plain, t_plain = plain.sample(2024, idx)
-
-    want = host_sample(backend, sched, shape, 2024, idx)
-
-    assert t_graph.graph == "captured" and t_plain.graph == "off"
-    np.testing.assert_array_equal(x_graph, x_plain)
-    c = assert_close("device loop (linear ε) vs host loop", x_graph, want, L4_STEP_RTOL * 10)
-    np.testing.assert_array_equal(to_uint8(x_graph), to_uint8(want))  # same seed, same image on CPU and GPU
-    record_property("linear_loop", {"max_abs": c.max_abs, "graph_step_ms": t_graph.summary()["step_ms_median"],
-                                    "plain_step_ms": t_plain.summary()["step_ms_median"]})
+@pytest.mark.parametrize("name, steps, options", STEP_PLANS)
+def test_step_kernel_of_every_scheduler_matches_the_numpy_rule(gpu, name, steps, options):
+    """The fused step kernel of every scheduler vs its NumPy step, on the GPU (3×32×32 samples)."""
+    check_step_kernel(gpu, name, steps, options, shape=(3, 32, 32))
 
 
 def test_device_loop_any_batch_size_and_a_partial_last_batch(gpu):
     """Batches of 8 then 3 on one sampler (the captured graph is re-captured for 3): every image equals the one
     from a batch of 1 and from the host loop, whatever batch produced it."""
-    sched, shape = Schedule(DiffusionConfig(), steps=50), (1, 8, 8)
+    sched, shape = plan_for(DiffusionConfig(), "ddpm", 50), (1, 8, 8)
     backend, s = _linear_sampler(gpu, sched, shape, 8, cuda_graph=True)
     with s:
         full, t_full = s.sample(11, range(8))
@@ -177,7 +144,7 @@ def test_device_loop_any_batch_size_and_a_partial_last_batch(gpu):
 def test_device_loop_reports_nan(gpu):
     from ddpm_deploy.runtime.errors import SamplingError
 
-    sched = Schedule(DiffusionConfig(), steps=10)
+    sched = plan_for(DiffusionConfig(), "ddpm", 10)
     _, s = _linear_sampler(gpu, sched, (1, 8, 8), 2, nan_t=int(sched.timesteps[3]))
     with s, pytest.raises(SamplingError, match=f"t={int(sched.timesteps[3])}"):
         s.sample(0, [0, 1])
@@ -187,7 +154,7 @@ def test_device_loop_reports_an_infinite_eps_that_clipping_hides(gpu):
     """ε = +Inf is clipped into a finite x (all-black images): the step kernel must flag ε itself."""
     from ddpm_deploy.runtime.errors import SamplingError
 
-    sched = Schedule(DiffusionConfig(), steps=10)
+    sched = plan_for(DiffusionConfig(), "ddpm", 10)
     _, s = _linear_sampler(gpu, sched, (1, 8, 8), 2, nan_t=int(sched.timesteps[3]), inf=True)
     with s, pytest.raises(SamplingError, match=f"t={int(sched.timesteps[3])}"):
         s.sample(0, [0, 1])
@@ -203,21 +170,44 @@ def ort_cuda():
     return ort
 
 
+@pytest.mark.parametrize("graph", [True, False])
+def test_two_device_loops_on_one_ort_cuda_runner_called_a_b_a(gpu, ort_cuda, request, graph):
+    """Two loops over one ORT CUDA runner at one batch size (the old per-steps loops of the Triton model and the
+    API), called A, B, A, with and without graphs: A's images equal the host loop's every time."""
+    micro_onnx = request.getfixturevalue("random_micro_onnx")
+    from ddpm_deploy.runtime.backends.ort import OrtRunner
+    from ddpm_deploy.runtime.backends.ort_cuda import OrtCudaRunner
+    from ddpm_deploy.runtime.device.loop import DeviceLoop
+
+    cpu = OrtRunner(micro_onnx)
+    shape, idx = cpu.sample_shape, [0, 1, 2, 3]
+    a_plan, b_plan = plan_for(cpu.card.diffusion, "ddpm", 20), plan_for(cpu.card.diffusion, "dpmsolver++", 10)
+    with OrtCudaRunner(micro_onnx, gpu, cuda_graph=graph, conv_algo_search="HEURISTIC") as runner, \
+            DeviceLoop(runner, shape, 4, gpu, cuda_graph=graph) as a, DeviceLoop(runner, shape, 4, gpu, cuda_graph=graph) as b:
+        first, _ = a.sample(a_plan, 5, idx)
+        other, _ = b.sample(b_plan, 6, idx)
+        again, _ = a.sample(a_plan, 5, idx)
+
+    np.testing.assert_array_equal(again, first)
+    assert_close("A vs host loop", again, host_sample(cpu, a_plan, shape, 5, idx), L3_TRAJECTORY_FP32_ATOL)
+    assert_close("B vs host loop", other, host_sample(cpu, b_plan, shape, 6, idx), L3_TRAJECTORY_FP32_ATOL)
+
+
 def test_ort_cuda_trajectory_matches_cpu_runtime(gpu, ort_cuda, request, record_property):
     micro_onnx = request.getfixturevalue("random_micro_onnx")  # only once the GPU is known to be there
     from ddpm_deploy.runtime.backends.ort import OrtRunner
     from ddpm_deploy.runtime.backends.ort_cuda import OrtCudaRunner
-    from ddpm_deploy.runtime.device.loop import DeviceSampler
+    from ddpm_deploy.runtime.device.loop import DeviceLoop
 
     cpu = OrtRunner(micro_onnx)
     card = cpu.card
     shape = (card.data.channels, card.data.image_size, card.data.image_size)
-    sched, idx = Schedule(card.diffusion), [0, 1, 2, 3]
+    sched, idx = plan_for(card.diffusion, "ddpm"), [0, 1, 2, 3]
     results = {}
     for graph in (True, False):
         backend = OrtCudaRunner(micro_onnx, gpu, cuda_graph=graph, conv_algo_search="HEURISTIC")
         assert backend.session.get_providers()[0] == "CUDAExecutionProvider"  # not a silent CPU fallback
-        with backend, DeviceSampler(backend, sched, shape, 4, gpu, cuda_graph=graph) as s:
+        with backend, Bound(DeviceLoop(backend, shape, 4, gpu, cuda_graph=graph), sched) as s:
             results[graph] = s.sample(9, idx)
             results[f"uses_graphs_{graph}"] = backend.uses_graphs
             if graph:  # a partial last batch: a session (and ORT graph) of its own for batch 3
@@ -302,19 +292,20 @@ def test_trt_engine_eps_and_trajectory(gpu, gpu_plan, request, record_property):
     micro_onnx = request.getfixturevalue("random_micro_onnx")
     from ddpm_deploy.runtime.backends.ort import OrtRunner
     from ddpm_deploy.runtime.backends.trt import TrtRunner
-    from ddpm_deploy.runtime.device.loop import DeviceSampler
+    from ddpm_deploy.runtime.device.loop import DeviceLoop
 
     cpu = OrtRunner(micro_onnx)
     x = np.random.default_rng(0).normal(size=(4, *cpu.sample_shape)).astype(np.float32)
     t = np.array([0, 1, 500, 999], np.int32)
-    sched, shape, idx = Schedule(cpu.card.diffusion), cpu.sample_shape, [0, 1, 2, 3]
+    sched, shape, idx = plan_for(cpu.card.diffusion, "ddpm"), cpu.sample_shape, [0, 1, 2, 3]
     with TrtRunner(gpu_plan, gpu) as runner:
         eps_err = float(np.abs(runner.eps(x, t) - cpu.eps(x, t)).max())
         with pytest.raises(ConfigError, match="outside the plan's optimisation profile"):
             runner.check_batch(9)
-        with DeviceSampler(runner, sched, shape, 4, gpu, cuda_graph=True) as s:
+        with Bound(DeviceLoop(runner, shape, 4, gpu, cuda_graph=True), sched) as s:
             x_graph, timings = s.sample(3, idx)
-    with TrtRunner(gpu_plan, gpu, cuda_graph=False) as runner, DeviceSampler(runner, sched, shape, 4, gpu, cuda_graph=False) as s:
+    with TrtRunner(gpu_plan, gpu, cuda_graph=False) as runner, \
+            Bound(DeviceLoop(runner, shape, 4, gpu, cuda_graph=False), sched) as s:
         x_plain, _ = s.sample(3, idx)
 
     want = host_sample(cpu, sched, shape, 3, idx)

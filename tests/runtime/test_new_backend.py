@@ -7,8 +7,9 @@ import numpy as np
 from click.testing import CliRunner
 
 from ddpm_deploy.runtime.backends import base
-from ddpm_deploy.runtime.sampler import sample
-from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
+from ddpm_deploy.runtime.sampling.config import plan_for
+from ddpm_deploy.runtime.sampling.host import sample
+from ddpm_deploy.runtime.schedule import DiffusionConfig
 from ddpm_deploy.verify.cli import main as run_cli
 
 
@@ -27,6 +28,6 @@ def test_a_new_backend_is_one_module_and_one_line(tmp_path, monkeypatch):
     info = json.loads((tmp_path / "out" / "run.json").read_text())
     assert (info["runner"], info["backend"], info["loop"]) == ("LinearNpzRunner", "toy-linear-npz", "host")
     got = np.load(tmp_path / "out" / "samples.npz")["images"]
-    want = sample(runner, Schedule(DiffusionConfig(), steps=20), (1, 4, 4), seed=5, indices=[0, 1, 2])
+    want = sample(runner, plan_for(DiffusionConfig(), "ddpm", 20), (1, 4, 4), seed=5, indices=[0, 1, 2])
     want_u8 = np.round(np.clip((want + 1) / 2, 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
     assert np.array_equal(got, want_u8)

@@ -119,8 +119,8 @@ def test_parity_levels_pass_with_the_openvino_runner(micro_run, micro_onnx, tmp_
     l3 = levels["L3 trajectory", "openvino-cpu (fp32) + host loop"]
     l4 = levels["L4 backend", "host loop, batch composition"]
     assert l2["status"] == "pass" and l2["runner"] == "OpenVinoRunner" and l2["max_abs"] <= L2_EPS_FP32_ATOL
-    assert l3["status"] == "pass" and l3["runner"] == "OpenVinoRunner + HostSampler"
-    assert l4["status"] == "pass" and l4["runner"] == "OpenVinoRunner + HostSampler"
+    assert l3["status"] == "pass" and l3["runner"] == "OpenVinoRunner + HostLoop"
+    assert l4["status"] == "pass" and l4["runner"] == "OpenVinoRunner + HostLoop"
     assert l3["max_abs"] <= L3_TRAJECTORY_FP32_ATOL
 
 

@@ -333,16 +333,3 @@ def test_normals_steps_equals_per_step_normals_bitwise():
     assert many.shape == (5, 3, 3, 5, 7)
     for k, s in enumerate(steps):
         np.testing.assert_array_equal(many[k], normals(5, idx, s, (3, 5, 7)))
-
-
-def test_sampler_prefetch_gives_the_same_noise_in_small_chunks(monkeypatch):
-    from ddpm_deploy.runtime import sampler
-    from ddpm_deploy.runtime.rng import normals
-    from ddpm_deploy.runtime.sampler import NoisePrefetch
-
-    monkeypatch.setattr(sampler, "PREFETCH_MAX_STEPS", 3)
-    order = [999, 950, 900, 850, 800, 750, 700]
-    nf = NoisePrefetch(9, np.arange(2), (1, 4, 4), order)
-    assert nf.chunk == 3
-    for s in order:
-        np.testing.assert_array_equal(nf.next(s), normals(9, np.arange(2), s, (1, 4, 4)))

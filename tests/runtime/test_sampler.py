@@ -9,8 +9,9 @@ from PIL import Image
 
 from ddpm_deploy.runtime.backends.ort import OrtRunner
 from ddpm_deploy.runtime.errors import SamplingError
-from ddpm_deploy.runtime.sampler import LoopTimings, sample
-from ddpm_deploy.runtime.schedule import DiffusionConfig, Schedule
+from ddpm_deploy.runtime.sampling.config import plan_for
+from ddpm_deploy.runtime.sampling.host import HostLoop, sample
+from ddpm_deploy.runtime.schedule import DiffusionConfig
 from ddpm_deploy.runtime.tolerances import L4_BATCH_INDEPENDENCE_ATOL
 from ddpm_deploy.verify.cli import main as run_cli
 
@@ -25,7 +26,7 @@ class ConstEps:
 
 def test_sample_i_is_the_same_alone_or_in_a_batch(micro_onnx):
     r = OrtRunner(micro_onnx)
-    s = Schedule(DiffusionConfig(), steps=20)
+    s = plan_for(DiffusionConfig(), "ddpm", 20)
     batch = sample(r, s, (1, 8, 8), seed=3, indices=range(10, 17))
     alone = sample(r, s, (1, 8, 8), seed=3, indices=[13])
     np.testing.assert_allclose(alone[0], batch[3], rtol=0, atol=L4_BATCH_INDEPENDENCE_ATOL)
@@ -34,15 +35,14 @@ def test_sample_i_is_the_same_alone_or_in_a_batch(micro_onnx):
 
 
 def test_nan_names_step_and_sample():
-    s = Schedule(DiffusionConfig(), steps=10)
+    s = plan_for(DiffusionConfig(), "ddpm", 10)
     with pytest.raises(SamplingError, match=r"step t=999 .* sample index 5"):
         sample(ConstEps(np.nan), s, (1, 2, 2), seed=0, indices=[5, 6])
 
 
 def test_timings_cover_every_step():
-    s = Schedule(DiffusionConfig(), steps=10)
-    tm = LoopTimings()
-    sample(ConstEps(0.0), s, (1, 2, 2), seed=0, indices=[0], timings=tm)
+    s = plan_for(DiffusionConfig(), "ddpm", 10)
+    _, tm = HostLoop(ConstEps(0.0), (1, 2, 2), 1).sample(s, seed=0, indices=[0])
     summ = tm.summary()
     assert summ["steps"] == 10 and summ["total_seconds"] >= summ["eps_seconds"] > 0
 

@@ -125,6 +125,32 @@ def test_request_batch_of_several_images_equals_single_requests(server, random_m
     np.testing.assert_array_equal(many, reference(random_micro_onnx, SEED, [3, 4, 7]))
 
 
+def test_requests_with_schedulers_mixed_in_one_batch_equal_local_sampling(server, random_micro_onnx):
+    """Concurrent requests of different schedulers and step counts (Triton batches them into one execute; the model
+    steps them in one loop, each image with its own plan): every image equals the Python API's."""
+    asks = [(None, 10), ("ddim", 10), ('{"scheduler": "ddim", "options": {"eta": 1.0}}', 6), ("dpmsolver++", 8),
+            ("sde-dpmsolver++", 5), ("unipc", 7)]
+
+    def one(ask):
+        sched, steps = ask
+        with TritonImages(server.http_url) as c:
+            return c.request(SEED, [2], steps=steps, scheduler=sched)
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        got = list(pool.map(one, asks))
+
+    import json as _json
+
+    with Sampler.from_onnx(random_micro_onnx, threads=1) as s:
+        for (sched, steps), img in zip(asks, got):
+            opts = {}
+            if sched and sched.startswith("{"):
+                spec = _json.loads(sched)
+                sched, opts = spec["scheduler"], spec["options"]
+            want = s(1, seed=SEED, start_index=2, steps=steps, scheduler=sched, **opts)
+            np.testing.assert_array_equal(img, want, err_msg=f"{sched} {steps}")
+
+
 def _raw_infer(server, inputs):
     c = tritonclient_http.InferenceServerClient(server.http_url)
     try:
@@ -148,6 +174,10 @@ def _inp(name, arr, dtype):
     ("negative index", lambda: make_inputs(tritonclient_http, [1], [-1], STEPS), "index must be in [0, 4294967295]"),
     ("steps too small", lambda: make_inputs(tritonclient_http, [1], [0], 1), "steps must be between 2 and 1000"),
     ("steps too large", lambda: make_inputs(tritonclient_http, [1], [0], 5000), "steps must be between 2 and 1000"),
+    ("unknown scheduler", lambda: make_inputs(tritonclient_http, [1], [0], 10, "euler"), "unknown scheduler 'euler'"),
+    ("option it does not take", lambda: make_inputs(tritonclient_http, [1], [0], 10,
+                                                    '{"scheduler": "ddim", "options": {"solver_order": 2}}'),
+     "DDIMScheduler does not take solver_order"),
 ])
 def test_bad_requests_fail_and_the_server_keeps_serving(server, random_micro_onnx, case, inputs, message):
     with pytest.raises(tritonclient_http.InferenceServerException) as err:
