@@ -120,6 +120,7 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, scheduler, s
     ddpm-run sample --scheduler ddim --steps 50 --eta 0    (DDIM)
     ddpm-run sample --scheduler-config scheduler_config.json   (a diffusers scheduler config, as is)
 
+    \b
     CPU:  ddpm-run sample --onnx model.onnx            (NumPy step, ε from ONNX Runtime CPU)
     GPU:  ddpm-run sample --engine model.plan          (device loop, ε from TensorRT / TensorRT-RTX)
           ddpm-run sample --onnx model.onnx --device cuda   (device loop, ε from ONNX Runtime CUDA)

@@ -36,10 +36,15 @@ from ..errors import ConfigError
               help="Dynamic batching's largest batch (without --repo). Default: the plan's profile max, else 16.")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime threads per instance (0: cores / instances).")
 @click.option("--ready-timeout", type=float, default=300.0, help="Seconds to wait for the model to load.")
+@click.option("--scheduler", default=None, metavar="NAME|JSON",
+              help="The repository's default scheduler for requests without one (without --repo): ddpm (default), "
+                   "ddim, dpmsolver++, sde-dpmsolver++, unipc, or JSON {\"scheduler\": NAME, \"options\": {...}}.")
+@click.option("--steps", type=int, default=None,
+              help="The repository's default ε calls for requests without steps (default: T for ddpm, else 20).")
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @clean_errors
 def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, instances, kind, max_batch, threads,
-          ready_timeout, verbose):
+          ready_timeout, scheduler, steps, verbose):
     """Serve the model with Triton Inference Server until SIGINT or SIGTERM.
 
     \b
@@ -62,7 +67,11 @@ def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, ins
         model = Path(engine or onnx_path or latest_run() / "export" / "model.onnx")
         tmp = tempfile.TemporaryDirectory(prefix="ddpm-repo-")
         repo = write_repository(model, tmp.name, RepoSettings(
-            instances=instances, kind=kind or ("gpu" if engine else "cpu"), max_batch=max_batch, threads=threads))
+            instances=instances, kind=kind or ("gpu" if engine else "cpu"), max_batch=max_batch, threads=threads,
+            default_scheduler=scheduler, default_steps=steps))
+    elif scheduler is not None or steps is not None:
+        raise ConfigError("--scheduler/--steps set the defaults of a repository ddpm-run serve writes; a --repo keeps "
+                          "its own (ddpm-export --triton-repo)")
     ports = [p or None for p in (http_port, grpc_port, metrics_port)]
     server = TritonServer(repo, *ports, host=host)
     stop = {"signal": None}

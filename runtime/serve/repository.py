@@ -130,10 +130,12 @@ def write_repository(model: str | os.PathLike, repo: str | os.PathLike, settings
     if settings.default_steps is not None and not 1 <= settings.default_steps <= card.diffusion.num_timesteps:
         raise ConfigError(f"default steps must be between 1 and {card.diffusion.num_timesteps}, found "
                           f"{settings.default_steps}")
-    if settings.default_scheduler:
+    if settings.default_scheduler or settings.default_steps:
         from ..sampling.config import plan_for
+        from .handler import parse_scheduler
 
-        plan_for(card.diffusion, settings.default_scheduler, settings.default_steps)  # refuses a bad default now
+        source, options = parse_scheduler(settings.default_scheduler)
+        plan_for(card.diffusion, source, settings.default_steps, **options)  # refuses a bad default now
     folder = repo / MODEL_NAME
     tmp = repo / f".{MODEL_NAME}.{os.getpid()}.tmp"
     try:
