@@ -121,15 +121,22 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
             from ddpm_deploy.runtime.sampling.config import plan_for
             from ddpm_deploy.runtime.schedule import DiffusionConfig
 
-            sched = plan_for(DiffusionConfig(), job.get("scheduler") or "ddpm", steps=job["e2e_steps"])
-            sampler = open_loop(runner, x.shape[1:], max_batch=b)
-            t0 = time.perf_counter()
-            _, tm = sampler.sample(sched, seed=0, indices=np.arange(b))
-            wall = time.perf_counter() - t0
-            s = tm.summary()
-            out.update(e2e_steps=len(sched), e2e_seconds=wall, e2e_eps_seconds=s["eps_seconds"],
-                       loop_overhead_ratio=wall / s["eps_seconds"],
-                       images_per_s_1000_steps=b / (wall / len(sched) * 1000))
+            loop = open_loop(runner, x.shape[1:], max_batch=b)
+            per_scheduler = {}
+            for name in job.get("schedulers") or ("ddpm",):  # the loop's own cost for every scheduler
+                sched = plan_for(DiffusionConfig(), name, steps=job["e2e_steps"])
+                t0 = time.perf_counter()
+                _, tm = loop.sample(sched, seed=0, indices=np.arange(b))
+                wall = time.perf_counter() - t0
+                s = tm.summary()
+                per_scheduler[name] = {"steps": len(sched), "seconds": wall, "eps_seconds": s["eps_seconds"],
+                                       "loop_overhead_ratio": wall / s["eps_seconds"],
+                                       "images_per_s": b / wall}
+            first = next(iter(per_scheduler.values()))
+            out.update(e2e_steps=first["steps"], e2e_seconds=first["seconds"], e2e_eps_seconds=first["eps_seconds"],
+                       loop_overhead_ratio=first["loop_overhead_ratio"],
+                       images_per_s_1000_steps=b / (first["seconds"] / first["steps"] * 1000),
+                       e2e_schedulers=per_scheduler)
     else:
         import torch
 
@@ -203,7 +210,7 @@ def cpu_flags() -> list[str]:
 
 def run(out_dir: Path, presets=PRESETS, backends=CPU_BACKENDS, batches=(1, 8, 64), warmup: int = 2, repeat: int = 5,
         e2e_steps: int = 50, threads: int = 0, max_batch: dict[str, int] | None = None, echo=print,
-        with_engine_builds: bool = True) -> dict[str, Any]:
+        with_engine_builds: bool = True, schedulers: tuple[str, ...] = ("ddpm",)) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory() as work:
@@ -214,7 +221,8 @@ def run(out_dir: Path, presets=PRESETS, backends=CPU_BACKENDS, batches=(1, 8, 64
                     if max_batch and b > max_batch.get(preset, b):
                         continue
                     job = dict(preset=preset, backend=backend, batch=b, warmup=warmup, repeat=repeat, workdir=work,
-                               threads=threads, e2e_steps=e2e_steps if backend == "ort-cpu" else 0)
+                               threads=threads, e2e_steps=e2e_steps if backend == "ort-cpu" else 0,
+                               schedulers=list(schedulers))
                     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
                         try:
                             r = ex.submit(measure, job).result()
@@ -282,6 +290,9 @@ def markdown(doc: dict[str, Any]) -> str:
         if "loop_overhead_ratio" in r:
             notes.append(f"loop overhead ×{r['loop_overhead_ratio']:.3f} ({r['e2e_steps']} steps); "
                          f"{r['images_per_s_1000_steps']:.3f} img/s at 1000 steps")
+            others = {k: v for k, v in (r.get("e2e_schedulers") or {}).items() if k != "ddpm"}
+            if others:
+                notes.append("; ".join(f"{k} ×{v['loop_overhead_ratio']:.3f}" for k, v in others.items()))
         if "compile_seconds" in r:
             notes.append(f"compile {r['compile_seconds']:.0f}s")
         lines.append(f"| {r['preset']} | {r['backend']} | {r['batch']} | {r['eps_ms']:.2f} | {r['ms_per_image_step']:.3f} "

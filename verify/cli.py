@@ -102,11 +102,15 @@ def parity(checkpoint, onnx_path, engine, steps, scheduler, sched_options, batch
 @click.option("--repeat", type=int, default=5, help="Timed calls per measurement (median reported).")
 @click.option("--warmup", type=int, default=2, help="Untimed warm-up calls.")
 @click.option("--e2e-steps", type=int, default=50, help="Steps of the end-to-end runtime run (loop overhead).")
+@click.option("--schedulers", default="ddpm", show_default=True,
+              help="Schedulers whose end-to-end loop the ort-cpu rows time (the loop's own cost per scheduler), "
+                   "comma-separated: ddpm, ddim, dpmsolver++, sde-dpmsolver++, unipc.")
 @click.option("--threads", type=int, default=0, help="Threads for every backend (0: all cores).")
 @click.option("--engine-builds/--no-engine-builds", default=True,
               help="Also time TensorRT engine builds (fp32 and calibrated fp16) of each preset.")
 @clean_errors
-def bench(out, presets, backends, batches, max_batch_cifar, repeat, warmup, e2e_steps, threads, engine_builds):
+def bench(out, presets, backends, batches, max_batch_cifar, repeat, warmup, e2e_steps, schedulers, threads,
+          engine_builds):
     """Benchmark our runtime against PyTorch eager/bf16/compile and a diffusers-style loop (needs the
     [test] extra: torch, diffusers). Each measurement runs in its own process; medians after warm-up."""
     lazy_import("torch", "ddpm-run bench (its models and PyTorch baselines)", "pip install 'ddpm-deploy[test]'")
@@ -115,13 +119,17 @@ def bench(out, presets, backends, batches, max_batch_cifar, repeat, warmup, e2e_
     except ImportError as e:
         raise ConfigError(f"ddpm-run bench needs torch and the export extra ({e}); pip install 'ddpm-deploy[test]'") from None
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    from ddpm_deploy.runtime.sampling.config import scheduler_class
+
+    for name in split(schedulers):
+        scheduler_class(name)  # an unknown name: one error line now, not after the first model
     unknown = set(split(backends)) - set(harness.CPU_BACKENDS)
     if unknown:
         raise ConfigError(f"unknown backends {sorted(unknown)}; available: {', '.join(harness.CPU_BACKENDS)}")
     harness.run(Path(out), presets=tuple(split(presets)), backends=tuple(split(backends)),
                 batches=tuple(int(b) for b in split(batches)), warmup=warmup, repeat=repeat, e2e_steps=e2e_steps,
                 threads=threads, max_batch={"ddpm-cifar10": max_batch_cifar}, echo=click.echo,
-                with_engine_builds=engine_builds)
+                with_engine_builds=engine_builds, schedulers=tuple(split(schedulers)))
     click.echo(f"wrote {out}/results.json, results.md, images_per_s.png")
 
 
