@@ -196,3 +196,24 @@ def test_fp16_model_is_judged_by_relative_l2_and_its_trajectory_reported(micro_r
     assert l2["status"] == "pass" and all(c["metric"] == "rel_l2" for c in l2["checks"])
     l3 = lv["L3 trajectory", "onnxruntime-cpu (fp16) + host loop"]
     assert l3["status"] == "reported" and "not judged" in l3["reason"]
+
+
+@pytest.mark.parametrize("scheduler, options", [("dpmsolver++", ["--option", "solver_order=3"]),
+                                                ("sde-dpmsolver++", []), ("unipc", [])])
+def test_parity_levels_per_scheduler(micro_run, micro_onnx, tmp_path, scheduler, options):
+    """L1 (the plan rule vs diffusers' own scheduler class, same noise) and L3 (the ONNX through the host loop vs
+    diffusers' scheduler driving the PyTorch model) along a fast scheduler's plan."""
+    pytest.importorskip("diffusers")
+    r = parity("--checkpoint", micro_run, "--onnx", micro_onnx, "--steps", "10", "--batch", "2", "--threads", "1",
+               "--scheduler", scheduler, *options, "--out", tmp_path)
+
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "parity.json").read_text())
+    lv = levels(tmp_path / "parity.json")
+    [l1] = [v for k, v in lv.items() if k[0] == "L1 step" and "plan rule" in k[1]]
+    l3 = lv["L3 trajectory", "onnxruntime-cpu (fp32) + host loop"]
+    assert rep["passed"] and rep["steps"] == 10
+    assert l1["status"] == "pass" and l1["metrics"]["scheduler"]["scheduler"] in ("DPMSolverMultistepScheduler",
+                                                                                  "UniPCMultistepScheduler")
+    assert l3["status"] == "pass" and l3["reference"].startswith("diffusers ") and l3["metrics"]["psnr_db"] > 50
+    assert not [k for k in lv if k[0] == "L0 schedule" and "DDPM" in k[1] and "fail" == lv[k]["status"]]
