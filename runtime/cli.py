@@ -306,7 +306,11 @@ def resolve_plan(card: ModelCard, scheduler, scheduler_config, steps, eta, order
     from .sampling.config import DDPMConfig, SCHEDULERS, from_diffusers, make_scheduler, plan_for, read_config_file, \
         scheduler_class
 
-    given = {"eta": eta, "solver_order": order, **parse_options(sched_options)}
+    options = parse_options(sched_options)
+    for key, flag, value in (("eta", "--eta", eta), ("solver_order", "--order", order)):
+        if value is not None and key in options:
+            raise ConfigError(f"{key} is given twice ({flag} {value} and --option {key}={options[key]}); give one")
+    given = {"eta": eta, "solver_order": order, **options}
     given = {k: v for k, v in given.items() if v is not None}
     if scheduler_config is not None:
         source = read_config_file(scheduler_config)
@@ -318,29 +322,39 @@ def resolve_plan(card: ModelCard, scheduler, scheduler_config, steps, eta, order
                                   f"{name} config; give one of them")
             given = {**preset, **given}
         if name in SCHEDULERS:
-            _checked(name, given)
+            _checked(name, given, options)
         cfg = from_diffusers(source, card.diffusion, str(scheduler_config), **given)
     else:
         cls, _ = scheduler_class(scheduler or "ddpm")
-        cfg = make_scheduler(scheduler or "ddpm", **_checked(cls.NAME, given))
-    if not isinstance(cfg, DDPMConfig):
+        cfg = make_scheduler(scheduler or "ddpm", **_checked(cls.NAME, given, options))
+    if isinstance(cfg, DDPMConfig):  # the flags win over a config file, as every other option does
+        import dataclasses
+
+        for key, value, flag in (("variance_type", variance_type, "--variance-type"), ("clip_sample", clip, "--clip")):
+            if value is not None and key in options:
+                raise ConfigError(f"{key} is given twice ({flag} and --option {key}); give one")
+            if value is not None:
+                cfg = dataclasses.replace(cfg, **{key: value})
+    else:
         if variance_type is not None:
             raise ConfigError(f"--variance-type is an option of the ddpm scheduler, not of {cfg.NAME}")
-        if clip is not None and "clip_sample" in cfg.option_names():
+        if clip is not None:
+            if "clip_sample" not in cfg.option_names():
+                raise ConfigError(f"--clip/--no-clip is not an option of {cfg.NAME} (it never clips x̂0)")
             import dataclasses
 
             cfg = dataclasses.replace(cfg, clip_sample=clip)
     return plan_for(card.diffusion, cfg, steps)
 
 
-def _checked(name: str, given: dict) -> dict:
+def _checked(name: str, given: dict, from_option=()) -> dict:
     """``given`` if the scheduler takes every option; else one error naming the flag and the scheduler."""
     from .sampling.config import scheduler_class
 
     cls, _ = scheduler_class(name)
     for key in given:
         if key not in cls.option_names():
-            flag = FLAG_OPTIONS.get(key, f"--option {key}")
+            flag = f"--option {key}" if key in from_option else FLAG_OPTIONS.get(key, f"--option {key}")
             raise ConfigError(f"{flag} is not an option of {cls.NAME}; its options: {', '.join(cls.option_names())}")
     return given
 

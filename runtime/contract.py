@@ -290,6 +290,8 @@ class MergeInfo(Artifact):
     ``model_sha256``: the model every shard was sampled with."""
 
     SCHEMA: ClassVar[str] = "ddpm-deploy/merged-samples"
+    SCHEMA_VERSION: ClassVar[int] = 2  # v2: scheduler
+    OLDER_VERSIONS: ClassVar[tuple[int, ...]] = (1,)
     WHAT: ClassVar[str] = "merge record (run.json of ddpm-run merge)"
     REWRITE: ClassVar[str] = "merge again with ddpm-run merge"
 

@@ -511,7 +511,7 @@ def sample_job(runner, loop, plan, card, model_path, out_dir, seed: int, start_i
                 theirs = getattr(prev, key)
                 if key == "diffusion":
                     theirs = {**mine["diffusion"], **theirs}  # run.json of older versions may lack new keys
-                if key == "scheduler" and theirs is None and _legacy_ddpm(mine["scheduler"]):
+                if key == "scheduler" and theirs is None and is_legacy_ddpm(mine["scheduler"]):
                     theirs = mine["scheduler"]  # v2/v3 run.json: DDPM ancestral with the linspace respacing
                 if theirs != mine[key]:
                     what = "the model file differs" if key == "model_sha256" else f"{key} {theirs!r} there, " \
@@ -597,7 +597,7 @@ def sample_job(runner, loop, plan, card, model_path, out_dir, seed: int, start_i
         out.close(keep=wrote)
 
 
-def _legacy_ddpm(scheduler: dict) -> bool:
+def is_legacy_ddpm(scheduler: dict) -> bool:
     """Whether a plan is what every ddpm-run sample before run.json v4 did: DDPM with the linspace respacing."""
     return scheduler.get("scheduler") == "DDPMScheduler" and \
         scheduler.get("options", {}).get("timestep_spacing") == "linspace" and \

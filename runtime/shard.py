@@ -129,7 +129,13 @@ def merge(out: str | os.PathLike, shard_dirs: Sequence[str | os.PathLike]) -> Me
     d0, ref = loaded[0][0], loaded[0][1]
     for d, info, _, _ in loaded[1:]:
         for key in ("seed", "steps", "model_sha256", "diffusion", "scheduler"):
-            if getattr(info, key) != getattr(ref, key):
+            mine, theirs = getattr(info, key), getattr(ref, key)
+            if key == "scheduler" and None in (mine, theirs):  # a run.json before v4: DDPM, linspace respacing
+                from .output import is_legacy_ddpm
+
+                if is_legacy_ddpm(mine or theirs or {}) or mine is theirs:
+                    continue
+            if mine != theirs:
                 raise ArtifactError(f"{d}: {key} {getattr(info, key)!r} differs from {d0}'s {getattr(ref, key)!r}; "
                                     f"merge only shards of one job")
     owner: dict[int, Path] = {}

@@ -124,8 +124,10 @@ def check_step_kernel(gpu, name, steps, options, shape=(3, 8, 8)):
             rows = np.clip(rows, 0, K - 1)
             s.x.upload(x.reshape(-1), gpu.stream)
             s.eps.upload(eps.reshape(-1), gpu.stream)
-            s.hist.upload(np.ascontiguousarray(hist.transpose(1, 0, 2, 3, 4)).reshape(-1), gpu.stream)
-            s.xp.upload(xp.reshape(-1), gpu.stream)
+            if H:  # the loop holds history and xp buffers only once a plan needs them
+                s.hist.upload(np.ascontiguousarray(hist.transpose(1, 0, 2, 3, 4)).reshape(-1), gpu.stream)
+            if use_xp:
+                s.xp.upload(xp.reshape(-1), gpu.stream)
             s.row.upload(rows.astype(np.int32), gpu.stream)
             s.state.upload(np.array([0, 0, kernels.NO_BAD_STEP, 0], np.int32), gpu.stream)
             s.module.launch("ddpm_step", s._grid(2), (kernels.THREADS, 1, 1),
@@ -133,8 +135,8 @@ def check_step_kernel(gpu, name, steps, options, shape=(3, 8, 8)):
                              s.row.address, s.noise_ids.address, s.idx.address, s.keys.address, s.k.address,
                              s.state.address, s.n, s.nblocks, 2, H, use_xp), gpu.stream)
             got = s.x.download(np.empty(2 * s.n, np.float32), gpu.stream).reshape(2, *shape)
-            got_h = s.hist.download(np.empty(2 * MAX_HISTORY * s.n, np.float32), gpu.stream)
-            got_xp = s.xp.download(np.empty(2 * s.n, np.float32), gpu.stream).reshape(2, *shape)
+            got_h = s.hist.download(np.empty(2 * MAX_HISTORY * s.n, np.float32), gpu.stream) if H else None
+            got_xp = s.xp.download(np.empty(2 * s.n, np.float32), gpu.stream).reshape(2, *shape) if use_xp else None
 
             coef = plan.table32[rows]
             z = np.stack([rng.normals(seeds[b], [int(idx[b])], int(plan.noise_ids[rows[b]]), shape)[0] for b in range(2)])

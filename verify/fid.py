@@ -113,7 +113,7 @@ def _run_summary(images: ImageSet) -> dict[str, Any] | None:
     if r is None:
         return None
     return {"backend": r.backend, "runner": r.runner, "precision": r.precision, "loop": r.loop, "seed": r.seed,
-            "start_index": r.start_index, "steps": r.steps, "model": r.model, "model_sha256": r.model_sha256,
+            "start_index": r.start_index, "steps": r.steps, "scheduler": r.scheduler, "model": r.model, "model_sha256": r.model_sha256,
             "images_per_second": r.images_per_second, "total_seconds": r.total_seconds}
 
 
@@ -223,6 +223,26 @@ def sample_set(model: Path, device: str, out: Path, num: int, batch: int, seed: 
             sample_job(runner, loop, plan, card, model, out, seed, 0, num, batch, write_pngs=False,
                        on_step=step_done if progress else None, mode=mode, echo=echo)
     return read_image_set(out)
+
+
+def check_plan(model: Path, device: str, steps: int | None, scheduler: str | None = None, options=()):
+    """The plan ``sample_set`` would sample ``model`` along (ConfigError now for a bad scheduler option)."""
+    from ddpm_deploy.runtime.cli import resolve_plan
+    from ddpm_deploy.runtime.plan import read_plan_sidecar
+
+    if Path(model).suffix in (".plan", ".engine"):
+        from ddpm_deploy.runtime.config import ModelCard
+
+        card = ModelCard.from_dict(read_plan_sidecar(model).ddpm)
+    else:
+        from ddpm_deploy.runtime.backends.ort import OrtRunner
+
+        with OrtRunner(model, threads=1) as runner:
+            card = runner.card
+        if card is None:
+            raise ArtifactError(f"{model}: has no ddpm-deploy metadata (ddpm_deploy.config); export it with "
+                                "ddpm-export")
+    return resolve_plan(card, scheduler, None, steps, None, None, options)
 
 
 def device_for(model: Path, device: str) -> str:

@@ -256,12 +256,17 @@ def fid_compare(onnx_path, against, device, against_device, num, sample_batch, s
     settings = _settings(extractor, batch, threads, image_size, channels, kid_subsets, kid_subset_size)
     out = Path(out or onnx_path.parent / "fid-compare")
     against = against or onnx_path
+    same = against_scheduler is None or against_scheduler == scheduler
     cand_sched = dict(steps=steps if against_steps is None else against_steps,
                       scheduler=scheduler if against_scheduler is None else against_scheduler,
-                      options=options if not against_options else against_options)
+                      options=against_options or (options if same else ()))  # options follow their scheduler
     for path in (onnx_path, against):  # both exist before anything is sampled (a side sampled is kept and reused)
         if not path.is_file():
             raise ArtifactError(f"{path}: model not found (an ONNX file from ddpm-export, or a plan)")
+    from .fid import check_plan
+
+    check_plan(onnx_path, device_for(onnx_path, device), steps, scheduler, options)  # both sides' options are
+    check_plan(against, device_for(against, against_device), **cand_sched)  # refused before minutes of sampling
     with contextlib.ExitStack() as stack:
         ext = stack.enter_context(open_extractor(settings, echo=lambda m: click.echo(m, err=True)))
         bars = Bars(stack, not no_progress)

@@ -49,7 +49,10 @@ PEERS = [("diffusers DPM-Solver++ 2M 20 (our ONNX)", "dpmsolver++", 20, ()),
 
 
 def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-").replace("--", "-")
+    """"DPM-Solver++ 2M 20" → "dpm-solver-2m-20" (the --rows names)."""
+    import re
+
+    return re.sub(r"[^0-9a-z]+", "-", label.lower()).strip("-")
 
 
 def _load() -> float | None:
@@ -89,7 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64, help="images per ε call")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores)")
-    ap.add_argument("--rows", default="all", help="comma-separated row labels' slugs, or 'all'")
+    ap.add_argument("--rows", default="all", help="comma-separated row names (a label in lower case, dashes for "
+                    "everything else: dpm-solver-2m-20, ddpm-1000, …), or 'all'")
     ap.add_argument("--no-peers", action="store_true", help="skip diffusers' schedulers on our ONNX")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -102,7 +106,13 @@ def main(argv=None) -> int:
     path = args.out / "results.json"
     prev = json.loads(path.read_text()) if path.is_file() else {}
     done = {r["label"]: r for r in prev.get("rows", []) if r.get("fid") is not None}
-    rows = ROWS if args.rows == "all" else [r for r in ROWS if _slug(r[0]) in args.rows.split(",")]
+    rows = ROWS
+    if args.rows != "all":
+        wanted = set(args.rows.split(","))
+        unknown = wanted - {_slug(r[0]) for r in ROWS}
+        if unknown:
+            ap.error(f"--rows: unknown {sorted(unknown)}; rows: {', '.join(_slug(r[0]) for r in ROWS)}")
+        rows = [r for r in ROWS if _slug(r[0]) in wanted]
     peers = [] if args.no_peers else PEERS
     result = {"model": str(args.onnx), "reference": args.ref, "num": args.num, "seed": args.seed, "batch": args.batch,
               "machine": machine_info(), "rows": list(done.values()),

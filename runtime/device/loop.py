@@ -118,6 +118,9 @@ class DeviceLoop(Loop):
             raise ConfigError(f"max_batch must be >= 1, found {max_batch}")
         runner.check_batch(int(max_batch))
         self.runner, self.gpu, self.cuda_graph = runner, gpu, bool(cuda_graph)
+        self.requested_graph = bool(cuda_graph)  # cuda_graph turns False when a capture fails; this does not
+        self._token = object()  # whose buffers the runner is bound to (an id() could be reused by a new loop)
+        self.closed = True  # until _setup has run
         self.capacity = self.max_batch = int(max_batch)
         self.n = math.prod(self.shape)
         self.nblocks = -(-self.n // rng.WORDS_PER_BLOCK)
@@ -144,14 +147,14 @@ class DeviceLoop(Loop):
     @classmethod
     def for_runner(cls, runner: DeviceRunner, shape: Sequence[int], max_batch: int, cuda_graph: bool = True
                    ) -> "DeviceLoop":
-        """The runner's one device loop (made on first use; a new one when the shape or a larger batch is asked
-        for, which closes the old one)."""
+        """The runner's device loop, shared by every caller that asks for one that fits (the shape, at least this
+        batch, the same graph request); a new one otherwise (the older stays open for whoever holds it: its owner
+        closes it). Every loop binds the runner to its own buffers before it runs it, so loops that share a runner
+        never compute ε on each other's buffers."""
         loop = getattr(runner, "_device_loop", None)
         if loop is not None and not loop.closed and loop.shape == check_shape(shape) \
-                and loop.capacity >= int(max_batch) and loop.cuda_graph == bool(cuda_graph):
+                and loop.capacity >= int(max_batch) and loop.requested_graph == bool(cuda_graph):
             return loop
-        if loop is not None:
-            loop.close()
         loop = cls(runner, shape, max_batch, cuda_graph=cuda_graph)
         runner._device_loop = loop
         return loop
@@ -169,9 +172,10 @@ class DeviceLoop(Loop):
         B, n = self.capacity, self.n
         self.x = self._own(DeviceArray(B * n, np.float32))
         self.eps = self._own(DeviceArray(B * n, np.float32))
-        self.hist = self._own(DeviceArray(B * MAX_HISTORY * n, np.float32))
-        self.xp = self._own(DeviceArray(B * n, np.float32))
+        self.hist = self._own(DeviceArray(1, np.float32))  # grown for the first plan with history (_ensure_state)
+        self.xp = self._own(DeviceArray(1, np.float32))  # grown for the first plan with UniPC's corrected sample
         self.t = self._own(DeviceArray(B, np.int32))
+        self.t.fill32(0, self.gpu.stream)  # a defined t for the runner's warm-up and idle slots
         self.row = self._own(DeviceArray(B, np.int32))
         self.idx = self._own(DeviceArray(B, np.uint32))
         self.keys = self._own(DeviceArray(2 * B, np.uint32))
@@ -214,6 +218,18 @@ class DeviceLoop(Loop):
     def history(self) -> int:
         return self.plans.history
 
+    def _ensure_state(self) -> None:
+        """The x̂0 history [B, HMAX, n] and UniPC's xp [B, n] once a plan needs them (a new buffer: our graph goes)."""
+        B, n = self.capacity, self.n
+        for name, need, count in (("hist", self.plans.history > 0, B * MAX_HISTORY * n),
+                                  ("xp", self.plans.uses_xp, B * n)):
+            old = getattr(self, name)
+            if need and old.count < count:
+                self._owned.remove(old)
+                old.close()
+                self._drop_graph()
+                setattr(self, name, self._own(DeviceArray(count, np.float32)))
+
     # -------------------------------------------------------------------------------------- launches
 
     def _grid(self, batch: int) -> tuple[int, int, int]:
@@ -242,9 +258,9 @@ class DeviceLoop(Loop):
     def _bind(self, batch: int) -> None:
         """Bind the runner to our buffers unless it is bound to them at this batch size already (a runner is
         shared: whoever bound it last owns its binding)."""
-        if getattr(self.runner, "_bound_to", None) != (id(self), batch):
+        if getattr(self.runner, "_bound_to", None) != (self._token, batch):
             self.runner.bind(self.x.address, self.t.address, self.eps.address, batch)
-            self.runner._bound_to = (id(self), batch)
+            self.runner._bound_to = (self._token, batch)
 
     def _drop_graph(self) -> None:
         if self._graph is not None:
@@ -305,8 +321,14 @@ class DeviceLoop(Loop):
     def new_timings(self) -> DeviceTimings:
         return DeviceTimings()
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ConfigError("this device loop is closed (its runner's loop was closed by its owner); open a new "
+                              "one with open_loop")
+
     def admit(self, slots, plan: StepPlan, seed: int, indices) -> None:
         """Start images in free slots: their state is uploaded and x_T drawn on the device (``INITIAL_STEP``)."""
+        self._check_open()
         slots = np.asarray(slots, dtype=np.int64)
         idx = check_indices(indices, self.capacity)
         if len(slots) != len(idx) or slots.min() < 0 or slots.max() >= self.capacity \
@@ -320,6 +342,7 @@ class DeviceLoop(Loop):
         stream = self.gpu.stream
         self.gpu.device.make_current()  # a server may call from another thread than the one that made the context
         self._upload_plans(stream)
+        self._ensure_state()
         self.h_active[slots], self.h_plan[slots], self.h_k[slots] = 1, pid, 0
         self.h_idx[slots], self.h_keys[slots] = idx, key
         mask = np.zeros(self.capacity, np.int32)
@@ -351,28 +374,42 @@ class DeviceLoop(Loop):
         return int(act[-1]) + 1 if len(act) else 0
 
     def step(self) -> list[int]:
-        """One step of every occupied slot (the runner computes ε over slots 0 … b−1)."""
+        """One step of every occupied slot that has steps left (the runner computes ε over slots 0 … b−1); the
+        slots that finished in this step."""
+        self._check_open()
         batch = self._batch()
         if batch == 0:
+            return []
+        occ = np.flatnonzero(self.h_active[:batch])
+        running = occ[self.h_k[occ] < self.plans.lengths[self.h_plan[occ]]]
+        if len(running) == 0:
             return []
         stream = self.gpu.stream
         self.gpu.device.make_current()
         self.runner.check_batch(batch)
         self._bind(batch)
         self._enqueue_step(batch, stream)
-        act = self.h_active[:batch] != 0
-        lengths = self.plans.lengths[self.h_plan[:batch]]
-        self.h_k[:batch][act & (self.h_k[:batch] < lengths)] += 1
+        self.h_k[running] += 1
         stream.synchronize()
-        self._check_state(np.flatnonzero(self.h_active))
-        lengths = self.plans.lengths[self.h_plan]
-        return np.flatnonzero((self.h_active != 0) & (self.h_k >= lengths)).tolist()
+        self._check_state(occ)
+        return running[self.h_k[running] >= self.plans.lengths[self.h_plan[running]]].tolist()
 
     def clear(self) -> None:
         self.h_active[:] = 0
-        self.active.upload(self.h_active, self.gpu.stream)
+        if not self.closed:
+            self.active.upload(self.h_active, self.gpu.stream)
+
+    def plans_held(self) -> int:
+        return len(self.plans.plans)
+
+    def forget_plans(self) -> None:
+        if self.occupied():
+            raise ConfigError("forget_plans needs every slot free")
+        self.plans = PlanTable()
+        self._table_rows = -1  # the next admit uploads the new table (and drops our graph)
 
     def take(self, slots) -> np.ndarray:
+        self._check_open()
         slots = np.asarray(slots, dtype=np.int64)
         if not self.h_active[slots].all():
             raise ConfigError(f"slots {slots[self.h_active[slots] == 0].tolist()} hold no image")
@@ -393,6 +430,7 @@ class DeviceLoop(Loop):
                ) -> tuple[np.ndarray, DeviceTimings]:
         """Sample one batch; returns float32 x_0 [B, C, H, W] on the host and the batch's timings.
         ``callback(done, total)`` after each step is enqueued (the host runs ahead of the GPU)."""
+        self._check_open()
         idx = check_indices(indices, self.capacity)
         if self.occupied():
             raise ConfigError("sample() needs an empty loop; this one has images in flight")
@@ -475,5 +513,5 @@ class DeviceLoop(Loop):
         self.closed = True
         if getattr(self.runner, "_device_loop", None) is self:
             self.runner._device_loop = None
-        if getattr(self.runner, "_bound_to", (None,))[0] == id(self):
+        if (getattr(self.runner, "_bound_to", None) or (None,))[0] is self._token:
             self.runner._bound_to = None

@@ -71,6 +71,14 @@ class Loop:
         """Free every slot (images in flight are dropped)."""
         raise NotImplementedError
 
+    def plans_held(self) -> int:
+        """Plans in the loop's table (each admitted plan is added once)."""
+        raise NotImplementedError
+
+    def forget_plans(self) -> None:
+        """Start the plan table anew (only with every slot free): a long-running server keeps it bounded."""
+        raise NotImplementedError
+
     def new_timings(self):
         """An empty timings object of this loop's kind, to ``extend`` over batches."""
         return Timings()

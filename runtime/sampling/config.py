@@ -47,6 +47,9 @@ INERT: dict[str, tuple[Any, ...]] = {
 # fields that only matter when an inert field is switched on: any value is inert
 DEPENDENT = ("dynamic_thresholding_ratio", "sample_max_value", "flow_shift", "time_shift_type")
 FORWARD = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+FORWARD_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+# DDPMScheduler's own defaults where ours differ (ours: the card's variance and clipping, linspace respacing)
+DIFFUSERS_DDPM_DEFAULTS = {"variance_type": "fixed_small", "clip_sample": True, "timestep_spacing": "leading"}
 # DDPMScheduler's variance names: fixed_small_log is the same σ as fixed_small (exp(½·log β̃))
 DDPM_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
 
@@ -102,12 +105,15 @@ def from_diffusers(cfg: Mapping[str, Any], diffusion: DiffusionConfig, where: st
     """Our config for a diffusers scheduler config dict (``_class_name`` and fields), checked against the model's
     forward process; ``overrides`` (CLI options) replace fields."""
     name = cfg.get("_class_name")
-    if name not in SCHEDULERS:
+    if not isinstance(name, str) or name not in SCHEDULERS:
         raise ConfigError(f"{where}: _class_name {name!r} is not a scheduler ddpm-deploy implements; implemented: "
                           f"{', '.join(sorted(SCHEDULERS))}")
     cls = SCHEDULERS[name]
     ours = set(cls.option_names())
     opts: dict[str, Any] = {}
+    # a field the file leaves out has diffusers' default (ours differ only for DDPM, and the forward process
+    # defaults must still match the model)
+    cfg = {**FORWARD_DEFAULTS, **(DIFFUSERS_DDPM_DEFAULTS if cls is DDPMConfig else {}), **cfg}
     for key, value in cfg.items():
         if key.startswith("_"):
             continue
@@ -115,13 +121,13 @@ def from_diffusers(cfg: Mapping[str, Any], diffusion: DiffusionConfig, where: st
             _check_forward(key, value, diffusion, where)
         elif key in ours:
             if cls is DDPMConfig and key == "variance_type":
-                if value not in DDPM_VARIANCES:
+                if not isinstance(value, str) or value not in DDPM_VARIANCES:
                     raise ConfigError(f"{where}: variance_type {value!r} is not supported (learned variances need "
                                       f"the model's second output); expected one of {sorted(DDPM_VARIANCES)}")
                 value = DDPM_VARIANCES[value]
             opts[key] = value
         elif key in INERT:
-            if value not in INERT[key] or (value is not None and type(value) is not type(INERT[key][0])):
+            if isinstance(value, (list, dict)) or value not in INERT[key] or (value is not None and type(value) is not type(INERT[key][0])):
                 raise ConfigError(f"{where}: {key} = {json.dumps(value)} is not implemented by ddpm-deploy's {name}; "
                                   f"only {json.dumps(INERT[key][0])} (the feature off) is accepted")
         elif key not in DEPENDENT:
@@ -151,28 +157,34 @@ def _check_forward(key: str, value: Any, diffusion: DiffusionConfig, where: str)
 
 
 def scheduler_config(scheduler: str | os.PathLike | Mapping | SchedulerConfig | None, diffusion: DiffusionConfig,
-                     **overrides) -> SchedulerConfig:
-    """Any way a user names a scheduler: None (DDPM), a name, a diffusers config file/folder or dict, or a config.
-    ``overrides`` (e.g. eta=0.5, solver_order=3) are options the scheduler must take (None values are skipped)."""
+                     allow_files: bool = True, **overrides) -> SchedulerConfig:
+    """Any way a user names a scheduler: None (DDPM), a name, a diffusers config file/folder (``allow_files``; a
+    server's requests may not name files) or dict, or a config. ``overrides`` (e.g. eta=0.5, solver_order=3) are
+    options the scheduler must take (None values are skipped)."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if isinstance(scheduler, SchedulerConfig):
+        unknown = sorted(set(overrides) - set(scheduler.option_names()))
+        if unknown:
+            raise ConfigError(f"{scheduler.NAME} does not take {', '.join(unknown)}; its options: "
+                              f"{', '.join(scheduler.option_names())}")
         return dataclasses.replace(scheduler, **overrides) if overrides else scheduler
     if isinstance(scheduler, Mapping):
         return from_diffusers(scheduler, diffusion, **overrides)
     if scheduler is None:
         return make_scheduler(DEFAULT_SCHEDULER, **overrides)
     s = str(scheduler)
-    if s in ALIASES or s in SCHEDULERS:
+    if s in ALIASES or s in SCHEDULERS or not allow_files:
         return make_scheduler(s, **overrides)
     if s.endswith(".json") or os.path.sep in s or Path(s).exists():
         return from_diffusers(read_config_file(s), diffusion, str(s), **overrides)
     return make_scheduler(s, **overrides)  # raises: unknown scheduler
 
 
-def plan_for(diffusion: DiffusionConfig, scheduler=None, steps: int | None = None, **overrides) -> StepPlan:
+def plan_for(diffusion: DiffusionConfig, scheduler=None, steps: int | None = None, allow_files: bool = True,
+             **overrides) -> StepPlan:
     """The StepPlan for a model's forward process, a scheduler (see ``scheduler_config``) and a step count
     (None: T for DDPM, else ``DEFAULT_STEPS``)."""
-    cfg = scheduler_config(scheduler, diffusion, **overrides)
+    cfg = scheduler_config(scheduler, diffusion, allow_files, **overrides)
     if steps is None and not isinstance(cfg, DDPMConfig):
         steps = min(DEFAULT_STEPS, diffusion.num_timesteps)
     return cfg.plan(diffusion, steps)

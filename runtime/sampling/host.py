@@ -13,7 +13,7 @@ from ..errors import ConfigError, SamplingError
 from .base import Loop, Timings
 from .plan import COL
 from .rules import linear_step, nonfinite_error
-from .state import Slots
+from .state import PlanTable, Slots
 
 
 class EpsModel(Protocol):
@@ -46,7 +46,10 @@ class HostLoop(Loop):
 
     def step(self) -> list[int]:
         S = self.slots
-        act = np.flatnonzero(S.active & (S.k < S.plans.lengths[S.plan]))  # occupied and not yet done
+        if not S.active.any():
+            return []
+        occ = np.flatnonzero(S.active)
+        act = occ[S.k[occ] < S.plans.lengths[S.plan[occ]]]  # occupied and not yet done
         if len(act) == 0:
             return []
         clock = time.perf_counter
@@ -92,6 +95,14 @@ class HostLoop(Loop):
 
     def clear(self) -> None:
         self.slots.free(np.arange(self.capacity))
+
+    def plans_held(self) -> int:
+        return len(self.slots.plans.plans)
+
+    def forget_plans(self) -> None:
+        if self.occupied():
+            raise ConfigError("forget_plans needs every slot free")
+        self.slots.plans = PlanTable()
 
     def take(self, slots) -> np.ndarray:
         slots = np.asarray(slots, dtype=np.int64)

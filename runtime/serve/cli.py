@@ -38,7 +38,8 @@ from ..errors import ConfigError
 @click.option("--ready-timeout", type=float, default=300.0, help="Seconds to wait for the model to load.")
 @click.option("--scheduler", default=None, metavar="NAME|JSON",
               help="The repository's default scheduler for requests without one (without --repo): ddpm (default), "
-                   "ddim, dpmsolver++, sde-dpmsolver++, unipc, or JSON {\"scheduler\": NAME, \"options\": {...}}.")
+                   "ddim, dpmsolver++, sde-dpmsolver++, unipc, JSON {\"scheduler\": NAME, \"options\": {...}}, or a "
+                   "diffusers scheduler_config.json (its content goes into the repository).")
 @click.option("--steps", type=int, default=None,
               help="The repository's default ε calls for requests without steps (default: T for ddpm, else 20).")
 @click.option("-v", "--verbose", count=True, help="More logging.")
@@ -66,6 +67,12 @@ def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, ins
             raise ConfigError("give either --onnx or --engine, not both")
         model = Path(engine or onnx_path or latest_run() / "export" / "model.onnx")
         tmp = tempfile.TemporaryDirectory(prefix="ddpm-repo-")
+        if scheduler is not None and not scheduler.lstrip().startswith("{") and Path(scheduler).is_file():
+            import json
+
+            from ..sampling.config import read_config_file
+
+            scheduler = json.dumps(read_config_file(scheduler))  # the repository carries the config, not a path
         repo = write_repository(model, tmp.name, RepoSettings(
             instances=instances, kind=kind or ("gpu" if engine else "cpu"), max_batch=max_batch, threads=threads,
             default_scheduler=scheduler, default_steps=steps))

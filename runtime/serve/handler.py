@@ -23,6 +23,7 @@ from ..imageio import to_uint8
 log = logging.getLogger(__name__)
 
 MAX_INDEX = 2**32 - 1  # sample indices are one 32-bit word of the Philox counter
+MAX_PLANS = 64  # plans a served model keeps (its cache and its loop's table); beyond, they are made again
 
 
 @dataclass
@@ -66,7 +67,7 @@ class ServedModel:
         self._plans: dict[tuple[str | None, int | None], object] = {}
         try:
             self.plan(None, self.default_steps)
-        except RequestError as e:
+        except DDPMError as e:
             self.runner.close()
             raise ConfigError(f"the repository's default scheduler/steps: {e}") from None
 
@@ -80,10 +81,15 @@ class ServedModel:
         if key not in self._plans:
             from ..sampling.config import plan_for
 
-            source, options = parse_scheduler(scheduler if scheduler is not None else self.default_scheduler)
+            default_name = self.default_scheduler if self.default_scheduler and \
+                not self.default_scheduler.lstrip().startswith("{") else None
+            source, options = parse_scheduler(scheduler if scheduler is not None else self.default_scheduler,
+                                              default_name)
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.pop(next(iter(self._plans)))  # the oldest: the cache stays bounded under any load
             try:
-                self._plans[key] = plan_for(self.card.diffusion, source, steps, **options)
-            except ConfigError as e:
+                self._plans[key] = plan_for(self.card.diffusion, source, steps, allow_files=False, **options)
+            except (DDPMError, TypeError, ValueError) as e:
                 raise RequestError(str(e)) from None
         return self._plans[key]
 
@@ -92,6 +98,7 @@ class ServedModel:
             from ..sampling.open import open_loop
 
             self._loop = open_loop(self.runner, self.shape, max_batch=self.max_batch)
+            self._loop.timings = None  # a server steps forever: no per-step record
         return self._loop
 
     def parse(self, req: Request) -> tuple[np.ndarray, np.ndarray, list]:
@@ -113,12 +120,17 @@ class ServedModel:
             if raw.dtype != np.uint8:
                 raise RequestError(f"expected scheduler UINT8 (zero-padded UTF-8), found {raw.dtype}")
             raw = raw.reshape(-1, raw.shape[-1]) if raw.ndim > 1 else raw.reshape(1, -1)
-            scheds = self._per_index(np.array([bytes(r).rstrip(b"\0") for r in raw], dtype=object), len(index),
-                                     "scheduler")
+            texts = []
+            for row in raw:
+                try:
+                    texts.append(bytes(row).rstrip(b"\0").decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise RequestError(f"scheduler is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            scheds = self._per_index(np.array(texts, dtype=object), len(index), "scheduler")
         plans = []
         for k in range(len(index)):
             st = self.default_steps if steps is None else self.check_steps(int(steps[k]))
-            sc = None if scheds is None else scheds[k].decode("utf-8", errors="replace")
+            sc = None if scheds is None else scheds[k]
             plans.append(self.plan(sc or None, st))
         return seed.astype(np.uint64), index.astype(np.int64), plans
 
@@ -149,27 +161,31 @@ class ServedModel:
         images = {r: np.empty((len(p[1]), *self.out_shape), dtype=np.uint8) for r, p in parsed.items()}
         failed: dict[int, RequestError] = {}
         loop = self.loop()
+        loop.clear()  # a batch owns every slot while it runs: nothing survives from an earlier call
         where: dict[int, tuple[int, int]] = {}  # slot -> (request, position)
         pending.reverse()
         while pending or where:
-            free = [s for s in range(loop.capacity) if s not in where]
-            while pending and free:
-                r, k, seed, idx, plan = pending.pop()
-                if r in failed:
-                    continue
-                slot = free.pop(0)
-                loop.admit([slot], plan, seed, [idx])
-                where[slot] = (r, k)
             try:
-                done = loop.step()
-                for slot in done:
+                free = [s for s in range(loop.capacity) if s not in where]
+                while pending and free:
+                    r, k, seed, idx, plan = pending.pop()
+                    if r in failed:
+                        continue
+                    slot = free.pop(0)
+                    where[slot] = (r, k)
+                    loop.admit([slot], plan, seed, [idx])
+                for slot in loop.step():
                     r, k = where.pop(slot)
                     images[r][k] = to_uint8(loop.take([slot]), self.card.data.value_range)[0]
-            except DDPMError as e:  # a non-finite step: every image in flight fails with it
+            except Exception as e:  # noqa: BLE001 - a non-finite step, a backend error: the images in flight fail
+                why = str(e) if isinstance(e, DDPMError) else f"{type(e).__name__}: {e}"
+                log.warning("sampling failed for %d image(s) in flight: %s", len(where), why)
                 for r, _ in where.values():
-                    failed[r] = RequestError(str(e))
+                    failed[r] = RequestError(why)
                 loop.clear()
                 where.clear()
+        if loop.plans_held() > MAX_PLANS:
+            loop.forget_plans()  # every slot is free here: the loop's plan table starts anew
         for r in parsed:
             results[r] = failed.get(r, images[r])
         return results  # type: ignore[return-value]
@@ -186,9 +202,10 @@ class ServedModel:
         self.runner.close()
 
 
-def parse_scheduler(text: str | None) -> tuple[object, dict]:
+def parse_scheduler(text: str | None, default: str | None = None) -> tuple[object, dict]:
     """(scheduler source for ``plan_for``, options) of a request's scheduler text: a name, a diffusers scheduler
-    config as JSON, or {"scheduler": NAME, "options": {...}}; RequestError if malformed."""
+    config as JSON, or {"scheduler": NAME, "options": {...}} (no NAME: ``default``, the repository's scheduler name);
+    RequestError if malformed."""
     import json
 
     if not isinstance(text, str) or not text.lstrip().startswith("{"):
@@ -198,9 +215,11 @@ def parse_scheduler(text: str | None) -> tuple[object, dict]:
     except json.JSONDecodeError as e:
         raise RequestError(f"scheduler is not valid JSON ({e})") from None
     if isinstance(source, dict) and "_class_name" in source:
+        if not isinstance(source["_class_name"], str):
+            raise RequestError(f"scheduler JSON: _class_name must be a string, found {source['_class_name']!r}")
         return source, {}
     if not isinstance(source, dict) or set(source) - {"scheduler", "options"} or \
-            not isinstance(source.get("options", {}), dict):
+            not isinstance(source.get("options", {}), dict) or not isinstance(source.get("scheduler", ""), str):
         raise RequestError('scheduler JSON must be a diffusers scheduler config (with _class_name) or '
                            '{"scheduler": NAME, "options": {...}}')
-    return source.get("scheduler"), dict(source.get("options", {}))
+    return source.get("scheduler", default), dict(source.get("options", {}))

@@ -135,7 +135,7 @@ def write_repository(model: str | os.PathLike, repo: str | os.PathLike, settings
         from .handler import parse_scheduler
 
         source, options = parse_scheduler(settings.default_scheduler)
-        plan_for(card.diffusion, source, settings.default_steps, **options)  # refuses a bad default now
+        plan_for(card.diffusion, source, settings.default_steps, allow_files=False, **options)  # refused now
     folder = repo / MODEL_NAME
     tmp = repo / f".{MODEL_NAME}.{os.getpid()}.tmp"
     try:

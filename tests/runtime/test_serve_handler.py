@@ -39,3 +39,72 @@ def test_a_mixed_batch_gives_each_request_its_own_images(random_micro_onnx):
 def test_a_missing_artifact_is_an_artifact_error(tmp_path):
     with pytest.raises(ArtifactError, match="not in the repository"):
         ServedModel(tmp_path / "model.onnx")
+
+
+def _sched(text: str) -> np.ndarray:
+    from ddpm_deploy.runtime.serve.client import encode_scheduler
+
+    return encode_scheduler(text)[None]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("x.json", "unknown scheduler 'x.json'"),  # a request never reads a file on the server
+    ("/etc/hostname", "unknown scheduler '/etc/hostname'"),
+    ('{"_class_name": ["x"]}', "_class_name must be a string"),
+    ('{"_class_name": "DDPMScheduler", "variance_type": [1]}', "variance_type [1] is not supported"),
+    ('{"scheduler": "ddim", "options": {"eta": 0.5, "order": 2}}', "DDIMScheduler does not take order"),
+    ("{not json", "scheduler is not valid JSON"),
+])
+def test_a_bad_scheduler_fails_its_own_request_only(random_micro_onnx, text, message):
+    model = ServedModel(random_micro_onnx, threads=1, max_batch=2, default_steps=4)
+    bad = _req(1, 0)
+    bad.scheduler = _sched(text)
+    good = _req(1, 1)
+    good.scheduler = _sched("ddim")
+    try:
+        out = model.infer([bad, good])
+    finally:
+        model.close()
+
+    assert isinstance(out[0], RequestError) and message in str(out[0]), out[0]
+    with Sampler.from_onnx(random_micro_onnx, threads=1) as s:
+        np.testing.assert_array_equal(out[1], s(1, seed=1, start_index=1, steps=4, scheduler="ddim"))
+
+
+def test_a_backend_error_in_flight_fails_those_requests_and_the_next_batch_is_served(random_micro_onnx):
+    """An exception out of the runner mid-loop (not a DDPMError) fails the images in flight; the loop is cleared, so
+    the next call is served (before, the slots stayed occupied and every later request failed)."""
+    model = ServedModel(random_micro_onnx, threads=1, max_batch=2, default_steps=5)
+    real, calls = model.runner.eps, {"n": 0}
+
+    def flaky(x, t):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("ONNX Runtime: simulated failure")
+        return real(x, t)
+
+    try:
+        model.runner.eps = flaky
+        first = model.infer([_req(1, 0), _req(2, 0)])
+        model.runner.eps = real
+        second = model.infer([_req(1, 0)])
+    finally:
+        model.close()
+
+    assert all(isinstance(r, RequestError) and "simulated failure" in str(r) for r in first)
+    with Sampler.from_onnx(random_micro_onnx, threads=1) as s:
+        np.testing.assert_array_equal(second[0], s(1, seed=1, steps=5))
+
+
+def test_the_plan_cache_and_the_loop_table_stay_bounded(random_micro_onnx):
+    from ddpm_deploy.runtime.serve.handler import MAX_PLANS
+
+    model = ServedModel(random_micro_onnx, threads=1, max_batch=2, default_steps=2)
+    try:
+        for k in range(MAX_PLANS + 5):
+            r = _req(1, 0)
+            r.scheduler = _sched('{"scheduler": "ddim", "options": {"eta": %s}}' % (k / 1000))
+            assert not isinstance(model.infer([r])[0], RequestError)
+        assert len(model._plans) <= MAX_PLANS and model.loop().plans_held() <= MAX_PLANS + 1
+    finally:
+        model.close()

@@ -141,3 +141,22 @@ def test_fid_runs_with_torch_blocked(fid_extractor, sets, tmp_path):
     assert r.returncode == 0, r.stderr
     assert FidReport.load(tmp_path / "fid.json").samples["count"] == 24
     assert "exit 2" in r.stdout and "error: " in r.stderr and "ddpm-deploy[quality]" in r.stderr
+
+
+def test_fid_compare_of_two_schedulers_on_one_model(fid_extractor, micro_onnx, tmp_path):
+    """1000-step-style DDPM (here 10 steps) vs DPM-Solver++ at 5 calls on the same model and seeds; a candidate
+    option its scheduler does not take is refused before anything is sampled."""
+    common = ["--num", 8, "--sample-batch", 8, "--extractor", fid_extractor, *KID]
+    ok = run("fid-compare", "--onnx", micro_onnx, "--steps", 10, "--against-scheduler", "dpmsolver++",
+             "--against-steps", 5, "--out", tmp_path / "cmp", *common)
+    bad = run("fid-compare", "--onnx", micro_onnx, "--scheduler", "ddim", "--option", "eta=0.5",
+              "--against-scheduler", "unipc", "--against-option", "eta=0.5", "--out", tmp_path / "bad", *common)
+
+    assert ok.exit_code == 0, ok.output
+    rep = FidReport.load(tmp_path / "cmp" / "fid.json")
+    ref, cand = rep.paired["speed"]["reference"], rep.paired["speed"]["samples"]
+    assert ref["scheduler"]["scheduler"] == "DDPMScheduler" and ref["steps"] == 10
+    assert cand["scheduler"]["scheduler"] == "DPMSolverMultistepScheduler" and cand["steps"] == 5
+    assert rep.paired["identical_images"] < 8  # other samplers, other images (from the same x_T)
+    assert bad.exit_code == 2 and "--option eta is not an option of UniPCMultistepScheduler" in bad.output
+    assert not (tmp_path / "bad" / "reference").exists()

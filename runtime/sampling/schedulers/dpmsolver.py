@@ -41,9 +41,18 @@ class DPMSolverConfig(SchedulerConfig):
     steps_offset: int = 0
 
     def __post_init__(self):
+        if self.lambda_min_clipped is None:  # how options() writes −∞ (JSON has no infinity)
+            object.__setattr__(self, "lambda_min_clipped", -float("inf"))
         super().__post_init__()
         if self.use_karras_sigmas and self.use_lu_lambdas:
             raise ConfigError(f"{self.NAME}: use_karras_sigmas and use_lu_lambdas exclude each other")
+
+    def options(self) -> dict:
+        """As run.json records them: −∞ (diffusers' lambda_min_clipped default) as null, valid JSON everywhere."""
+        out = super().options()
+        if out["lambda_min_clipped"] == -float("inf"):
+            out["lambda_min_clipped"] = None
+        return out
 
     def sigmas(self, diffusion: DiffusionConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(timesteps int64 [n], noise levels σ float64 [n + 1] with the final σ last): diffusers' set_timesteps."""

@@ -60,6 +60,7 @@ def test_a_diffusers_scheduler_config_file_is_read_as_is(micro_onnx, tmp_path):
     (["--scheduler", "unipc", "--option", "thresholding=true"], "--option thresholding is not an option of"),
     (["--scheduler", "dpmsolver++", "--option", "nonsense"], "--option must be KEY=VALUE"),
     (["--scheduler", "ddim", "--variance-type", "fixed_large"], "--variance-type is an option of the ddpm scheduler"),
+    (["--scheduler", "unipc", "--no-clip"], "--clip/--no-clip is not an option of UniPCMultistepScheduler"),
     (["--scheduler", "ddim", "--eta", "2"], r"eta must be in \[0.0, 1.0\]"),
     (["--scheduler-config", "/nonexistent/scheduler_config.json"], "scheduler config not found"),
 ])
