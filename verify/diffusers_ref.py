@@ -126,6 +126,8 @@ def diffusers_scheduler(plan, cfg: DiffusionConfig):
         step_kw["eta"] = opts.pop("eta")
     if "disable_corrector" in opts:
         opts["disable_corrector"] = list(opts["disable_corrector"])
+    if opts.get("lambda_min_clipped", 0) is None:  # run.json's null: −∞, diffusers' default
+        opts["lambda_min_clipped"] = -float("inf")
     cls = getattr(diffusers, plan.scheduler)
     s = cls(num_train_timesteps=cfg.num_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
             beta_schedule={v: k for k, v in BETA_SCHEDULES.items()}[cfg.schedule], **opts)
