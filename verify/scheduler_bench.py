@@ -175,10 +175,17 @@ def plot(result: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    import re
+
     families = {}
     for r in result["rows"]:
-        fam = r["label"].rsplit(" ", 1)[0]
+        fam = re.sub(r" \d+(?= |$)", "", r["label"])  # the label without its ε-call count
         families.setdefault(fam, []).append(r)
+    ref = next((r for r in result["rows"] if r["label"] == "DDPM 1000"), None)
+    if ref is not None:  # the 1000-step ancestral row as the target band
+        a.axhline(ref["fid"], color="grey", ls="--", lw=1, label="DDPM 1000")
+        b.axhspan(ref["kid_mean"] - ref["kid_std"], ref["kid_mean"] + ref["kid_std"], color="grey", alpha=0.2,
+                  label="DDPM 1000 KID ± std")
     for fam, rs in sorted(families.items()):
         rs = sorted(rs, key=lambda r: r["eps_calls"])
         x = [r["eps_calls"] for r in rs]
