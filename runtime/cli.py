@@ -394,16 +394,20 @@ def info(onnx_path, engine):
 def merge(out, shards, overwrite):
     """Merge shard folders of `ddpm-run sample --shard I/N` into OUT: samples.npz ordered by index (keys images,
     indices, and arr_0 for FID evaluators), grid.png and run.json listing the shards. Refuses overlapping or
-    missing indices, unfinished shards and shards of different jobs; an OUT that holds samples unless --overwrite."""
+    missing indices, unfinished or damaged shards and shards of different jobs (seed, model, precision, steps,
+    scheduler, image shape, shard layout), all checked before anything is written; an OUT that holds samples unless
+    --overwrite (which replaces only those three files). A merged folder can be merged again with more shards, and
+    is read by `ddpm-run fid` like any sample dir."""
     from .shard import merge as merge_shards
 
     for d in shards:
         if d.resolve() == out.resolve():
             raise ConfigError(f"OUT {out} is also one of the shards; merge into another folder")
-    held = [n for n in ("samples.npz", "run.json", "grid.png") if (out / n).exists()]
-    if held and not overwrite:
-        raise ConfigError(f"{out} already holds {', '.join(held)}; replace them with --overwrite or choose another OUT")
-    info = merge_shards(out, shards)
+    from .outputs import Outputs
+
+    Outputs("ddpm-run merge", [out / n for n in ("samples.npz", "grid.png", "run.json")], overwrite,
+            hint="choose another OUT").claim()  # before any shard is read
+    info = merge_shards(out, shards, overwrite=overwrite)
     click.echo(f"merged {len(info.shards)} shards: {info.num} images, indices {info.first_index}-"
                f"{info.first_index + info.num - 1} -> {out}/samples.npz, grid.png, run.json")
 

@@ -306,6 +306,49 @@ class MergeInfo(Artifact):
     sampling_seconds: float              # sum over the shards
     scheduler: dict[str, Any] | None = None  # the shards' StepPlan.describe() (None: DDPM ancestral, older shards)
 
+    # what a reader of samples asks of any sampling record (RunInfo has these as fields)
+    status: ClassVar[str] = "complete"
+    complete: ClassVar[bool] = True
+
+    def done_count(self) -> int:
+        return self.num
+
+    @property
+    def start_index(self) -> int:
+        return self.first_index
+
+    @property
+    def backend(self) -> str:
+        return ",".join(dict.fromkeys(str(s.get("backend")) for s in self.shards))
+
+    @property
+    def total_seconds(self) -> float:
+        return float(self.sampling_seconds)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.num / self.sampling_seconds if self.sampling_seconds > 0 else float("nan")
+
+
+def load_samples_record(path: str | os.PathLike) -> "RunInfo | MergeInfo":
+    """The run.json beside a samples.npz, whichever command wrote it: ``ddpm-run sample``/``request``
+    (:class:`RunInfo`) or ``ddpm-run merge`` (:class:`MergeInfo`). Every reader of samples goes through here, so
+    every kind of samples we write is read."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ArtifactError(f"expected the sampling record {p}, found no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{p}: cannot read the sampling record ({e}); sample or merge again") from None
+    schema = d.get("schema") if isinstance(d, dict) else None
+    if schema == MergeInfo.SCHEMA:
+        return MergeInfo.from_dict(d, str(p))
+    if schema == RunInfo.SCHEMA:
+        return RunInfo.from_dict(d, str(p))
+    raise ArtifactError(f"{p}: expected a sampling record (schema {RunInfo.SCHEMA!r} of ddpm-run sample or "
+                        f"{MergeInfo.SCHEMA!r} of ddpm-run merge), found schema {schema!r}")
+
 
 @dataclass(kw_only=True)
 class ExportReport(Artifact):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import RunInfo
+from .contract import MergeInfo, RunInfo, load_samples_record
 from .errors import ArtifactError, DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -24,7 +24,7 @@ SAMPLES_FILE = "samples.npz"
 class ImageSet:
     images: np.ndarray            # uint8 [N, H, W, C]
     source: str                   # what was read (path)
-    run: RunInfo | None = None    # run.json beside samples.npz, if any
+    run: RunInfo | MergeInfo | None = None  # run.json beside samples.npz (sample, request or merge), if any
     indices: np.ndarray | None = None  # the samples' global indices (samples.npz), if any
 
     def __len__(self) -> int:
@@ -69,7 +69,7 @@ def _read_npz(f: Path) -> ImageSet:
         raise DataError(f"{f}: 'images' must be uint8 [N, H, W, C] with N > 0 and C 1 or 3, found {images.dtype} "
                         f"{list(images.shape)}")
     run_json = f.parent / "run.json"
-    run = RunInfo.load(run_json) if run_json.is_file() else None
+    run = load_samples_record(run_json) if run_json.is_file() else None
     if run is not None and not run.complete:
         raise ArtifactError(f"{f}: an unfinished sampling job ({run.done_count()} of {run.num} images, {run.status}; "
                             f"run.json); finish it with `ddpm-run sample ... --resume --out {f.parent}` first")

@@ -181,7 +181,12 @@ def _probe_writable(out: Path) -> None:
 def save_grid(out_dir: str | os.PathLike, images: np.ndarray) -> None:
     """grid.png of the first 64 images [N, H, W, C] uint8."""
     if len(images):
-        save_png(Path(out_dir) / "grid.png", make_grid(images[:GRID_MAX]), scale=grid_scale(images.shape[1]))
+        save_grid_file(Path(out_dir) / "grid.png", images)
+
+
+def save_grid_file(path: str | os.PathLike, images: np.ndarray) -> None:
+    """The grid of the first 64 images [N, H, W, C] uint8 as a PNG at ``path``."""
+    save_png(Path(path), make_grid(images[:GRID_MAX]), scale=grid_scale(images.shape[1]))
 
 
 # --- index ranges ------------------------------------------------------------------------------------------------

@@ -81,22 +81,55 @@ def device_id_from(option: int | None, env: Mapping[str, str] = os.environ) -> i
     return _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
 
 
-def _load_shard(d: Path) -> tuple[RunInfo, np.ndarray, np.ndarray]:
-    info = RunInfo.load(d / "run.json")
+@dataclass
+class _Input:
+    """One folder given to merge: its record (a shard's RunInfo, or a MergeInfo of an earlier merge), its images and
+    indices, and the (shard, start_index, num) of every shard it holds."""
+    dir: Path
+    info: "RunInfo | MergeInfo"
+    images: np.ndarray
+    indices: np.ndarray
+    parts: list[tuple[dict | None, int, int]]
+
+
+def _load_shard(d: Path) -> _Input:
+    import zipfile
+
+    from .contract import load_samples_record
+
+    if not (d / "run.json").is_file():
+        raise ArtifactError(f"{d}: no run.json; expected the folder of a finished `ddpm-run sample` (or an earlier "
+                            f"merge)")
+    info = load_samples_record(d / "run.json")
     if not info.complete:
         raise ArtifactError(f"{d}: an unfinished shard ({info.done_count()} of {info.num} images, {info.status}); "
                             f"finish it with `ddpm-run sample ... --resume` (the same command plus --resume) first")
     try:
-        with np.load(d / "samples.npz") as z:
+        with np.load(d / "samples.npz", allow_pickle=False) as z:
             images, indices = z["images"], z["indices"]
     except FileNotFoundError:
         raise ArtifactError(f"{d}: no samples.npz; is this a finished `ddpm-run sample` output?") from None
-    except (OSError, KeyError, ValueError) as e:
-        raise ArtifactError(f"{d}/samples.npz: unreadable or without images/indices ({e})") from None
+    except (OSError, KeyError, ValueError, EOFError, TypeError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+        raise ArtifactError(f"{d}/samples.npz: unreadable or without images/indices ({type(e).__name__}: {e}); "
+                            f"sample this shard again") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ArtifactError(f"{d}/samples.npz: images must be uint8 [N, H, W, C] with C 1 or 3 (as ddpm-run sample "
+                            f"writes), found {images.dtype} {list(images.shape)}; sample this shard again")
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+        raise ArtifactError(f"{d}/samples.npz: indices must be integers [N], found {indices.dtype} "
+                            f"{list(indices.shape)}; sample this shard again")
     if len(images) != len(indices) or len(indices) != info.num:
         raise ArtifactError(f"{d}: run.json says {info.num} images, samples.npz holds {len(images)} images and "
                             f"{len(indices)} indices; sample this shard again")
-    return info, images, indices
+    expect = np.arange(info.start_index, info.start_index + info.num)
+    if not np.array_equal(np.sort(indices), expect) or len(np.unique(indices)) != len(indices):
+        raise ArtifactError(f"{d}: samples.npz holds indices {_ranges(indices.tolist())}, but run.json says "
+                            f"{info.start_index}-{info.start_index + info.num - 1}; sample this shard again")
+    if isinstance(info, MergeInfo):
+        parts = [(s.get("shard"), int(s.get("start_index", 0)), int(s.get("num", 0))) for s in info.shards]
+    else:
+        parts = [(info.shard, info.start_index, info.num)]
+    return _Input(d, info, images, indices, parts)
 
 
 def _ranges(values: Sequence[int], limit: int = 8) -> str:
@@ -111,11 +144,12 @@ def _ranges(values: Sequence[int], limit: int = 8) -> str:
     return ", ".join(spans[:limit]) + (f" (+{len(spans) - limit} more ranges)" if len(spans) > limit else "")
 
 
-def merge(out: str | os.PathLike, shard_dirs: Sequence[str | os.PathLike]) -> MergeInfo:
+def merge(out: str | os.PathLike, shard_dirs: Sequence[str | os.PathLike], overwrite: bool = False) -> MergeInfo:
     """Merge shard folders into OUT/samples.npz (``images``, ``indices`` and ``arr_0``, ordered by index),
     OUT/grid.png and OUT/run.json (a MergeInfo listing the shards). Refuses mixed seeds, models, step counts,
     overlapping indices and missing ones (gaps, or shards of an I/N job that are not given), naming them."""
-    from .output import save_grid, write_npz
+    from .output import save_grid_file, write_npz
+    from .outputs import Outputs
 
     dirs = [Path(d) for d in shard_dirs]
     if not dirs:
@@ -125,10 +159,12 @@ def merge(out: str | os.PathLike, shard_dirs: Sequence[str | os.PathLike]) -> Me
         if d.resolve() in seen:
             raise ConfigError(f"{d} is given twice; give each shard folder once")
         seen.add(d.resolve())
-    loaded = [(d, *_load_shard(d)) for d in dirs]
-    d0, ref = loaded[0][0], loaded[0][1]
-    for d, info, _, _ in loaded[1:]:
-        for key in ("seed", "steps", "model_sha256", "diffusion", "scheduler"):
+    loaded = [_load_shard(d) for d in dirs]
+    first = loaded[0]
+    d0, ref = first.dir, first.info
+    for inp in loaded[1:]:
+        d, info = inp.dir, inp.info
+        for key in ("seed", "steps", "num_timesteps", "model_sha256", "precision", "diffusion", "scheduler"):
             mine, theirs = getattr(info, key), getattr(ref, key)
             if key == "scheduler" and None in (mine, theirs):  # a run.json before v4: DDPM, linspace respacing
                 from .output import is_legacy_ddpm
@@ -138,30 +174,51 @@ def merge(out: str | os.PathLike, shard_dirs: Sequence[str | os.PathLike]) -> Me
             if mine != theirs:
                 raise ArtifactError(f"{d}: {key} {getattr(info, key)!r} differs from {d0}'s {getattr(ref, key)!r}; "
                                     f"merge only shards of one job")
+        if inp.images.shape[1:] != first.images.shape[1:]:
+            raise ArtifactError(f"{d}: images of shape {list(inp.images.shape[1:])} (H, W, C), but {d0}'s are "
+                                f"{list(first.images.shape[1:])}; merge only shards of one job")
     owner: dict[int, Path] = {}
     overlaps: dict[tuple[Path, Path], list[int]] = {}
-    for d, _, _, idx in loaded:
-        for i in idx.tolist():
+    for inp in loaded:
+        for i in inp.indices.tolist():
             if i in owner:
-                overlaps.setdefault((owner[i], d), []).append(i)
+                overlaps.setdefault((owner[i], inp.dir), []).append(i)
             else:
-                owner[i] = d
+                owner[i] = inp.dir
     if overlaps:
         (a, b), which = next(iter(overlaps.items()))
         raise ArtifactError(f"overlapping indices: {a} and {b} both hold {_ranges(which)}"
                             + (f" (and {len(overlaps) - 1} more pairs of shards overlap)" if len(overlaps) > 1 else "")
                             + "; merge each index once")
-    counts = {info.shard["count"] for _, info, _, _ in loaded if info.shard}
-    if len(counts) > 1:
-        raise ArtifactError(f"shards of different jobs: shard counts {sorted(counts)}")
-    if counts:
-        n = counts.pop()
-        sharded = [info for _, info, _, _ in loaded if info.shard]
-        absent = sorted(set(range(n)) - {info.shard["index"] for info in sharded})
+    sharded = [(inp.dir, sh, start, num) for inp in loaded for sh, start, num in inp.parts if sh]
+    jobs = {(sh["count"], sh["num_total"]) for _, sh, _, _ in sharded}
+    if len(jobs) > 1:
+        raise ArtifactError("shards of different jobs: " + ", ".join(f"{n} shards of {t} images"
+                                                                   for n, t in sorted(jobs)) + "; merge one job")
+    if sharded:
+        n, total = jobs.pop()
+        seen_shards: dict[int, Path] = {}
+        for d, sh, _, _ in sharded:
+            if sh["index"] in seen_shards:
+                raise ArtifactError(f"{seen_shards[sh['index']]} and {d} are both shard {sh['index']}/{n} by their "
+                                    f"run.json; merge each shard once (one of them belongs to another job)")
+            seen_shards[sh["index"]] = d
+        starts = {}
+        for d, sh, start, num in sharded:  # each shard holds exactly its slice of one I/N job
+            job_start = start - Shard(sh["index"], n).range(total)[0]
+            lo, hi = Shard(sh["index"], n).range(total, job_start)
+            if (start, num) != (lo, hi - lo):
+                raise ArtifactError(f"{d}: shard {sh['index']}/{n} holds indices {start}-{start + num - 1}, but "
+                                    f"shard {sh['index']}/{n} of a {total}-image job holds {hi - lo} images; "
+                                    f"its run.json was not written by ddpm-run sample --shard")
+            starts.setdefault(job_start, d)
+        if len(starts) > 1:
+            (s1, a), (s2, b) = list(starts.items())[:2]
+            raise ArtifactError(f"shards of different jobs: {a} belongs to a job starting at index {s1}, {b} to one "
+                                f"starting at {s2} (--start-index); merge one job")
+        job_start = next(iter(starts))
+        absent = sorted(set(range(n)) - {sh["index"] for _, sh, _, _ in sharded})
         if absent:
-            info = sharded[0]
-            total = info.shard["num_total"]
-            job_start = info.start_index - Shard(info.shard["index"], n).range(total)[0]
             where = "; ".join(f"shard {a}/{n} holds indices {lo}-{hi - 1}"
                               for a in absent[:4] for lo, hi in [Shard(a, n).range(total, job_start)])
             raise ArtifactError(f"missing shards {', '.join(f'{a}/{n}' for a in absent)} ({where}); sample them, "
@@ -171,20 +228,28 @@ def merge(out: str | os.PathLike, shard_dirs: Sequence[str | os.PathLike]) -> Me
     if gaps:
         raise ArtifactError(f"missing indices {_ranges(gaps)} between {lo} and {hi}; sample the shard that holds "
                             f"them, then merge again")
-    indices = np.concatenate([idx for _, _, _, idx in loaded])
-    images = np.concatenate([img for _, _, img, _ in loaded])
+    indices = np.concatenate([inp.indices for inp in loaded])
+    images = np.concatenate([inp.images for inp in loaded])
     order = np.argsort(indices, kind="stable")
     images, indices = images[order], indices[order]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_npz(out / "samples.npz", {"images": images, "indices": indices, "arr_0": images})
-    save_grid(out, images)
+    shard_list = []
+    for inp in loaded:
+        if isinstance(inp.info, MergeInfo):
+            shard_list.extend(inp.info.shards)
+        else:
+            info = inp.info
+            shard_list.append({"dir": str(inp.dir), "shard": info.shard, "start_index": info.start_index,
+                               "num": info.num, "backend": info.backend, "total_seconds": info.total_seconds,
+                               "run_json_sha256": sha256_file(inp.dir / "run.json")})
     merged = MergeInfo(
         seed=ref.seed, num=len(indices), first_index=int(lo), steps=ref.steps, num_timesteps=ref.num_timesteps,
         precision=ref.precision, diffusion=ref.diffusion, model_sha256=ref.model_sha256, scheduler=ref.scheduler,
-        shards=[{"dir": str(d), "shard": info.shard, "start_index": info.start_index, "num": info.num,
-                 "backend": info.backend, "total_seconds": info.total_seconds,
-                 "run_json_sha256": sha256_file(d / "run.json")} for d, info, _, _ in loaded],
-        sampling_seconds=float(sum(info.total_seconds for _, info, _, _ in loaded)))
-    merged.save(out / "run.json")
+        shards=shard_list, sampling_seconds=float(sum(inp.info.total_seconds for inp in loaded)))
+    names = ("samples.npz", "grid.png", "run.json")
+    with Outputs("ddpm-run merge", [out / n for n in names], overwrite=overwrite) as w:
+        write_npz(w.stage(out / "samples.npz"), {"images": images, "indices": indices, "arr_0": images})
+        grid = w.stage(out / "grid.png")
+        save_grid_file(grid, images)
+        merged.save(w.stage(out / "run.json"))
     return merged

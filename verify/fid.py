@@ -112,8 +112,9 @@ def _run_summary(images: ImageSet) -> dict[str, Any] | None:
     r = images.run
     if r is None:
         return None
-    return {"backend": r.backend, "runner": r.runner, "precision": r.precision, "loop": r.loop, "seed": r.seed,
-            "start_index": r.start_index, "steps": r.steps, "scheduler": r.scheduler, "model": r.model, "model_sha256": r.model_sha256,
+    return {"backend": r.backend, "runner": getattr(r, "runner", None), "precision": r.precision,
+            "loop": getattr(r, "loop", None), "seed": r.seed, "merged_shards": len(getattr(r, "shards", [])) or None,
+            "start_index": r.start_index, "steps": r.steps, "scheduler": r.scheduler, "model": getattr(r, "model", None), "model_sha256": r.model_sha256,
             "images_per_second": r.images_per_second, "total_seconds": r.total_seconds}
 
 

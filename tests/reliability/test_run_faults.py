@@ -139,3 +139,124 @@ def test_fid_on_an_unfinished_job_is_refused(model, tmp_path):
     before = snapshot(out)
     assert_user_error(invoke("ddpm-run", "fid", out, "--ref", out), "unfinished", "--resume")
     assert_kept(before, out)
+
+
+# --- merge trusts nothing: each shard is checked against the others before anything is written -----------------------
+
+def _damage(shards: Path, tmp_path: Path, how: str) -> tuple[Path, Path]:
+    """Copies of the two shards with shard 1 damaged ``how``; returns the two folders."""
+    a, b = tmp_path / "s0", tmp_path / "s1"
+    shutil.copytree(shards / "shard-0-of-2", a)
+    shutil.copytree(shards / "shard-1-of-2", b)
+    npz, rj = b / "samples.npz", b / "run.json"
+    with np.load(npz) as z:
+        images, indices = z["images"], z["indices"]
+    info = json.loads(rj.read_text())
+    if how == "truncated-npz":
+        npz.write_bytes(npz.read_bytes()[:100])
+    elif how == "empty-npz":
+        npz.write_bytes(b"")
+    elif how == "float-images":
+        np.savez(npz, images=images.astype(np.float32), indices=indices)
+    elif how == "other-shape":
+        np.savez(npz, images=np.zeros((len(images), 4, 4, images.shape[-1]), np.uint8), indices=indices)
+    elif how == "rgb-vs-gray":
+        np.savez(npz, images=np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images[..., :1],
+                 indices=indices)
+    elif how == "indices-not-run-json":
+        np.savez(npz, images=images, indices=indices + 100)
+    elif how == "duplicate-indices":
+        np.savez(npz, images=images, indices=np.full_like(indices, indices[0]))
+    elif how == "float-indices":
+        np.savez(npz, images=images, indices=indices.astype(np.float64))
+    elif how == "no-indices":
+        np.savez(npz, images=images)
+    elif how == "fewer-images":
+        np.savez(npz, images=images[:1], indices=indices[:1])
+    elif how == "other-seed":
+        info["seed"] += 1
+    elif how == "other-model":
+        info["model_sha256"] = "0" * 64
+    elif how == "other-steps":
+        info["steps"] += 1
+    elif how == "other-precision":
+        info["precision"] = "fp16"
+    elif how == "other-scheduler":
+        info["scheduler"] = {**(info["scheduler"] or {}), "name": "ddim"}
+    elif how == "other-diffusion":
+        info["diffusion"] = {**info["diffusion"], "beta_end": 0.03}
+    elif how == "other-job-size":  # shard 1/2 of a 6-image job
+        info["shard"] = {**info["shard"], "num_total": 6}
+    elif how == "shard-slice-wrong":  # run.json claims shard 1/2 but holds another slice
+        info["shard"] = {**info["shard"], "index": 0}
+    elif how == "other-shard-count":
+        info["shard"] = {**info["shard"], "count": 3}
+    elif how == "unfinished":
+        info["status"], info["done"] = "interrupted", [[info["start_index"], info["start_index"]]]
+    elif how == "no-run-json":
+        rj.unlink()
+    elif how == "run-json-not-json":
+        rj.write_text("{")
+    elif how == "run-json-fid-report":
+        rj.write_text(json.dumps({"schema": "ddpm-deploy/fid", "schema_version": 1}))
+    elif how == "no-samples-npz":
+        npz.unlink()
+    else:
+        raise ValueError(how)
+    if how.startswith(("other-", "shard-", "unfinished")):
+        rj.write_text(json.dumps(info))
+    return a, b
+
+
+MERGE_DAMAGE = {
+    "truncated-npz": "samples.npz", "empty-npz": "samples.npz", "float-images": "uint8", "other-shape": "shape",
+    "rgb-vs-gray": "shape", "indices-not-run-json": "indices", "duplicate-indices": "indices",
+    "float-indices": "indices", "no-indices": "samples.npz", "fewer-images": "images", "other-seed": "seed",
+    "other-model": "model_sha256", "other-steps": "steps", "other-precision": "precision",
+    "other-scheduler": "scheduler", "other-diffusion": "diffusion", "other-job-size": "different jobs",
+    "shard-slice-wrong": "shard 0/2", "other-shard-count": "different jobs", "unfinished": "unfinished",
+    "no-run-json": "run.json", "run-json-not-json": "run.json", "run-json-fid-report": "schema",
+    "no-samples-npz": "samples.npz",
+}
+
+
+@pytest.mark.parametrize("how", sorted(MERGE_DAMAGE))
+def test_merge_refuses_a_damaged_or_foreign_shard(shards, tmp_path, how):
+    a, b = _damage(shards, tmp_path, how)
+    out = tmp_path / "new" / "merged"
+    before = snapshot(a, b)
+    assert_user_error(invoke("ddpm-run", "merge", out, a, b), MERGE_DAMAGE[how])
+    assert_kept(before, a, b)
+    assert not (tmp_path / "new").exists(), "a refused merge left an output behind"
+
+
+def test_merge_onto_a_full_disk_leaves_nothing_half_made(shards, tmp_path):
+    """ENOSPC while writing run.json (the last file): no samples.npz without run.json, the OUT's files unchanged."""
+    from reliability.harness import disk_full
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    with disk_full(out, when=lambda p: "run.json" in p.name):
+        o = invoke("ddpm-run", "merge", out, shards / "shard-0-of-2", shards / "shard-1-of-2")
+    assert_user_error(o, "No space left")
+    assert_kept(before, out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_shard_merge_fid_workflow(shards, tmp_path, fid_extractor):
+    """The README's path to a big FID: shards → merge → fid, with the merged folder as SAMPLES, as --ref, and its
+    samples.npz alone; and a merged folder merged again with nothing new is the same job."""
+    out = tmp_path / "all"
+    assert_ok(invoke("ddpm-run", "merge", out, shards / "shard-0-of-2", shards / "shard-1-of-2"))
+    kid = ["--kid-subsets", 2, "--kid-subset-size", 2, "--extractor", fid_extractor]
+    pairs = ((out, shards / "shard-0-of-2"), (out / "samples.npz", out), (shards / "shard-1-of-2", out))
+    for i, (samples, ref) in enumerate(pairs):
+        assert_ok(invoke("ddpm-run", "fid", samples, "--ref", ref, "--out", tmp_path / f"fid-{i}", *kid))
+    rep = json.loads((tmp_path / "fid-0" / "fid.json").read_text())
+    assert rep["samples"]["count"] == 4 and rep["samples"]["run"]["merged_shards"] == 2
+    again = tmp_path / "again"
+    assert_ok(invoke("ddpm-run", "merge", again, out))  # a merged job is a complete job
+    with np.load(out / "samples.npz") as x, np.load(again / "samples.npz") as y:
+        assert np.array_equal(x["images"], y["images"]) and np.array_equal(x["indices"], y["indices"])
