@@ -179,13 +179,18 @@ class _ProgressBar:
 @click.option("--triton-instances", type=int, default=1, help="Triton model instances (instance_group count).")
 @click.option("--triton-max-batch", type=int, default=None,
               help="Dynamic batching's largest batch. Default: the plan's profile max, else 16.")
+@click.option("--overwrite", is_flag=True, help="Replace outputs that exist (model.onnx, export_report.json, the "
+              "precision models and reports, the plan and its sidecar, the Triton model folder). Without it an export "
+              "that would replace a file refuses before doing anything; with it only the files this export writes "
+              "are replaced, other files stay.")
 @click.option("--no-progress", is_flag=True, envvar="DDPM_NO_PROGRESS", show_envvar=True,
               help="No engine-build progress bar.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @clean_errors
 def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, calib_dataset, engine, engine_out, adopt_plan,
          trt_flavour, batch_min, batch_opt, batch_max, workspace_mb, opt_level, timing_cache, version_compatible, tf32,
-         compute_capability, triton_repo, triton_kind, triton_instances, triton_max_batch, no_progress, verbose):
+         compute_capability, triton_repo, triton_kind, triton_instances, triton_max_batch, overwrite, no_progress,
+         verbose):
     """Export a trained run to ONNX, and optionally to fp16 mixed precision and a TensorRT engine.
 
     \b
@@ -194,6 +199,7 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
       ddpm-export RUN_DIR --fp16 --engine  + model.plan, model.plan.json (TensorRT or TensorRT-RTX)
       ddpm-export --onnx model.onnx --engine [--engine-out m.plan]     on the serving machine: no torch needed
       ddpm-export --onnx model.onnx --adopt-plan m.plan --batch-max 256  sidecar for a plan built by trtexec
+      ddpm-export RUN_DIR --overwrite      export again over an earlier export (refused without it)
 
     RUN_DIR defaults to runs/latest (the last ddpm-train run). The ONNX model has inputs x float32
     [B,C,H,W] and t int32 [B], output eps float32 [B,C,H,W], a dynamic batch axis, and the DDPM config
@@ -211,8 +217,13 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
         if triton_repo is None:
             raise ConfigError(f"{run_dir} is a model file: give --triton-repo DIR to write a Triton repository for it, "
                               f"or --onnx {run_dir} for engine builds and precisions (RUN_DIR is a ddpm-train run)")
+        from ddpm_deploy.runtime.outputs import Outputs
+
+        Outputs("ddpm-export --triton-repo", [triton_repo / "ddpm"], overwrite, hint="choose another --triton-repo",
+                folders=[triton_repo / "ddpm"]).claim()
         _write_triton(Path(run_dir), triton_repo, triton_kind, triton_instances, triton_max_batch)
         return
+    precision_given = precision
     precision = precision or ("fp16" if fp16 else "fp32")
     if fp16 and precision not in ("fp16",):
         raise ConfigError(f"--fp16 and --precision {precision} disagree; give one of them")
@@ -227,9 +238,10 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
         if path is not None and _looks_like_run_dir(path):
             raise ConfigError(f"{flag} {path}: expected a plan file path, found a directory (a run dir?); plans are "
                               f"files such as {path / 'model.plan'}")
-    if adopt_plan is not None and (onnx_in is None or engine or precision != "fp32"):
-        raise ConfigError("--adopt-plan needs --onnx (the ONNX the plan was built from) and takes no --engine or "
-                          "--fp16/--precision: it writes the sidecar of an existing plan")
+    if adopt_plan is not None and (onnx_in is None or engine or fp16 or int8):
+        raise ConfigError("--adopt-plan needs --onnx (the ONNX the plan was built from) and takes no --engine, --fp16 "
+                          "or --int8: it writes the sidecar of an existing plan (--precision: what the plan was built "
+                          "as, e.g. fp16 for trtexec --fp16)")
     # every option is checked before any output exists
     if calib_dataset is not None:
         if precision == "fp32" and not int8:
@@ -278,13 +290,19 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
         from .onnx_io import check_ddpm_onnx
 
         check_ddpm_onnx(onnx_in)
+    from ddpm_deploy.runtime.outputs import Outputs
+    from ddpm_deploy.runtime.plan import sidecar_path
+
     if adopt_plan is not None:
         from .engine import adopt_plan as adopt
 
-        side = adopt(adopt_plan, onnx_in, settings)
+        with Outputs("ddpm-export --adopt-plan", [sidecar_path(adopt_plan)], overwrite) as w:
+            side = adopt(adopt_plan, onnx_in, settings, precision=precision_given, write=w.stage)
         click.echo(f"adopted {adopt_plan} ({side.trt['flavour']} {side.trt['version']}, {side.precision}, batch "
                    f"{batch_min}/{batch_opt}/{batch_max}; checked on a GPU: {side.build['verified_on_gpu'] or 'no'}); "
                    f"wrote {adopt_plan}.json")
+        for u in side.build.get("unchecked") or []:
+            click.echo(f"not checked here: {u}", err=True)
         return
     if onnx_in is not None:
         out = out or onnx_in.parent
@@ -297,11 +315,31 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
         out = out or (run_dir / "export")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: expected a folder, found a file")
+    Outputs("ddpm-export", _targets(out, onnx_in is None, precision, int8, settings is not None and (engine_out or
+                                    out / "model.plan")), overwrite, hint="choose another --out").claim()
+    if triton_repo is not None:
+        Outputs("ddpm-export --triton-repo", [triton_repo / "ddpm"], overwrite, hint="choose another --triton-repo",
+                folders=[triton_repo / "ddpm"]).claim()
     plan_dir = (engine_out or out / "model.plan").parent if settings is not None else None
     with output_guard(out, plan_dir, triton_repo):
         _export(run_dir, out, raw, from_diffusers, onnx_in, precision, int8, calib_dataset, settings, engine_out,
                 no_progress, triton_repo, triton_kind, triton_instances, triton_max_batch, batch_min, batch_opt,
                 batch_max)
+
+
+def _targets(out: Path, onnx: bool, precision: str, int8: bool, plan) -> list[Path]:
+    """Every file an export writes (refused if one exists, unless --overwrite)."""
+    from ddpm_deploy.runtime.plan import sidecar_path
+
+    paths = [out / "model.onnx", out / "export_report.json"] if onnx else []
+    if precision in ("fp16", "bf16"):
+        paths += [out / f"model.{precision}.onnx", out / ("precision.json" if precision == "fp16" else
+                                                         f"precision.{precision}.json")]
+    if int8:
+        paths += [out / "model.int8.xml", out / "model.int8.bin", out / "precision.int8.json"]
+    if plan:
+        paths += [Path(plan), sidecar_path(plan)]
+    return paths
 
 
 def _export(run_dir, out, raw, from_diffusers, onnx_in, precision, int8, calib_dataset, settings, engine_out,

@@ -381,23 +381,47 @@ PLAN_MAGIC = {b"ftrt": "tensorrt", b"vtrt": "rtx"}  # first 4 bytes of a seriali
 _HEADER_VERSION = slice(24, 27)  # major, minor, patch bytes (observed in TensorRT-RTX 1.7 plans; not documented)
 
 
+_HEADER_LENGTH = slice(16, 24)  # little-endian uint64: the whole plan's length in bytes (observed, as above)
+
+
 def plan_header(data: bytes) -> dict[str, Any]:
-    """What the first bytes of a plan say without TensorRT or a GPU: the flavour (by its magic) and, where the
-    layout is the one we observed, the major.minor.patch version of the TensorRT that built it."""
+    """What the first bytes of a plan say without TensorRT or a GPU: the flavour (by its magic), where the layout is
+    the one we observed, the major.minor.patch version of the TensorRT that built it and the plan's length in bytes
+    (``length``: None when the field is not there or not plausible, so the length cannot be checked)."""
     flavour = PLAN_MAGIC.get(bytes(data[:4]))
     if flavour is None:
         raise ArtifactError(f"expected a TensorRT plan (starting with 'ftrt' or 'vtrt'), found {bytes(data[:4])!r}")
     major, minor, patch = data[_HEADER_VERSION] if len(data) >= 27 else (0, 0, 0)
     version = f"{major}.{minor}.{patch}" if major else None
-    return {"flavour": flavour, "version": version}
+    length = int.from_bytes(data[_HEADER_LENGTH], "little") if len(data) >= 24 else 0
+    return {"flavour": flavour, "version": version, "length": length if 32 <= length < 1 << 40 else None}
+
+
+def check_plan_length(data: bytes, where) -> bool:
+    """ArtifactError if the plan's header states a length other than the file's (a truncated copy, or bytes
+    appended); False when the header states none (not checked), True when it matches."""
+    stated = plan_header(data)["length"]
+    if stated is None:
+        return False
+    if stated != len(data):
+        what = "truncated" if stated > len(data) else "followed by other bytes"
+        raise ArtifactError(f"{where}: the plan's header says {stated} bytes, the file has {len(data)}: it is {what} "
+                            f"(an interrupted copy or download?); copy it again or rebuild it")
+    return True
 
 
 def adopt_plan(plan_path: str | os.PathLike, onnx_path: str | os.PathLike,
-               settings: EngineSettings | None = None) -> PlanSidecar:
+               settings: EngineSettings | None = None, precision: str | None = None, write=None) -> PlanSidecar:
     """Write the sidecar of a plan built elsewhere from ``onnx_path`` (e.g. by trtexec), after every check that can
     run here: the ONNX contract and card, the plan's magic, version and well-formedness (TensorRT's
     ``get_engine_validity``), and on a GPU a deserialization whose I/O names, dtypes and batch profile must match
-    the ONNX and ``settings``' profile. Returns the sidecar (also saved as ``plan_path + '.json'``)."""
+    the ONNX and ``settings``' profile. Returns the sidecar (also saved as ``plan_path + '.json'``, or to
+    ``write(sidecar_path)``'s path when given).
+
+    ``precision``: what the plan was built as, as its builder says (``trtexec --fp16`` on an fp32 ONNX makes an fp16
+    plan); default the ONNX's. What could not be checked here (without a GPU: the I/O, the batch profile, the
+    precision and that the plan comes from this ONNX) is listed in the sidecar's ``build["unchecked"]`` and by
+    ``ddpm-run info --engine``."""
     settings = settings or EngineSettings()
     plan_path, onnx_path = Path(plan_path), Path(onnx_path)
     if not plan_path.is_file():
@@ -407,6 +431,7 @@ def adopt_plan(plan_path: str | os.PathLike, onnx_path: str | os.PathLike,
         header = plan_header(data)
     except ArtifactError as e:
         raise ArtifactError(f"{plan_path}: {e}") from None
+    length_checked = check_plan_length(data, plan_path)
     trt, flavour = load_tensorrt(header["flavour"], f"adopting a {header['flavour']} plan")
     _, network, _ = _parse(trt, onnx_path)
     _, model = _load_onnx(onnx_path)
@@ -427,10 +452,23 @@ def adopt_plan(plan_path: str | os.PathLike, onnx_path: str | os.PathLike,
     verified_on = _verify_on_gpu(trt, runtime, data, plan_path, io, settings) if gpu else None
     batch = {"min": settings.batch_min, "opt": settings.batch_opt, "max": settings.batch_max}
     onnx_sha = sha256_file(onnx_path)
+    onnx_precision = detect_precision(model)
+    unchecked = []
+    if not length_checked:
+        unchecked.append("the plan's length (its header states none that this version reads)")
+    if not verified_on:
+        why = "no GPU here" if not gpu else f"it does not deserialize on {gpu.get('name')}"
+        unchecked += [f"the engine's I/O names and dtypes against the ONNX ({why})",
+                      f"the batch profile {batch['min']}/{batch['opt']}/{batch['max']} ({why})",
+                      f"that the plan was built from {onnx_path.name} ({why}; only its I/O could say)"]
+    unchecked.append(f"the precision {precision or onnx_precision}: "
+                     + (f"as given (--precision), the ONNX is {onnx_precision}" if precision else
+                        f"taken from the ONNX; a plan built with trtexec --fp16/--bf16 from it is not {onnx_precision} "
+                        "(give --precision)"))
     sidecar = PlanSidecar(
         ddpm=card,
         trt={"flavour": flavour, "module": trt.__name__.split(".")[0], "version": version},
-        precision=detect_precision(model),
+        precision=precision or onnx_precision,
         profile=batch,
         inputs=[{k: t[k] for k in ("name", "dtype", "shape")} for t in io["inputs"]],
         outputs=io["outputs"],
@@ -438,12 +476,12 @@ def adopt_plan(plan_path: str | os.PathLike, onnx_path: str | os.PathLike,
         onnx={"path": onnx_path.name, "sha256": onnx_sha},
         plan={"path": plan_path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)},
         build={"adopted": True, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "header": header, "verified_on_gpu": verified_on,
-               "compute_capabilities": list(settings.compute_capabilities) or None},
+               "header": header, "verified_on_gpu": verified_on, "onnx_precision": onnx_precision,
+               "unchecked": unchecked, "compute_capabilities": list(settings.compute_capabilities) or None},
         model_sha256=onnx_sha,
     )
     sidecar.build["runs_on"] = runs_on(sidecar)
-    sidecar.save(sidecar_path(plan_path))
+    sidecar.save(write(sidecar_path(plan_path)) if write else sidecar_path(plan_path))
     log.info("adopted %s (%s %s, batch %s) from %s", plan_path, flavour, version, batch, onnx_path.name)
     return sidecar
 

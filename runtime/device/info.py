@@ -125,6 +125,10 @@ def format_engine_info(info: dict[str, Any]) -> str:
         + (f"; GPU {info['gpu']['name']} (compute capability {info['gpu']['compute_capability']}, driver CUDA "
            f"{info['gpu']['driver_cuda_version']})" if info["gpu"] else "; no usable GPU"),
     ]
+    unchecked = (side.get("build") or {}).get("unchecked") or []
+    if unchecked:
+        lines.append("adopted without checking (ddpm-export --adopt-plan could not check these where it ran):")
+        lines += [f"  - {u}" for u in unchecked]
     if info["runnable"]:
         lines.append("runnable here: yes")
     else:

@@ -170,8 +170,8 @@ def test_adopted_trtexec_plan_gets_a_sidecar_and_info_explains(onnx_copy, tmp_pa
 
     assert r.exit_code == 0, r.output
     side = read_plan_sidecar(plan)  # hash checked against the plan bytes
-    assert side.build["adopted"] and side.build["header"] == {"flavour": "rtx",
-                                                              "version": ".".join(rtx.__version__.split(".")[:3])}
+    assert side.build["adopted"] and side.build["header"] == {
+        "flavour": "rtx", "version": ".".join(rtx.__version__.split(".")[:3]), "length": plan.stat().st_size}
     assert side.trt["version"] == rtx.__version__ and side.profile == {"min": 1, "opt": 4, "max": 8}
     assert [t["name"] for t in side.inputs] == ["x", "t"] and side.precision == "fp32"
     info = CliRunner().invoke(run_cli, ["info", "--engine", str(plan)])
@@ -210,3 +210,47 @@ def _has_tensorrt() -> bool:
 def test_adopt_needs_the_onnx(tmp_path):
     r = export("--adopt-plan", tmp_path / "model.plan")
     assert r.exit_code == 2 and "--adopt-plan needs --onnx" in r.output
+
+
+@pytest.mark.parametrize("how", ["truncated", "one-byte-short", "appended"])
+def test_adopt_refuses_a_plan_whose_length_is_not_its_headers(onnx_copy, tmp_path, how):
+    """The header states the plan's length: a truncated copy (or one with bytes appended) is refused on a CPU."""
+    plan = tmp_path / "model.plan"
+    _trtexec_equivalent(onnx_copy, plan)
+    data = plan.read_bytes()
+    plan.write_bytes({"truncated": data[: len(data) // 2], "one-byte-short": data[:-1],
+                      "appended": data + b"\0" * 16}[how])
+    r = export("--onnx", onnx_copy, "--adopt-plan", plan)
+    assert r.exit_code == 2 and "the plan's header says" in r.output, r.output
+    assert not sidecar_path(plan).exists()
+
+
+def test_adopt_says_what_it_could_not_check_and_takes_the_stated_precision(onnx_copy, tmp_path):
+    """Without a GPU the I/O, profile, precision and source ONNX of a foreign plan cannot be checked: the sidecar and
+    `ddpm-run info` say so; --precision records what the builder says it built (trtexec --fp16 → fp16)."""
+    from ddpm_deploy.runtime.device.info import probe_gpu
+
+    plan = tmp_path / "model.plan"
+    _trtexec_equivalent(onnx_copy, plan)
+    r = export("--onnx", onnx_copy, "--adopt-plan", plan, "--precision", "fp16", "--batch-opt", 4, "--batch-max", 8)
+    assert r.exit_code == 0, r.output
+    side = read_plan_sidecar(plan)
+    assert side.precision == "fp16" and side.build["onnx_precision"] == "fp32"
+    unchecked = " | ".join(side.build["unchecked"])
+    assert "precision fp16: as given" in unchecked
+    if probe_gpu(0)[0] is None:
+        assert "no GPU here" in unchecked and "built from model.onnx" in unchecked
+        assert "not checked here:" in r.output
+    info = CliRunner().invoke(run_cli, ["info", "--engine", str(plan)])
+    assert "adopted without checking" in info.output and "precision fp16" in info.output
+
+
+def test_adopt_never_replaces_a_sidecar_silently(onnx_copy, tmp_path):
+    plan = tmp_path / "model.plan"
+    _trtexec_equivalent(onnx_copy, plan)
+    args = ("--onnx", onnx_copy, "--adopt-plan", plan, "--batch-opt", 4, "--batch-max", 8)
+    assert export(*args).exit_code == 0
+    before = sidecar_path(plan).read_bytes()
+    r = export(*args)
+    assert r.exit_code == 2 and "--overwrite" in r.output and sidecar_path(plan).read_bytes() == before
+    assert export(*args, "--overwrite").exit_code == 0

@@ -346,8 +346,10 @@ def test_disk_full_keeps_an_earlier_export(run, tmp_path):
     assert_exit0 = invoke("ddpm-export", run)
     assert assert_exit0.code == 0, assert_exit0.stderr
     before = snapshot(run)
+    assert_user_error(invoke("ddpm-export", run), "would replace", "model.onnx", "--overwrite")  # never silently
+    assert_kept(before, run)
     with disk_full(out):
-        o = invoke("ddpm-export", run)
+        o = invoke("ddpm-export", run, "--overwrite")
     assert_user_error(o, str(out / "model.onnx"), "No space left on device",
                       "files that were there before are unchanged")
     assert_kept(before, run)
