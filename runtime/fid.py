@@ -148,6 +148,13 @@ class FeatureStats:
                    kid_features=np.ascontiguousarray(f[keep], dtype=np.float32), extractor=dict(extractor),
                    source=source, image_shape=tuple(int(v) for v in image_shape) if image_shape else None)
 
+    @classmethod
+    def accumulator(cls, n: int, extractor: dict[str, Any], source: str, image_shape=None,
+                    kid_max: int = KID_REFERENCE_MAX, seed: int = KID_SEED) -> "StatsAccumulator":
+        """Statistics of ``n`` images from their features given a batch at a time (memory: Σ and KID's ≤ kid_max
+        features, whatever ``n``). Every reference (a live one and a cached ``fid-stats`` file) goes through it."""
+        return StatsAccumulator(n, extractor, source, image_shape, kid_max, seed)
+
     # --- the file ---
     def header(self) -> FidStatsHeader:
         return FidStatsHeader(count=self.count, feature_dim=int(self.mu.shape[0]), extractor=self.extractor,
@@ -184,6 +191,52 @@ class FeatureStats:
                                 f"{mu.shape}, {sigma.shape}, {kid.shape}; {hint}")
         return cls(mu=mu, sigma=sigma, count=header.count, kid_features=kid, extractor=header.extractor,
                    source=header.source, image_shape=tuple(header.image_shape) if header.image_shape else None)
+
+
+class StatsAccumulator:
+    """μ and Σ (float64) summed a batch at a time around a shift (the first batch's mean, against cancellation):
+    Σ = (Σᵢ dᵢdᵢᵀ − n d̄d̄ᵀ) / (n − 1) with dᵢ = fᵢ − shift; KID's features are the rows of a seeded choice of
+    ``min(kid_max, n)`` of the ``n`` indices, drawn before the first batch."""
+
+    def __init__(self, n: int, extractor: dict[str, Any], source: str, image_shape=None,
+                 kid_max: int = KID_REFERENCE_MAX, seed: int = KID_SEED):
+        if n < 2:
+            raise ConfigError(f"{source}: FID needs at least 2 images, found {n}")
+        self.n, self.extractor, self.source, self.image_shape = n, dict(extractor), source, image_shape
+        self.keep = np.sort(np.random.default_rng(seed).choice(n, min(kid_max, n), replace=False))
+        self.kid: np.ndarray | None = None
+        self.shift = self.s = self.sxx = None
+        self.count = 0
+
+    def add(self, features: np.ndarray) -> None:
+        f = np.asarray(features)
+        if f.ndim != 2 or self.count + len(f) > self.n:
+            raise ConfigError(f"{self.source}: expected features [b, d] of {self.n} images in all, found {f.shape} "
+                              f"after {self.count}")
+        if not np.isfinite(f).all():
+            raise ArtifactError(f"{self.source}: the feature extractor returned NaN or Inf")
+        f64 = f.astype(np.float64)
+        if self.shift is None:
+            d = f.shape[1]
+            self.shift, self.s, self.sxx = f64.mean(axis=0), np.zeros(d), np.zeros((d, d))
+            self.kid = np.empty((len(self.keep), d), np.float32)
+        dev = f64 - self.shift
+        self.s += dev.sum(axis=0)
+        self.sxx += dev.T @ dev
+        lo, hi = self.count, self.count + len(f)
+        a, b = np.searchsorted(self.keep, [lo, hi])
+        self.kid[a:b] = f[self.keep[a:b] - lo]
+        self.count = hi
+
+    def finish(self) -> FeatureStats:
+        if self.count != self.n:
+            raise ConfigError(f"{self.source}: features of {self.count} images, expected {self.n}")
+        mean_dev = self.s / self.n
+        sigma = (self.sxx - self.n * np.outer(mean_dev, mean_dev)) / (self.n - 1)
+        return FeatureStats(mu=self.shift + mean_dev, sigma=(sigma + sigma.T) / 2.0, count=int(self.n),
+                            kid_features=np.ascontiguousarray(self.kid), extractor=self.extractor,
+                            source=self.source,
+                            image_shape=tuple(int(v) for v in self.image_shape) if self.image_shape else None)
 
 
 def is_stats_file(path: str | os.PathLike) -> bool:

@@ -150,6 +150,17 @@ class InceptionExtractor:
                 callback(min(lo + batch, n), n)
         return out
 
+    def feature_batches(self, images: np.ndarray, batch: int = DEFAULT_BATCH,
+                        callback: Callable[[int, int], None] | None = None):
+        """The features of ``images`` as float32 [b, 2048] batches, in order (memory bounded by ``batch``)."""
+        if batch < 1:
+            raise ConfigError(f"batch must be >= 1, found {batch}")
+        n = len(images)
+        for lo in range(0, n, batch):
+            yield self.session.run([OUTPUT_NAME], {INPUT_NAME: prepare(images[lo:lo + batch])})[0]
+            if callback is not None:
+                callback(min(lo + batch, n), n)
+
     def close(self) -> None:
         self.session = None
 

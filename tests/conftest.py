@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from helpers import train_run
 
 os.environ.setdefault("DDPM_NO_PROGRESS", "1")
+# the FID reference-statistics cache of this test session, not the user's (~/.cache/ddpm-deploy/fid-stats)
+os.environ["DDPM_FID_STATS_CACHE"] = tempfile.mkdtemp(prefix="ddpm-fid-stats-cache-")
 
 
 @pytest.fixture(scope="module")

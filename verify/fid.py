@@ -45,6 +45,7 @@ class FidSettings:
     kid_subset_size: int = KID_SUBSET_SIZE
     image_size: int | None = None   # for a dataset spec: None → the samples' size (fid) / the dataset's own (fid-stats)
     channels: int | None = None
+    ref_cache: bool = True          # a dataset spec's statistics are cached (stats_cache_dir) and reused
 
 
 def ensure_extractor(path: Path | None = None, echo=lambda s: None) -> Path:
@@ -78,6 +79,61 @@ def set_stats(ext: InceptionExtractor, images: ImageSet, settings: FidSettings, 
     return FeatureStats.from_features(f, ext.identity, images.source, images.image_shape), f
 
 
+def reference_stats(ext: InceptionExtractor, images: ImageSet, settings: FidSettings,
+                    progress: Progress | None = None) -> FeatureStats:
+    """A reference's statistics, a batch at a time (memory bounded in the number of images): the path of every
+    reference, live or through ``fid-stats``, so a cached file gives exactly the number a live reference gives."""
+    acc = FeatureStats.accumulator(len(images), ext.identity, images.source, images.image_shape)
+    cb = (lambda done, total: progress("reference", done, total)) if progress else None
+    for f in ext.feature_batches(images.images, batch=settings.batch, callback=cb):
+        acc.add(f)
+    return acc.finish()
+
+
+STATS_CACHE_ENV = "DDPM_FID_STATS_CACHE"
+
+
+def stats_cache_dir() -> Path:
+    """$DDPM_FID_STATS_CACHE, else ~/.cache/ddpm-deploy/fid-stats ($XDG_CACHE_HOME respected)."""
+    import os
+
+    if os.environ.get(STATS_CACHE_ENV):
+        return Path(os.environ[STATS_CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddpm-deploy" / "fid-stats"
+
+
+def dataset_fingerprint(spec: str) -> dict[str, Any]:
+    """What a dataset spec reads, cheaply: the built-in digits by name; a path by its files' names, sizes and
+    modification times (a changed or added file makes another cache entry)."""
+    from ddpm_deploy.trainer.data import check_dataset_spec
+
+    kind, path = check_dataset_spec(spec)
+    if path is None:
+        return {"kind": kind}
+    path = Path(path).resolve()
+    files = [path] if path.is_file() else sorted(q for q in path.rglob("*") if q.is_file())
+    import hashlib
+
+    h = hashlib.sha256()
+    for q in files:
+        st = q.stat()
+        h.update(f"{q.relative_to(path) if q != path else q.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return {"kind": kind, "path": str(path), "files": len(files), "files_sha256": h.hexdigest()}
+
+
+def cached_stats_path(spec: str, image_size: int, channels: int, ext: InceptionExtractor) -> Path:
+    """Where the statistics of dataset ``spec`` read at (size, channels) by this extractor are cached."""
+    import hashlib
+    import json
+    import re
+
+    key = {"dataset": dataset_fingerprint(spec), "image_size": image_size, "channels": channels,
+           "extractor": ext.identity, "format": 1}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.split(":", 1)[0])
+    return stats_cache_dir() / f"{name}-{image_size}x{channels}-{digest}.npz"
+
+
 def load_dataset_images(spec: str, image_size: int | None, channels: int | None) -> ImageSet:
     """A dataset spec (digits, folder:, cifar10:, npz:) as uint8 images, read by the trainer's loader."""
     from ddpm_deploy.runtime.imageio import to_uint8
@@ -104,7 +160,24 @@ def read_reference(ref: str, ext: InceptionExtractor, settings: FidSettings, lik
     else:
         size = settings.image_size or (like.image_shape[0] if like is not None else None)
         channels = settings.channels or (like.image_shape[2] if like is not None else None)
+        cache = None
+        if settings.ref_cache and size is not None and channels is not None:
+            from ddpm_deploy.trainer.data import check_dataset_spec
+
+            check_dataset_spec(ref)  # a bad spec is named as such, before the cache is looked at
+            cache = cached_stats_path(ref, size, channels, ext)
+            if cache.is_file():
+                try:
+                    stats = FeatureStats.load(cache)
+                    check_same_extractor(ext.identity, stats.extractor, str(cache))
+                except ArtifactError as e:  # a damaged cache entry is computed again, never trusted
+                    log.warning("ignoring the cached reference statistics: %s", e)
+                else:
+                    return stats, None, {"spec": stats.source, "kind": "dataset", "stats_file": str(cache),
+                                         "cached": True}
         images, kind = load_dataset_images(ref, size, channels), "dataset"
+        if cache is not None:
+            return None, images, {"spec": images.source, "kind": kind, "stats_file": None, "cache": str(cache)}
     return None, images, {"spec": images.source, "kind": kind, "stats_file": None}
 
 
@@ -148,8 +221,14 @@ def fid_report(samples: ImageSet, ref: str, settings: FidSettings, ext: Inceptio
             raise ConfigError("a paired comparison needs REF to be samples (a sample dir), not statistics")
         pair = paired_differences(r_images, samples)
     r_feats = None
-    if r_stats is None:
+    if r_stats is None and paired:
         r_stats, r_feats = set_stats(ext, r_images, settings, "reference", progress)
+    elif r_stats is None:
+        r_stats = reference_stats(ext, r_images, settings, progress)
+        cache = r_info.pop("cache", None)
+        if cache is not None:
+            r_stats.save(cache)  # atomic; the next run with this dataset, size and extractor reads it
+            r_info["stats_file"], r_info["cached"] = cache, False
     s_stats, s_feats = set_stats(ext, samples, settings, "samples", progress)
     fid = frechet_distance(s_stats.mu, s_stats.sigma, r_stats.mu, r_stats.sigma, features1=s_feats)
     if paired:  # image i on both sides comes from the same seed: KID over aligned rows, without those pairs
@@ -187,8 +266,9 @@ def write_stats(ref: str, out: Path, settings: FidSettings, ext: InceptionExtrac
     """``ddpm-run fid-stats``: the statistics of REF (an image set or a dataset spec), saved to ``out``."""
     if is_stats_file(ref):
         raise ConfigError(f"{ref} is already a FID statistics file")
-    _, images, _ = read_reference(ref, ext, settings)
-    stats, _ = set_stats(ext, images, settings, "reference", progress)
+    stats, images, _ = read_reference(ref, ext, settings)
+    if stats is None:
+        stats = reference_stats(ext, images, settings, progress)
     stats.save(out)
     return stats
 

@@ -99,6 +99,14 @@ def _print_report(rep, path: Path) -> None:
             if s:
                 click.echo(f"  {side}: {s['backend']} {s['precision']} ({s['loop']} loop): "
                            f"{s['images_per_second']:.2f} images/s")
+    ref = rep.reference
+    if ref.get("cached") is True:
+        click.echo(f"reference statistics of {ref['spec']} read from the cache {ref['stats_file']} (--no-ref-cache "
+                   f"computes them again)", err=True)
+    elif ref.get("cached") is False:
+        click.echo(f"reference statistics of {ref['spec']} ({ref['count']} images) computed and cached in "
+                   f"{ref['stats_file']}: later runs reuse them (`ddpm-run fid-stats` writes them to a file of your "
+                   f"choice)", err=True)
     for w in rep.warnings:
         click.echo(f"warning: {w}", err=True)
     click.echo(f"wrote {path}")
@@ -117,11 +125,15 @@ def _print_report(rep, path: Path) -> None:
               help="Where fid.json goes. Default: the SAMPLES directory (beside SAMPLES if it is a file).")
 @click.option("--paired", is_flag=True, help="REF holds the same seeds and indices (another precision or backend): "
               "also report per-image differences and both sides' speed.")
+@click.option("--no-ref-cache", is_flag=True, help="Compute a dataset reference's statistics again instead of "
+              "reading them from the cache ($DDPM_FID_STATS_CACHE, default ~/.cache/ddpm-deploy/fid-stats/; keyed by "
+              "the dataset's files, the size and channels read, and the extractor). The new ones replace the cached.")
+@click.option("--overwrite", is_flag=True, help="Replace a fid.json already in --out (refused without it).")
 @gate_options
 @kid_options
 @extraction_options
 @clean_errors
-def fid(samples, ref, out, paired, max_fid, max_kid, kid_subsets, kid_subset_size, extractor, batch, threads,
+def fid(samples, ref, out, paired, no_ref_cache, overwrite, max_fid, max_kid, kid_subsets, kid_subset_size, extractor, batch, threads,
         image_size, channels, no_progress, verbose):
     """FID and KID of SAMPLES against a reference; writes fid.json.
 
@@ -131,7 +143,8 @@ def fid(samples, ref, out, paired, max_fid, max_kid, kid_subsets, kid_subset_siz
       ddpm-run fid samples/ --ref cifar10-train.npz
       ddpm-run fid samples-fp16/ --ref samples-fp32/ --paired --max-fid 1
 
-    SAMPLES: a samples.npz (uint8 images), a sample dir of `ddpm-run sample`, or a folder of images. Images are
+    SAMPLES: a samples.npz (uint8 images), a sample dir of `ddpm-run sample` or `ddpm-run merge`, or a folder of
+    images. A dataset REF's statistics are computed once and cached (see --no-ref-cache). Images are
     resized to 299x299 with TF1's bilinear resize, as the TF/NVlabs FID code does. FID is biased for small sets:
     fid.json warns below 10,000 images and reports the counts; KID is unbiased. Works without torch once the
     extractor's ONNX exists.
@@ -141,23 +154,30 @@ def fid(samples, ref, out, paired, max_fid, max_kid, kid_subsets, kid_subset_siz
 
     from .fid import fid_report, open_extractor
 
+    from ddpm_deploy.runtime.outputs import Outputs
+
     settings = _settings(extractor, batch, threads, image_size, channels, kid_subsets, kid_subset_size)
+    settings.ref_cache = not no_ref_cache
+    out = Path(out or (samples if samples.is_dir() else samples.parent))
+    w = Outputs("ddpm-run fid", [out / "fid.json"], overwrite, hint="choose another --out").claim()
     images = read_image_set(samples)
-    out = out or (samples if samples.is_dir() else samples.parent)
     with contextlib.ExitStack() as stack:
         ext = stack.enter_context(open_extractor(settings, echo=lambda m: click.echo(m, err=True)))
         rep = fid_report(images, ref, settings, ext, progress=Bars(stack, not no_progress), paired=paired,
                          max_fid=max_fid, max_kid=max_kid)
-    _print_report(rep, rep.save(Path(out) / "fid.json"))
+    with w:
+        rep.save(w.stage(out / "fid.json"))
+    _print_report(rep, out / "fid.json")
 
 
 @main.command("fid-stats", context_settings=CTX)
 @click.argument("ref")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The statistics file to write (.npz: μ, Σ, count, KID reference features, extractor hash).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (refused without it).")
 @extraction_options
 @clean_errors
-def fid_stats(ref, out, extractor, batch, threads, image_size, channels, no_progress, verbose):
+def fid_stats(ref, out, overwrite, extractor, batch, threads, image_size, channels, no_progress, verbose):
     """Cache the FID statistics of a reference (a dataset spec or an image set) for `ddpm-run fid --ref FILE`.
 
     \b
@@ -169,12 +189,16 @@ def fid_stats(ref, out, extractor, batch, threads, image_size, channels, no_prog
     setup_logging(verbose)
     from .fid import open_extractor, write_stats
 
+    from ddpm_deploy.runtime.outputs import Outputs
+
     if out.suffix != ".npz":
         raise ConfigError(f"--out must end in .npz, found {out}")
+    w = Outputs("ddpm-run fid-stats", [out], overwrite, hint="choose another --out").claim()
     settings = _settings(extractor, batch, threads, image_size, channels)
     with contextlib.ExitStack() as stack:
         ext = stack.enter_context(open_extractor(settings, echo=lambda m: click.echo(m, err=True)))
-        stats = write_stats(ref, out, settings, ext, progress=Bars(stack, not no_progress))
+        stack.enter_context(w)
+        stats = write_stats(ref, w.stage(out), settings, ext, progress=Bars(stack, not no_progress))
     click.echo(f"wrote {out}: {stats.count} images of {stats.source} (extractor weights "
                f"{stats.extractor['weights_sha256'][:12]}…)")
 

@@ -53,6 +53,9 @@ def _w(tmp_path: Path) -> Path:
     np.savez(w / "fivechan.npz", images=np.zeros((2, 8, 8, 5), np.uint8))
     np.savez(w / "none.npz", images=np.zeros((0, 8, 8, 1), np.uint8))
     (w / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    (w / "held").mkdir()
+    (w / "held" / "fid.json").write_text("{}")
+    (w / "held" / "stats.npz").write_bytes(b"not really statistics")
     (w / "pngs").mkdir()
     (w / "pngs" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     return w
@@ -96,6 +99,10 @@ CASES = {
     "fid-zero-images": (["fid", "{w}/none.npz", "--ref", "{w}/none.npz"], "N > 0"),
     "fid-broken-png": (["fid", "{w}/pngs", "--ref", "{w}/pngs"], "a.png"),
     "fid-stats-empty": (["fid-stats", "{w}/empty", "--out", "{w}/new/s.npz"], "no images"),
+    "fid-stats-out-exists": (["fid-stats", "digits", "--out", "{w}/held/stats.npz"], "--overwrite"),
+    "fid-out-holds-fid-json": (["fid", "{shards}/shard-0-of-2", "--ref", "{shards}/shard-1-of-2", "--out", "{w}/held"],
+                               "--overwrite"),
+    "fid-out-is-a-file": (["fid", "{shards}/shard-0-of-2", "--ref", "digits", "--out", "{w}/zeros.npz"], "zeros.npz"),
     "fid-compare-missing-against": (["fid-compare", "--onnx", "{model}", "--against", "{w}/missing.onnx",
                                      "--num", "2", "--out", "{w}/new/f"], "missing.onnx"),
     # serve / parity

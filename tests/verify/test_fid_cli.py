@@ -6,6 +6,7 @@ with torch blocked (a serving machine)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -52,7 +53,22 @@ def test_fid_writes_the_report_and_cached_statistics_give_the_same_number(fid_ex
     c, lv = FidReport.load(tmp_path / "cached" / "fid.json"), FidReport.load(tmp_path / "live" / "fid.json")
     assert c.fid == lv.fid and c.kid == lv.kid and c.fid > 0
     assert c.samples["count"] == 24 and c.reference["count"] == 40 and c.reference["stats_file"]
-    assert lv.reference["kind"] == "dataset" and lv.reference["stats_file"] is None
+    assert lv.reference["kind"] == "dataset" and lv.reference["cached"] is False  # computed, then cached
+    assert "computed and cached in" in live.output
+    again = run("fid", sets / "samples.npz", "--ref", f"npz:{sets / 'ref.npz'}", "--extractor", fid_extractor,
+                "--out", tmp_path / "again", *KID)
+    a = FidReport.load(tmp_path / "again" / "fid.json")
+    assert a.reference["cached"] is True and "read from the cache" in again.output
+    assert a.fid == lv.fid and a.kid == lv.kid and a.reference["stats_file"] == lv.reference["stats_file"]
+    (sets / "ref.npz").touch()  # the dataset's file changed: another cache entry, computed again
+    os.utime(sets / "ref.npz", ns=(1, 1))
+    changed = run("fid", sets / "samples.npz", "--ref", f"npz:{sets / 'ref.npz'}", "--extractor", fid_extractor,
+                  "--out", tmp_path / "changed", *KID)
+    ch = FidReport.load(tmp_path / "changed" / "fid.json")
+    assert ch.reference["cached"] is False and ch.reference["stats_file"] != lv.reference["stats_file"]
+    refused = run("fid", sets / "samples.npz", "--ref", tmp_path / "ref-stats.npz", "--extractor", fid_extractor,
+                  "--out", tmp_path / "cached", *KID)
+    assert refused.exit_code == 2 and "--overwrite" in refused.output  # fid.json is never replaced silently
     assert c.small_sample and 24 < FID_SMALL_SAMPLE and "small sample: 24 samples vs 40" in c.warnings[0]
     assert "warning: small sample" in cached.output and "FID " in cached.output and "KID " in cached.output
     assert c.extractor["weights_sha256"] == FeatureStats.load(tmp_path / "ref-stats.npz").extractor["weights_sha256"]
@@ -133,7 +149,8 @@ def test_fid_runs_with_torch_blocked(fid_extractor, sets, tmp_path):
             assert e.code in (0, None), e.code
         assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
         try:
-            main(["fid", r"{tmp_path / 'samples.npz'}", "--ref", "digits", "--extractor", r"{tmp_path / 'no.onnx'}"])
+            main(["fid", r"{tmp_path / 'samples.npz'}", "--ref", "digits", "--extractor", r"{tmp_path / 'no.onnx'}",
+                  "--out", r"{tmp_path / 'second'}"])
         except SystemExit as e:
             print("exit", e.code)
     """)
