@@ -52,10 +52,12 @@ __all__ = ["main"]
                    "plan's TensorRT runner) against the host loop on ONNX Runtime CPU.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where parity.json and parity.md go. Default: parity/ beside the ONNX (or in CHECKPOINT).")
+@click.option("--overwrite", is_flag=True, help="Replace parity.json and parity.md already in --out (refused "
+              "without it).")
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @clean_errors
 def parity(checkpoint, onnx_path, engine, steps, scheduler, sched_options, batch, seed, weights, threads, backend,
-           device, out, verbose):
+           device, out, overwrite, verbose):
     """Check every parity level the given artifacts allow and write parity.json + parity.md.
 
     L0 schedule tables and L1 one step (vs the paper's equations in float64 and diffusers' DDPMScheduler), L2 ε
@@ -63,6 +65,9 @@ def parity(checkpoint, onnx_path, engine, steps, scheduler, sched_options, batch
     reference loop with the same noise, L4 the host loop's batch independence and (--device cuda) the device loop vs
     the host loop. Every level names the runner class that ran it; the runners are the ones `ddpm-run sample` uses.
     Exits non-zero if any level fails. Needs the export extra (torch): pip install 'ddpm-deploy[export]'.
+
+    With --engine alone the ONNX checked is the one the plan was built from (its sidecar's SHA-256, found beside
+    the plan or in CHECKPOINT/export/): an fp16 plan is compared with model.fp16.onnx.
     """
     setup_logging(verbose)
 
@@ -74,9 +79,11 @@ def parity(checkpoint, onnx_path, engine, steps, scheduler, sched_options, batch
     settings = parity_mod.ParitySettings(checkpoint=checkpoint, onnx=onnx_path, engine=engine, steps=steps,
                                          batch=batch, seed=seed, weights=weights, threads=threads, device=device,
                                          backend=backend, scheduler=scheduler, scheduler_options=tuple(sched_options))
+    source = parity_mod.onnx_for(settings)
+    out = out or ((source.parent if source else checkpoint) / "parity")
+    outputs = parity_mod.report_outputs(out, overwrite)
     rep = parity_mod.run_parity(settings, echo=lambda m: click.echo(m, err=True))
-    out = out or ((onnx_path.parent if onnx_path else checkpoint) / "parity")
-    json_path, md_path = parity_mod.write_reports(rep, out)
+    json_path, md_path = parity_mod.write_reports(rep, out, outputs)
     for lv in rep.levels:
         worst = f"max abs {lv['max_abs']:.3g}" if lv["max_abs"] is not None else lv["reason"]
         if "psnr_db" in lv["metrics"]:

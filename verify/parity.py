@@ -701,6 +701,44 @@ def _engine_info(plan: Path, onnx_path: Path | None) -> tuple[dict, list[str]]:
     return {"path": str(plan), "sidecar": sidecar}, problems
 
 
+def onnx_for(s: ParitySettings) -> Path | None:
+    """The ONNX the levels check: --onnx; with only --engine, the ONNX the plan was built from (its sidecar's
+    SHA-256), found beside the plan or in CHECKPOINT/export/ — an fp16 plan is compared with model.fp16.onnx, not
+    with the fp32 model.onnx; else CHECKPOINT/export/model.onnx. A plan built from another ONNX than --onnx is
+    refused, naming the file to pass."""
+    from ddpm_deploy.runtime.fileio import sha256_file
+    from ddpm_deploy.runtime.plan import read_plan_sidecar
+
+    default = s.checkpoint / "export" / "model.onnx"
+    if s.engine is None:
+        return s.onnx if s.onnx is not None else default if default.is_file() else None
+    side = read_plan_sidecar(s.engine)
+    want, name = side.onnx.get("sha256"), side.onnx.get("path") or "model.onnx"
+    if s.onnx is not None:
+        if sha256_file(s.onnx) == want:
+            return s.onnx
+        found = _find_source(s, name, want)
+        hint = (f"pass --onnx {found}" if found else f"pass the ONNX it was built from ({name}, sha256 {want[:16]}…), "
+                "or rebuild the plan from this ONNX with ddpm-export --onnx FILE --engine")
+        raise ConfigError(f"--engine {s.engine} was built from {name} (sha256 {str(want)[:16]}…), not from --onnx "
+                          f"{s.onnx}; {hint}")
+    found = _find_source(s, name, want)
+    if found is None:
+        raise ConfigError(f"--engine {s.engine} was built from {name} (sha256 {str(want)[:16]}…), which is neither "
+                          f"beside the plan nor in {s.checkpoint / 'export'}; pass it as --onnx FILE")
+    return found
+
+
+def _find_source(s: ParitySettings, name: str, sha: str) -> Path | None:
+    from ddpm_deploy.runtime.fileio import sha256_file
+
+    for folder in dict.fromkeys([s.engine.parent, s.checkpoint / "export"]):
+        for cand in [folder / name, *sorted(folder.glob("*.onnx"))]:
+            if cand.is_file() and sha256_file(cand) == sha:
+                return cand
+    return None
+
+
 def run_parity(s: ParitySettings, echo: Callable[[str], None] = lambda m: None) -> ParityReport:
     if s.batch <= 0:
         raise ConfigError(f"--batch must be positive, found {s.batch}")
@@ -709,11 +747,9 @@ def run_parity(s: ParitySettings, echo: Callable[[str], None] = lambda m: None) 
     start = time.perf_counter()
     if s.threads:
         torch.set_num_threads(s.threads)
+    onnx_path = onnx_for(s)  # before minutes of work: the plan's own source ONNX, or a refusal naming it
     ref = load_reference(s.checkpoint, s.weights)
     plan = plan_of(ref.card, s)  # validates --steps and the scheduler options
-    onnx_path = s.onnx
-    if onnx_path is None and (s.checkpoint / "export" / "model.onnx").is_file():
-        onnx_path = s.checkpoint / "export" / "model.onnx"
     cards: dict[str, dict] = {}
     if onnx_path is not None:
         from ddpm_deploy.export.onnx_io import read_card
@@ -798,8 +834,17 @@ def to_markdown(rep: ParityReport) -> str:
     return "\n".join(lines)
 
 
-def write_reports(rep: ParityReport, out: Path) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    rep.save(out / "parity.json")
-    atomic_write_text(out / "parity.md", to_markdown(rep))
+def report_outputs(out: Path, overwrite: bool):
+    """parity.json and parity.md of one run, claimed before the work (runtime.outputs)."""
+    from ddpm_deploy.runtime.outputs import Outputs
+
+    return Outputs("ddpm-run parity", [out / "parity.json", out / "parity.md"], overwrite,
+                   hint="choose another --out").claim()
+
+
+def write_reports(rep: ParityReport, out: Path, outputs=None) -> tuple[Path, Path]:
+    outputs = outputs or report_outputs(out, overwrite=True)
+    with outputs as w:
+        rep.save(w.stage(out / "parity.json"))
+        atomic_write_text(w.stage(out / "parity.md"), to_markdown(rep))
     return out / "parity.json", out / "parity.md"

@@ -145,10 +145,36 @@ def test_engine_with_a_tampered_plan_or_another_onnx_is_refused(micro_run, micro
         f.write(b"\0")
     r_tampered = parity("--checkpoint", micro_run, "--onnx", micro_onnx, "--engine", plan, *FAST, "--out", tmp_path / "b")
 
-    assert r_other.exit_code == 1 and "plan sidecar" in r_other.output
-    other = levels(tmp_path / "a" / "parity.json")["L0 schedule", "plan sidecar"]
-    assert "rebuild the plan" in other["reason"]
+    assert r_other.exit_code == 2 and "was built from" in r_other.output and "Traceback" not in r_other.output
+    assert "rebuild the plan" in r_other.output and not (tmp_path / "a").exists()  # refused before any work
     assert r_tampered.exit_code == 2 and "sha256" in r_tampered.output and "Traceback" not in r_tampered.output
+
+
+def test_engine_alone_is_checked_against_the_onnx_it_was_built_from(micro_run, micro_onnx, rtx_plan, tmp_path):
+    """The demo's layout: export/model.onnx (fp32) and a plan built from another ONNX (model.fp16.onnx) beside it.
+    `parity --engine` alone finds the plan's own source by its SHA-256 instead of failing against model.onnx; with
+    the source nowhere to be found it refuses, naming the file to pass."""
+    if gpu_status()[0]:
+        pytest.skip("this machine has a GPU: the plan is run")
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("export"))
+    (run / "export").mkdir()
+    perturbed(micro_onnx, run / "export" / "model.onnx")  # not the plan's source
+    shutil.copy(micro_onnx, run / "export" / "model.fp16.onnx")  # the plan's source, under another name
+    shutil.copy(rtx_plan, run / "export" / "model.plan")
+    shutil.copy(str(rtx_plan) + ".json", run / "export" / "model.plan.json")
+
+    r = parity("--checkpoint", run, "--engine", run / "export" / "model.plan", *FAST)
+
+    assert r.exit_code == 0, r.output
+    rep = json.loads((run / "export" / "parity" / "parity.json").read_text())
+    assert rep["onnx"] == str(run / "export" / "model.fp16.onnx")
+    again = parity("--checkpoint", run, "--engine", run / "export" / "model.plan", *FAST)
+    assert again.exit_code == 2 and "--overwrite" in again.output  # reports are never replaced silently
+
+    (run / "export" / "model.fp16.onnx").unlink()
+    gone = parity("--checkpoint", run, "--engine", run / "export" / "model.plan", *FAST, "--out", tmp_path / "g")
+    assert gone.exit_code == 2 and "pass it as --onnx" in gone.output and not (tmp_path / "g").exists()
 
 
 def test_levels_without_diffusers_are_skipped_with_the_reason(monkeypatch):
