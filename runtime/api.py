@@ -3,9 +3,15 @@
     with Sampler.from_onnx("model.onnx", threads=2, scheduler="dpmsolver++") as sampler:
         images = sampler(16, seed=0, steps=20)        # uint8 [16, H, W, C]
 
-A ``Sampler`` owns one runner (ONNX Runtime CPU/CUDA, TensorRT) and drives it with the same loop as
-``ddpm-run sample`` (``sampling.open_loop``), so image i of seed s is the one the CLI, the Triton server and
-every shard produce. (Its loop implements ``sampling.base.Loop``.)
+A ``Sampler`` owns one runner (ONNX Runtime CPU/CUDA, OpenVINO fp32/bf16/int8, TensorRT), opened as ``ddpm-run
+sample`` opens it (``backends.base.resolve_model`` + ``open_runner``), and drives it with the same loop
+(``sampling.open_loop``), so image i of seed s is the one the CLI, the Triton server and every shard produce. (Its
+loop implements ``sampling.base.Loop``.)
+
+Errors are ``DDPMError`` subclasses (``runtime.errors``) whose messages name this API's arguments (``steps``,
+``batch=8``), not the CLI's flags: ``ConfigError`` (an argument), ``ArtifactError`` (a file), ``SamplingError``
+(non-finite ε), ``OutOfMemoryError`` (a batch that did not fit; the message says which batch to try),
+``SamplerClosedError`` (used after ``close()``).
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ from typing import Callable
 
 import numpy as np
 
-from .backends.base import Runner, open_runner
-from .errors import ArtifactError, ConfigError
+from .backends.base import Runner, open_runner, resolve_model
+from .errors import ArtifactError, ConfigError, SamplerClosedError, invalid, out_of_memory
 from .imageio import to_uint8
+from .rng import MAX_SEED, MAX_WORD
 from .sampling.config import plan_for, scheduler_config
 from .sampling.open import open_loop
 
@@ -26,8 +33,9 @@ __all__ = ["Sampler"]
 
 
 class Sampler:
-    """Sample uint8 images from a DDPM ε model; a context manager. Build it with ``from_onnx``, ``from_engine`` or
-    ``from_run``; call it: ``sampler(num, seed=0, start_index=0, steps=None, batch=None, pil=False)``.
+    """Sample uint8 images from a DDPM ε model; a context manager (``close()`` at the end of the ``with`` block;
+    a closed sampler raises ``SamplerClosedError``). Build it with ``from_onnx``, ``from_engine`` or ``from_run``;
+    call it: ``sampler(num, seed=0, start_index=0, steps=None, batch=None, pil=False, progress=None)``.
 
     ``scheduler``: "ddpm" (default), "ddim", "dpmsolver++", "sde-dpmsolver++", "unipc", a diffusers class name, a
     ``scheduler_config.json`` path or dict, or a config object (``sampling.config.make_scheduler``); options as
@@ -39,9 +47,10 @@ class Sampler:
             runner.close()
             raise ArtifactError(f"{runner.path}: has no ddpm-deploy metadata (ddpm_deploy.config); export it with "
                                 f"ddpm-export")
-        if batch < 1:
+        self._closed = False
+        if not _is_int(batch) or batch < 1:
             runner.close()
-            raise ConfigError(f"batch must be >= 1, found {batch}")
+            raise ConfigError(invalid("batch", batch, "must be an integer >= 1 (images per model call)"))
         self.runner, self.batch, self.steps, self.cuda_graph = runner, int(batch), steps, cuda_graph
         self.card = runner.card
         c, s = self.card.data.channels, self.card.data.image_size
@@ -57,11 +66,20 @@ class Sampler:
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, device: str = "cpu", threads: int = 0, batch: int = 16,
-                  steps: int | None = None, device_id: int = 0, scheduler=None, **scheduler_options) -> "Sampler":
-        """An ONNX file from ddpm-export; ``device`` 'cpu' (ONNX Runtime CPU, ``threads`` intra-op threads, 0: all
-        cores) or 'cuda' (ONNX Runtime CUDA + the GPU device loop)."""
-        return cls(open_runner(path, device, threads=threads, device_id=device_id), batch=batch, steps=steps,
-                   scheduler=scheduler, scheduler_options=scheduler_options)
+                  steps: int | None = None, device_id: int = 0, scheduler=None, backend: str | None = None,
+                  precision: str = "fp32", **scheduler_options) -> "Sampler":
+        """An ONNX file from ddpm-export (or an OpenVINO IR ``.xml``); the same backends as ``ddpm-run sample``:
+
+        - ``device`` 'cpu': ONNX Runtime CPU (``threads`` intra-op threads, 0: ONNX Runtime's default, all cores);
+        - ``device`` 'cuda': ONNX Runtime CUDA + the GPU device loop;
+        - ``backend="openvino"`` (or a ``.xml`` path): OpenVINO on the CPU, ``precision`` "fp32", "bf16" (OpenVINO's
+          precision hint; emulated and slow on CPUs without AVX512_BF16/AMX) or "int8" (the NNCF int8 model
+          ``model.int8.xml`` beside the ONNX, which ``ddpm-export --onnx model.onnx --int8`` writes).
+
+        ``precision`` other than "fp32" needs OpenVINO (ONNX Runtime runs the precision stored in the file)."""
+        path, backend, hint = resolve_model(path, device, backend, precision)
+        return cls(open_runner(path, device, backend=backend, threads=threads, device_id=device_id, precision=hint),
+                   batch=batch, steps=steps, scheduler=scheduler, scheduler_options=scheduler_options)
 
     @classmethod
     def from_engine(cls, plan: str | os.PathLike, batch: int = 16, steps: int | None = None,
@@ -72,15 +90,26 @@ class Sampler:
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str = "cpu", threads: int = 0, batch: int = 16,
-                 steps: int | None = None, scheduler=None, **scheduler_options) -> "Sampler":
-        """A ddpm-train run dir exported with ddpm-export (RUN_DIR/export/model.onnx)."""
+                 steps: int | None = None, scheduler=None, backend: str | None = None, precision: str = "fp32",
+                 **scheduler_options) -> "Sampler":
+        """A ddpm-train run dir exported with ddpm-export (RUN_DIR/export/model.onnx; ``backend``/``precision`` as in
+        ``from_onnx``: precision="int8" opens RUN_DIR/export/model.int8.xml)."""
         path = Path(run_dir) / "export" / "model.onnx"
         if not path.is_file():
             raise ArtifactError(f"{run_dir}: expected {path}, found none; export the run with ddpm-export {run_dir}")
         return cls.from_onnx(path, device=device, threads=threads, batch=batch, steps=steps, scheduler=scheduler,
-                             **scheduler_options)
+                             backend=backend, precision=precision, **scheduler_options)
 
     # --- sampling -------------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SamplerClosedError(f"this Sampler ({self.runner.name}, {self.runner.path}) is closed (close() was "
+                                     f"called, or its with block ended); open a new one, e.g. Sampler.from_onnx(...)")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def _loop_for(self, batch: int):
         """The one loop of this sampler's runner (re-opened only for a larger batch)."""
@@ -98,45 +127,107 @@ class Sampler:
 
     def __call__(self, num: int, seed: int = 0, start_index: int = 0, steps: int | None = None,
                  batch: int | None = None, pil: bool = False,
-                 callback: Callable[[int, int], None] | None = None, scheduler=None, **options):
+                 callback: Callable[[int, int], None] | None = None, scheduler=None,
+                 progress: bool | Callable[[int, int], None] | None = None, **options):
         """Images ``start_index … start_index + num − 1`` of ``seed``: uint8 [num, H, W, C] (``pil=True``: a list
         of PIL images). ``steps``: ε calls per image (default: the sampler's, else all T for DDPM and 20 for the
         fast schedulers); ``scheduler`` and ``options`` (e.g. ``eta=0.5``, ``solver_order=3``): this call's
         scheduler, else the sampler's; ``batch``: images per model call (default: the sampler's).
-        ``callback(done, total)`` after each batch."""
+
+        Progress: ``progress=True`` shows a tqdm bar on stderr (image·steps, as ``ddpm-run sample``'s);
+        ``progress=fn`` calls ``fn(done, total)`` after every ε call, in image·steps (total = num × ε calls per
+        image; done reaches total at the end); ``callback(done, total)`` is called after each batch, in images.
+
+        Raises ``ConfigError`` for a bad argument, ``OutOfMemoryError`` when a batch does not fit in memory (the
+        message names the batch to try, e.g. ``batch=8``; the sampler stays usable), ``SamplerClosedError`` after
+        ``close()``."""
+        self._check_open()
         steps = self.steps if steps is None else steps
-        batch = min(self.batch if batch is None else int(batch), max(1, int(num)))
-        if num < 1 or batch < 1:
-            raise ConfigError(f"num and batch must be >= 1, found {num}, {batch}")
-        if seed < 0 or start_index < 0:
-            raise ConfigError(f"seed and start_index must be >= 0, found {seed}, {start_index}")
+        if not _is_int(num) or num < 1:
+            raise ConfigError(invalid("num", num, "must be an integer >= 1 (the number of images)"))
+        if batch is not None and (not _is_int(batch) or batch < 1):
+            raise ConfigError(invalid("batch", batch, "must be an integer >= 1 (images per model call)"))
+        if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+            raise ConfigError(invalid("seed", seed, "must be an integer in [0, 2**64 - 1]"))
+        if not _is_int(start_index) or start_index < 0 or start_index + num - 1 > MAX_WORD - 1:
+            raise ConfigError(invalid("start_index", start_index, f"and num={num} must keep the sample indices in "
+                                                                  f"[0, 2**32 - 2]"))
+        if not (progress is None or isinstance(progress, bool) or callable(progress)):
+            raise ConfigError(invalid("progress", progress, "must be True (a tqdm bar), False/None, or a function "
+                                                            "fn(done, total)"))
+        num, seed, start_index = int(num), int(seed), int(start_index)
+        batch = min(self.batch if batch is None else int(batch), num)
         plan = self.plan(steps, scheduler, **options)
-        loop = self._loop_for(batch)
         c, h, w = self.sample_shape
-        out = np.empty((num, h, w, c), dtype=np.uint8)
-        for lo in range(0, num, batch):
-            idx = np.arange(start_index + lo, start_index + min(lo + batch, num), dtype=np.int64)
-            x, _ = loop.sample(plan, seed, idx)
-            out[lo:lo + len(idx)] = to_uint8(x, self.card.data.value_range)
-            if callback is not None:
-                callback(lo + len(idx), num)
+        total = num * len(plan)
+        report = progress if callable(progress) and not isinstance(progress, bool) else None
+        bar = None
+        if progress is True:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="img·step", unit_scale=True, dynamic_ncols=True, desc="sample")
+        done = 0
+
+        def on_step(n: int) -> None:
+            nonlocal done
+            done += n
+            if bar is not None:
+                bar.update(n)
+            if report is not None:
+                report(done, total)
+
+        try:
+            out = np.empty((num, h, w, c), dtype=np.uint8)
+            loop = self._loop_for(batch)
+            for lo in range(0, num, batch):
+                idx = np.arange(start_index + lo, start_index + min(lo + batch, num), dtype=np.int64)
+                x, _ = loop.sample(plan, seed, idx, callback=lambda d, t, n=len(idx): on_step(n))
+                out[lo:lo + len(idx)] = to_uint8(x, self.card.data.value_range)
+                if callback is not None:
+                    callback(lo + len(idx), num)
+        except BaseException as e:
+            self._reset_loop()  # a failed step leaves images in the loop's slots: the next call starts clean
+            if isinstance(e, MemoryError):  # NumPy's (ONNX Runtime's are OutOfMemoryError already)
+                raise out_of_memory("the host (NumPy)", batch, f"MemoryError: {e}") from None
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         if pil:
             from PIL import Image
 
             return [Image.fromarray(im[..., 0] if c == 1 else im) for im in out]
         return out
 
-    def close(self) -> None:
+    def _reset_loop(self) -> None:
         if self._loop is not None:
-            self._loop.close()
-            self._loop = None
-        self.runner.close()
+            try:
+                self._loop.close()
+            finally:
+                self._loop = None
+
+    def close(self) -> None:
+        """Release the loop and the runner (idempotent); calling the sampler afterwards raises SamplerClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._reset_loop()
+        finally:
+            self.runner.close()
 
     def __enter__(self) -> "Sampler":
+        self._check_open()
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Sampler({self.runner.name}, {self.runner.path}, shape={self.sample_shape}, batch={self.batch})"
+        state = ", closed" if self._closed else ""
+        return (f"Sampler({self.runner.name}, {self.runner.path}, precision={self.runner.precision}, "
+                f"shape={self.sample_shape}, batch={self.batch}{state})")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

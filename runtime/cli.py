@@ -9,7 +9,7 @@ import click
 
 from .clitools import CONTEXT, clean_errors, latest_run, setup_logging, version_option
 from .config import DataSpec, ModelCard
-from .errors import ArtifactError, ConfigError
+from .errors import ArtifactError, ConfigError, out_of_memory
 from .schedule import DiffusionConfig
 
 CTX = CONTEXT
@@ -135,7 +135,7 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, scheduler, s
     setup_logging(verbose)
     from contextlib import ExitStack
 
-    from .backends.base import open_runner
+    from .backends.base import open_runner, resolve_model
     from .output import sample_job
     from .sampling.open import open_loop
     from .shard import device_id_from, shard_from
@@ -160,19 +160,8 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, scheduler, s
     if engine is not None:
         device, backend = "cuda", "tensorrt"  # a plan is a plan whatever its suffix (trtexec writes .trt too)
     model_path = Path(engine or onnx_path or latest_run() / "export" / "model.onnx")
-    if backend == "openvino" or (backend is None and model_path.suffix == ".xml"):
-        if device != "cpu":
-            raise ConfigError("the OpenVINO backend runs on the CPU: drop --device cuda / --engine")
-        backend = "openvino"
-        if precision == "int8" and model_path.suffix != ".xml":
-            model_path = model_path.with_name("model.int8.xml")
-            if not model_path.is_file():
-                raise ArtifactError(f"--precision int8 needs the int8 model {model_path}; write it with "
-                                    f"`ddpm-export --onnx {onnx_path or model_path.with_name('model.onnx')} --int8`")
-    elif precision != "fp32":
-        raise ConfigError(f"--precision {precision} is an OpenVINO option: add --backend openvino (ONNX Runtime runs "
-                          f"the precision stored in the model: pass model.fp16.onnx for fp16)")
-    ov_precision = "fp32" if precision == "int8" else precision
+    # the artifact and backend for --backend/--precision (int8: model.int8.xml beside the ONNX), as the API picks them
+    model_path, backend, ov_precision = resolve_model(model_path, device, backend, precision)
     job = shard_from(shard)
     job_out, job_num, job_start = out, num, start_index  # as given (a shard narrows them below)
     shard_info = None
@@ -190,12 +179,17 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, scheduler, s
         shape = (card.data.channels, card.data.image_size, card.data.image_size)
         plan = resolve_plan(card, scheduler, scheduler_config, steps, eta, order, sched_options,
                             variance_type=variance_type, clip=clip)
-        loop = stack.enter_context(open_loop(runner, shape, max_batch=min(batch, num), cuda_graph=cuda_graph))
+        try:
+            loop = stack.enter_context(open_loop(runner, shape, max_batch=min(batch, num), cuda_graph=cuda_graph))
+        except MemoryError as e:  # the loop's buffers for the batch
+            raise out_of_memory("the host (NumPy)", min(batch, num), f"MemoryError: {e}") from None
         out = out or model_path.parent / "samples"
-        hint = _resume_command(engine, onnx_path, out if job is None else (job_out or out.parent), job_num, batch,
-                               seed, job_start, steps, backend, precision, device,
-                               None if job is None else f"{job.index}/{job.count}", no_pngs,
-                               scheduler_args(scheduler, scheduler_config, eta, order, sched_options))
+        def hint(error=None) -> str:  # the command that continues the job (with the smaller batch after OOM)
+            b = getattr(error, "suggested_batch", None) or batch
+            return _resume_command(engine, onnx_path, out if job is None else (job_out or out.parent), job_num, b,
+                                   seed, job_start, steps, backend, precision, device,
+                                   None if job is None else f"{job.index}/{job.count}", no_pngs,
+                                   scheduler_args(scheduler, scheduler_config, eta, order, sched_options))
         bar = None
         if not no_progress:  # shown from the first step on (not before the output folder is checked)
             bar = stack.enter_context(_LazyBar(total=num * len(plan), unit="img·step", unit_scale=True,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .errors import DDPMError
+from .errors import DDPMError, cli_style
 
 RUNS_DIR_ENV = "DDPM_RUNS_DIR"
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
@@ -63,19 +63,26 @@ def describe_os_error(e: OSError) -> str:
 
 
 def clean_errors(fn):
-    """Our exception family and faults of the machine (OSError: full disk, permissions, I/O errors) become one
-    'error: …' line on stderr and exit status 2, without a traceback; Ctrl-C becomes exit 130. Anything else is a
-    bug of ddpm-deploy and keeps its traceback."""
+    """Our exception family and faults of the machine (OSError: full disk, permissions, I/O errors; MemoryError)
+    become one 'error: …' line on stderr and exit status 2, without a traceback; Ctrl-C becomes exit 130. Anything
+    else is a bug of ddpm-deploy and keeps its traceback. The command runs in ``errors.cli_style()``, so shared code
+    names its options as flags."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with cli_style():  # messages name options as flags (--batch 8), not as the API's arguments
+                return fn(*args, **kwargs)
         except DDPMError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
         except OSError as e:
             click.echo(f"error: {describe_os_error(e)}", err=True)
+            sys.exit(2)
+        except MemoryError as e:  # a fault of the machine, as OSError (sampling names the batch: OutOfMemoryError)
+            detail = f" ({e})" if str(e) else ""
+            click.echo(f"error: out of memory{detail}: free memory or ask for less at once (a smaller --batch)",
+                       err=True)
             sys.exit(2)
         except KeyboardInterrupt as e:  # Ctrl-C, or errors.Interrupted (SIGINT/SIGTERM with what was kept)
             click.echo(f"\nerror: {str(e) or 'interrupted (SIGINT)'}", err=True)

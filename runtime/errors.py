@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+
 
 class DDPMError(Exception):
     """A user-facing error: the message says what was expected, what was found and what to do."""
@@ -23,6 +25,31 @@ class DataError(DDPMError):
 
 class SamplingError(DDPMError):
     """NaN/Inf or another failure during sampling."""
+
+
+class OutOfMemoryError(SamplingError):
+    """The backend could not allocate memory for a batch (ONNX Runtime's "Failed to allocate memory", a
+    ``bad_alloc``, NumPy's MemoryError). ``batch``: the batch that failed (None if unknown); ``suggested_batch``:
+    the batch the message tells the user to try (half of it)."""
+
+    def __init__(self, message: str, batch: int | None = None):
+        super().__init__(message)
+        self.batch = batch
+        self.suggested_batch = max(1, int(batch) // 2) if batch else None
+
+
+def out_of_memory(what: str, batch: int, detail: str) -> OutOfMemoryError:
+    """The one message for a batch that did not fit: what ran out, the batch, the backend's words and the batch to
+    try (``--batch N`` in a CLI, ``batch=N`` in the API)."""
+    if batch > 1:
+        todo = f"try a smaller batch: {option('batch', max(1, batch // 2))}"
+    else:
+        todo = "the model does not fit in memory even at batch 1: free memory or use a machine with more"
+    return OutOfMemoryError(f"{what} ran out of memory on a batch of {batch} images ({detail}); {todo}", batch=batch)
+
+
+class SamplerClosedError(DDPMError):
+    """A ``Sampler`` used after ``close()`` (or after its ``with`` block)."""
 
 
 class MissingDependencyError(DDPMError):
@@ -67,3 +94,42 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = 128 + self.signum
         self.signame = signal.Signals(self.signum).name
         super().__init__(message or f"interrupted by {self.signame}")
+
+
+# --- how a message names an option: the CLI's flags or the Python API's keyword arguments ------------------------
+
+_CLI_STYLE = contextvars.ContextVar("ddpm_deploy_cli_style", default=False)
+
+
+class cli_style:
+    """While active (every ``ddpm-*`` command runs in it: ``clitools.clean_errors``), ``option``/``invalid`` name
+    options as flags (``--batch 8``); outside it, as the Python API's keyword arguments (``batch=8``)."""
+
+    def __enter__(self):
+        self._token = _CLI_STYLE.set(True)
+        return self
+
+    def __exit__(self, *exc):
+        _CLI_STYLE.reset(self._token)
+
+
+def is_cli_style() -> bool:
+    return _CLI_STYLE.get()
+
+
+_NO_VALUE = object()
+
+
+def option(name: str, value=_NO_VALUE) -> str:
+    """An option as the user wrote it: ``--steps`` / ``--steps 0`` in a CLI, ``steps`` / ``steps=0`` in the API
+    (``name`` is the API's keyword; the flag is the same name with dashes)."""
+    if is_cli_style():
+        flag = "--" + name.replace("_", "-")
+        return flag if value is _NO_VALUE else f"{flag} {value}"
+    return name if value is _NO_VALUE else f"{name}={value!r}"
+
+
+def invalid(name: str, value, requirement: str) -> str:
+    """'--steps must be …, found 0' (CLI) / 'steps must be …, found 0' (API): one message for both surfaces."""
+    shown = value if is_cli_style() or not isinstance(value, str) else repr(value)
+    return f"{option(name)} {requirement}, found {shown}"

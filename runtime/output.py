@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .contract import Artifact
-from .errors import ConfigError, DDPMError, Interrupted, SamplingError
+from .errors import ConfigError, DDPMError, Interrupted, SamplingError, out_of_memory
 from .fileio import atomic_write_bytes, fsync_dir
 from .imageio import grid_scale, make_grid, png_bytes, save_png, to_uint8
 
@@ -471,7 +471,9 @@ def sample_job(runner, loop, plan, card, model_path, out_dir, seed: int, start_i
     there). ``on_step(n)`` after every step of a batch of n images; ``on_skip(n)`` once with the number of images a
     resume finds done; ``echo(text)`` for notes to the user; ``loop`` (``sampling.open_loop``) drives ``runner``
     along ``plan`` (a ``StepPlan``);
-    ``resume_hint``: the command that continues the job, for messages. Returns the RunInfo written (status
+    ``resume_hint``: the command that continues the job, for messages (or a function of the exception that
+    stopped the job returning it: after an ``OutOfMemoryError`` the command may name a smaller batch). NumPy's
+    MemoryError is raised as ``OutOfMemoryError`` (the batch to try named as ``errors.option`` names it). Returns the RunInfo written (status
     "complete"). Used by ``ddpm-run sample`` and ``fid-compare`` alike."""
     import dataclasses
     import platform
@@ -577,22 +579,30 @@ def sample_job(runner, loop, plan, card, model_path, out_dir, seed: int, start_i
                 shutil.rmtree(out.parts, ignore_errors=True)
                 return info
         except BaseException as e:
+            oom = isinstance(e, MemoryError)
+            if oom:  # NumPy's (ONNX Runtime's arrive as OutOfMemoryError)
+                e = out_of_memory("the host (NumPy)", batch, f"MemoryError: {e}")
             n_done = sum(b - a + 1 for a, b in done)
             if n_done == 0:
                 _discard_empty(out)
                 wrote = False
+                if oom:
+                    raise e from None
                 raise
             with signals_ignored():
                 status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
                 kept = _write_partial(out, record(status), start_index, num, image_shape, h, sorted(done))
-            hint = f"; continue with: {resume_hint}" if resume_hint else "; continue it with --resume"
+            command = resume_hint(e) if callable(resume_hint) else resume_hint
+            hint = f"; continue with: {command}" if command else "; continue it with --resume"
             msg = f"{n_done} of {num} images done and kept in {out.out} ({kept}){hint}"
             if isinstance(e, Interrupted):
                 raise Interrupted(e.signum, f"interrupted by {e.signame}: {msg}") from None
             if isinstance(e, KeyboardInterrupt):
                 raise Interrupted(signal.SIGINT, f"interrupted by SIGINT: {msg}") from None
             if isinstance(e, DDPMError):
-                raise type(e)(f"{e}; {msg}") from None
+                again = type(e)(f"{e}; {msg}")
+                again.__dict__.update(vars(e))  # OutOfMemoryError's batch, suggested_batch
+                raise again from None
             if isinstance(e, OSError):
                 from .clitools import describe_os_error
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from .checks import found as _found
 from .checks import is_int, is_number
-from .errors import ConfigError
+from .errors import ConfigError, invalid
 
 DEFAULT_BETA_START = 1e-4
 DEFAULT_BETA_END = 0.02
@@ -106,7 +106,7 @@ def respaced_timesteps(num_timesteps: int, steps: int | None) -> np.ndarray:
     if steps is None or steps == T:
         return np.arange(T, dtype=np.int64)
     if not (2 <= steps <= T):
-        raise ConfigError(f"--steps must be between 2 and {T} (the model's T), found {steps}")
+        raise ConfigError(invalid("steps", steps, f"must be between 2 and {T} (the model's T)"))
     return np.unique(np.round(np.linspace(0, T - 1, steps)).astype(np.int64))
 
 

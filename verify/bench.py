@@ -191,6 +191,44 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def load_average() -> list[float] | None:
+    """The machine's 1/5/15-minute load average (``os.getloadavg``; None where the OS has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def load_warning(load: list[float] | None, cpus: int | None) -> str | None:
+    """A warning when the 1-minute load average exceeds the core count: other work is competing for the cores and
+    the numbers measured now are low (a benchmark under load gave numbers up to 144× off the README)."""
+    if not load or not cpus or load[0] <= cpus:
+        return None
+    return (f"load average {load[0]:.2f} exceeds the {cpus} cores of this machine: other processes compete for the "
+            f"CPU, so these numbers understate it; measure again on an idle machine")
+
+
+def record_load(machine: dict[str, Any], phase: str, echo=None) -> dict[str, Any]:
+    """Record the load average in a benchmark's ``machine`` record as ``load_average_<phase>`` (phase "before" /
+    "after"); a load above the core count is warned about on stderr and listed in ``machine["load_warnings"]``.
+    Every benchmark that writes results.json calls it before and after measuring. Returns ``machine``."""
+    load = load_average()
+    machine[f"load_average_{phase}"] = load
+    machine.setdefault("cpus", os.cpu_count())
+    warning = load_warning(load, os.cpu_count())
+    if warning:
+        machine.setdefault("load_warnings", []).append(f"{phase}: {warning}")
+        (echo or (lambda m: print(m, file=sys.stderr, flush=True)))(f"warning: {warning}")
+    return machine
+
+
+def load_text(machine: dict[str, Any]) -> str:
+    """'load average before [..], after [..]' for a results.md header (with the warning, if any)."""
+    text = f"load average before {machine.get('load_average_before')}, after {machine.get('load_average_after')}"
+    warnings = machine.get("load_warnings")
+    return text + (f" (**warning**: {warnings[0].split(': ', 1)[1]})" if warnings else "")
+
+
 CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
                          "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
 
@@ -213,6 +251,7 @@ def run(out_dir: Path, presets=PRESETS, backends=CPU_BACKENDS, batches=(1, 8, 64
         with_engine_builds: bool = True, schedulers: tuple[str, ...] = ("ddpm",)) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
+    load = record_load({}, "before")
     with tempfile.TemporaryDirectory() as work:
         ctx = get_context("spawn")
         for preset in presets:
@@ -233,7 +272,8 @@ def run(out_dir: Path, presets=PRESETS, backends=CPU_BACKENDS, batches=(1, 8, 64
                          (f"{r['eps_ms']:9.2f} ms/step  {r['ms_per_image_step']:8.3f} ms/img-step  "
                           f"rss {r['peak_rss_mb']:.0f} MB" if "eps_ms" in r else r["error"]))
         builds = engine_builds(presets, Path(work), echo) if with_engine_builds else []
-    bench = BenchResults(machine=machine_info(), engine_builds=builds, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    machine = record_load({**machine_info(), **load}, "after")
+    bench = BenchResults(machine=machine, engine_builds=builds, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                          warmup=warmup, repeat=repeat, statistic="median", command=" ".join(sys.argv), results=results)
     bench.save(out_dir / "results.json")
     doc = bench.to_dict()
@@ -276,8 +316,8 @@ def markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     flags = m.get("cpu_flags")
     flag_text = "" if flags is None else f" (CPU flags that set fp32/bf16/int8 speed: {', '.join(flags) or 'none'})"
-    lines = [f"Machine: {m.get('cpu', m['machine'])}{flag_text}, {m['cpus']} CPUs; {doc['date']}; median of {doc['repeat']} "
-             f"after {doc['warmup']} warm-up calls; versions {m['versions']}", ""]
+    lines = [f"Machine: {m.get('cpu', m['machine'])}{flag_text}, {m['cpus']} CPUs; {load_text(m)}; {doc['date']}; median "
+             f"of {doc['repeat']} after {doc['warmup']} warm-up calls; versions {m['versions']}", ""]
     lines += ["| model | backend | batch | ε ms/step | ms per image-step | vs torch eager fp32 | peak RSS MB | notes |",
               "|---|---|---:|---:|---:|---:|---:|---|"]
     eager = {(r["preset"], r["batch"]): r.get("eps_ms") for r in doc["results"] if r["backend"] == "torch-eager-fp32"}

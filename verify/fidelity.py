@@ -78,8 +78,9 @@ def main(argv=None) -> int:
                          "ov-fp32/ov-bf16 where they only repeat fp32 (ov-bf16 on a CPU without bf16 runs fp32)")
     args = ap.parse_args(argv)
 
-    from ddpm_deploy.verify.bench import machine_info
+    from ddpm_deploy.verify.bench import machine_info, record_load
 
+    load = record_load({}, "before")
     ref_runner = open_runner(args.onnx, "cpu", threads=args.threads)
     card = ref_runner.card
     shape = (card.data.channels, card.data.image_size, card.data.image_size)
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
             drop = results[0]["quality_confident_share"] - r.get("quality_confident_share", math.nan)
             r["quality_drop"] = drop
             r["offered"] = bool(drop <= spread)
-    machine = machine_info()
+    machine = record_load({**machine_info(), **load}, "after")
     doc = BenchResults(machine={**machine, "python": platform.python_version()}, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                        command=" ".join(["python -m ddpm_deploy.verify.fidelity", *(argv or sys.argv[1:])]),
                        statistic="median", warmup=0, repeat=1, results=results)
@@ -140,9 +141,11 @@ def main(argv=None) -> int:
 
 
 def markdown(doc: dict, spread: float | None) -> str:
+    from ddpm_deploy.verify.bench import load_text
+
     m = doc["machine"]
     lines = [f"Fidelity and speed of CPU precisions; {m.get('cpu', '?')} ({m.get('cpus')} cores), CPU flags "
-             f"{', '.join(m.get('cpu_flags', [])) or 'none of interest'}; {doc['date']}.", "",
+             f"{', '.join(m.get('cpu_flags', [])) or 'none of interest'}; {load_text(m)}; {doc['date']}.", "",
              f"`{doc['command']}`", "",
              "| row | runner | precision run | ms/step | PSNR vs fp32 (median / min) | max abs x0 | digits quality | offered |",
              "|---|---|---|---:|---|---:|---:|---|"]

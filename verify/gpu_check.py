@@ -474,7 +474,13 @@ def write_outputs(args, device: dict, tests: list[dict], bench: list[dict], eps_
     add_eps_errors(bench, eps_store or {})
     text = report(device, tests, bench, args.batch)
     (args.out / "gpu_check.txt").write_text(text + "\n")
-    BenchResults(machine={"device": device, "python": platform.python_version()}, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    from ddpm_deploy.verify.bench import record_load
+
+    import copy
+
+    machine = {"device": device, "python": platform.python_version(), **copy.deepcopy(getattr(args, "load_before", {}))}
+    machine = record_load(machine, "after")  # at this write: the rows so far were measured under it
+    BenchResults(machine=machine, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                  command=" ".join(sys.argv), statistic="median", warmup=3, repeat=20,
                  results=[{**r, "batch": args.batch} for r in bench], checks=tests).save(args.out / "gpu_check.json")
     return text
@@ -504,6 +510,9 @@ def main(argv=None) -> int:
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+    from ddpm_deploy.verify.bench import record_load
+
+    args.load_before = record_load({}, "before")  # gpu_check.json records it with each row's "after"
 
     from ddpm_deploy.runtime.backends.ort_cuda import OrtCudaRunner
     from ddpm_deploy.runtime.device.info import device_info

@@ -39,9 +39,10 @@ def main() -> None:
     from ddpm_deploy.runtime.schedule import DiffusionConfig
     from ddpm_deploy.runtime.tolerances import compare
     from ddpm_deploy.trainer.data import load_dataset
-    from ddpm_deploy.verify.bench import _model, _onnx_for, machine_info
+    from ddpm_deploy.verify.bench import _model, _onnx_for, load_text, machine_info, record_load
 
     args.out.mkdir(parents=True, exist_ok=True)
+    load = record_load({}, "before")
     card = ModelCard(DiffusionConfig(), DataSpec(3, 32))
     images = load_dataset("digits", image_size=32, channels=3).images
     with tempfile.TemporaryDirectory() as work:
@@ -119,10 +120,11 @@ def main() -> None:
     doc = {"model": "ddpm-cifar10 (random weights)", "batch": args.batch, "repeat": args.repeat,
            "quantize_seconds": quant_s, "ms_per_step": {"ort-fp32": ms32, "ort-int8-qdq": ms8, "torch-bf16-autocast": ms_bf16},
            "int8_eps_rel_l2_by_bucket": rows, "int8_worst_rel_l2": max(r["rel_l2"] for r in rows)}
-    BenchResults(machine=machine_info(), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), command="python -m "
+    machine = record_load({**machine_info(), **load}, "after")
+    BenchResults(machine=machine, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), command="python -m "
                  "ddpm_deploy.verify.int8", statistic="median", warmup=2, repeat=args.repeat,
                  results=[doc]).save(args.out / "results.json")
-    md = [f"ddpm-cifar10, batch {args.batch}, median of {args.repeat}, ms per step:", "",
+    md = [f"ddpm-cifar10, batch {args.batch}, median of {args.repeat}, ms per step ({load_text(machine)}):", "",
           "| backend | ms/step | vs torch bf16 |", "|---|---:|---:|"]
     for k, v in doc["ms_per_step"].items():
         md.append(f"| {k} | {v:.1f} | {v / ms_bf16:.2f} |")

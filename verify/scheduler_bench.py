@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
-    from ddpm_deploy.verify.bench import machine_info
+    from ddpm_deploy.verify.bench import machine_info, record_load
     from ddpm_deploy.verify.fid import FidSettings, fid_report, open_extractor, sample_set
     from ddpm_deploy.runtime.imageset import ImageSet, read_image_set
 
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         rows = [r for r in ROWS if _slug(r[0]) in wanted]
     peers = [] if args.no_peers else PEERS
     result = {"model": str(args.onnx), "reference": args.ref, "num": args.num, "seed": args.seed, "batch": args.batch,
-              "machine": machine_info(), "rows": list(done.values()),
+              "machine": record_load(machine_info(), "before"), "rows": list(done.values()),
               "command": " ".join(["python -m ddpm_deploy.verify.scheduler_bench", *(argv or sys.argv[1:])])}
     settings = FidSettings(threads=args.threads)
     with open_extractor(settings, echo=lambda m: print(m, file=sys.stderr)) as ext:
@@ -147,6 +147,7 @@ def main(argv=None) -> int:
             result["rows"].append(row)
             atomic_write_text(path, json.dumps(result, indent=2, default=str))
             print(f"{label}: FID {rep.fid:.2f}, KID {rep.kid['mean']:.5f} ± {rep.kid['std']:.5f}", file=sys.stderr)
+    record_load(result["machine"], "after")
     atomic_write_text(path, json.dumps(result, indent=2, default=str))
     write_table(result, args.out / "results.md")
     plot(result, args.out / "fid_per_call.png")
@@ -155,6 +156,8 @@ def main(argv=None) -> int:
 
 
 def write_table(result: dict, out: Path) -> None:
+    from ddpm_deploy.verify.bench import load_text
+
     rows = sorted(result["rows"], key=lambda r: (r["label"].startswith("diffusers"), -r["eps_calls"]))
     lines = ["| sampler | ε calls | FID | KID (mean ± std) | images/s |", "|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -164,7 +167,8 @@ def write_table(result: dict, out: Path) -> None:
     m = result["machine"]
     lines += ["", f"{result['num']} images per row (seed {result['seed']}, indices 0 … {result['num'] - 1}, batch "
               f"{result['batch']}) against `{result['reference']}`; model `{result['model']}`.",
-              f"Machine: {m.get('cpu', '?')}, {m.get('cpus')} cores, CPU flags {', '.join(m.get('cpu_flags', []))}."]
+              f"Machine: {m.get('cpu', '?')}, {m.get('cpus')} cores, CPU flags {', '.join(m.get('cpu_flags', []))}; "
+              f"{load_text(m)} (each row's load before and after is in results.json)."]
     atomic_write_text(out, "\n".join(lines) + "\n")
 
 

@@ -103,11 +103,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from ddpm_deploy.trainer.presets import get_preset
-    from ddpm_deploy.verify.bench import machine_info
+    from ddpm_deploy.verify.bench import machine_info, record_load
 
     cfg = get_preset(args.preset).unet
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
     rows = []
+    load = record_load({}, "before")
     with tempfile.TemporaryDirectory() as work:
         ctx = get_context("spawn")
         for name in args.schedulers.split(","):
@@ -125,7 +126,8 @@ def main(argv=None) -> int:
                 print(f"{name:16s} {kind:34s} " + (f"{r['seconds_per_image']:.3f} s/image" + (
                     f", loop overhead ×{r['loop_overhead_ratio']:.4f}" if "loop_overhead_ratio" in r else "")
                     if "seconds" in r else r["error"]), file=sys.stderr, flush=True)
-    result = {"preset": args.preset, "batch": args.batch, "steps": args.steps, "machine": machine_info(),
+    machine = record_load({**machine_info(), **load}, "after")
+    result = {"preset": args.preset, "batch": args.batch, "steps": args.steps, "machine": machine,
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": rows,
               "command": " ".join(["python -m ddpm_deploy.verify.scheduler_speed", *(argv or sys.argv[1:])])}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -153,9 +155,11 @@ def table(result: dict) -> str:
         ref = rs.get(THEIRS[1], {}).get("seconds_per_image")
         ratio = f"{ref / best:.2f}×" if best and ref else "—"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {over} | {ratio} |")
+    from ddpm_deploy.verify.bench import load_text
+
     m = result["machine"]
     lines += ["", f"Machine: {m.get('cpu', '?')}, {m.get('cpus')} cores, CPU flags {', '.join(m.get('cpu_flags', []))}; "
-              f"{result['date']}. Load average before each row is in results.json."]
+              f"{result['date']}; {load_text(m)}. Load average before each row is in results.json."]
     return "\n".join(lines) + "\n"
 
 

@@ -27,12 +27,8 @@ from ddpm_deploy.runtime.fileio import atomic_write_text
 from ddpm_deploy.runtime.serve.client import TritonImages
 from ddpm_deploy.runtime.serve.repository import RepoSettings, write_repository
 from ddpm_deploy.runtime.serve.server import TritonServer
-from ddpm_deploy.verify.bench import machine_info
+from ddpm_deploy.verify.bench import load_average, load_text, machine_info, record_load
 from ddpm_deploy.verify.models import random_preset_onnx
-
-
-def load_average() -> list[float]:
-    return [round(v, 2) for v in os.getloadavg()]
 
 
 def batch_stats(server: TritonServer) -> dict[int, int]:
@@ -82,7 +78,7 @@ def markdown(doc: BenchResults, preset: str, steps: int) -> str:
     m = doc.machine
     lines = [f"# Serving benchmark: {preset} (random weights), {steps} steps per image", "",
              f"Machine: {m.get('cpu')} ({m.get('cpus')} CPUs; flags {', '.join(m.get('cpu_flags', []))}); "
-             f"load average before {m.get('load_average_before')}, after {m.get('load_average_after')}. "
+             f"{load_text(m)}. "
              f"Date {doc.date}. Command: `{doc.command}`.", "",
              "| mode | instances | ORT threads each | clients | batch | images | images/s | p50 latency (ms) | p99 latency (ms) | batches formed (size: count) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -110,7 +106,7 @@ def main(out, preset, steps, max_batch, concurrency, instances, scale):
     conc = [int(c) for c in concurrency.split(",")]
     insts = [int(i) for i in instances.split(",")]
     images_for = lambda c: scale * max(16, 3 * c)  # noqa: E731
-    machine = {**machine_info(), "load_average_before": load_average()}
+    machine = record_load(machine_info(), "before", click.echo)
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         work = Path(tmp)
         onnx, _ = random_preset_onnx(preset, work / f"{preset}.onnx")
@@ -124,7 +120,7 @@ def main(out, preset, steps, max_batch, concurrency, instances, scale):
         for i in insts:
             rows += [{**r, "max_batch": max_batch} for r in serve_rows(onnx, i, conc, images_for, steps, max_batch,
                                                                         work, click.echo)]
-    machine["load_average_after"] = load_average()
+    record_load(machine, "after", click.echo)
     doc = BenchResults(machine=machine, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                        command="python -m ddpm_deploy.verify.serve_bench " + " ".join(sys.argv[1:]),
                        statistic="images/s over the whole run (wall clock); latency percentiles over its requests",

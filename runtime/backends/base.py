@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 import numpy as np
 
 from ..config import ModelCard
-from ..errors import ArtifactError, ConfigError
+from ..errors import ArtifactError, ConfigError, invalid, is_cli_style, option
 
 DEVICES = ("cpu", "cuda")
 
@@ -63,7 +63,7 @@ class Runner:
         """ConfigError unless the model accepts a batch of ``batch`` samples."""
         if self.fixed_batch is not None and int(batch) != self.fixed_batch:
             raise ConfigError(f"{self.path}: the model has a fixed batch of {self.fixed_batch}, the sampler asks for "
-                              f"{batch}; use --batch {self.fixed_batch} or re-export with a dynamic batch")
+                              f"{batch}; use {option('batch', self.fixed_batch)} or re-export with a dynamic batch")
 
     def describe(self) -> dict[str, Any]:
         """What reports record about the runner: its class, name, device, precision and artifact."""
@@ -123,13 +123,13 @@ def runner_class(path: str | os.PathLike, device: str, backend: str | None = Non
     """The runner class for an artifact on a device (imported on demand), or of the named ``backend``;
     ConfigError if there is none."""
     if device not in DEVICES:
-        raise ConfigError(f"device must be one of {list(DEVICES)}, found {device!r}")
+        raise ConfigError(invalid("device", device, f"must be one of {list(DEVICES)}"))
     suffix = Path(path).suffix.lower()
     if backend is not None:
         target = BACKENDS.get((backend, device))
         if target is None:
             offered = sorted(f"{b} on {d}" for b, d in BACKENDS)
-            raise ConfigError(f"no backend {backend!r} on {device}; backends: {', '.join(offered)}")
+            raise ConfigError(f"no backend {option('backend', backend)} on {device}; backends: {', '.join(offered)}")
     else:
         target = RUNNERS.get((suffix, device))
     if target is None:
@@ -145,6 +145,43 @@ def runner_class(path: str | os.PathLike, device: str, backend: str | None = Non
             raise
         mod = importlib.import_module(module)
     return getattr(mod, cls)
+
+
+PRECISIONS = ("fp32", "bf16", "int8")  # what `ddpm-run sample --precision` / ``Sampler.from_onnx(precision=)`` take
+INT8_MODEL = "model.int8.xml"  # the NNCF int8 OpenVINO IR that `ddpm-export --onnx model.onnx --int8` writes beside it
+
+
+def resolve_model(path: str | os.PathLike, device: str = "cpu", backend: str | None = None,
+                  precision: str = "fp32") -> tuple[Path, str | None, str]:
+    """The artifact, backend and runner precision for a model file, a device, a backend and a precision, as
+    ``ddpm-run sample`` and the Python API both choose them (errors name flags in a CLI, arguments elsewhere).
+
+    ``backend``: None (by the file: .onnx → ONNX Runtime, .xml → OpenVINO), "onnxruntime", "openvino" or
+    "tensorrt". ``precision`` (OpenVINO only): "fp32", "bf16" (OpenVINO's precision hint) or "int8" (the NNCF int8
+    model ``model.int8.xml`` beside an ONNX file, or the .xml given). Returns (path to open, backend, the
+    ``precision`` option of the runner: the hint, "fp32" for an int8 model)."""
+    path = Path(path)
+    if precision not in PRECISIONS:
+        raise ConfigError(invalid("precision", precision, f"must be one of {list(PRECISIONS)}"))
+    named = {b for b, _ in BACKENDS}
+    if backend is not None and backend not in named:
+        raise ConfigError(invalid("backend", backend, f"must be one of {sorted(named)} (or None: by the file's "
+                                                      f"suffix)"))
+    if backend == "openvino" or (backend is None and path.suffix.lower() == ".xml"):
+        if device != "cpu":
+            drop = "drop --device cuda / --engine" if is_cli_style() else "use device='cpu'"
+            raise ConfigError(f"the OpenVINO backend runs on the CPU: {drop}")
+        backend = "openvino"
+        if precision == "int8" and path.suffix.lower() != ".xml":
+            onnx = path
+            path = path.with_name(INT8_MODEL)
+            if not path.is_file():
+                raise ArtifactError(f"{option('precision', 'int8')} needs the int8 model {path}; write it with "
+                                    f"`ddpm-export --onnx {onnx} --int8`")
+    elif precision != "fp32":
+        raise ConfigError(f"{option('precision', precision)} is an OpenVINO option: add {option('backend', 'openvino')} "
+                          f"(ONNX Runtime runs the precision stored in the model: pass model.fp16.onnx for fp16)")
+    return path, backend, "fp32" if precision == "int8" else precision
 
 
 def open_runner(path: str | os.PathLike, device: str = "cpu", backend: str | None = None, **options) -> Runner:

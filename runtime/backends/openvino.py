@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import ModelCard
 from ..contract import (INPUT_T, INPUT_X, IO_TEXT, ONNX_METADATA_KEY, OUTPUT_EPS, PRECISION_METADATA_KEY, T_DTYPE)
-from ..errors import ArtifactError, ConfigError, lazy_import
+from ..errors import ArtifactError, ConfigError, invalid, lazy_import
 from .base import Runner
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class OpenVinoRunner(Runner):
         if hint not in PERFORMANCE_HINTS:
             raise ConfigError(f"performance hint must be one of {sorted(PERFORMANCE_HINTS)}, found {hint!r}")
         if int(threads) < 0:
-            raise ConfigError(f"threads must be >= 0 (0: OpenVINO's default), found {threads}")
+            raise ConfigError(invalid("threads", threads, "must be >= 0 (0: OpenVINO's default)"))
         self.core = core = ov.Core()
         try:
             model = core.read_model(str(self.path))

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import ModelCard
 from ..contract import INPUT_T, INPUT_X, IO_TEXT, ONNX_METADATA_KEY, ORT_TYPES, OUTPUT_EPS, T_DTYPE, detect_precision
-from ..errors import ArtifactError, ConfigError, lazy_import
+from ..errors import ArtifactError, ConfigError, invalid, lazy_import, out_of_memory
 from .base import Runner
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,27 @@ INSTALL = {"cpu": "pip install onnxruntime",
 
 def first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+
+
+OOM_MARKERS = ("failed to allocate memory", "bad_alloc", "out of memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ONNX Runtime failed for want of memory: its arena's "Failed to allocate memory for requested buffer",
+    a C++ ``std::bad_alloc`` (pybind11 raises it as MemoryError), or CUDA's "out of memory"."""
+    return isinstance(exc, MemoryError) or any(m in str(exc).lower() for m in OOM_MARKERS)
+
+
+def oom_detail(exc: BaseException) -> str:
+    """The part of ONNX Runtime's message that says what failed: the node and the allocation (its first line is
+    mostly a source location)."""
+    import re
+
+    text = str(exc)
+    node = re.search(r"running (\S+) node\. Name:'([^']*)'", text)
+    alloc = re.search(r"(Failed to allocate memory[^\n]*|std::bad_alloc|bad_alloc|out of memory[^\n]*)", text, re.I)
+    parts = [f"{node.group(1)} node {node.group(2)}" if node else "", alloc.group(1).strip() if alloc else ""]
+    return ": ".join(p for p in parts if p) or first_line(exc) or type(exc).__name__
 
 
 def check_provider(ort, device: str) -> None:
@@ -75,7 +96,7 @@ class OrtSession:
         if opt_level not in OPT_LEVELS:
             raise ConfigError(f"graph optimisation level must be one of {sorted(OPT_LEVELS)}, found {opt_level!r}")
         if int(threads) < 0:
-            raise ConfigError(f"threads must be >= 0 (0: ONNX Runtime's default), found {threads}")
+            raise ConfigError(invalid("threads", threads, "must be >= 0 (0: ONNX Runtime's default)"))
         self.provider = PROVIDERS[device]
         check_provider(ort, device)
         if device == "cuda":
@@ -150,13 +171,23 @@ class OrtRunner(Runner):
             raise ArtifactError(f"{self.path}: ONNX Runtime cannot load this model ({first_line(e)})") from None
         self.session, self.card, self.precision = self._s.session, self._s.card, self._s.precision
         self.sample_shape, self.fixed_batch = self._s.sample_shape, self._s.fixed_batch
+        # a failed run is raised with ONNX Runtime's message (mapped below); its own log line of it would be a
+        # second, unformatted error on stderr
+        self._run_options = self._s.ort.RunOptions()
+        self._run_options.log_severity_level = 4
 
     @property
     def name(self) -> str:
         return "onnxruntime-cpu"
 
     def eps(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_EPS], {INPUT_X: x, INPUT_T: t.astype(T_DTYPE, copy=False)})[0]
+        try:
+            return self.session.run([OUTPUT_EPS], {INPUT_X: x, INPUT_T: t.astype(T_DTYPE, copy=False)},
+                                    self._run_options)[0]
+        except Exception as e:  # ORT's RuntimeException/Fail, or MemoryError from a std::bad_alloc
+            if is_out_of_memory(e):
+                raise out_of_memory(f"{self.path}: ONNX Runtime", len(x), oom_detail(e)) from None
+            raise
 
     def close(self) -> None:
         self.session = None

@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from ..contract import INPUT_T, INPUT_X, OUTPUT_EPS
-from ..errors import ArtifactError, ConfigError, SamplingError, lazy_import
+from ..errors import ArtifactError, ConfigError, SamplingError, lazy_import, out_of_memory
 from .base import DeviceRunner, Runner
-from .ort import INSTALL, OrtSession, check_provider, first_line
+from .ort import INSTALL, OrtSession, check_provider, first_line, is_out_of_memory, oom_detail
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,7 @@ class OrtCudaRunner(Runner, DeviceRunner):
         twice, captures the third run and replays it: correct ε, in one call); it is done here, so that a capture
         that fails at run time falls back to plain runs for this batch size before any step counts on it."""
         key = (int(x), int(t), int(eps), int(batch))
+        self._bound_batch = int(batch)
         if key not in self._bindings:
             self._bindings[key] = self._make_binding(key)
             if self._bindings[key][3]:
@@ -229,6 +230,9 @@ class OrtCudaRunner(Runner, DeviceRunner):
         try:
             self._run(self._current)
         except Exception as e:
+            if is_out_of_memory(e):  # the batch to try, as in the CPU runner (not exercised without a GPU here)
+                raise out_of_memory(f"{self.path}: ONNX Runtime CUDA", getattr(self, "_bound_batch", 0) or 1,
+                                    oom_detail(e)) from None
             raise SamplingError(f"{self.path}: ONNX Runtime CUDA failed to run the model ({first_line(e)})") from None
 
     def eps(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:

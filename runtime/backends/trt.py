@@ -30,7 +30,7 @@ import numpy as np
 
 from ..config import ModelCard
 from ..contract import INPUT_T, INPUT_X, IO_DTYPES, IO_TEXT, OUTPUT_EPS, PlanSidecar
-from ..errors import ArtifactError, ConfigError, DDPMError, MissingDependencyError
+from ..errors import ArtifactError, ConfigError, DDPMError, MissingDependencyError, option
 from ..plan import check_plan_compat, read_plan_sidecar
 from .base import DeviceRunner, Runner
 
@@ -133,7 +133,7 @@ def check_batch_in_profile(batch: int, profile: dict[str, int], plan: str | os.P
     if not lo <= int(batch) <= hi:
         raise ConfigError(
             f"{plan}: batch {batch} is outside the plan's optimisation profile (min/opt/max = {lo}/{opt}/{hi}); use "
-            f"--batch between {lo} and {hi} (fastest at {opt}), or rebuild the plan with a profile that covers "
+            f"{option('batch')} between {lo} and {hi} (fastest at {opt}), or rebuild the plan with a profile that covers "
             f"{batch} (ddpm-export --engine, batch min/max)"
         )
 

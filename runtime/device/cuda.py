@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError, DDPMError, MissingDependencyError
+from ..errors import ConfigError, DDPMError, MissingDependencyError, OutOfMemoryError, option
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ _HINTS = {
     "CUDA_ERROR_DEVICE_UNAVAILABLE": "the GPU is busy or in exclusive-process mode: check `nvidia-smi`",
     "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH": "the NVIDIA kernel module and user-space driver versions differ: "
                                          "reboot or reinstall the driver",
-    "CUDA_ERROR_OUT_OF_MEMORY": "the GPU is out of memory: use a smaller --batch or free the GPU",
     "CUDA_ERROR_UNSUPPORTED_PTX_VERSION": "the driver is older than the NVRTC that made the PTX: upgrade the "
                                           "driver, or install the nvidia-cuda-nvrtc wheel matching it",
     "CUDA_ERROR_NO_BINARY_FOR_GPU": "the kernels were compiled for another GPU architecture",
@@ -87,11 +86,20 @@ def _error_name(d, err) -> tuple[str, str]:
     return name, text
 
 
+class CudaOutOfMemoryError(CudaError, OutOfMemoryError):
+    """CUDA_ERROR_OUT_OF_MEMORY: a CudaError and the project's OutOfMemoryError alike."""
+
+
 def error_for(call_name: str, err) -> CudaError:
-    """The exception for a failed call: NoDeviceError for the 'no usable GPU' codes, else CudaError."""
+    """The exception for a failed call: NoDeviceError for the 'no usable GPU' codes, CudaOutOfMemoryError for
+    CUDA_ERROR_OUT_OF_MEMORY, else CudaError."""
     name, text = _error_name(driver(), err)
     hint = _HINTS.get(name)
+    if name == "CUDA_ERROR_OUT_OF_MEMORY":  # --batch in a CLI, batch in the API
+        hint = f"the GPU is out of memory: use a smaller {option('batch')} or free the GPU"
     msg = f"{call_name} failed: {name}" + (f" ({text})" if text else "") + (f"; {hint}" if hint else "")
+    if name == "CUDA_ERROR_OUT_OF_MEMORY":
+        return CudaOutOfMemoryError(msg)
     return (NoDeviceError if name in _NO_DEVICE else CudaError)(msg)
 
 

@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, invalid
 
 # The symbols a step combines; a Lin is a float64 vector over them.
 SYMBOLS = ("x", "eps", "m0", "m1", "m2", "m3", "xp", "z")
@@ -166,9 +166,9 @@ def noise_ids_for(timesteps: np.ndarray) -> np.ndarray:
 
 
 def check_steps(steps: int | None, T: int, lo: int = 1) -> int:
-    """--steps as an int in [lo, T] (None: T)."""
+    """``steps`` (the API's argument, ``--steps`` of the CLIs) as an int in [lo, T] (None: T)."""
     if steps is None:
         return T
     if not (isinstance(steps, (int, np.integer)) and not isinstance(steps, bool)) or not lo <= steps <= T:
-        raise ConfigError(f"--steps must be between {lo} and {T} (the model's T), found {steps}")
+        raise ConfigError(invalid("steps", steps, f"must be between {lo} and {T} (the model's T)"))
     return int(steps)

@@ -21,7 +21,8 @@ from ddpm_deploy.runtime.backends import trt as trt_backend
 from ddpm_deploy.runtime.backends.ort_cuda import provider_options, run_options
 from ddpm_deploy.runtime.device import cuda, kernels
 from ddpm_deploy.runtime.device.kernels import KernelCompileError
-from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, DDPMError, MissingDependencyError, SamplingError
+from ddpm_deploy.runtime.errors import (ArtifactError, ConfigError, DDPMError, MissingDependencyError, OutOfMemoryError,
+                                         SamplingError, cli_style)
 from ddpm_deploy.runtime.plan import sidecar_path
 from ddpm_deploy.runtime.sampling.base import Timings as LoopTimings
 from ddpm_deploy.runtime.sampling.config import plan_for
@@ -403,7 +404,11 @@ def test_sampler_rejects_bad_indices_and_shapes(gpu):
 def test_failed_calls_name_the_call_and_the_error(gpu, sim):
     codes = cuda.driver().CUresult
     sim.fail["cuMemAlloc"] = codes.CUDA_ERROR_OUT_OF_MEMORY
-    with pytest.raises(cuda.CudaError, match=r"cuMemAlloc failed: CUDA_ERROR_OUT_OF_MEMORY.*smaller --batch"):
+    with pytest.raises(cuda.CudaError, match=r"cuMemAlloc failed: CUDA_ERROR_OUT_OF_MEMORY.*smaller batch") as e:
+        cuda.DeviceArray(16, np.float32)
+    assert isinstance(e.value, OutOfMemoryError)  # the API's exception for a batch that does not fit
+    sim.fail["cuMemAlloc"] = codes.CUDA_ERROR_OUT_OF_MEMORY
+    with cli_style(), pytest.raises(cuda.CudaError, match=r"smaller --batch or free the GPU"):
         cuda.DeviceArray(16, np.float32)
     sim.fail["cuInit"] = codes.CUDA_ERROR_NO_DEVICE
     with pytest.raises(cuda.NoDeviceError, match="cuInit failed: CUDA_ERROR_NO_DEVICE.*nvidia-smi"):
@@ -567,8 +572,10 @@ def test_device_modules_import_neither_torch_nor_cuda():
 
 @pytest.mark.parametrize("batch", [0, 17, 100])
 def test_batch_outside_profile_is_refused(batch):
-    with pytest.raises(ConfigError, match=rf"batch {batch} is outside the plan's optimisation profile "
-                                          r"\(min/opt/max = 1/4/16\); use --batch between 1 and 16"):
+    with cli_style(), pytest.raises(ConfigError, match=rf"batch {batch} is outside the plan's optimisation profile "
+                                                       r"\(min/opt/max = 1/4/16\); use --batch between 1 and 16"):
+        trt_backend.check_batch_in_profile(batch, {"min": 1, "opt": 4, "max": 16}, "model.plan")
+    with pytest.raises(ConfigError, match=r"; use batch between 1 and 16"):  # the API's word
         trt_backend.check_batch_in_profile(batch, {"min": 1, "opt": 4, "max": 16}, "model.plan")
 
 

@@ -92,7 +92,7 @@ def test_full_steps_equal_no_respacing():
 
 @pytest.mark.parametrize("steps", [0, 1, 1001])
 def test_bad_steps_rejected(steps):
-    with pytest.raises(ConfigError, match="--steps"):
+    with pytest.raises(ConfigError, match=f"^steps must be between 2 and 1000 .*found {steps}$"):
         respaced_timesteps(1000, steps)
 
 

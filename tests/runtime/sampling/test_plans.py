@@ -25,7 +25,7 @@ NAMES = sorted(SCHEDULERS)
 @pytest.mark.parametrize("steps", [1, 2, 10, 50])
 def test_every_plan_is_well_formed(name, steps):
     if name == "DDPMScheduler" and steps < 2:
-        with pytest.raises(ConfigError, match="--steps must be between 2 and 1000"):
+        with pytest.raises(ConfigError, match="steps must be between 2 and 1000"):
             plan_for(CFG, name, steps)
         return
     plan = plan_for(CFG, name, steps)

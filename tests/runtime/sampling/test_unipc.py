@@ -274,5 +274,5 @@ def test_bad_steps_are_refused():
         UniPCConfig().plan(DIFF, 1000)  # linspace over 1001 points of [0, 999] repeats timesteps
     with pytest.raises(ConfigError, match="outside"):
         UniPCConfig(timestep_spacing="leading", steps_offset=600).plan(DIFF, 10)
-    with pytest.raises(ConfigError, match="--steps"):
+    with pytest.raises(ConfigError, match="steps must be between"):
         UniPCConfig().plan(DIFF, 0)
