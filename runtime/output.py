@@ -332,17 +332,33 @@ class SampleDir:
                                 f"ddpm-run sample: use --overwrite or another --out")
         return info
 
-    def remove_outputs(self) -> None:
-        """--overwrite: remove what a sampling job writes (only that: other files in the folder stay)."""
+    def remove_outputs(self, prev=None) -> None:
+        """--overwrite: remove what the previous sampling job wrote (only that: other files in the folder stay,
+        and of images/ only the NNNNNN.png of the indices ``prev``, its run.json, records as done)."""
         for n in OUTPUTS:
             (self.out / n).unlink(missing_ok=True)
         images = self.out / "images"
-        if images.is_dir():
-            for p in images.glob("*.png"):
-                p.unlink()
+        if images.is_dir() and prev is not None:
+            ranges = prev.done if prev.done is not None else [[prev.start_index, prev.start_index + prev.num - 1]]
+            for a, b in ranges:
+                for i in range(a, b + 1):
+                    (images / f"{i:06d}.png").unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 images.rmdir()
         shutil.rmtree(self.parts, ignore_errors=True)
+
+    def foreign_pngs(self, start: int, num: int, prev=None) -> list[str]:
+        """images/NNNNNN.png this job would write that are already there and not written by ``prev`` (the job
+        that run.json records, which --overwrite replaces)."""
+        images = self.out / "images"
+        if not images.is_dir():
+            return []
+        names = {p.name for p in images.iterdir()}
+        ours = set()
+        if prev is not None:
+            for a, b in (prev.done if prev.done is not None else [[prev.start_index, prev.start_index + prev.num - 1]]):
+                ours.update(range(a, b + 1))
+        return [f"images/{i:06d}.png" for i in range(start, start + num) if f"{i:06d}.png" in names and i not in ours]
 
     # -- parts
     def part_files(self) -> list[tuple[int, int, Path]]:
@@ -504,8 +520,16 @@ def sample_job(runner, loop, plan, card, model_path, out_dir, seed: int, start_i
             state = f" (run.json: {prev.done_count()} of {prev.num} images, {prev.status})" if prev else ""
             raise ConfigError(f"{out.out} already holds samples{state}: {', '.join(there)}; continue that job with "
                               f"--resume, replace it with --overwrite, or choose another --out")
+        prev_job = _safe_previous(out) if there and mode == "overwrite" else None
+        if mode in ("new", "overwrite") and write_pngs:  # checked before anything is removed
+            foreign = out.foreign_pngs(start_index, num, prev_job)
+            if foreign:
+                raise ConfigError(f"{out.out} holds {', '.join(foreign[:3])}" + (f" (+{len(foreign) - 3} more)" if
+                                  len(foreign) > 3 else "") + ", which this job would write but no sampling record "
+                                  "there says were sampled by ddpm-run (they stay untouched); move them, use "
+                                  "--no-pngs, or choose another --out")
         if there and mode == "overwrite":
-            out.remove_outputs()
+            out.remove_outputs(prev_job)
             echo(f"--overwrite: removed the previous samples in {out.out}")
         done: list[tuple[int, int]] = []
         if there and mode == "resume":

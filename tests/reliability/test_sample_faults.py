@@ -621,3 +621,24 @@ def test_the_merged_samples_are_durable_before_the_parts_are_removed(model, tmp_
     assert real_out in synced[npz_tmp[-1]:], synced  # then the folder holding the rename
     run_json = [k for k, path in enumerate(synced) if Path(path).name.startswith(".run.json")]
     assert run_json and real_out in synced[run_json[-1]:], synced  # run.json "complete", then its folder
+
+
+def test_overwrite_removes_only_the_pngs_it_wrote(tmp_path, request):
+    """--overwrite replaces the job that run.json records: its images/NNNNNN.png go, a user's other PNGs in images/
+    stay, and a PNG the new job would write that no record says we wrote is refused before anything is removed."""
+    from reliability.harness import assert_kept, assert_ok, assert_user_error, invoke, snapshot
+
+    model = request.getfixturevalue("random_micro_onnx")
+    out = tmp_path / "o"
+    args = ["sample", "--onnx", model, "--out", out, "--num", 2, "--batch", 2, "--steps", 3]
+    assert_ok(invoke("ddpm-run", *args))
+    (out / "images" / "cover.png").write_bytes(b"mine")
+    (out / "images" / "000005.png").write_bytes(b"mine too")
+    assert_ok(invoke("ddpm-run", *args, "--overwrite"))
+    assert (out / "images" / "cover.png").read_bytes() == b"mine"
+    assert (out / "images" / "000005.png").read_bytes() == b"mine too"
+    before = snapshot(out)
+    o = invoke("ddpm-run", "sample", "--onnx", model, "--out", out, "--num", 6, "--batch", 2, "--steps", 3,
+               "--overwrite")
+    assert_user_error(o, "images/000005.png", "--no-pngs")
+    assert_kept(before, out)
