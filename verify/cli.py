@@ -115,9 +115,10 @@ def parity(checkpoint, onnx_path, engine, steps, scheduler, sched_options, batch
 @click.option("--threads", type=int, default=0, help="Threads for every backend (0: all cores).")
 @click.option("--engine-builds/--no-engine-builds", default=True,
               help="Also time TensorRT engine builds (fp32 and calibrated fp16) of each preset.")
+@click.option("--overwrite", is_flag=True, help="Replace the results already in --out (refused without it).")
 @clean_errors
 def bench(out, presets, backends, batches, max_batch_cifar, repeat, warmup, e2e_steps, schedulers, threads,
-          engine_builds):
+          engine_builds, overwrite):
     """Benchmark our runtime against PyTorch eager/bf16/compile and a diffusers-style loop (needs the
     [test] extra: torch, diffusers). Each measurement runs in its own process; medians after warm-up."""
     lazy_import("torch", "ddpm-run bench (its models and PyTorch baselines)", "pip install 'ddpm-deploy[test]'")
@@ -126,8 +127,11 @@ def bench(out, presets, backends, batches, max_batch_cifar, repeat, warmup, e2e_
     except ImportError as e:
         raise ConfigError(f"ddpm-run bench needs torch and the export extra ({e}); pip install 'ddpm-deploy[test]'") from None
     split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    from ddpm_deploy.runtime.outputs import Outputs
     from ddpm_deploy.runtime.sampling.config import scheduler_class
 
+    Outputs("ddpm-run bench", [Path(out) / n for n in ("results.json", "results.md", "images_per_s.png")], overwrite,
+            hint="choose another --out").claim()
     for name in split(schedulers):
         scheduler_class(name)  # an unknown name: one error line now, not after the first model
     unknown = set(split(backends)) - set(harness.CPU_BACKENDS)
