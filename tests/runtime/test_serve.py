@@ -389,3 +389,106 @@ def test_a_good_request_is_counted_as_a_success_and_the_metadata_shows_the_docum
     for name, (dtype, shape) in shapes.items():
         assert f"{name:<10} {dtype:<6} [{', '.join(map(str, shape))}]" in help_text or \
             f"{name} {dtype} [{', '.join(map(str, shape[:1]))}, H, W, C]" in help_text, name
+
+
+# --- a server never outlives its `ddpm-run serve` ----------------------------------------------------------------
+
+def _start_serve(onnx, tmp_path, *extra):
+    """`ddpm-run serve` as a real subprocess (its own session, TMPDIR in tmp_path); returns (proc, stderr file,
+    triton pid, ports) once it says it is serving."""
+    from ddpm_deploy.runtime.serve._watchdog import shm_regions
+
+    ports = free_port(), free_port(), free_port()
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir(exist_ok=True)
+    err = tmp_path / f"serve-{time.monotonic_ns()}.err"
+    with open(err, "w") as f:
+        proc = subprocess.Popen([DDPM_RUN, "serve", "--onnx", str(onnx), "--http-port", str(ports[0]), "--grpc-port",
+                                 str(ports[1]), "--metrics-port", str(ports[2]), "--threads", "1", *extra],
+                                stdout=subprocess.DEVNULL, stderr=f, start_new_session=True,
+                                env={**os.environ, "TMPDIR": str(tmpdir)})
+    deadline = time.monotonic() + 120
+    while "tritonserver pid" not in err.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+        time.sleep(0.2)
+    pid = int(re.search(r"tritonserver pid (\d+)", err.read_text()).group(1))
+    from ddpm_deploy.runtime.serve._watchdog import group_processes as group
+
+    return proc, err, pid, ports, shm_regions(group(pid)), tmpdir
+
+
+def _wait_gone(pid, ports, regions, tmpdir, timeout=60):
+    from ddpm_deploy.runtime.serve.server import port_busy
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = {"processes": group_processes(pid), "ports": [p for p in ports if port_busy("127.0.0.1", p)],
+                "shm": [r for r in regions if os.path.exists(r)],
+                "tmp": sorted(n for n in os.listdir(tmpdir) if n.startswith("ddpm-"))}
+        if not any(left.values()):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"left behind after {timeout}s: {left}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP, signal.SIGTERM, signal.SIGINT],
+                         ids=["SIGKILL", "SIGHUP", "SIGTERM", "SIGINT"])
+def test_no_server_outlives_ddpm_run_serve(random_micro_onnx, tmp_path, sig):
+    """Whatever ends `ddpm-run serve`, tritonserver and its Python-backend stub end too, the ports are free again,
+    and the temporary folders and the backend's /dev/shm regions are gone."""
+    proc, err, pid, ports, regions, tmpdir = _start_serve(random_micro_onnx, tmp_path)
+    try:
+        assert group_processes(pid), "tritonserver is not running"
+        assert len(group_processes(pid)) >= 2, "no Python-backend stub in the server's group"
+        assert regions, "the Python backend mapped no /dev/shm region"
+        assert [n for n in os.listdir(tmpdir) if n.startswith("ddpm-")], "no temporary folder"
+        with TritonImages(f"127.0.0.1:{ports[0]}") as c:
+            assert c.request(SEED, [0], 3).shape == (1, 8, 8, 1)
+        proc.send_signal(sig)
+        proc.wait(60)
+        _wait_gone(pid, ports, regions, tmpdir)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        from ddpm_deploy.runtime.serve._watchdog import end_group
+
+        end_group(pid, 0)
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 0, err.read_text()
+        assert f"stopping tritonserver ({signal.Signals(sig).name})" in err.read_text()
+        assert "tritonserver stopped (exit status 0)" in err.read_text()
+
+
+def test_a_second_server_on_busy_ports_fails_before_it_says_it_is_serving(random_micro_onnx, tmp_path):
+    proc, err, pid, ports, regions, tmpdir = _start_serve(random_micro_onnx, tmp_path)
+    try:
+        for i, flag in enumerate(["--http-port", "--grpc-port", "--metrics-port"]):
+            args = ["--http-port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+            args[2 * i + 1] = str(ports[i])
+            r = subprocess.run([DDPM_RUN, "serve", "--onnx", str(random_micro_onnx), *args], capture_output=True,
+                               text=True, timeout=120)
+            assert r.returncode == 2, r.stderr
+            assert "serving model" not in r.stderr and "Traceback" not in r.stderr
+            lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+            assert lines == [f"error: {flag} {ports[i]}: 127.0.0.1:{ports[i]} is already in use; stop that server or "
+                             f"choose another port (0: a free one)"], r.stderr
+        with TritonImages(f"127.0.0.1:{ports[0]}") as c:  # the first one still serves
+            assert c.request(SEED, [0], 3).shape == (1, 8, 8, 1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    _wait_gone(pid, ports, regions, tmpdir)
+
+
+def test_a_server_that_loses_a_port_race_is_refused_before_serving(repo):
+    """Ports checked free, then taken by someone else before tritonserver binds them: the server that answers on
+    the port is not ours, so start() fails instead of saying it serves."""
+    with TritonServer(repo) as first:
+        second = TritonServer(repo)
+        second.http_port = first.http_port  # as if taken between the check and the start
+        with pytest.raises(ServerError, match=f"--http-port {first.http_port}: another process listens"):
+            second.start(timeout=120)
+        assert_no_process_left(second)
