@@ -186,8 +186,26 @@ def request(url, protocol, seed, start_index, num, steps, scheduler, concurrency
     """
     from .client import TritonImages
 
+    from .client import encode_scheduler, split_url
+    from .handler import MAX_INDEX
+
     if num < 1 or start_index < 0 or seed < 0:
         raise ConfigError(f"--num must be >= 1, --index and --seed >= 0; found {num}, {start_index}, {seed}")
+    if seed >= 2**64:
+        raise ConfigError(f"--seed must be below 2**64 (the model's seed is UINT64), found {seed}")
+    if start_index + num - 1 > MAX_INDEX:
+        raise ConfigError(f"--index + --num - 1 must be <= {MAX_INDEX} (sample indices are 32-bit), found "
+                          f"{start_index + num - 1}")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps must be >= 1, found {steps}")
+    if concurrency < 1:
+        raise ConfigError(f"--concurrency must be >= 1, found {concurrency}")
+    if scheduler is not None:
+        encode_scheduler(scheduler)  # too long, NUL: refused before any request
+    address, _ = split_url(url, protocol)
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or "/" in address or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--url {url}: expected host:port, http://host:port or grpc://host:port (port 1-65535)")
     from ..output import SampleDir
 
     held = SampleDir(out).existing() if out.is_dir() else []
