@@ -54,6 +54,11 @@ def fake_server(tmp_path) -> tuple[Path, Path]:
     return exe, mark
 
 
+def _sampler(repo: Path) -> Path:
+    """The Python-backend model's folder (ddpm_sampler; ddpm in repositories written before the ensemble)."""
+    return repo / "ddpm_sampler" if (repo / "ddpm_sampler").is_dir() else repo / "ddpm"
+
+
 def _w(tmp_path: Path, model: Path, good_repo: Path) -> Path:
     w = tmp_path / "w"
     w.mkdir()
@@ -67,7 +72,7 @@ def _w(tmp_path: Path, model: Path, good_repo: Path) -> Path:
     (w / "bare.plan").write_bytes(b"ftrt" + os.urandom(200))
     shutil.copytree(good_repo, w / "repo")
     shutil.copytree(good_repo, w / "edited")
-    cfg = w / "edited" / "ddpm_sampler" / "config.pbtxt"
+    cfg = _sampler(w / "edited") / "config.pbtxt"
     cfg.write_text("\n".join(ln for ln in cfg.read_text().splitlines() if not ln.startswith("instance_group")) + "\n")
     (w / "sched.json").write_text('{"not": "a scheduler"}')
     return w
@@ -297,7 +302,7 @@ EXPORT = {
 @pytest.mark.parametrize("case", list(EXPORT))
 def test_export_triton_repo_refuses(case, tmp_path, model, good_repo):
     w = _w(tmp_path, model, good_repo)
-    shutil.copytree(good_repo / "ddpm_sampler", w / "sampler-only" / "ddpm_sampler")
+    shutil.copytree(_sampler(good_repo), w / "sampler-only" / "ddpm_sampler")
     shutil.copytree(good_repo / "ddpm", w / "ddpm-only" / "ddpm")
     args, name = EXPORT[case]
     args = _fmt(args, w=w)
