@@ -319,7 +319,16 @@ def serving_copy(repo: str | os.PathLike, dst: str | os.PathLike, instances: int
         src, out = repo / name, dst / name
         out.mkdir(parents=True)
         for entry in src.iterdir():
-            if entry.name != "config.pbtxt":
+            if entry.is_dir() and entry.name.isdigit():  # a version: its own folder here, so that Python's
+                (out / entry.name).mkdir()               # __pycache__ of model.py is not written into R
+                for f in entry.iterdir():
+                    if f.name == "__pycache__":
+                        continue
+                    if f.suffix == ".py":
+                        shutil.copyfile(f, out / entry.name / f.name)
+                    else:
+                        os.symlink(f.resolve(), out / entry.name / f.name)
+            elif entry.name != "config.pbtxt":
                 os.symlink(entry.resolve(), out / entry.name)
         path = src / "config.pbtxt"
         text = path.read_text(encoding="utf-8")

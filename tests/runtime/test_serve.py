@@ -25,6 +25,7 @@ from ddpm_deploy.runtime.errors import MissingDependencyError
 from ddpm_deploy.runtime.serve.client import TritonImages, make_inputs
 from ddpm_deploy.runtime.serve.repository import RepoSettings, read_parameters, write_repository
 from ddpm_deploy.runtime.serve.server import ServerError, TritonServer, find_triton, free_port, group_processes
+from ddpm_deploy.export.cli import main as export_cli
 from ddpm_deploy.verify.cli import main as run_cli
 from helpers import run_without_torch
 
@@ -394,8 +395,12 @@ def test_a_good_request_is_counted_as_a_success_and_the_metadata_shows_the_docum
 # --- a server never outlives its `ddpm-run serve` ----------------------------------------------------------------
 
 def _start_serve(onnx, tmp_path, *extra):
-    """`ddpm-run serve` as a real subprocess (its own session, TMPDIR in tmp_path); returns (proc, stderr file,
-    triton pid, ports) once it says it is serving."""
+    return _start_serve_args(tmp_path, "--onnx", str(onnx), *extra)
+
+
+def _start_serve_args(tmp_path, *args):
+    """`ddpm-run serve ARGS` as a real subprocess (its own session, TMPDIR in tmp_path); returns (proc, stderr
+    file, triton pid, ports, its /dev/shm regions, TMPDIR) once it says it is serving."""
     from ddpm_deploy.runtime.serve._watchdog import shm_regions
 
     ports = free_port(), free_port(), free_port()
@@ -403,8 +408,8 @@ def _start_serve(onnx, tmp_path, *extra):
     tmpdir.mkdir(exist_ok=True)
     err = tmp_path / f"serve-{time.monotonic_ns()}.err"
     with open(err, "w") as f:
-        proc = subprocess.Popen([DDPM_RUN, "serve", "--onnx", str(onnx), "--http-port", str(ports[0]), "--grpc-port",
-                                 str(ports[1]), "--metrics-port", str(ports[2]), "--threads", "1", *extra],
+        proc = subprocess.Popen([DDPM_RUN, "serve", "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
+                                 "--metrics-port", str(ports[2]), "--threads", "1", *args],
                                 stdout=subprocess.DEVNULL, stderr=f, start_new_session=True,
                                 env={**os.environ, "TMPDIR": str(tmpdir)})
     deadline = time.monotonic() + 120
@@ -492,3 +497,34 @@ def test_a_server_that_loses_a_port_race_is_refused_before_serving(repo):
         with pytest.raises(ServerError, match=f"--http-port {first.http_port}: another process listens"):
             second.start(timeout=120)
         assert_no_process_left(second)
+
+
+def test_serve_repo_applies_instances_max_batch_and_defaults_to_a_copy(random_micro_onnx, tmp_path):
+    """`ddpm-run serve --repo R --instances 2 --max-batch 3 --steps 4 --scheduler ddim` serves R with those settings
+    (a temporary copy: R keeps its bytes); a request without steps/scheduler gets ddim in 4 steps."""
+    from reliability.harness import snapshot
+
+    repo = tmp_path / "repo"
+    r = CliRunner().invoke(export_cli, [str(random_micro_onnx), "--triton-repo", str(repo), "--triton-steps", "6"])
+    assert r.exit_code == 0, r.output
+    before = snapshot(repo)
+    proc, err, pid, ports, regions, tmpdir = _start_serve_args(
+        tmp_path, "--repo", str(repo), "--instances", "2", "--max-batch", "3", "--steps", "4", "--scheduler", "ddim")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/models/ddpm_sampler/config", timeout=10) as f:
+            cfg = json.load(f)
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/models/ddpm/config", timeout=10) as f:
+            ens = json.load(f)
+        with TritonImages(f"127.0.0.1:{ports[0]}") as c:
+            got = c.request(SEED, [1])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    _wait_gone(pid, ports, regions, tmpdir)
+
+    assert cfg["instance_group"][0]["count"] == 2 and cfg["max_batch_size"] == 3 and ens["max_batch_size"] == 3
+    assert cfg["parameters"]["default_steps"]["string_value"] == "4"
+    assert ens["parameters"]["default_scheduler"]["string_value"] == "ddim"
+    assert snapshot(repo) == before
+    with Sampler.from_onnx(random_micro_onnx, threads=1) as s:
+        np.testing.assert_array_equal(got, s(1, seed=SEED, start_index=1, steps=4, scheduler="ddim"))
