@@ -1,4 +1,4 @@
-"""The Triton Python-backend model of a ddpm-deploy model repository (copied there as ``ddpm/1/model.py``).
+"""The Triton Python-backend model of a ddpm-deploy model repository (copied there as ``ddpm_sampler/1/model.py``).
 
 One request = one image (or k, with a request batch of k): inputs ``seed`` UINT64 [1], ``index`` INT64 [1],
 optional ``steps`` INT32 [1] and ``scheduler`` UINT8 [1024] (a name or JSON as zero-padded UTF-8); output
