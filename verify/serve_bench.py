@@ -36,7 +36,8 @@ def load_average() -> list[float]:
 
 
 def batch_stats(server: TritonServer) -> dict[int, int]:
-    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/ddpm_sampler/stats", timeout=10) as r:  # the batching model (ddpm: its ensemble)
+    # the model that batches (ddpm, the one clients call, is its ensemble and has no batch statistics)
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/ddpm_sampler/stats", timeout=10) as r:
         body = json.load(r)
     return {b["batch_size"]: b["compute_infer"]["count"] for b in body["model_stats"][0]["batch_stats"]}
 

@@ -82,7 +82,7 @@ def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, ins
     """
     setup_logging(verbose)
     from .repository import RepoSettings, serving_copy, write_repository
-    from .server import PORT_FLAGS, TritonServer, check_ports
+    from .server import PORT_FLAGS, check_ports
 
     check_ports(host, dict(zip(PORT_FLAGS, (http_port, grpc_port, metrics_port))))  # before anything starts
     for flag, value, low in (("--instances", instances, 1), ("--max-batch", max_batch, 1), ("--threads", threads, 0),

@@ -146,11 +146,10 @@ def test_serve_refuses_before_any_server_starts(case, tmp_path, model, good_repo
     exe, mark = fake_server
     args, name = SERVE[case]
     kw = dict(w=w, model=model, busy=busy)
-    ports = [] if any(a in args for a in ("--http-port", "--grpc-port", "--metrics-port")) else []
-    defaults = {"--http-port": "0", "--grpc-port": "0", "--metrics-port": "0"}  # never the real 8000-8002
-    for flag, value in defaults.items():
+    ports = []  # ports a case does not name are 0 (free ones), never the real 8000-8002
+    for flag in ("--http-port", "--grpc-port", "--metrics-port"):
         if flag not in args:
-            ports += [flag, value]
+            ports += [flag, "0"]
     before = snapshot(w, model)
     tmp_before = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
 
