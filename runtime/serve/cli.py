@@ -142,10 +142,9 @@ def _serve(served, shown, tmp, http_port, grpc_port, metrics_port, host, ready_t
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         server.start(timeout=ready_timeout)
-        if stop["signal"] is None:
-            click.echo(f"serving model ddpm from {shown}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
-                       f"metrics {server.host}:{server.metrics_port} (tritonserver pid {server.proc.pid}); "
-                       f"Ctrl-C stops it", err=True)
+        click.echo(f"serving model ddpm from {shown}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+                   f"metrics {server.host}:{server.metrics_port} (tritonserver pid {server.proc.pid}); "
+                   f"Ctrl-C stops it", err=True)
         while stop["signal"] is None:
             if server.proc.poll() is not None:
                 raise ConfigError(f"tritonserver exited with status {server.proc.returncode}:\n{server.log_tail()}")
