@@ -179,18 +179,24 @@ class _ProgressBar:
 @click.option("--triton-instances", type=int, default=1, help="Triton model instances (instance_group count).")
 @click.option("--triton-max-batch", type=int, default=None,
               help="Dynamic batching's largest batch. Default: the plan's profile max, else 16.")
+@click.option("--triton-steps", type=int, default=None,
+              help="The repository's default ε calls for requests without steps (default: T for ddpm, else 20).")
+@click.option("--triton-scheduler", default=None, metavar="NAME|JSON",
+              help="The repository's default scheduler for requests without one: ddpm (default), ddim, dpmsolver++, "
+                   "sde-dpmsolver++, unipc, JSON {\"scheduler\": NAME, \"options\": {...}}, or a diffusers "
+                   "scheduler_config.json (its content goes into the repository).")
 @click.option("--overwrite", is_flag=True, help="Replace outputs that exist (model.onnx, export_report.json, the "
-              "precision models and reports, the plan and its sidecar, the Triton model folder). Without it an export "
+              "precision models and reports, the plan and its sidecar, the Triton models). Without it an export "
               "that would replace a file refuses before doing anything; with it only the files this export writes "
-              "are replaced, other files stay.")
+              "are replaced, other files stay (for --triton-repo: other versions and files of ddpm/ddpm_sampler).")
 @click.option("--no-progress", is_flag=True, envvar="DDPM_NO_PROGRESS", show_envvar=True,
               help="No engine-build progress bar.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @clean_errors
 def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, calib_dataset, engine, engine_out, adopt_plan,
          trt_flavour, batch_min, batch_opt, batch_max, workspace_mb, opt_level, timing_cache, version_compatible, tf32,
-         compute_capability, triton_repo, triton_kind, triton_instances, triton_max_batch, overwrite, no_progress,
-         verbose):
+         compute_capability, triton_repo, triton_kind, triton_instances, triton_max_batch, triton_steps,
+         triton_scheduler, overwrite, no_progress, verbose):
     """Export a trained run to ONNX, and optionally to fp16 mixed precision and a TensorRT engine.
 
     \b
@@ -213,15 +219,33 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
     'ddpm-deploy[engine]' plus a TensorRT flavour there and run `ddpm-export --onnx model.onnx --engine`.
     """
     setup_logging(verbose)
+    for flag, value in (("--triton-instances", triton_instances), ("--triton-max-batch", triton_max_batch),
+                        ("--triton-steps", triton_steps)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, found {value}")
+    if triton_repo is None and (triton_kind is not None or triton_max_batch is not None or triton_instances != 1
+                                or triton_steps is not None or triton_scheduler is not None):
+        raise ConfigError("--triton-kind/--triton-instances/--triton-max-batch/--triton-steps/--triton-scheduler "
+                          "describe a Triton repository; add --triton-repo DIR")
+    triton = None
+    if triton_repo is not None:
+        from ddpm_deploy.runtime.serve.repository import check_target
+
+        check_target(triton_repo, overwrite)  # before any work
+        if triton_scheduler is not None and not triton_scheduler.lstrip().startswith("{") and \
+                Path(triton_scheduler).is_file():
+            import json
+
+            from ddpm_deploy.runtime.sampling.config import read_config_file
+
+            triton_scheduler = json.dumps(read_config_file(triton_scheduler))  # the config, not a path
+        triton = dict(repo=triton_repo, kind=triton_kind, instances=triton_instances, max_batch=triton_max_batch,
+                      steps=triton_steps, scheduler=triton_scheduler, overwrite=overwrite)
     if run_dir is not None and Path(run_dir).suffix.lower() in (".onnx", ".plan", ".engine", ".trt"):
         if triton_repo is None:
             raise ConfigError(f"{run_dir} is a model file: give --triton-repo DIR to write a Triton repository for it, "
                               f"or --onnx {run_dir} for engine builds and precisions (RUN_DIR is a ddpm-train run)")
-        from ddpm_deploy.runtime.outputs import Outputs
-
-        Outputs("ddpm-export --triton-repo", [triton_repo / "ddpm"], overwrite, hint="choose another --triton-repo",
-                folders=[triton_repo / "ddpm"]).claim()
-        _write_triton(Path(run_dir), triton_repo, triton_kind, triton_instances, triton_max_batch)
+        _write_triton(Path(run_dir), **triton)
         return
     precision_given = precision
     precision = precision or ("fp16" if fp16 else "fp32")
@@ -253,12 +277,6 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
             check_dataset_spec(calib_dataset)
         except DataError as e:
             raise DataError(f"--calib-dataset: {e}") from None
-    for flag, value in (("--triton-instances", triton_instances), ("--triton-max-batch", triton_max_batch)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be >= 1, found {value}")
-    if triton_repo is None and (triton_kind is not None or triton_max_batch is not None or triton_instances != 1):
-        raise ConfigError("--triton-kind/--triton-instances/--triton-max-batch describe a Triton repository; add "
-                          "--triton-repo DIR")
     if raw and onnx_in is not None:
         raise ConfigError("--raw chooses the weights of a ddpm-train run; it does not apply to --onnx")
     if raw and from_diffusers is not None:
@@ -317,14 +335,10 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
         raise ConfigError(f"--out {out}: expected a folder, found a file")
     Outputs("ddpm-export", _targets(out, onnx_in is None, precision, int8, settings is not None and (engine_out or
                                     out / "model.plan")), overwrite, hint="choose another --out").claim()
-    if triton_repo is not None:
-        Outputs("ddpm-export --triton-repo", [triton_repo / "ddpm"], overwrite, hint="choose another --triton-repo",
-                folders=[triton_repo / "ddpm"]).claim()
     plan_dir = (engine_out or out / "model.plan").parent if settings is not None else None
     with output_guard(out, plan_dir, triton_repo):
         _export(run_dir, out, raw, from_diffusers, onnx_in, precision, int8, calib_dataset, settings, engine_out,
-                no_progress, triton_repo, triton_kind, triton_instances, triton_max_batch, batch_min, batch_opt,
-                batch_max)
+                no_progress, triton, batch_min, batch_opt, batch_max)
 
 
 def _targets(out: Path, onnx: bool, precision: str, int8: bool, plan) -> list[Path]:
@@ -343,7 +357,7 @@ def _targets(out: Path, onnx: bool, precision: str, int8: bool, plan) -> list[Pa
 
 
 def _export(run_dir, out, raw, from_diffusers, onnx_in, precision, int8, calib_dataset, settings, engine_out,
-            no_progress, triton_repo, triton_kind, triton_instances, triton_max_batch, batch_min, batch_opt, batch_max):
+            no_progress, triton, batch_min, batch_opt, batch_max):
     if onnx_in is not None:
         out.mkdir(parents=True, exist_ok=True)
         onnx_path = onnx_in
@@ -384,20 +398,22 @@ def _export(run_dir, out, raw, from_diffusers, onnx_in, precision, int8, calib_d
         click.echo(f"wrote {plan} ({side.plan['bytes'] / 1e6:.1f} MB, {side.precision}, "
                    f"{side.trt['flavour']} {side.trt['version']}, batch {batch_min}/{batch_opt}/{batch_max}) "
                    f"in {side.build['seconds']:.1f}s, and {plan}.json; runs on {where}")
-    if triton_repo is not None:
-        use_plan = settings is not None and triton_kind == "gpu"
-        _write_triton(plan if use_plan else onnx_path, triton_repo, triton_kind, triton_instances, triton_max_batch)
+    if triton is not None:
+        use_plan = settings is not None and triton["kind"] == "gpu"
+        _write_triton(plan if use_plan else onnx_path, **triton)
 
 
-def _write_triton(model: Path, repo: Path, kind: str | None, instances: int, max_batch: int | None) -> None:
+def _write_triton(model: Path, repo: Path, kind: str | None, instances: int, max_batch: int | None,
+                  steps: int | None = None, scheduler: str | None = None, overwrite: bool = False) -> None:
     """The Triton model repository for ``model`` (runtime.serve.repository; no torch)."""
     from ddpm_deploy.runtime.serve.repository import RepoSettings, write_repository
 
     plan = model.suffix.lower() in (".plan", ".engine", ".trt")
     write_repository(model, repo, RepoSettings(instances=instances, kind=kind or ("gpu" if plan else "cpu"),
-                                               max_batch=max_batch))
-    click.echo(f"wrote Triton model repository {repo}/ddpm (config.pbtxt, 1/model.py, 1/{model.name}); serve it with "
-               f"ddpm-run serve --repo {repo}")
+                                               max_batch=max_batch, default_steps=steps, default_scheduler=scheduler),
+                     overwrite=overwrite)
+    click.echo(f"wrote Triton model repository {repo}: ddpm (config.pbtxt, the model clients call) and ddpm_sampler "
+               f"(config.pbtxt, 1/model.py, 1/{model.name}); serve it with ddpm-run serve --repo {repo}")
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ class Outputs:
                 else:
                     tmp.unlink(missing_ok=True)
         self._staged.clear()
-        for d in self._created:
+        for d in sorted(self._created, key=lambda p: len(p.parts), reverse=True):  # deepest first, across mkdirs
             with contextlib.suppress(OSError):
                 d.rmdir()
 

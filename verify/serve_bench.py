@@ -32,7 +32,8 @@ from ddpm_deploy.verify.models import random_preset_onnx
 
 
 def batch_stats(server: TritonServer) -> dict[int, int]:
-    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/ddpm/stats", timeout=10) as r:
+    # the model that batches (ddpm, the one clients call, is its ensemble and has no batch statistics)
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/ddpm_sampler/stats", timeout=10) as r:
         body = json.load(r)
     return {b["batch_size"]: b["compute_infer"]["count"] for b in body["model_stats"][0]["batch_stats"]}
 

@@ -17,79 +17,132 @@ from ..clitools import clean_errors, latest_run, setup_logging
 from ..errors import ConfigError
 
 
+INTERFACE = """\b
+    The model clients call is `ddpm` (an ensemble over `ddpm_sampler`, the Python-backend model that samples).
+    Its inputs, as its metadata shows them (-1: the request's batch k, 1 <= k <= the max batch):
+      seed       UINT64 [-1, 1]     required
+      index      INT64  [-1, 1]     required, 0 <= index <= 4294967295
+      steps      INT32  [-1, 1]     optional: ε calls, 2..T for ddpm, 1..T for the others (default the
+                                    repository's, else T for ddpm and 20 for the others)
+      scheduler  UINT8  [-1, 1024]  optional: a name (ddpm, ddim, dpmsolver++, sde-dpmsolver++, unipc) or JSON,
+                                    zero-padded UTF-8 (`ddpm-run request --scheduler` encodes it)
+    Output: image UINT8 [-1, H, W, C]. One image: send shape [1, 1]; a batch of k indices: index [k, 1] with
+    seed [k, 1] (and steps [k, 1], scheduler [k, 1024] when given). A bad input (a missing or unknown
+    input, a wrong dtype or shape, index < 0, steps out of range, an unknown scheduler) is the client's error:
+    HTTP 400 / gRPC INVALID_ARGUMENT, counted in nv_inference_request_failure; the server keeps serving."""
+
+
 @main.command(context_settings=CTX)
 @click.option("--repo", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="A model repository from ddpm-export --triton-repo. Default: one written to a temporary folder "
-                   "from --onnx / --engine.")
+              help="A model repository from ddpm-export --triton-repo (never modified: options given here are "
+                   "applied to a temporary copy). Default: one written to a temporary folder from --onnx / --engine.")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="ONNX model to serve (without --repo). Default: runs/latest/export/model.onnx.")
 @click.option("--engine", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="TensorRT plan (+ sidecar) to serve on the GPU (without --repo).")
 @click.option("--http-port", type=int, default=8000, help="HTTP/REST port (0: a free one).")
 @click.option("--grpc-port", type=int, default=8001, help="gRPC port (0: a free one).")
-@click.option("--metrics-port", type=int, default=8002, help="Prometheus metrics port (0: a free one).")
+@click.option("--metrics-port", type=int, default=8002,
+              help="Prometheus metrics port (0: a free one). The three ports must differ and be free; checked "
+                   "before anything starts.")
 @click.option("--host", default="127.0.0.1", help="Address the server listens on (0.0.0.0: every interface).")
-@click.option("--instances", type=int, default=1, help="Model instances (without --repo).")
+@click.option("--instances", type=int, default=None, help="Model instances. Default: 1, or the --repo's.")
 @click.option("--kind", type=click.Choice(["cpu", "gpu"]), default=None,
-              help="Instance kind (without --repo). Default: gpu for --engine, else cpu.")
+              help="Instance kind. Default: gpu for --engine, else cpu, or the --repo's.")
 @click.option("--max-batch", type=int, default=None,
-              help="Dynamic batching's largest batch (without --repo). Default: the plan's profile max, else 16.")
-@click.option("--threads", type=int, default=0, help="ONNX Runtime threads per instance (0: cores / instances).")
+              help="Dynamic batching's largest batch. Default: the plan's profile max, else 16, or the --repo's.")
+@click.option("--threads", type=int, default=None,
+              help="ONNX Runtime threads per instance (0: cores / instances). Default: 0, or the --repo's.")
 @click.option("--ready-timeout", type=float, default=300.0, help="Seconds to wait for the model to load.")
 @click.option("--scheduler", default=None, metavar="NAME|JSON",
-              help="The repository's default scheduler for requests without one (without --repo): ddpm (default), "
-                   "ddim, dpmsolver++, sde-dpmsolver++, unipc, JSON {\"scheduler\": NAME, \"options\": {...}}, or a "
-                   "diffusers scheduler_config.json (its content goes into the repository).")
+              help="The default scheduler for requests without one: ddpm (default), ddim, dpmsolver++, "
+                   "sde-dpmsolver++, unipc, JSON {\"scheduler\": NAME, \"options\": {...}}, or a diffusers "
+                   "scheduler_config.json (its content goes into the repository). Default: the --repo's.")
 @click.option("--steps", type=int, default=None,
-              help="The repository's default ε calls for requests without steps (default: T for ddpm, else 20).")
+              help="The default ε calls for requests without steps (default: T for ddpm, else 20, or the --repo's).")
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @clean_errors
 def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, instances, kind, max_batch, threads,
           ready_timeout, scheduler, steps, verbose):
-    """Serve the model with Triton Inference Server until SIGINT or SIGTERM.
+    """Serve the model with Triton Inference Server until SIGINT, SIGTERM or SIGHUP.
 
     \b
       ddpm-run serve --onnx model.onnx --instances 2      writes a repository, starts tritonserver
       ddpm-run serve --repo triton-repo                   a repository from ddpm-export --triton-repo
+      ddpm-run serve --repo triton-repo --instances 2 --max-batch 8 --steps 50    the same with other settings
 
-    One request = one image: inputs seed UINT64 [1], index INT64 [1], optional steps INT32 [1] and scheduler UINT8
-    [1024] (a name or JSON, zero-padded UTF-8: `ddpm-run request --scheduler`); output image UINT8 [H, W, C]. The
-    image equals `ddpm-run sample` for the same seed, index, scheduler and steps, bit for bit; requests of different
-    schedulers and step counts share the model's ε calls.
+    The image of (seed, index) equals `ddpm-run sample` for the same seed, index, scheduler and steps, bit for
+    bit; requests of different schedulers and step counts share the model's ε calls.
+
+    {interface}
+
+    The server never outlives this command: SIGINT/SIGTERM/SIGHUP stop it cleanly; if this command is killed
+    (SIGKILL included), tritonserver gets SIGTERM from the kernel and a watchdog ends its processes and removes
+    its temporary folders.
     """
     setup_logging(verbose)
-    from .repository import RepoSettings, write_repository
+    from .repository import RepoSettings, serving_copy, write_repository
+    from .server import PORT_FLAGS, check_ports
+
+    check_ports(host, dict(zip(PORT_FLAGS, (http_port, grpc_port, metrics_port))))  # before anything starts
+    for flag, value, low in (("--instances", instances, 1), ("--max-batch", max_batch, 1), ("--threads", threads, 0),
+                             ("--steps", steps, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} must be >= {low}, found {value}")
+    if not ready_timeout > 0:
+        raise ConfigError(f"--ready-timeout must be > 0 seconds, found {ready_timeout}")
+    if scheduler is not None and not scheduler.lstrip().startswith("{") and Path(scheduler).is_file():
+        import json
+
+        from ..sampling.config import read_config_file
+
+        scheduler = json.dumps(read_config_file(scheduler))  # the repository carries the config, not a path
+    tmp = tempfile.mkdtemp(prefix="ddpm-repo-")
+    try:
+        if repo is None:
+            if onnx_path is not None and engine is not None:
+                raise ConfigError("give either --onnx or --engine, not both")
+            model = Path(engine or onnx_path or latest_run() / "export" / "model.onnx")
+            served = write_repository(model, tmp, RepoSettings(
+                instances=instances or 1, kind=kind or ("gpu" if engine else "cpu"), max_batch=max_batch,
+                threads=threads or 0, default_scheduler=scheduler, default_steps=steps), command="ddpm-run serve")
+        else:
+            if onnx_path is not None or engine is not None:
+                raise ConfigError("--repo serves the model of the repository; --onnx/--engine write a new one: give "
+                                  "one of them")
+            from .repository import MODEL_NAME
+
+            if not (repo / MODEL_NAME / "config.pbtxt").is_file():
+                raise ConfigError(f"--repo {repo}: expected a Triton model repository with {MODEL_NAME}/config.pbtxt, "
+                                  f"found {'no folder' if not repo.exists() else 'none'}; write one with ddpm-export "
+                                  f"--triton-repo {repo}")
+            given = (instances, max_batch, kind, threads, steps, scheduler)
+            served = serving_copy(repo, Path(tmp) / "repo", instances, max_batch, kind, threads, steps, scheduler) \
+                if any(v is not None for v in given) else repo
+        _serve(served, repo or served, tmp, http_port, grpc_port, metrics_port, host, ready_timeout)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+serve.help = serve.help.replace("{interface}", INTERFACE.replace("\\b\n    ", "").strip())
+
+
+def _serve(served, shown, tmp, http_port, grpc_port, metrics_port, host, ready_timeout) -> None:
     from .server import TritonServer
 
-    tmp = None
-    if repo is None:
-        if onnx_path is not None and engine is not None:
-            raise ConfigError("give either --onnx or --engine, not both")
-        model = Path(engine or onnx_path or latest_run() / "export" / "model.onnx")
-        tmp = tempfile.TemporaryDirectory(prefix="ddpm-repo-")
-        if scheduler is not None and not scheduler.lstrip().startswith("{") and Path(scheduler).is_file():
-            import json
-
-            from ..sampling.config import read_config_file
-
-            scheduler = json.dumps(read_config_file(scheduler))  # the repository carries the config, not a path
-        repo = write_repository(model, tmp.name, RepoSettings(
-            instances=instances, kind=kind or ("gpu" if engine else "cpu"), max_batch=max_batch, threads=threads,
-            default_scheduler=scheduler, default_steps=steps))
-    elif scheduler is not None or steps is not None:
-        raise ConfigError("--scheduler/--steps set the defaults of a repository ddpm-run serve writes; a --repo keeps "
-                          "its own (ddpm-export --triton-repo)")
     ports = [p or None for p in (http_port, grpc_port, metrics_port)]
-    server = TritonServer(repo, *ports, host=host)
+    server = TritonServer(served, *ports, host=host, remove_on_exit=(tmp,))
     stop = {"signal": None}
 
     def on_signal(signum, frame):
         stop["signal"] = signum
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         server.start(timeout=ready_timeout)
-        click.echo(f"serving model ddpm from {repo}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+        click.echo(f"serving model ddpm from {shown}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
                    f"metrics {server.host}:{server.metrics_port} (tritonserver pid {server.proc.pid}); "
                    f"Ctrl-C stops it", err=True)
         while stop["signal"] is None:
@@ -101,8 +154,6 @@ def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, ins
         rc = server.stop()
         for s, h in old.items():
             signal.signal(s, h)
-        if tmp is not None:
-            tmp.cleanup()
     click.echo(f"tritonserver stopped (exit status {rc})", err=True)
 
 
@@ -125,11 +176,35 @@ def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, ins
 @click.option("--overwrite", is_flag=True, help="Replace the samples already in --out (otherwise refused).")
 @clean_errors
 def request(url, protocol, seed, start_index, num, steps, scheduler, concurrency, out, no_pngs, overwrite):
-    """Fetch images from a served model (tritonclient) and write the usual sample outputs."""
+    """Fetch images from a served model (tritonclient) and write the usual sample outputs.
+
+    One request per image, NUM requests for indices INDEX … INDEX+NUM-1, CONCURRENCY at a time: each sends
+    seed UINT64 [1, 1], index INT64 [1, 1], and steps INT32 [1, 1] / scheduler UINT8 [1, 1024] when given (see
+    `ddpm-run serve --help` for the model's interface). A request the server refuses (steps out of range, an
+    unknown scheduler) ends the command with one error line and writes nothing.
+    """
     from .client import TritonImages
+
+    from .client import encode_scheduler, split_url
+    from .handler import MAX_INDEX
 
     if num < 1 or start_index < 0 or seed < 0:
         raise ConfigError(f"--num must be >= 1, --index and --seed >= 0; found {num}, {start_index}, {seed}")
+    if seed >= 2**64:
+        raise ConfigError(f"--seed must be below 2**64 (the model's seed is UINT64), found {seed}")
+    if start_index + num - 1 > MAX_INDEX:
+        raise ConfigError(f"--index + --num - 1 must be <= {MAX_INDEX} (sample indices are 32-bit), found "
+                          f"{start_index + num - 1}")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps must be >= 1, found {steps}")
+    if concurrency < 1:
+        raise ConfigError(f"--concurrency must be >= 1, found {concurrency}")
+    if scheduler is not None:
+        encode_scheduler(scheduler)  # too long, NUL: refused before any request
+    address, _ = split_url(url, protocol)
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or "/" in address or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--url {url}: expected host:port, http://host:port or grpc://host:port (port 1-65535)")
     from ..output import SampleDir
 
     held = SampleDir(out).existing() if out.is_dir() else []

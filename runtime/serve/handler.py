@@ -39,7 +39,13 @@ class Request:
 
 
 class RequestError(DDPMError):
-    """A request the model refuses (the server answers it with this message and keeps serving)."""
+    """A request the model refuses: the client's mistake (Triton answers it with INVALID_ARG: HTTP 400, gRPC
+    INVALID_ARGUMENT, and counts it in nv_inference_request_failure); the server keeps serving."""
+
+
+class SamplingFailed(DDPMError):
+    """Sampling failed on the server for a valid request (a non-finite ε, a backend error): a server error (Triton's
+    INTERNAL: HTTP 500), the images in flight fail and the server keeps serving."""
 
 
 class ServedModel:
@@ -145,8 +151,9 @@ class ServedModel:
             raise RequestError(f"expected one {name} value (or one per index), found {len(v)}")
         return v
 
-    def infer(self, requests: Sequence[Request]) -> list[np.ndarray | RequestError]:
-        """One result per request: uint8 [k, H, W, C] (C-contiguous), or the RequestError that refused it.
+    def infer(self, requests: Sequence[Request]) -> list[np.ndarray | RequestError | SamplingFailed]:
+        """One result per request: uint8 [k, H, W, C] (C-contiguous), the RequestError that refused it (the
+        client's mistake) or SamplingFailed (the server's).
         Every image of the valid requests goes through the runner's one loop: admitted into a free slot with its
         own seed and plan, stepped with the others, taken when its plan is done."""
         results: list[np.ndarray | RequestError | None] = [None] * len(requests)
@@ -159,7 +166,7 @@ class ServedModel:
         pending = [(r, k, int(seed[k]), int(index[k]), plans[k]) for r, (seed, index, plans) in parsed.items()
                    for k in range(len(index))]
         images = {r: np.empty((len(p[1]), *self.out_shape), dtype=np.uint8) for r, p in parsed.items()}
-        failed: dict[int, RequestError] = {}
+        failed: dict[int, SamplingFailed] = {}
         loop = self.loop()
         loop.clear()  # a batch owns every slot while it runs: nothing survives from an earlier call
         where: dict[int, tuple[int, int]] = {}  # slot -> (request, position)
@@ -181,7 +188,7 @@ class ServedModel:
                 why = str(e) if isinstance(e, DDPMError) else f"{type(e).__name__}: {e}"
                 log.warning("sampling failed for %d image(s) in flight: %s", len(where), why)
                 for r, _ in where.values():
-                    failed[r] = RequestError(why)
+                    failed[r] = SamplingFailed(why)
                 loop.clear()
                 where.clear()
         if loop.plans_held() > MAX_PLANS:

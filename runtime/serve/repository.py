@@ -1,12 +1,24 @@
-"""Write a Triton Inference Server model repository with one model, ``ddpm``, on Triton's Python backend:
+"""Write a Triton Inference Server model repository: the model ``ddpm`` that clients call, an ensemble of one step,
+and ``ddpm_sampler``, the Python-backend model behind it:
 
-    REPO/ddpm/config.pbtxt          inputs seed UINT64 [1], index INT64 [1], optional steps INT32 [1],
-                                    optional scheduler UINT8 [1024] (UTF-8, zero-padded);
-                                    output image UINT8 [H, W, C]; dynamic batching; instance_group; parameters
-    REPO/ddpm/1/model.py            runtime/serve/triton_model.py (loads the artifact through our runtime)
-    REPO/ddpm/1/model.onnx          the ε model travels in the repository (or model.plan + model.plan.json)
+    REPO/ddpm/config.pbtxt              ensemble: inputs seed UINT64 [-1, 1], index INT64 [-1, 1] (metadata shapes,
+                                        the -1 being the request's batch), optional steps INT32 [-1, 1], optional
+                                        scheduler UINT8 [-1, 1024] (UTF-8, zero-padded); output image UINT8
+                                        [-1, H, W, C]; the parameters clients read
+    REPO/ddpm/1/                        (empty: an ensemble has no files, Triton wants the version folder)
+    REPO/ddpm_sampler/config.pbtxt      Python backend; dynamic batching; instance_group; parameters
+    REPO/ddpm_sampler/1/model.py        runtime/serve/triton_model.py (loads the artifact through our runtime)
+    REPO/ddpm_sampler/1/model.onnx      the ε model travels in the repository (or model.plan + model.plan.json)
 
-No torch, no Triton needed to write it.
+Why an ensemble: Triton's Python backend reports every request of an ``execute`` call as a success, including
+those it answers with an error, so a bad request would count in ``nv_inference_request_success``. The ensemble
+passes the sampler's error on with its code (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT) and counts the request
+in ``nv_inference_request_failure`` of model ``ddpm``. Both models are pinned to version 1: other version folders a
+user keeps in the repository are not loaded.
+
+No torch, no Triton needed to write it. The repository is written by the project's output policy
+(``runtime.outputs``): an existing ``ddpm``/``ddpm_sampler`` folder is refused unless ``overwrite``, and then only the
+files listed above are replaced (other versions and other files stay); a failed write leaves nothing half-made.
 """
 
 from __future__ import annotations
@@ -19,11 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ArtifactError, ConfigError
-from ..fileio import atomic_write_text, sha256_file
+from ..fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "ddpm"
+MODEL_NAME = "ddpm"              # what clients call (an ensemble)
+SAMPLER_NAME = "ddpm_sampler"    # the Python-backend model that samples
+VERSION = "1"
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 DEFAULT_MAX_BATCH = 16          # ONNX models; a plan's default is its profile's max batch
 DEFAULT_QUEUE_DELAY_US = 2000   # how long the dynamic batcher waits to fill a batch
@@ -89,18 +103,19 @@ def _pbtxt_str(s: str) -> str:
     return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def config_pbtxt(card, precision: str, artifact: str, settings: RepoSettings, max_batch: int, sha256: str) -> str:
+def _params(card, precision: str, artifact: str, settings: RepoSettings, sha256: str) -> dict[str, str]:
     c, s = card.data.channels, card.data.image_size
-    params = {"artifact": artifact, "threads": str(settings.threads),
-              "default_steps": str(settings.default_steps or ""),
-              "default_scheduler": settings.default_scheduler or "", "num_timesteps": str(card.diffusion.num_timesteps),
-              "precision": precision, "model_sha256": sha256, "value_range": ",".join(map(str, card.data.value_range)),
-              "diffusion": json.dumps(card.diffusion.to_dict(), sort_keys=True),
-              "image_shape": f"{s},{s},{c}"}
-    lines = [
-        f'name: "{MODEL_NAME}"',
-        'backend: "python"',
-        f"max_batch_size: {max_batch}",
+    return {"artifact": artifact, "threads": str(settings.threads),
+            "default_steps": str(settings.default_steps or ""),
+            "default_scheduler": settings.default_scheduler or "", "num_timesteps": str(card.diffusion.num_timesteps),
+            "precision": precision, "model_sha256": sha256, "value_range": ",".join(map(str, card.data.value_range)),
+            "diffusion": json.dumps(card.diffusion.to_dict(), sort_keys=True),
+            "image_shape": f"{s},{s},{c}"}
+
+
+def _io_lines(card) -> list[str]:
+    c, s = card.data.channels, card.data.image_size
+    return [
         "input [",
         '  { name: "seed" data_type: TYPE_UINT64 dims: [ 1 ] },',
         '  { name: "index" data_type: TYPE_INT64 dims: [ 1 ] },',
@@ -110,52 +125,119 @@ def config_pbtxt(card, precision: str, artifact: str, settings: RepoSettings, ma
         "output [",
         f'  {{ name: "image" data_type: TYPE_UINT8 dims: [ {s}, {s}, {c} ] }}',
         "]",
+    ]
+
+
+def _param_lines(params: dict[str, str]) -> list[str]:
+    return [f"parameters {{ key: {_pbtxt_str(k)} value {{ string_value: {_pbtxt_str(v)} }} }}"
+            for k, v in params.items()]
+
+
+def config_pbtxt(card, precision: str, artifact: str, settings: RepoSettings, max_batch: int, sha256: str) -> str:
+    """The sampler's config (``ddpm_sampler``: Python backend, dynamic batching, instances)."""
+    lines = [
+        f'name: "{SAMPLER_NAME}"',
+        'backend: "python"',
+        f"max_batch_size: {max_batch}",
+        f"version_policy: {{ specific {{ versions: [ {VERSION} ] }} }}",
+        *_io_lines(card),
         f"instance_group [ {{ count: {settings.instances} kind: {KINDS[settings.kind]} }} ]",
         f"dynamic_batching {{ max_queue_delay_microseconds: {settings.queue_delay_us} }}",
     ]
-    lines += [f"parameters {{ key: {_pbtxt_str(k)} value {{ string_value: {_pbtxt_str(v)} }} }}"
-              for k, v in params.items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _param_lines(_params(card, precision, artifact, settings, sha256))) + "\n"
 
 
-def write_repository(model: str | os.PathLike, repo: str | os.PathLike, settings: RepoSettings = RepoSettings()) -> Path:
-    """Write REPO/ddpm/{config.pbtxt, 1/model.py, 1/<artifact>} for ``model`` (.onnx, or .plan + sidecar);
-    returns REPO. An existing ``ddpm`` model folder in REPO is replaced."""
+def ensemble_pbtxt(card, precision: str, artifact: str, settings: RepoSettings, max_batch: int, sha256: str) -> str:
+    """The config of ``ddpm``, the model clients call: an ensemble of one step, ``ddpm_sampler`` (see the module
+    docstring: it makes a refused request a counted failure). It carries the same parameters, for clients."""
+    step = " ".join(f'input_map {{ key: "{n}" value: "{n}" }}' for n in ("seed", "index", "steps", "scheduler"))
+    lines = [
+        f'name: "{MODEL_NAME}"',
+        'platform: "ensemble"',
+        f"max_batch_size: {max_batch}",
+        f"version_policy: {{ specific {{ versions: [ {VERSION} ] }} }}",
+        *_io_lines(card),
+        f'ensemble_scheduling {{ step [ {{ model_name: "{SAMPLER_NAME}" model_version: {VERSION} {step} '
+        'output_map { key: "image" value: "image" } } ] }',
+    ]
+    return "\n".join(lines + _param_lines(_params(card, precision, artifact, settings, sha256))) + "\n"
+
+
+def repository_files(repo: str | os.PathLike, model: str | os.PathLike) -> list[Path]:
+    """The files ``write_repository`` writes into ``repo`` for ``model`` (and only those are replaced)."""
+    repo, model = Path(repo), Path(model)
+    v = repo / SAMPLER_NAME / VERSION
+    files = [repo / MODEL_NAME / "config.pbtxt", repo / SAMPLER_NAME / "config.pbtxt", v / "model.py", v / model.name]
+    if model.suffix.lower() in (".plan", ".engine"):
+        from ..plan import sidecar_path
+
+        files.append(v / sidecar_path(model).name)
+    return files
+
+
+def check_target(repo: str | os.PathLike, overwrite: bool = False, command: str = "ddpm-export --triton-repo") -> None:
+    """Refuse (ConfigError, before any work) a repository that already holds our models, unless ``overwrite``."""
+    from ..outputs import refuse_existing
+
+    repo = Path(repo)
+    if os.path.lexists(repo) and not repo.is_dir():
+        raise ConfigError(f"{command} {repo}: expected a folder, found a file; choose another folder")
+    if not overwrite:
+        refuse_existing(command, [repo / MODEL_NAME, repo / SAMPLER_NAME], "--overwrite",
+                        "choose another folder (with --overwrite only config.pbtxt and the files of version 1 that "
+                        "ddpm-export writes are replaced; other versions and files stay)")
+
+
+def write_repository(model: str | os.PathLike, repo: str | os.PathLike, settings: RepoSettings = RepoSettings(),
+                     overwrite: bool = False, command: str = "ddpm-export --triton-repo") -> Path:
+    """Write REPO/ddpm (the ensemble clients call) and REPO/ddpm_sampler/{config.pbtxt, 1/model.py, 1/<artifact>}
+    for ``model`` (.onnx, or .plan + sidecar); returns REPO. Existing models are refused unless ``overwrite``; with
+    it only those files are replaced (other versions and files stay). A failure leaves nothing half-made."""
+    from ..outputs import Outputs
+
     model, repo = Path(model), Path(repo)
+    check_target(repo, overwrite, command)
     card, precision, plan_max, files = _artifact_info(model, settings.kind)
     max_batch = settings.max_batch or plan_max or DEFAULT_MAX_BATCH
     if plan_max is not None and max_batch > plan_max:
         raise ConfigError(f"max batch {max_batch} exceeds the plan's profile max {plan_max}; rebuild the plan with "
                           f"--batch-max {max_batch} or serve with a max batch <= {plan_max}")
-    if settings.default_steps is not None and not 1 <= settings.default_steps <= card.diffusion.num_timesteps:
-        raise ConfigError(f"default steps must be between 1 and {card.diffusion.num_timesteps}, found "
-                          f"{settings.default_steps}")
-    if settings.default_scheduler or settings.default_steps:
-        from ..sampling.config import plan_for
-        from .handler import parse_scheduler
-
-        source, options = parse_scheduler(settings.default_scheduler)
-        plan_for(card.diffusion, source, settings.default_steps, allow_files=False, **options)  # refused now
-    folder = repo / MODEL_NAME
-    tmp = repo / f".{MODEL_NAME}.{os.getpid()}.tmp"
+    check_defaults(card.diffusion, settings.default_scheduler, settings.default_steps)
+    sha = sha256_file(model)
+    targets = repository_files(repo, model)
+    ens_cfg, cfg, py, *artifacts = targets
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        (tmp / "1").mkdir(parents=True)
-        for f in files:
-            shutil.copyfile(f, tmp / "1" / f.name)
-        shutil.copyfile(TEMPLATE, tmp / "1" / "model.py")
-        atomic_write_text(tmp / "config.pbtxt", config_pbtxt(card, precision, model.name, settings, max_batch,
-                                                             sha256_file(model)))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        with Outputs(command, targets, overwrite=True, hint="choose another folder") as out:
+            out.mkdir(repo / MODEL_NAME / VERSION)  # an ensemble's version folder holds nothing
+            for src, dst in zip(files, artifacts):
+                shutil.copyfile(src, out.stage(dst))
+            shutil.copyfile(TEMPLATE, out.stage(py))
+            out.stage(cfg).write_text(config_pbtxt(card, precision, model.name, settings, max_batch, sha),
+                                      encoding="utf-8")
+            out.stage(ens_cfg).write_text(ensemble_pbtxt(card, precision, model.name, settings, max_batch, sha),
+                                          encoding="utf-8")
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ConfigError(f"cannot write the model repository {repo}: {e}") from None
+        raise ConfigError(f"cannot write the model repository {repo}: {e}; files that were there before are "
+                          f"unchanged") from None
     log.info("wrote Triton model repository %s (%s, max batch %d, %d x %s)", repo, model.name, max_batch,
              settings.instances, KINDS[settings.kind])
     return repo
+
+
+def check_defaults(diffusion, scheduler: str | None, steps: int | None) -> None:
+    """Refuse (ConfigError) a repository default scheduler/steps no request could use."""
+    if steps is not None and not 1 <= steps <= diffusion.num_timesteps:
+        raise ConfigError(f"default steps must be between 1 and {diffusion.num_timesteps}, found {steps}")
+    if scheduler or steps:
+        from ..errors import DDPMError
+        from ..sampling.config import plan_for
+        from .handler import parse_scheduler
+
+        try:
+            source, options = parse_scheduler(scheduler)
+            plan_for(diffusion, source, steps, allow_files=False, **options)  # refused now
+        except (DDPMError, TypeError, ValueError) as e:
+            raise ConfigError(f"the repository's default scheduler/steps: {e}") from None
 
 
 def read_parameters(repo: str | os.PathLike) -> dict[str, str]:
@@ -171,3 +253,98 @@ def read_parameters(repo: str | os.PathLike) -> dict[str, str]:
     pat = r'parameters \{ key: "((?:[^"\\]|\\.)*)" value \{ string_value: "((?:[^"\\]|\\.)*)" \} \}'
     unesc = lambda s: s.replace('\\"', '"').replace("\\\\", "\\")  # noqa: E731
     return {unesc(k): unesc(v) for k, v in re.findall(pat, text)}
+
+
+def _set_param(text: str, key: str, value: str) -> str:
+    import re
+
+    pat = re.compile(r'parameters \{ key: ' + re.escape(_pbtxt_str(key)) + r' value \{ string_value: "(?:[^"\\]|\\.)*" \} \}')
+    new = f"parameters {{ key: {_pbtxt_str(key)} value {{ string_value: {_pbtxt_str(value)} }} }}"
+    if pat.search(text):
+        return pat.sub(lambda m: new, text, count=1)
+    return text.rstrip("\n") + "\n" + new + "\n"
+
+
+def _sub_once(text: str, pattern: str, repl: str, path: Path, what: str) -> str:
+    import re
+
+    new, n = re.subn(pattern, repl, text, count=1)
+    if n != 1:
+        raise _unlike_ours(path, what)
+    return new
+
+
+def _unlike_ours(path: Path, what: str) -> ConfigError:
+    return ConfigError(f"{path}: cannot set {what}: the config has no line as ddpm-export writes it; write the "
+                          f"repository again with ddpm-export --triton-repo DIR --overwrite and its --triton-* options")
+
+
+def serving_copy(repo: str | os.PathLike, dst: str | os.PathLike, instances: int | None = None,
+                 max_batch: int | None = None, kind: str | None = None, threads: int | None = None,
+                 default_steps: int | None = None, default_scheduler: str | None = None) -> Path:
+    """A copy of ``repo`` in ``dst`` with the given settings applied (``ddpm-run serve --repo R --instances N …``):
+    the configs are rewritten, every other file is linked, ``repo`` is not touched. Values are checked against the
+    repository (steps and scheduler against its diffusion schedule, the max batch against a plan's profile)."""
+    import re
+
+    repo, dst = Path(repo), Path(dst)
+    sampler = SAMPLER_NAME if (repo / SAMPLER_NAME / "config.pbtxt").is_file() else MODEL_NAME  # older repositories
+    params = read_parameters(repo)
+    RepoSettings(instances=instances or 1, kind=kind or "cpu", max_batch=max_batch, threads=threads or 0)  # ranges
+    if default_steps is not None or default_scheduler is not None:
+        from ..schedule import DiffusionConfig
+
+        try:
+            diffusion = DiffusionConfig.from_dict(json.loads(params["diffusion"]))
+        except (KeyError, ValueError, TypeError) as e:
+            raise ArtifactError(f"{repo / MODEL_NAME / 'config.pbtxt'}: no diffusion parameter ({e}); write the "
+                                f"repository again with ddpm-export --triton-repo") from None
+        steps = default_steps if default_steps is not None else (int(params["default_steps"])
+                                                                 if params.get("default_steps") else None)
+        sched = default_scheduler if default_scheduler is not None else (params.get("default_scheduler") or None)
+        check_defaults(diffusion, sched, steps)
+    artifact = params.get("artifact", "")
+    if artifact.endswith((".plan", ".engine")):
+        if kind == "cpu":
+            raise ConfigError(f"{repo} serves a TensorRT plan, which runs on a GPU only; --kind cpu needs a "
+                              f"repository of the ONNX file")
+        if max_batch is not None:
+            from ..plan import read_plan_sidecar
+
+            prof = int(read_plan_sidecar(repo / sampler / VERSION / artifact).profile["max"])
+            if max_batch > prof:
+                raise ConfigError(f"--max-batch {max_batch} exceeds the plan's profile max {prof}; rebuild the plan "
+                                  f"with --batch-max {max_batch} or serve with --max-batch <= {prof}")
+    for name in dict.fromkeys([MODEL_NAME, sampler]):
+        src, out = repo / name, dst / name
+        out.mkdir(parents=True)
+        for entry in src.iterdir():
+            if entry.is_dir() and entry.name.isdigit():  # a version: its own folder here, so that Python's
+                (out / entry.name).mkdir()               # __pycache__ of model.py is not written into R
+                for f in entry.iterdir():
+                    if f.name == "__pycache__":
+                        continue
+                    if f.suffix == ".py":
+                        shutil.copyfile(f, out / entry.name / f.name)
+                    else:
+                        os.symlink(f.resolve(), out / entry.name / f.name)
+            elif entry.name != "config.pbtxt":
+                os.symlink(entry.resolve(), out / entry.name)
+        path = src / "config.pbtxt"
+        text = path.read_text(encoding="utf-8")
+        if max_batch is not None:
+            text = _sub_once(text, r"max_batch_size: \d+", f"max_batch_size: {max_batch}", path, "--max-batch")
+        if name == sampler:
+            if instances is not None or kind is not None:
+                m = re.search(r"instance_group \[ \{ count: (\d+) kind: (KIND_\w+) \} \]", text)
+                if m is None:
+                    raise _unlike_ours(path, "--instances/--kind")
+                text = text.replace(m.group(0), f"instance_group [ {{ count: {instances or m.group(1)} kind: "
+                                                f"{KINDS[kind] if kind else m.group(2)} }} ]")
+            if threads is not None:
+                text = _set_param(text, "threads", str(threads))
+        for key, value in (("default_steps", default_steps), ("default_scheduler", default_scheduler)):
+            if value is not None:
+                text = _set_param(text, key, str(value))
+        (out / "config.pbtxt").write_text(text, encoding="utf-8")
+    return dst

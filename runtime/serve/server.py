@@ -18,10 +18,16 @@ What running the wheel's server needs (found on our machines):
   ``numpy.libs``): the stub, model.py and our runtime then share one NumPy, the one ddpm-deploy was installed with;
 - this environment's site-packages for the model (``DDPM_SERVE_SITE_PACKAGES``, added by ``model.py`` with
   ``site.addsitedir``, which also runs the ``.pth`` files of editable installs).
+
+A server never outlives the process that started it: ``tritonserver`` gets SIGTERM from the kernel when its parent
+dies (``prctl(PR_SET_PDEATHSIG)``, set between fork and exec), runs in its own process group with its stubs, and a
+watchdog (``_watchdog.py``, its own session, reading a pipe only the parent holds) kills that group if it has not
+exited within the exit timeout and removes its temporary folders and shared-memory regions.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -39,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ArtifactError, ConfigError, DDPMError, MissingDependencyError
+from ._watchdog import end_group, group_processes  # noqa: F401 - group_processes: for callers and tests
 from .repository import MODEL_NAME
 
 log = logging.getLogger(__name__)
@@ -120,20 +127,90 @@ def server_env(install: TritonInstall) -> dict[str, str]:
     return env
 
 
-def group_processes(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group ``pgid``, from /proc."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
+PORT_FLAGS = ("--http-port", "--grpc-port", "--metrics-port")
+
+
+def check_ports(host: str, ports: dict[str, int]) -> None:
+    """Refuse (ConfigError, before anything starts) ports out of range, the same port twice, or a port that some
+    process already listens on at ``host``. 0 means a free port, chosen later."""
+    seen: dict[int, str] = {}
+    for flag, port in ports.items():
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigError(f"{flag} must be in [0, 65535] (0: a free port), found {port}")
+        if port and port in seen:
+            raise ConfigError(f"{seen[port]} and {flag} are both {port}: HTTP, gRPC and metrics need three ports")
+        if port:
+            seen[port] = flag
+    for port, flag in seen.items():
+        why = port_busy(host, port)
+        if why:
+            raise ConfigError(f"{flag} {port}: {host}:{port} {why}; stop that server or choose another port "
+                              f"(0: a free one)")
+
+
+def port_busy(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on now (in use, address not available), or None."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    fam, _, _, _, addr = infos[0]
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a port in TIME_WAIT is free
         try:
-            stat = (d / "stat").read_text()
+            s.bind(addr)
+            s.listen(1)
+        except OSError as e:
+            return "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be listened on ({e.strerror})"
+    return None
+
+
+def listening_inodes(port: int) -> set[int] | None:
+    """Socket inodes listening on TCP ``port`` (any address), from /proc/net/tcp{,6}; None where unreadable."""
+    found: set[int] = set()
+    read_any = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            out.append(int(d.name))
+        read_any = True
+        for ln in lines:
+            f = ln.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                found.add(int(f[9]))
+    return found if read_any else None
+
+
+def socket_inodes(pids) -> set[int]:
+    out: set[int] = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                out.add(int(link[8:-1]))
     return out
+
+
+def _set_parent_death_signal(parent: int):
+    """For preexec_fn: the child gets SIGTERM when its parent dies (and exits at once if it already has)."""
+
+    def preexec():
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died between fork and prctl
+            os._exit(1)
+
+    return preexec
 
 
 class TritonServer:
@@ -146,15 +223,20 @@ class TritonServer:
     def __init__(self, repo: str | os.PathLike, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, log_file: str | os.PathLike | None = None,
                  exit_on_error: bool = True, extra_args: tuple[str, ...] = (), host: str = LOOPBACK,
-                 exit_timeout: int = EXIT_TIMEOUT_S):
+                 exit_timeout: int = EXIT_TIMEOUT_S, remove_on_exit: tuple[str | os.PathLike, ...] = ()):
+        """``remove_on_exit``: temporary folders of the caller (a repository written for this server) removed with
+        the server's own, by ``stop`` or, if the caller dies, by the watchdog."""
         self.repo = Path(repo)
         if not (self.repo / MODEL_NAME / "config.pbtxt").is_file():
             raise ArtifactError(f"{self.repo}: expected a Triton model repository with {MODEL_NAME}/config.pbtxt; "
                                 f"write one with ddpm-export --triton-repo DIR")
+        self.host = host
+        check_ports(host, {f: p or 0 for f, p in zip(PORT_FLAGS, (http_port, grpc_port, metrics_port))})
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
-        self.host = host
+        self.remove_on_exit = [str(p) for p in remove_on_exit]
+        self._watchdog: subprocess.Popen | None = None
         self.exit_on_error, self.extra_args, self.exit_timeout = exit_on_error, tuple(extra_args), int(exit_timeout)
         self.install = find_triton()
         self._tmp = tempfile.TemporaryDirectory(prefix="ddpm-triton-")
@@ -211,14 +293,61 @@ class TritonServer:
         cmd = self.command()
         log.info("starting %s", " ".join(cmd))
         self._log = open(self.log_path, "wb")
+        wd = self._workdir()
+        self._start_watchdog()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=server_env(self.install), start_new_session=True, cwd=self._workdir())
+                                     env=server_env(self.install), start_new_session=True, cwd=wd,
+                                     preexec_fn=_set_parent_death_signal(os.getpid()))
+        self._tell_watchdog(f"pgid {self.proc.pid}")
         try:
             self.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_watchdog(self) -> None:
+        """The watchdog (``_watchdog.py``) that ends the server and removes its folders if this process dies."""
+        script = Path(__file__).with_name("_watchdog.py")
+        self._watchdog = subprocess.Popen([sys.executable, "-I", str(script)], stdin=subprocess.PIPE,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+                                          start_new_session=True)
+        self._tell_watchdog(f"grace {self.exit_timeout + 5}")
+        for p in [self._tmp.name, *self.remove_on_exit]:
+            self._tell_watchdog(f"path {p}")
+
+    def _tell_watchdog(self, line: str) -> None:
+        if self._watchdog is not None and self._watchdog.stdin is not None:
+            try:
+                self._watchdog.stdin.write(line + "\n")
+                self._watchdog.stdin.flush()
+            except (BrokenPipeError, OSError):
+                log.warning("the server's watchdog is gone")
+
+    def _release_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._tell_watchdog("done")
+            try:
+                self._watchdog.stdin.close()
+            except OSError:
+                pass
+            try:
+                self._watchdog.wait(10)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+                self._watchdog.wait()
+            self._watchdog = None
+
+    def _check_owns_ports(self) -> None:
+        """The ports answer for *this* server, not for another process listening there (then ServerError)."""
+        mine = socket_inodes(group_processes(self.proc.pid))
+        for flag, port in zip(PORT_FLAGS, (self.http_port, self.grpc_port, self.metrics_port)):
+            listening = listening_inodes(port)
+            if listening is None:  # no /proc/net: cannot tell
+                return
+            if listening and not listening & mine:
+                raise ServerError(f"{flag} {port}: another process listens on port {port} (tritonserver could not "
+                                  f"take it); stop that server or choose another port (0: a free one)")
 
     def _get(self, path: str) -> int:
         try:
@@ -236,6 +365,7 @@ class TritonServer:
                 raise ServerError(f"tritonserver exited with status {self.proc.returncode} before the model was "
                                   f"ready:\n{self.log_tail()}")
             if self._get(f"/v2/models/{MODEL_NAME}/ready") == 200:
+                self._check_owns_ports()
                 return
             time.sleep(0.2)
         raise ServerError(f"tritonserver did not make model {MODEL_NAME!r} ready within {timeout:.0f}s:\n"
@@ -260,6 +390,8 @@ class TritonServer:
     def stop(self, timeout: float | None = None) -> int | None:
         """SIGTERM and wait (Triton unloads its models), then SIGKILL the whole group. Returns the exit status."""
         if self.proc is None:
+            self._release_watchdog()
+            self._cleanup_dirs()
             return None
         timeout = self.exit_timeout + 20 if timeout is None else timeout
         rc = self.proc.poll()
@@ -269,18 +401,17 @@ class TritonServer:
                 rc = self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 log.warning("tritonserver ignored SIGTERM for %.0fs; killing its process group", timeout)
-        deadline = time.monotonic() + 10
-        while self.running() and time.monotonic() < deadline:  # stubs exit after the server; then force
-            time.sleep(0.1)
-        if self.running():
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        end_group(self.proc.pid, 10)  # stubs exit after the server; then force, and remove what they left in /dev/shm
         rc = self.proc.wait()
         self._log.close()
-        self._tmp.cleanup()
+        self._cleanup_dirs()
+        self._release_watchdog()
         return rc
+
+    def _cleanup_dirs(self) -> None:
+        self._tmp.cleanup()
+        for p in self.remove_on_exit:
+            shutil.rmtree(p, ignore_errors=True)
 
     def __enter__(self):
         return self.start() if self.proc is None else self

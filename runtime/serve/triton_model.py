@@ -1,4 +1,4 @@
-"""The Triton Python-backend model of a ddpm-deploy model repository (copied there as ``ddpm/1/model.py``).
+"""The Triton Python-backend model of a ddpm-deploy model repository (copied there as ``ddpm_sampler/1/model.py``).
 
 One request = one image (or k, with a request batch of k): inputs ``seed`` UINT64 [1], ``index`` INT64 [1],
 optional ``steps`` INT32 [1] and ``scheduler`` UINT8 [1024] (a name or JSON as zero-padded UTF-8); output
@@ -50,9 +50,9 @@ class TritonPythonModel:
         import numpy as np
         import triton_python_backend_utils as pb_utils
 
-        from ddpm_deploy.runtime.serve.handler import Request, ServedModel
+        from ddpm_deploy.runtime.serve.handler import Request, RequestError, ServedModel
 
-        self.np, self.pb, self.Request = np, pb_utils, Request
+        self.np, self.pb, self.Request, self.RequestError = np, pb_utils, Request, RequestError
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         here = os.path.join(args["model_repository"], args["model_version"])
@@ -88,7 +88,10 @@ class TritonPythonModel:
         responses = []
         for result in self.model.infer(batch):
             if isinstance(result, Exception):
-                responses.append(self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(str(result))))
+                # the client's mistake → INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT); a failure here → INTERNAL (500)
+                code = self.pb.TritonError.INVALID_ARG if isinstance(result, self.RequestError) else \
+                    self.pb.TritonError.INTERNAL
+                responses.append(self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(str(result), code)))
             else:
                 out = self.pb.Tensor.from_dlpack("image", self.np.ascontiguousarray(result).__dlpack__())
                 responses.append(self.pb.InferenceResponse(output_tensors=[out]))
