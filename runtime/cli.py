@@ -75,10 +75,12 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino"]), default=None,
               help="CPU backend: onnxruntime, or openvino (pip install 'ddpm-deploy[openvino]'). Default: by the "
                    "file (.onnx: onnxruntime, .xml: openvino).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32",
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8", "auto"]), default="fp32",
               help="OpenVINO only. bf16: its inference precision hint (fast only on CPUs with AVX512_BF16/AMX; "
                    "emulated and slow elsewhere); int8: the NNCF int8 model model.int8.xml beside the ONNX (ddpm-export "
-                   "--onnx model.onnx --int8 writes it). See the README for each precision's measured fidelity.")
+                   "--onnx model.onnx --int8 writes it). auto: the fastest setting that keeps sample quality here — "
+                   "OpenVINO bf16 on a CPU with native bf16 and OpenVINO installed, else fp32 — recorded with the "
+                   "reason in run.json (precision_choice). See the README for each precision's measured fidelity.")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, help="Capture the device loop's step in a CUDA graph "
               "where the backend allows it (results are identical either way).")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores).")
@@ -160,6 +162,14 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, scheduler, s
     if engine is not None:
         device, backend = "cuda", "tensorrt"  # a plan is a plan whatever its suffix (trtexec writes .trt too)
     model_path = Path(engine or onnx_path or latest_run() / "export" / "model.onnx")
+    choice = None
+    if precision == "auto":
+        from .backends.base import auto_precision
+
+        chosen_backend, chosen, why = auto_precision(model_path, device, backend)
+        choice = {"asked": "auto", "backend": chosen_backend or "onnxruntime", "precision": chosen, "reason": why}
+        click.echo(f"--precision auto: {why}", err=True)
+        backend, precision = chosen_backend, chosen
     # the artifact and backend for --backend/--precision (int8: model.int8.xml beside the ONNX), as the API picks them
     model_path, backend, ov_precision = resolve_model(model_path, device, backend, precision)
     job = shard_from(shard)
@@ -198,7 +208,8 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, scheduler, s
         info = sample_job(runner, loop, plan, card, model_path, out, seed, start_index, num, batch,
                           write_pngs=not no_pngs, on_step=bar.update if bar is not None else None, shard=shard_info,
                           mode=mode, resume_hint=hint, echo=lambda s: click.echo(s, err=True),
-                          on_skip=(lambda n: bar.update(n * len(plan))) if bar is not None else None)
+                          on_skip=(lambda n: bar.update(n * len(plan))) if bar is not None else None,
+                          precision_choice=choice)
     if getattr(info, "nothing_to_do", False):
         return
     total = max(info.total_seconds, 1e-9)
@@ -378,6 +389,10 @@ def info(onnx_path, engine):
         click.echo(f"inputs: {[(i.name, i.type, i.shape) for i in runner.session.get_inputs()]}")
         click.echo(f"outputs: {[(o.name, o.type, o.shape) for o in runner.session.get_outputs()]}")
         click.echo("ddpm config: " + (runner.card.to_json() if runner.card else "none (no ddpm-deploy metadata)"))
+    from .cpu import cpu_precisions
+
+    cpu = cpu_precisions()
+    click.echo(f"this CPU: {cpu.model}; runs natively: {cpu.describe()}")
 
 
 @main.command(context_settings=CTX)

@@ -247,11 +247,13 @@ class RunInfo(Artifact):
     ``model_sha256``: the ONNX/plan. v2 added ``shard`` (index, count, num_total of a ``--shard I/N`` run); v3
     ``status`` ("running" while a job writes, "interrupted"/"failed" when it stopped early, "complete") and ``done``
     (the finished indices as inclusive [first, last] ranges); v4 ``scheduler`` (the step plan's scheduler, options and
-    number of ε calls: ``StepPlan.describe()``). v2 files read as complete, v2/v3 files as DDPM ancestral sampling."""
+    number of ε calls: ``StepPlan.describe()``); v5 ``precision_choice`` (``--precision auto``: what was asked, the
+    backend and precision chosen, why, and the precision that ran). v2 files read as complete, v2/v3 files as DDPM
+    ancestral sampling."""
 
     SCHEMA: ClassVar[str] = "ddpm-deploy/samples"
-    SCHEMA_VERSION: ClassVar[int] = 4
-    OLDER_VERSIONS: ClassVar[tuple[int, ...]] = (2, 3)
+    SCHEMA_VERSION: ClassVar[int] = 5
+    OLDER_VERSIONS: ClassVar[tuple[int, ...]] = (2, 3, 4)
     WHAT: ClassVar[str] = "sampling record (run.json)"
     REWRITE: ClassVar[str] = "sample again with ddpm-run sample"
 
@@ -275,6 +277,7 @@ class RunInfo(Artifact):
     status: str = "complete"
     done: list[list[int]] | None = None  # finished indices, inclusive ranges; None: all of them (v2)
     scheduler: dict[str, Any] | None = None  # StepPlan.describe(); None: DDPM ancestral (v2, v3)
+    precision_choice: dict[str, Any] | None = None  # --precision auto: asked, backend, precision, reason, ran (v5)
 
     @property
     def complete(self) -> bool:

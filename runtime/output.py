@@ -480,7 +480,7 @@ MODES = ("new", "resume", "overwrite")
 
 def sample_job(runner, loop, plan, card, model_path, out_dir, seed: int, start_index: int, num: int, batch: int,
                write_pngs: bool = True, on_step=None, shard: dict | None = None, mode: str = "new",
-               resume_hint: str | None = None, echo=None, on_skip=None):
+               resume_hint: str | None = None, echo=None, on_skip=None, precision_choice: dict | None = None):
     """Sample indices ``start_index`` … ``start_index + num − 1`` in batches of ``batch`` into ``out_dir`` (see the
     module docstring for the folder and what survives an interruption). ``mode``: "new" (refuse a folder that holds
     samples), "resume" (continue the job there; checked against its run.json), "overwrite" (replace our outputs
@@ -509,7 +509,8 @@ def sample_job(runner, loop, plan, card, model_path, out_dir, seed: int, start_i
         loop=loop.kind, precision=runner.precision, model=str(model_path), diffusion=card.diffusion.to_dict(),
         total_seconds=0.0, images_per_second=0.0, timings={},
         host={"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version()},
-        model_sha256=model_sha, shard=shard, status="running", done=[])
+        model_sha256=model_sha, shard=shard, status="running", done=[],
+        precision_choice=(None if precision_choice is None else {**precision_choice, "ran": runner.precision}))
     out = SampleDir(out_dir).open()
     wrote = False
     try:

@@ -277,17 +277,20 @@ def write_stats(ref: str, out: Path, settings: FidSettings, ext: InceptionExtrac
 
 def sample_set(model: Path, device: str, out: Path, num: int, batch: int, seed: int, steps: int | None,
                threads: int = 0, progress: Progress | None = None, stage: str = "sample", mode: str = "resume",
-               echo=None, scheduler: str | None = None, options=()) -> ImageSet:
+               echo=None, scheduler: str | None = None, options=(), backend: str | None = None,
+               precision: str = "fp32") -> ImageSet:
     """Sample ``num`` images (seed, indices 0..num−1) with the shipped runner and loop; writes samples.npz and
     run.json to ``out`` (as ``ddpm-run sample --no-pngs``) and returns them. ``mode`` as ``output.sample_job``:
     "resume" reuses (or continues) the same job already in ``out``. ``scheduler`` and ``options`` (KEY=VALUE
-    strings) as ``ddpm-run sample --scheduler … --option …``."""
-    from ddpm_deploy.runtime.backends.base import open_runner
+    strings) as ``ddpm-run sample --scheduler … --option …``; ``backend`` and ``precision`` as ``--backend`` and
+    ``--precision`` (OpenVINO bf16 / int8)."""
+    from ddpm_deploy.runtime.backends.base import open_runner, resolve_model
     from ddpm_deploy.runtime.cli import resolve_plan
     from ddpm_deploy.runtime.output import sample_job
     from ddpm_deploy.runtime.sampling.open import open_loop
 
-    with open_runner(model, device, threads=threads) as runner:
+    model, backend, ov_precision = resolve_model(model, device, backend, precision)
+    with open_runner(model, device, backend=backend, threads=threads, precision=ov_precision) as runner:
         card = runner.card
         if card is None:
             raise ArtifactError(f"{model}: has no ddpm-deploy metadata (ddpm_deploy.config); export it with "

@@ -235,6 +235,14 @@ def fid_extractor(out, force, verbose):
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Device of the reference model.")
 @click.option("--against-device", type=click.Choice(["cpu", "cuda"]), default="cpu",
               help="Device of the --against model (a .plan always runs on cuda).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino"]), default=None,
+              help="CPU backend of the reference (as ddpm-run sample --backend). Default: by the file.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32",
+              help="OpenVINO precision of the reference (as ddpm-run sample --precision).")
+@click.option("--against-backend", type=click.Choice(["onnxruntime", "openvino"]), default=None,
+              help="CPU backend of the candidate, e.g. openvino. Default: by the file.")
+@click.option("--against-precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32",
+              help="OpenVINO precision of the candidate: bf16 (the hint) or int8 (model.int8.xml beside --against).")
 @click.option("--num", "-n", type=click.IntRange(min=2), default=256, help="Images per side (same seeds).")
 @click.option("--sample-batch", type=click.IntRange(min=1), default=64, help="Images per sampling call.")
 @click.option("--seed", type=int, default=0, envvar="DDPM_SEED", show_envvar=True, help="Seed of both sides.")
@@ -257,7 +265,7 @@ def fid_extractor(out, force, verbose):
 @kid_options
 @extraction_options
 @clean_errors
-def fid_compare(onnx_path, against, device, against_device, num, sample_batch, seed, steps, scheduler, options,
+def fid_compare(onnx_path, against, device, against_device, backend, precision, against_backend, against_precision, num, sample_batch, seed, steps, scheduler, options,
                 against_steps, against_scheduler, against_options, out, overwrite, max_fid, max_kid,
                 kid_subsets, kid_subset_size, extractor, batch, threads, image_size, channels, no_progress, verbose):
     """Quality gate for a precision or backend: sample the same seeds with the fp32 reference and with
@@ -267,6 +275,7 @@ def fid_compare(onnx_path, against, device, against_device, num, sample_batch, s
       ddpm-run fid-compare --onnx model.onnx --against model.fp16.onnx --num 1000 --max-fid 1
       ddpm-run fid-compare --onnx model.onnx --against model.plan --num 1000        (GPU)
       ddpm-run fid-compare --onnx model.onnx --against model.onnx --against-device cuda
+      ddpm-run fid-compare --onnx model.onnx --against-backend openvino --against-precision bf16 --num 1024
       ddpm-run fid-compare --onnx model.onnx --against-scheduler dpmsolver++ --against-steps 20   (1000-step DDPM
                                                                                     vs DPM-Solver++ at 20 calls)
 
@@ -291,17 +300,21 @@ def fid_compare(onnx_path, against, device, against_device, num, sample_batch, s
 
     check_plan(onnx_path, device_for(onnx_path, device), steps, scheduler, options)  # both sides' options are
     check_plan(against, device_for(against, against_device), **cand_sched)  # refused before minutes of sampling
+    from ddpm_deploy.runtime.backends.base import resolve_model
+
+    resolve_model(onnx_path, device_for(onnx_path, device), backend, precision)  # e.g. int8 without its model
+    resolve_model(against, device_for(against, against_device), against_backend, against_precision)
     with contextlib.ExitStack() as stack:
         ext = stack.enter_context(open_extractor(settings, echo=lambda m: click.echo(m, err=True)))
         bars = Bars(stack, not no_progress)
         mode = "overwrite" if overwrite else "resume"
         sample_set(onnx_path, device_for(onnx_path, device), out / "reference", num, sample_batch, seed, steps,
                    threads, bars, "sample reference", mode=mode, echo=lambda m: click.echo(m, err=True),
-                   scheduler=scheduler, options=options)
+                   scheduler=scheduler, options=options, backend=backend, precision=precision)
         cand = sample_set(against, device_for(against, against_device), out / "candidate", num, sample_batch, seed,
                           cand_sched["steps"], threads, bars, "sample candidate", mode=mode,
                           echo=lambda m: click.echo(m, err=True), scheduler=cand_sched["scheduler"],
-                          options=cand_sched["options"])
+                          options=cand_sched["options"], backend=against_backend, precision=against_precision)
         rep = fid_report(cand, str(out / "reference"), settings, ext, progress=bars, paired=True,
                          max_fid=max_fid, max_kid=max_kid)
     _print_report(rep, rep.save(out / "fid.json"))

@@ -147,8 +147,33 @@ def runner_class(path: str | os.PathLike, device: str, backend: str | None = Non
     return getattr(mod, cls)
 
 
-PRECISIONS = ("fp32", "bf16", "int8")  # what `ddpm-run sample --precision` / ``Sampler.from_onnx(precision=)`` take
+PRECISIONS = ("fp32", "bf16", "int8", "auto")  # what `ddpm-run sample --precision` / ``Sampler.from_onnx(precision=)`` take
 INT8_MODEL = "model.int8.xml"  # the NNCF int8 OpenVINO IR that `ddpm-export --onnx model.onnx --int8` writes beside it
+
+
+def auto_precision(path: str | os.PathLike, device: str = "cpu", backend: str | None = None,
+                   flags: list[str] | None = None) -> tuple[str | None, str, str]:
+    """``precision="auto"``: the fastest setting that keeps sample quality on this machine, as (backend, precision,
+    reason). On a CPU with native bf16 (AVX512_BF16 or AMX-BF16) and OpenVINO installed: OpenVINO bf16 (its samples
+    match fp32's FID/KID within the spread of two fp32 seeds, measured in benchmarks/results/cpu-bf16-*/); else the
+    file's own precision on its backend. int8 is never chosen automatically: how much it moves the images depends on
+    the model (judge it with ``ddpm-run fid-compare`` and ask for it by name)."""
+    import importlib.util
+
+    from ..cpu import cpu_precisions
+
+    p = Path(path)
+    if device != "cpu" or p.suffix.lower() not in (".onnx", "") or backend not in (None, "openvino"):
+        return backend, "fp32", f"the precision stored in {p.name} ({device}): auto chooses only among CPU precisions"
+    cpu = cpu_precisions(flags)
+    if not cpu.native_bf16:
+        return backend, "fp32", (f"fp32: this CPU has no native bf16 (no AVX512_BF16/AMX in its flags "
+                                 f"{', '.join(cpu.flags) or 'unknown'}), where bf16 is emulated and slower")
+    if importlib.util.find_spec("openvino") is None:
+        return backend, "fp32", (f"fp32: this CPU runs bf16 natively ({', '.join(cpu.bf16)}) but OpenVINO is not "
+                                 "installed (pip install 'ddpm-deploy[openvino]' for bf16)")
+    return "openvino", "bf16", (f"OpenVINO bf16: this CPU runs bf16 natively ({', '.join(cpu.bf16)}), and bf16 keeps "
+                                "the samples' FID/KID within the spread of two fp32 seeds")
 
 
 def resolve_model(path: str | os.PathLike, device: str = "cpu", backend: str | None = None,
@@ -163,6 +188,8 @@ def resolve_model(path: str | os.PathLike, device: str = "cpu", backend: str | N
     path = Path(path)
     if precision not in PRECISIONS:
         raise ConfigError(invalid("precision", precision, f"must be one of {list(PRECISIONS)}"))
+    if precision == "auto":
+        backend, precision, _ = auto_precision(path, device, backend)
     named = {b for b, _ in BACKENDS}
     if backend is not None and backend not in named:
         raise ConfigError(invalid("backend", backend, f"must be one of {sorted(named)} (or None: by the file's "

@@ -144,3 +144,41 @@ def test_int8_export_then_sample(onnx_here, tmp_path):
     assert s.exit_code == 0, s.output
     info = json.loads((tmp_path / "s" / "run.json").read_text())
     assert info["precision"] == "int8" and info["model"].endswith("model.int8.xml")
+
+
+# --- --precision auto ---------------------------------------------------------------------------------------------
+
+def test_auto_precision_follows_the_cpu_flags(tmp_path):
+    """auto picks OpenVINO bf16 only where bf16 is native (AVX512_BF16 or AMX-BF16) and says why; never int8."""
+    from ddpm_deploy.runtime.backends.base import auto_precision
+
+    onnx = tmp_path / "model.onnx"
+    backend, precision, why = auto_precision(onnx, "cpu", None, flags=["avx2", "fma", "avx512_vnni"])
+    assert (backend, precision) == (None, "fp32") and "no native bf16" in why
+    for flags in (["avx2", "avx512_bf16"], ["amx_tile", "amx_bf16"]):
+        backend, precision, why = auto_precision(onnx, "cpu", None, flags=flags)
+        assert (backend, precision) == ("openvino", "bf16") and flags[1] in why
+    assert auto_precision(onnx, "cuda", None, flags=["avx512_bf16"])[1] == "fp32"
+    assert auto_precision(tmp_path / "model.int8.xml", "cpu", None, flags=["avx512_bf16"])[1] == "fp32"
+
+
+def test_sample_precision_auto_records_what_ran_and_why(micro_onnx, tmp_path):
+    """`ddpm-run sample --precision auto`: run.json's precision_choice says what was chosen and why, and the
+    precision that ran (OpenVINO's own execution graph decides it) is the one run.json reports."""
+    from click.testing import CliRunner
+
+    from ddpm_deploy.runtime.contract import RunInfo
+    from ddpm_deploy.runtime.cpu import cpu_precisions
+    from ddpm_deploy.verify.cli import main
+
+    r = CliRunner().invoke(main, ["sample", "--onnx", str(micro_onnx), "--precision", "auto", "--num", "2",
+                                  "--batch", "2", "--steps", "3", "--out", str(tmp_path / "s"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    info = RunInfo.load(tmp_path / "s" / "run.json")
+    c = info.precision_choice
+    assert c["asked"] == "auto" and c["reason"] and c["ran"] == info.precision
+    if cpu_precisions().native_bf16:
+        assert c["backend"] == "openvino" and c["precision"] == "bf16" and info.backend == "openvino-cpu"
+    else:
+        assert c["precision"] == "fp32" and "no native bf16" in c["reason"]
+    assert "--precision auto:" in r.output

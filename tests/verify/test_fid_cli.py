@@ -177,3 +177,23 @@ def test_fid_compare_of_two_schedulers_on_one_model(fid_extractor, micro_onnx, t
     assert rep.paired["identical_images"] < 8  # other samplers, other images (from the same x_T)
     assert bad.exit_code == 2 and "--option eta is not an option of UniPCMultistepScheduler" in bad.output
     assert not (tmp_path / "bad" / "reference").exists()
+
+
+def test_fid_compare_of_a_backend_and_precision(fid_extractor, micro_onnx, tmp_path):
+    """The bf16 quality gate: the same seeds through ONNX Runtime fp32 and OpenVINO bf16 (--against-backend,
+    --against-precision); each side's run.json records its backend and the precision that ran."""
+    pytest.importorskip("openvino")
+    from ddpm_deploy.runtime.cpu import cpu_precisions
+
+    r = run("fid-compare", "--onnx", micro_onnx, "--against-backend", "openvino", "--against-precision", "bf16",
+            "--num", 8, "--sample-batch", 8, "--steps", 10, "--extractor", fid_extractor, *KID,
+            "--out", tmp_path / "cmp")
+    assert r.exit_code == 0, r.output
+    rep = FidReport.load(tmp_path / "cmp" / "fid.json")
+    ref, cand = rep.paired["speed"]["reference"], rep.paired["speed"]["samples"]
+    assert ref["backend"] == "onnxruntime-cpu" and ref["precision"] == "fp32"
+    assert cand["backend"] == "openvino-cpu"
+    assert cand["precision"] == ("bf16" if cpu_precisions().native_bf16 else "fp32")  # OpenVINO's own choice
+    bad = run("fid-compare", "--onnx", micro_onnx, "--against-backend", "openvino", "--against-precision", "int8",
+              "--num", 8, "--extractor", fid_extractor, "--out", tmp_path / "bad")
+    assert bad.exit_code == 2 and "model.int8.xml" in bad.output and not (tmp_path / "bad").exists()
