@@ -21,7 +21,7 @@ def test_every_documented_command_runs(tmp_path, fid_extractor, record_property)
            "DDPM_OPENVINO_CACHE": str(tmp_path / "openvino-cache"), "OMP_NUM_THREADS": "1"}
     env.pop("DDPM_SEED", None)
     t0 = time.monotonic()
-    lines, py, subs, skips, setups = dr.run_docs(tmp_path / "sandbox", env, log=lambda s: print(s, flush=True))
+    lines, py, subs, skips, setups, expects = dr.run_docs(tmp_path / "sandbox", env, log=lambda s: print(s, flush=True))
 
     ran = [x for x in lines if x.status == "ran"]
     skipped = [x for x in lines if x.status == "skipped"]
@@ -42,5 +42,6 @@ def test_every_documented_command_runs(tmp_path, fid_extractor, record_property)
                  if s == "sketch" and "..." not in b.text]
     problems += [f"substitution {s.name!r} ({s.why}) applied to no line" for s in subs if not s.used]
     problems += [f"skip rule {r.name!r} ({r.reason}) matches no line" for r in skips if not r.matched]
+    problems += [f"expected status {e.name!r} ({e.why}) matches no line" for e in expects if not e.matched]
     problems += [f"setup step {s.name!r} ({s.why}) was never needed" for s in setups if not s.used]
     assert not problems, "\n\n".join(problems)
