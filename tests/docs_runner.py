@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -56,11 +56,6 @@ def _new_run(line: str) -> str:
     extra = f" --num-timesteps {DOCS_T} --batch-size 8 --save-every 1 --sample-every 0"
     if not re.search(r"--steps\b", line):
         extra += f" --steps {DOCS_DEFAULT_TRAIN_STEPS}"
-    return _append(line, extra)
-
-
-def _append(line: str, extra: str) -> str:
-    """Append options to the command (before a trailing ``&&``-chained command, if any)."""
     return line + extra
 
 
@@ -124,6 +119,34 @@ def has_gpu() -> bool:
     return bool(smi) and subprocess.run([smi, "-L"], capture_output=True).returncode == 0
 
 
+def gpu_missing() -> str | None:
+    """Why the GPU lines (ONNX Runtime CUDA and the device loop) cannot run here, or None."""
+    if not has_gpu():
+        return "needs an NVIDIA GPU (none here)"
+    import importlib.util
+
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return "needs onnxruntime-gpu (this venv has the CPU build)"
+    if importlib.util.find_spec("cuda") is None:
+        return "needs cuda-python (pip install '.[gpu]')"
+    return None
+
+
+def plan_gpu_missing() -> str | None:
+    """Why sampling a plan cannot run here: the plans here are TensorRT-RTX's, which run on compute capability
+    7.5/8.6/8.9/12.0 only (not A100/H100/B200), and TensorRT proper cannot be installed here."""
+    import importlib.util
+
+    why = gpu_missing()
+    if why:
+        return why
+    if importlib.util.find_spec("tensorrt") is None:
+        return "sampling a plan needs TensorRT proper on this GPU (TensorRT-RTX plans do not run on A100/H100/B200)"
+    return None
+
+
 def serve_unavailable() -> str | None:
     """Why the README's serve lines cannot run here (their ports are fixed: 8000-8002), or None."""
     try:
@@ -152,7 +175,7 @@ class Skip:
 
 
 def make_skips() -> list[Skip]:
-    gpu = has_gpu()
+    gpu_why, plan_why = gpu_missing(), plan_gpu_missing()
     serve_why = serve_unavailable()
     return [
         Skip("install", r"^pip (install|uninstall)\b", "installation: the test runs in the installed venv"),
@@ -166,10 +189,11 @@ def make_skips() -> list[Skip]:
         Skip("slurm-output", r"ddpm-run merge /scratch/", "merges the Slurm array's shards (skipped)"),
         Skip("int8-experiment", r"-m ddpm_deploy\.verify\.int8\b", "a ddpm-cifar10 (35.7 M) int8 quantization "
              "experiment: minutes on 2 cores"),
-        Skip("gpu", r"--device cuda|--against-device cuda|ddpm-run sample --engine|--against \S+\.plan",
-             "needs an NVIDIA GPU (none here)", lambda: not gpu),
+        Skip("gpu", r"--device cuda|--against-device cuda", gpu_why or "", lambda: gpu_why is not None),
+        Skip("gpu-plan", r"ddpm-run sample --engine|--against \S+\.plan", plan_why or "",
+             lambda: plan_why is not None),
         Skip("gpu-output", r"ddpm-run fid cifar10-samples|^ddpm-run merge job/all job/shard-\*$",
-             "reads the samples of the GPU line before it (skipped: no GPU)", lambda: not gpu),
+             "reads the samples of the GPU line before it (skipped)", lambda: gpu_why is not None),
         Skip("serve", r"(^|&&\s*)ddpm-run (serve|request)\b", serve_why or "", lambda: serve_why is not None),
     ]
 
@@ -188,10 +212,10 @@ class Expect:
 
 
 def make_expects() -> list[Expect]:
-    gpu = has_gpu()
-    return [Expect("info-engine-no-gpu", r"^ddpm-run info --engine\b", 1, r"runnable here: no",
-                   "without a GPU `ddpm-run info --engine` prints the plan and exits 1 ('runnable here: no')",
-                   lambda: not gpu)]
+    plan_why = plan_gpu_missing()
+    return [Expect("info-engine-not-runnable", r"^ddpm-run info --engine\b", 1, r"runnable here: no",
+                   "where the plan cannot run (no GPU, or not one TensorRT-RTX supports) `ddpm-run info --engine` "
+                   "prints the plan and exits 1 ('runnable here: no')", lambda: plan_why is not None)]
 
 
 # ------------------------------------------------------------------------------------------------ extraction

@@ -4,8 +4,6 @@ substitutions) or is skipped by an explicit rule with its reason; see README "Te
 from __future__ import annotations
 
 import os
-import re
-import sys
 import time
 
 import pytest
