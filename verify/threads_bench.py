@@ -47,15 +47,18 @@ def busy(n: int):
             p.wait()
 
 
-def sample_once(onnx: Path, threads: int, num: int, batch: int, steps: int, work: Path, tag: str) -> dict:
-    """One `ddpm-run sample` process; its run.json's images/s and the load average around it."""
+def sample_once(onnx: Path, threads: str, num: int, batch: int, steps: int, work: Path, tag: str) -> dict:
+    """One `ddpm-run sample` process; its run.json's images/s and the load average around it. ``threads``: the
+    --threads value, with "+spin" for ONNX Runtime's spinning worker threads (DDPM_ORT_SPIN=1; off by default)."""
     out = work / f"run-{tag}"
+    count, _, spin = str(threads).partition("+")
     cmd = [sys.executable, "-m", "ddpm_deploy.verify.cli", "sample", "--onnx", str(onnx), "--num", str(num),
-           "--batch", str(batch), "--steps", str(steps), "--threads", str(threads), "--seed", "0", "--no-pngs",
+           "--batch", str(batch), "--steps", str(steps), "--threads", count, "--seed", "0", "--no-pngs",
            "--no-progress", "--out", str(out)]
+    env = {**os.environ, "DDPM_ORT_SPIN": "1" if spin == "spin" else "0"}
     load0 = load_average()
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         return {"threads": threads, "error": (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1],
@@ -112,7 +115,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny", help="model preset, random weights (needs torch to export)")
     ap.add_argument("--onnx", type=Path, default=None, help="measure this ONNX instead of the preset")
-    ap.add_argument("--threads", default="0,1,2", help="thread counts, comma-separated (0: ONNX Runtime's default)")
+    ap.add_argument("--threads", default="0,1,2", help="thread counts, comma-separated (0: ONNX Runtime's default; "
+                    "N+spin: with ONNX Runtime's spinning worker threads, which ddpm-deploy turns off)")
     ap.add_argument("--background", default="0,1",
                     help="numbers of other CPU-bound processes to run during the measurement, comma-separated")
     ap.add_argument("--num", type=int, default=64, help="images per run")
@@ -121,9 +125,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per thread count and condition (interleaved)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu-threads"))
     args = ap.parse_args(argv)
-    threads = [int(t) for t in args.threads.split(",")]
+    threads = [t.strip() for t in args.threads.split(",") if t.strip()]
     backgrounds = [int(b) for b in args.background.split(",")]
-    if any(t < 0 for t in threads) or any(b < 0 for b in backgrounds) or min(args.num, args.batch, args.steps,
+    if any(not t.partition("+")[0].isdigit() or t.partition("+")[2] not in ("", "spin") for t in threads):
+        ap.error("--threads: comma-separated counts, each optionally with +spin (e.g. 0,1,0+spin)")
+    if any(b < 0 for b in backgrounds) or any(b < 0 for b in backgrounds) or min(args.num, args.batch, args.steps,
                                                                           args.repeat) < 1:
         ap.error("--threads and --background must be >= 0; --num, --batch, --steps, --repeat >= 1")
 

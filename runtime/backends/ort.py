@@ -105,6 +105,10 @@ class OrtSession:
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[opt_level])
         if threads:
             so.intra_op_num_threads = int(threads)
+        # worker threads sleep between ε calls instead of spinning: as fast on an idle machine, and 1.6x faster
+        # with another process on the cores (benchmarks/results/cpu-threads-*; DDPM_ORT_SPIN=1 restores spinning)
+        so.add_session_config_entry("session.intra_op.allow_spinning",
+                                    "1" if os.environ.get("DDPM_ORT_SPIN") == "1" else "0")
         so.log_severity_level = 3
         for name, size in (batch_dims or {}).items():
             so.add_free_dimension_override_by_name(name, int(size))

@@ -22,7 +22,7 @@ def test_threads_bench_writes_load_flags_and_rows(random_micro_onnx, tmp_path):
     assert m["cpus"] == os.cpu_count() and isinstance(m["cpu_flags"], list)
     assert len(m["load_average_before"]) == 3 and len(m["load_average_after"]) == 3
     runs = [r for r in doc["results"] if r["kind"] == "run"]
-    assert len(runs) == 1 and runs[0]["threads"] == 1 and runs[0]["images_per_s"] > 0, runs
+    assert len(runs) == 1 and runs[0]["threads"] == "1" and runs[0]["images_per_s"] > 0, runs
     assert len(runs[0]["load_before"]) == 3 and len(runs[0]["load_after"]) == 3
     assert {r["kind"] for r in doc["results"]} == {"run", "median", "fastest"}
     md = (out / "results.md").read_text()
