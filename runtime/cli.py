@@ -75,10 +75,11 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino"]), default=None,
               help="CPU backend: onnxruntime, or openvino (pip install 'ddpm-deploy[openvino]'). Default: by the "
                    "file (.onnx: onnxruntime, .xml: openvino).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8", "auto"]), default="fp32",
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8", "int8-bf16", "auto"]), default="fp32",
               help="OpenVINO only. bf16: its inference precision hint (fast only on CPUs with AVX512_BF16/AMX; "
                    "emulated and slow elsewhere); int8: the NNCF int8 model model.int8.xml beside the ONNX (ddpm-export "
-                   "--onnx model.onnx --int8 writes it). auto: the fastest setting that keeps sample quality here — "
+                   "--onnx model.onnx --int8 writes it); int8-bf16: that model with the layers it keeps float run in "
+                   "bf16 (CPUs with native bf16). auto: the fastest setting that keeps sample quality here — "
                    "OpenVINO bf16 on a CPU with native bf16 and OpenVINO installed, else fp32 — recorded with the "
                    "reason in run.json (precision_choice). See the README for each precision's measured fidelity.")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, help="Capture the device loop's step in a CUDA graph "

@@ -31,6 +31,7 @@ for row in ${ROWS//,/ }; do
     ov-fp32) sample ov-fp32 --seed 0 --backend openvino --precision fp32 ;;
     ov-bf16) sample ov-bf16 --seed 0 --backend openvino --precision bf16 ;;
     ov-int8) sample ov-int8 --seed 0 --backend openvino --precision int8 ;;
+    ov-int8-bf16) sample ov-int8-bf16 --seed 0 --backend openvino --precision int8-bf16 ;;
     auto) sample auto --seed 0 --precision auto ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac

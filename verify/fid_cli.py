@@ -237,11 +237,11 @@ def fid_extractor(out, force, verbose):
               help="Device of the --against model (a .plan always runs on cuda).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino"]), default=None,
               help="CPU backend of the reference (as ddpm-run sample --backend). Default: by the file.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32",
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "int8", "int8-bf16"]), default="fp32",
               help="OpenVINO precision of the reference (as ddpm-run sample --precision).")
 @click.option("--against-backend", type=click.Choice(["onnxruntime", "openvino"]), default=None,
               help="CPU backend of the candidate, e.g. openvino. Default: by the file.")
-@click.option("--against-precision", type=click.Choice(["fp32", "bf16", "int8"]), default="fp32",
+@click.option("--against-precision", type=click.Choice(["fp32", "bf16", "int8", "int8-bf16"]), default="fp32",
               help="OpenVINO precision of the candidate: bf16 (the hint) or int8 (model.int8.xml beside --against).")
 @click.option("--num", "-n", type=click.IntRange(min=2), default=256, help="Images per side (same seeds).")
 @click.option("--sample-batch", type=click.IntRange(min=1), default=64, help="Images per sampling call.")

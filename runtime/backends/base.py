@@ -147,7 +147,7 @@ def runner_class(path: str | os.PathLike, device: str, backend: str | None = Non
     return getattr(mod, cls)
 
 
-PRECISIONS = ("fp32", "bf16", "int8", "auto")  # what `ddpm-run sample --precision` / ``Sampler.from_onnx(precision=)`` take
+PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16", "auto")  # what `ddpm-run sample --precision` / ``Sampler.from_onnx(precision=)`` take
 INT8_MODEL = "model.int8.xml"  # the NNCF int8 OpenVINO IR that `ddpm-export --onnx model.onnx --int8` writes beside it
 
 
@@ -184,7 +184,8 @@ def resolve_model(path: str | os.PathLike, device: str = "cpu", backend: str | N
     ``backend``: None (by the file: .onnx → ONNX Runtime, .xml → OpenVINO), "onnxruntime", "openvino" or
     "tensorrt". ``precision`` (OpenVINO only): "fp32", "bf16" (OpenVINO's precision hint) or "int8" (the NNCF int8
     model ``model.int8.xml`` beside an ONNX file, or the .xml given). Returns (path to open, backend, the
-    ``precision`` option of the runner: the hint, "fp32" for an int8 model)."""
+    ``precision`` option of the runner: the hint, "fp32" for an int8 model, "bf16" for int8-bf16: the int8 model
+    with the layers NNCF keeps float run in bf16)."""
     path = Path(path)
     if precision not in PRECISIONS:
         raise ConfigError(invalid("precision", precision, f"must be one of {list(PRECISIONS)}"))
@@ -199,7 +200,7 @@ def resolve_model(path: str | os.PathLike, device: str = "cpu", backend: str | N
             drop = "drop --device cuda / --engine" if is_cli_style() else "use device='cpu'"
             raise ConfigError(f"the OpenVINO backend runs on the CPU: {drop}")
         backend = "openvino"
-        if precision == "int8" and path.suffix.lower() != ".xml":
+        if precision in ("int8", "int8-bf16") and path.suffix.lower() != ".xml":
             onnx = path
             path = path.with_name(INT8_MODEL)
             if not path.is_file():
@@ -208,7 +209,8 @@ def resolve_model(path: str | os.PathLike, device: str = "cpu", backend: str | N
     elif precision != "fp32":
         raise ConfigError(f"{option('precision', precision)} is an OpenVINO option: add {option('backend', 'openvino')} "
                           f"(ONNX Runtime runs the precision stored in the model: pass model.fp16.onnx for fp16)")
-    return path, backend, "fp32" if precision == "int8" else precision
+    # int8 is the model (its float-kept layers run fp32); int8-bf16 runs those kept layers in bf16 (OpenVINO's hint)
+    return path, backend, {"int8": "fp32", "int8-bf16": "bf16"}.get(precision, precision)
 
 
 def open_runner(path: str | os.PathLike, device: str = "cpu", backend: str | None = None, **options) -> Runner:
