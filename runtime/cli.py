@@ -82,6 +82,10 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
                    "bf16 (CPUs with native bf16). auto: the fastest setting that keeps sample quality here — "
                    "OpenVINO bf16 on a CPU with native bf16 and OpenVINO installed, else fp32 — recorded with the "
                    "reason in run.json (precision_choice). See the README for each precision's measured fidelity.")
+@click.option("--precision-bands", default=None, metavar="P:FIRST-LAST,...",
+              help="OpenVINO: a precision per timestep band, e.g. bf16:0-99,int8-bf16:100-599,bf16:600-999 (every "
+                   "timestep once; precisions as --precision); each image's ε comes from its timestep's precision. "
+                   "Replaces --precision. See the README for the measured bands.")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, help="Capture the device loop's step in a CUDA graph "
               "where the backend allows it (results are identical either way).")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0, the default: one per core). "
@@ -116,7 +120,7 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @clean_errors
 def sample(onnx_path, engine, num, batch, seed, start_index, steps, scheduler, scheduler_config, eta, order,
-           sched_options, out, device, backend, precision, cuda_graph,
+           sched_options, out, device, backend, precision, precision_bands, cuda_graph,
            threads, graph_opt, no_pngs, resume, overwrite, schedule, beta_start, beta_end, num_timesteps, variance_type, clip, shard,
            device_id, no_progress,
            verbose):
@@ -187,9 +191,18 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, scheduler, s
         start_index, num = first, end - first
         click.echo(f"shard {job}: indices {first}-{end - 1} -> {out}")
     with ExitStack() as stack:
-        runner = stack.enter_context(open_runner(model_path, device, backend=backend, threads=threads,
-                                                 opt_level=graph_opt, cuda_graph=cuda_graph, precision=ov_precision,
-                                                 device_id=device_id_from(device_id)))
+        if precision_bands is not None:
+            from .backends.base import open_banded
+
+            if device != "cpu" or backend not in (None, "openvino") or precision not in ("fp32",):
+                raise ConfigError("--precision-bands runs OpenVINO on the CPU and replaces --precision: drop "
+                                  "--precision / --device cuda / --engine")
+            backend = "openvino"
+            runner = stack.enter_context(open_banded(model_path, precision_bands, threads))
+        else:
+            runner = stack.enter_context(open_runner(model_path, device, backend=backend, threads=threads,
+                                                     opt_level=graph_opt, cuda_graph=cuda_graph,
+                                                     precision=ov_precision, device_id=device_id_from(device_id)))
         card = _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, variance_type, clip)
         shape = (card.data.channels, card.data.image_size, card.data.image_size)
         plan = resolve_plan(card, scheduler, scheduler_config, steps, eta, order, sched_options,
@@ -201,10 +214,11 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, scheduler, s
         out = out or model_path.parent / "samples"
         def hint(error=None) -> str:  # the command that continues the job (with the smaller batch after OOM)
             b = getattr(error, "suggested_batch", None) or batch
-            return _resume_command(engine, onnx_path, out if job is None else (job_out or out.parent), job_num, b,
-                                   seed, job_start, steps, backend, precision, device,
-                                   None if job is None else f"{job.index}/{job.count}", no_pngs,
-                                   scheduler_args(scheduler, scheduler_config, eta, order, sched_options))
+            cmd = _resume_command(engine, onnx_path, out if job is None else (job_out or out.parent), job_num, b,
+                                  seed, job_start, steps, backend, precision, device,
+                                  None if job is None else f"{job.index}/{job.count}", no_pngs,
+                                  scheduler_args(scheduler, scheduler_config, eta, order, sched_options))
+            return cmd + (f" --precision-bands {precision_bands}" if precision_bands else "")
         bar = None
         if not no_progress:  # shown from the first step on (not before the output folder is checked)
             bar = stack.enter_context(_LazyBar(total=num * len(plan), unit="img·step", unit_scale=True,

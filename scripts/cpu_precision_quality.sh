@@ -6,7 +6,8 @@
 #     bash scripts/cpu_precision_quality.sh
 # A candidate keeps quality when its FID and KID against the reference are within those of the second fp32 seed.
 # Environment: MODEL, NUM (1024), STEPS (250 respaced DDPM steps; 1000 = every step), BATCH (64), OUT, THREADS (0),
-# ROWS (fp32-seed1,ov-bf16,ov-int8; ov-int8 needs model.int8.xml beside MODEL), SCHEDULER (ddpm), EXTRA (more
+# ROWS (fp32-seed1,ov-bf16,ov-int8; also ov-fp32, ov-int8-bf16, auto, bands; the int8 rows need model.int8.xml
+# beside MODEL), BANDS (row bands' --precision-bands), SCHEDULER (ddpm), EXTRA (more
 # `ddpm-run sample` options for every row).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,7 @@ NUM=${NUM:-1024}; STEPS=${STEPS:-250}; BATCH=${BATCH:-64}; THREADS=${THREADS:-0}
 OUT=${OUT:-benchmarks/results/cpu-precision-quality}
 ROWS=${ROWS:-fp32-seed1,ov-bf16,ov-int8}
 EXTRA=${EXTRA:-}
+BANDS=${BANDS:-bf16:0-99,int8-bf16:100-599,bf16:600-999}  # row "bands": a precision per timestep band
 mkdir -p "$OUT"
 common=(--onnx "$MODEL" --num "$NUM" --batch "$BATCH" --steps "$STEPS" --scheduler "$SCHEDULER" --threads "$THREADS"
         --no-pngs --no-progress $EXTRA)
@@ -33,6 +35,7 @@ for row in ${ROWS//,/ }; do
     ov-int8) sample ov-int8 --seed 0 --backend openvino --precision int8 ;;
     ov-int8-bf16) sample ov-int8-bf16 --seed 0 --backend openvino --precision int8-bf16 ;;
     auto) sample auto --seed 0 --precision auto ;;
+    bands) sample bands --seed 0 --precision-bands "$BANDS" ;;
     *) echo "unknown row $row" >&2; exit 2 ;;
   esac
 done

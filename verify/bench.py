@@ -28,7 +28,8 @@ from ddpm_deploy.verify.models import random_preset_model, random_preset_onnx
 
 log = logging.getLogger(__name__)
 
-CPU_BACKENDS = ("ort-cpu", "openvino-fp32", "openvino-bf16", "openvino-int8", "torch-eager-fp32", "torch-eager-bf16",
+CPU_BACKENDS = ("ort-cpu", "openvino-fp32", "openvino-bf16", "openvino-int8", "openvino-int8-bf16", "torch-eager-fp32",
+                "torch-eager-bf16",
                 "torch-compile-fp32", "diffusers-loop")
 PRESETS = ("tiny", "ddpm-cifar10")
 
@@ -103,8 +104,9 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
 
         precision = backend.split("-", 1)[1]
         onnx_path = _onnx_for(preset, Path(job["workdir"]))
-        if precision == "int8":
-            runner = open_runner(_int8_for(preset, onnx_path), "cpu", threads=threads, cache_dir=False)
+        if precision in ("int8", "int8-bf16"):  # int8-bf16: the int8 model's float-kept layers in bf16
+            runner = open_runner(_int8_for(preset, onnx_path), "cpu", threads=threads, cache_dir=False,
+                                 precision="bf16" if precision == "int8-bf16" else "fp32")
         else:
             runner = open_runner(onnx_path, "cpu", backend="openvino", precision=precision, threads=threads,
                                  cache_dir=False)

@@ -102,7 +102,8 @@ def parity(checkpoint, onnx_path, engine, steps, scheduler, sched_options, batch
               help="Where results.json, results.md and images_per_s.png go.")
 @click.option("--presets", default="tiny,ddpm-cifar10", help="Models (random weights), comma-separated.")
 @click.option("--backends", default="ort-cpu,torch-eager-fp32,torch-eager-bf16,diffusers-loop",
-              help="Comma-separated: ort-cpu, openvino-fp32, openvino-bf16, openvino-int8, torch-eager-fp32, "
+              help="Comma-separated: ort-cpu, openvino-fp32, openvino-bf16, openvino-int8, openvino-int8-bf16, "
+                   "torch-eager-fp32, "
                    "torch-eager-bf16, torch-compile-fp32, diffusers-loop.")
 @click.option("--batches", default="1,8,64", help="Batch sizes, comma-separated.")
 @click.option("--max-batch-cifar", type=int, default=64, help="Largest batch for ddpm-cifar10 (CPU time and memory).")

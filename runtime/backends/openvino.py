@@ -126,7 +126,7 @@ class OpenVinoRunner(Runner):
         self.precision = model_precision if model_precision != "fp32" else ran
         if model_precision == "int8" and any(p in ("bf16", "bfloat16") for p in self.compute_precisions):
             self.precision = "int8+bf16"  # the layers kept float run bf16
-        if precision == "bf16" and self.precision != "bf16":
+        if precision == "bf16" and "bf16" not in self.precision:
             log.warning("OpenVINO runs f32: this CPU has no native bf16 (AVX512_BF16 or AMX), so the bf16 hint is "
                         "ignored")
 

@@ -145,6 +145,17 @@ def test_int8_export_then_sample(onnx_here, tmp_path):
     info = json.loads((tmp_path / "s" / "run.json").read_text())
     assert info["precision"] == "int8" and info["model"].endswith("model.int8.xml")
 
+    # int8-bf16: the same int8 model, the layers it keeps float run in bf16 where the CPU has it natively
+    from ddpm_deploy.runtime.cpu import cpu_precisions
+
+    b = CliRunner().invoke(run_cli, ["sample", "--onnx", str(onnx_here), "--backend", "openvino", "--precision",
+                                     "int8-bf16", "--num", "2", "--steps", "10", "--no-progress", "--out",
+                                     str(tmp_path / "b")])
+    assert b.exit_code == 0, b.output
+    info = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert info["model"].endswith("model.int8.xml")
+    assert info["precision"] == ("int8+bf16" if cpu_precisions().native_bf16 else "int8")  # what ran, not the ask
+
 
 # --- --precision auto ---------------------------------------------------------------------------------------------
 

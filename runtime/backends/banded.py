@@ -1,0 +1,85 @@
+"""Precision per timestep: one model at several precisions, each image's ε taken from the runner of its timestep's band.
+
+``BandedRunner({"bf16": r1, "int8": r2}, [(0, 99, "bf16"), (100, 599, "int8"), (600, 999, "bf16")])``: every
+timestep belongs to exactly one band. A batch whose images sit in several bands (Triton mixes requests) is split by
+band and each part goes to its runner, so an image's ε depends only on its own (x, t) and band, never on its
+batch-mates. The bands come from a fidelity measurement (the precision's ε error per timestep bucket in its
+precision.*.json, then FID/KID of the samples: ``scripts/cpu_precision_quality.sh``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+from .base import Runner
+
+
+def parse_bands(text: str, num_timesteps: int) -> list[tuple[int, int, str]]:
+    """``"bf16:0-99,int8-bf16:100-599,bf16:600-999"`` → [(0, 99, "bf16"), …]; the bands must cover 0…T−1 once
+    (bands past T−1 are cut at T−1 or dropped)."""
+    bands = []
+    for part in text.split(","):
+        key, _, rng = part.strip().rpartition(":")
+        lo, _, hi = rng.partition("-")
+        if not key or not lo.isdigit() or not hi.isdigit() or int(lo) > int(hi):
+            raise ConfigError(f"precision bands: expected PRECISION:FIRST-LAST[,…] (e.g. bf16:0-99,int8:100-999), "
+                              f"found {part.strip()!r}")
+        bands.append((int(lo), int(hi), key))
+    bands.sort()
+    # timesteps are the model's 0…T−1: a band past T−1 is cut there (a model of smaller T uses fewer bands)
+    bands = [(lo, min(hi, num_timesteps - 1), key) for lo, hi, key in bands if lo <= num_timesteps - 1]
+    covered = 0
+    for lo, hi, _ in bands:
+        if lo != covered:
+            raise ConfigError(f"precision bands must cover every timestep 0…{num_timesteps - 1} once: "
+                              f"{'a gap' if lo > covered else 'an overlap'} at t = {min(lo, covered)}")
+        covered = hi + 1
+    if covered != num_timesteps:
+        raise ConfigError(f"precision bands must cover every timestep 0…{num_timesteps - 1}, they end at {covered - 1}")
+    return bands
+
+
+class BandedRunner(Runner):
+    """ε from ``runners[key]`` for the images whose timestep lies in a band of ``key`` (see the module docstring)."""
+
+    def __init__(self, runners: dict[str, Runner], bands: Sequence[tuple[int, int, str]]):
+        first = next(iter(runners.values()))
+        self.runners, self.bands = dict(runners), list(bands)
+        missing = {k for _, _, k in self.bands} - set(self.runners)
+        if missing:
+            raise ConfigError(f"precision bands name {sorted(missing)}, which have no runner")
+        self.device, self.path, self.card = first.device, first.path, first.card
+        self.sample_shape, self.fixed_batch = first.sample_shape, first.fixed_batch
+        top = max(hi for _, hi, _ in self.bands)
+        self._which = np.empty(top + 1, np.int16)
+        keys = list(self.runners)
+        for lo, hi, k in self.bands:
+            self._which[lo:hi + 1] = keys.index(k)
+        self._keys = keys
+        self.precision = ",".join(f"{self.runners[k].precision}:{lo}-{hi}" for lo, hi, k in self.bands)
+
+    @property
+    def name(self) -> str:
+        return next(iter(self.runners.values())).name
+
+    def eps(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
+        which = self._which[np.asarray(t, np.int64)]
+        first = int(which[0])
+        if (which == first).all():
+            return self.runners[self._keys[first]].eps(x, t)
+        out = np.empty_like(x)
+        for i in np.unique(which):
+            sel = which == i
+            out[sel] = self.runners[self._keys[int(i)]].eps(np.ascontiguousarray(x[sel]), t[sel])
+        return out
+
+    def describe(self):
+        return {**super().describe(), "bands": [list(b) for b in self.bands],
+                "runners": {k: r.describe() for k, r in self.runners.items()}}
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            r.close()
