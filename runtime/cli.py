@@ -192,7 +192,7 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, scheduler, s
         click.echo(f"shard {job}: indices {first}-{end - 1} -> {out}")
     with ExitStack() as stack:
         if precision_bands is not None:
-            from .backends.base import open_banded
+            from .backends.banded import open_banded
 
             if device != "cpu" or backend not in (None, "openvino") or precision not in ("fp32",):
                 raise ConfigError("--precision-bands runs OpenVINO on the CPU and replaces --precision: drop "

@@ -158,7 +158,7 @@ def test_call_errors_name_the_arguments_not_cli_flags(random_micro_onnx, call, m
 @pytest.mark.parametrize("opened, message", [
     (dict(device="tpu"), r"^device must be one of \['cpu', 'cuda'\], found 'tpu'$"),
     (dict(backend="foo"), r"^backend must be one of \['onnxruntime', 'openvino', 'tensorrt'\]"),
-    (dict(precision="fp16"), r"^precision must be one of \['fp32', 'bf16', 'int8'\], found 'fp16'$"),
+    (dict(precision="fp16"), r"^precision must be one of \['fp32', 'bf16', 'int8', 'int8-bf16', 'auto'\], found 'fp16'$"),
     (dict(precision="bf16"), r"^precision='bf16' is an OpenVINO option: add backend='openvino'"),
     (dict(backend="openvino", device="cuda"), r"^the OpenVINO backend runs on the CPU: use device='cpu'$"),
     (dict(threads=-1), r"^threads must be >= 0 \(0: ONNX Runtime's default\), found -1$"),

@@ -9,12 +9,13 @@ precision.*.json, then FID/KID of the samples: ``scripts/cpu_precision_quality.s
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
-from .base import Runner
+from ..errors import ArtifactError, ConfigError
+from .base import PRECISIONS, Runner, open_runner, resolve_model
 
 
 def parse_bands(text: str, num_timesteps: int) -> list[tuple[int, int, str]]:
@@ -83,3 +84,29 @@ class BandedRunner(Runner):
     def close(self) -> None:
         for r in self.runners.values():
             r.close()
+
+
+def open_banded(path: str | os.PathLike, bands: str, threads: int = 0) -> Runner:
+    """The OpenVINO runners of ``path`` at every precision ``bands`` names (``"bf16:0-99,int8-bf16:100-999"``;
+    precisions as ``--precision``), as one :class:`BandedRunner` choosing per image by its timestep."""
+    keys = []
+    for part in bands.split(","):
+        key = part.strip().rpartition(":")[0]
+        if key and key not in keys:
+            keys.append(key)
+    runners: dict[str, Runner] = {}
+    try:
+        for key in keys:
+            if key not in PRECISIONS or key == "auto":
+                raise ConfigError(f"precision bands: {key!r} is not a precision; one of "
+                                  f"{[p for p in PRECISIONS if p != 'auto']}")
+            p, backend, hint = resolve_model(path, "cpu", "openvino", key)
+            runners[key] = open_runner(p, "cpu", backend=backend, threads=threads, precision=hint)
+        first = next(iter(runners.values()))
+        if first.card is None:
+            raise ArtifactError(f"{path}: precision bands need the model's ddpm-deploy metadata (its T)")
+        return BandedRunner(runners, parse_bands(bands, first.card.diffusion.num_timesteps))
+    except BaseException:
+        for r in runners.values():
+            r.close()
+        raise

@@ -213,34 +213,6 @@ def resolve_model(path: str | os.PathLike, device: str = "cpu", backend: str | N
     return path, backend, {"int8": "fp32", "int8-bf16": "bf16"}.get(precision, precision)
 
 
-def open_banded(path: str | os.PathLike, bands: str, threads: int = 0) -> Runner:
-    """The OpenVINO runners of ``path`` at every precision ``bands`` names (``"bf16:0-99,int8-bf16:100-999"``;
-    precisions as ``--precision``), as one :class:`~.banded.BandedRunner` choosing per image by its timestep."""
-    from .banded import BandedRunner, parse_bands
-
-    keys = []
-    for part in bands.split(","):
-        key = part.strip().rpartition(":")[0]
-        if key and key not in keys:
-            keys.append(key)
-    runners: dict[str, Runner] = {}
-    try:
-        for key in keys:
-            if key not in PRECISIONS or key == "auto":
-                raise ConfigError(f"precision bands: {key!r} is not a precision; one of "
-                                  f"{[p for p in PRECISIONS if p != 'auto']}")
-            p, backend, hint = resolve_model(path, "cpu", "openvino", key)
-            runners[key] = open_runner(p, "cpu", backend=backend, threads=threads, precision=hint)
-        first = next(iter(runners.values()))
-        if first.card is None:
-            raise ArtifactError(f"{path}: precision bands need the model's ddpm-deploy metadata (its T)")
-        return BandedRunner(runners, parse_bands(bands, first.card.diffusion.num_timesteps))
-    except BaseException:
-        for r in runners.values():
-            r.close()
-        raise
-
-
 def open_runner(path: str | os.PathLike, device: str = "cpu", backend: str | None = None, **options) -> Runner:
     """Open ``path`` (model.onnx, model.plan, model.int8.xml) with the runner for ``device`` (or the named
     ``backend``: "onnxruntime", "openvino", "tensorrt").
