@@ -24,6 +24,8 @@ import numpy as np
 
 from ddpm_deploy.runtime.contract import BenchResults, package_versions
 from ddpm_deploy.runtime.fileio import atomic_write_bytes, atomic_write_text
+from ddpm_deploy.runtime.cpu import FLAGS_OF_INTEREST as CPU_FLAGS_OF_INTEREST  # noqa: F401  (one list, one reader)
+from ddpm_deploy.runtime.cpu import cpu_flags
 from ddpm_deploy.verify.models import random_preset_model, random_preset_onnx
 
 log = logging.getLogger(__name__)
@@ -231,21 +233,6 @@ def load_text(machine: dict[str, Any]) -> str:
     return text + (f" (**warning**: {warnings[0].split(': ', 1)[1]})" if warnings else "")
 
 
-CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-                         "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16")
-
-
-def cpu_flags() -> list[str]:
-    """The CPU flags that decide fp32/bf16/int8 speed (from /proc/cpuinfo; empty where it does not exist)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in CPU_FLAGS_OF_INTEREST if flag in have]
-    except OSError:
-        pass
-    return []
 
 
 def run(out_dir: Path, presets=PRESETS, backends=CPU_BACKENDS, batches=(1, 8, 64), warmup: int = 2, repeat: int = 5,
