@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import time
 from pathlib import Path
@@ -159,12 +160,35 @@ def main(preset, dataset, channels, out, resume, resume_from, schedule, num_time
         if (Path(run_dir) / "model.json").exists():
             raise ConfigError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
     created = not Path(run_dir).exists()
+    lock = None
     try:
+        if env.is_main:  # one training process per run dir (torchrun's other ranks share rank 0's)
+            lock = _lock_run_dir(Path(run_dir))
         _train(run_dir, ucfg, tcfg, dcfg, data, preset, resume, resume_from, env, no_progress, out)
     except BaseException:
         if created and env.is_main:
             _remove_empty(Path(run_dir))
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _lock_run_dir(run_dir: Path) -> int:
+    """An exclusive flock on the run dir itself (released by the kernel when the process ends, kill -9 included):
+    a second `ddpm-train` on the same run dir (a second --resume, say) is refused instead of interleaving its
+    checkpoints and loss.jsonl with the first's."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"{run_dir} is in use by another ddpm-train (training or resuming this run); wait for it to "
+                          f"finish or stop it first") from None
+    return fd
 
 
 def _remove_empty(d: Path) -> None:

@@ -362,3 +362,30 @@ def test_signal_saves_a_checkpoint_and_resume_continues(tmp_path, name):
     assert_ok(r)
     assert f"trained {step + 2}/{step + 2} steps" in r.stdout
     assert_kept(before, out / "checkpoints")
+
+
+def test_a_second_train_on_a_run_in_use_is_refused(tmp_path):
+    """Two `ddpm-train --resume` on one run dir interleaved their checkpoints and loss.jsonl (a session lost steps that
+    way): while one trains, a second is refused with one line and changes nothing."""
+    import subprocess
+    import time
+
+    from reliability.harness import BIN
+
+    out = tmp_path / "run"
+    assert_ok(invoke("ddpm-train", "--out", out, "--steps", "2", *FAST, *MICRO_SET))
+    env = {**os.environ, "DDPM_NO_PROGRESS": "1"}
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:  # a file, not a pipe: an unread pipe would block the first training
+        first = subprocess.Popen([str(BIN / "ddpm-train"), "--resume", "--out", str(out), "--steps", "100000", "-vv",
+                                  "--log-every", "1", *map(str, FAST)], stdout=subprocess.DEVNULL, stderr=f, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while "step 4/100000" not in log.read_text() and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.1)
+        assert first.poll() is None, "the first training ended early:\n" + log.read_text()[-2000:]
+        o = run("ddpm-train", "--resume", "--out", out, "--steps", "100000", *FAST, timeout=120)  # not refused: hangs
+        assert_user_error(o, str(out), "in use by another ddpm-train")
+    finally:
+        first.terminate()
+        first.wait(timeout=120)
