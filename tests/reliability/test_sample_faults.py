@@ -568,8 +568,8 @@ def test_interrupted_job_keeps_batches_and_resumes_to_the_same_bytes(model, long
 
 def test_interrupted_job_is_refused_without_resume_and_by_readers(model, tmp_path):
     out = tmp_path / "s"
-    code, _, _ = _start_and_signal(model, out, signal.SIGTERM, "--no-pngs")
-    assert code == 143
+    code, _, stderr = _start_and_signal(model, out, signal.SIGTERM, "--no-pngs")
+    assert code == 143, stderr  # once seen as 1 in CI (not reproduced in 4 runs here): the message says why
     before = snapshot(out)
     line = assert_user_error(invoke("ddpm-run", "sample", "--onnx", model, "--out", out, *LONG, "--no-pngs"),
                              "--resume")
