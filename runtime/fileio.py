@@ -77,3 +77,18 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def lock_folder(path: str | os.PathLike) -> int | None:
+    """An exclusive, non-blocking flock on the folder itself (no lock file to go stale or to race on; the kernel
+    releases it when the process dies, kill -9 included). Returns the descriptor to close, or None if another
+    process holds it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd

@@ -274,17 +274,13 @@ class SampleDir:
                     d.rmdir()
 
     def _lock(self) -> None:
-        """An exclusive flock on the folder itself (no lock file to go stale or to race on; the kernel releases it
-        when the process dies, kill -9 included)."""
-        import fcntl
+        """An exclusive flock on the folder itself (``fileio.lock_folder``)."""
+        from .fileio import lock_folder
 
-        fd = os.open(self.out, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
+        fd = lock_folder(self.out)
+        if fd is None:
             raise ConfigError(f"{self.out} is in use by another sampling job (ddpm-run sample/request/fid-compare); "
-                              f"wait for it to finish or choose another --out") from None
+                              f"wait for it to finish or choose another --out")
         self._lock_fd = fd
 
     def _unlock(self) -> None:

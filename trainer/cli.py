@@ -178,16 +178,13 @@ def _lock_run_dir(run_dir: Path) -> int:
     """An exclusive flock on the run dir itself (released by the kernel when the process ends, kill -9 included):
     a second `ddpm-train` on the same run dir (a second --resume, say) is refused instead of interleaving its
     checkpoints and loss.jsonl with the first's."""
-    import fcntl
+    from ddpm_deploy.runtime.fileio import lock_folder
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
+    fd = lock_folder(run_dir)
+    if fd is None:
         raise ConfigError(f"{run_dir} is in use by another ddpm-train (training or resuming this run); wait for it to "
-                          f"finish or stop it first") from None
+                          f"finish or stop it first")
     return fd
 
 

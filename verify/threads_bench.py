@@ -133,6 +133,8 @@ def main(argv=None) -> int:
                                                                           args.repeat) < 1:
         ap.error("--threads and --background must be >= 0; --num, --batch, --steps, --repeat >= 1")
 
+    if (args.out / "results.json").exists():  # never replace earlier results silently (as ddpm-run bench)
+        ap.error(f"{args.out} already holds results.json; choose another --out or remove it")
     machine = record_load(machine_info(), "before")
     cpus = os.cpu_count()
     rows: list[dict] = []
