@@ -185,6 +185,15 @@ def scheduler_config(card: ModelCard, scheduler=None) -> dict[str, Any]:
         raise ConfigError(f"scheduler {cfg.NAME} has no DDPMPipeline equivalent: DDPMPipeline calls "
                           f"scheduler.step(..., generator=...), which {cfg.NAME}.step does not take; name ddpm, ddim "
                           f"or dpmsolver++")
+    init, step = inspect.signature(cls.__init__).parameters, inspect.signature(cls.step).parameters
+    for key in [k for k in opts if k not in init]:
+        if key in step and step[key].default == opts[key]:  # e.g. DDIM's eta = 0: what DDPMPipeline's step uses
+            del opts[key]
+        else:
+            raise ConfigError(f"scheduler option {key} = {opts[key]!r} has no DDPMPipeline equivalent: it is an "
+                              f"argument of {cfg.NAME}.step, which DDPMPipeline calls with its default "
+                              f"({step[key].default!r})" if key in step else
+                              f"scheduler option {key} has no {cfg.NAME} config field in this diffusers")
     return json.loads(cls(**forward, prediction_type="epsilon", **opts).to_json_string())
 
 
