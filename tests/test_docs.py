@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 def test_every_documented_command_runs(tmp_path, fid_extractor, record_property):
     env = {**os.environ, "PATH": f"{dr.BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DDPM_NO_PROGRESS": "1",
            "DDPM_FID_STATS_CACHE": str(tmp_path / "fid-stats-cache"), "DDPM_FID_EXTRACTOR": str(fid_extractor),
-           "DDPM_OPENVINO_CACHE": str(tmp_path / "openvino-cache"), "OMP_NUM_THREADS": "1"}
+           "DDPM_OPENVINO_CACHE": str(tmp_path / "openvino-cache"),
+           "DDPM_DIFFUSERS_CACHE": str(tmp_path / "diffusers-cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("DDPM_SEED", None)
     t0 = time.monotonic()
     lines, py, subs, skips, setups, expects = dr.run_docs(tmp_path / "sandbox", env, log=lambda s: print(s, flush=True))
