@@ -181,3 +181,33 @@ def test_cli_options_and_output_policy(micro_run, tmp_path):
     assert not (tmp_path / "x").exists()
     r = CliRunner().invoke(export_cli, [str(micro_run), "--diffusers-scheduler", "ddim"])
     assert r.exit_code == 2 and "add --diffusers-out" in r.output
+
+
+def test_from_pretrained_converts_once_with_torch_only_in_the_child(micro_pipe, micro_onnx, tmp_path):
+    """The runtime half without torch: the first call exports the folder in a child `ddpm-export` (which has torch),
+    the parent never imports it; the second call opens the cached ONNX, which it does not write again."""
+    from helpers import run_without_torch
+
+    cache = tmp_path / "cache"
+    body = f"""
+import sys, numpy as np
+from ddpm_deploy import Sampler
+with Sampler.from_pretrained({str(micro_pipe)!r}, threads=1, cache_dir={str(cache)!r}) as s:
+    np.save({str(tmp_path / "a.npy")!r}, s(batch_size=2, num_inference_steps=5, generator=1, output_type="np"))
+    print("PATH", s.runner.path)
+assert "torch" not in sys.modules
+"""
+    first = run_without_torch(body)
+    assert first.returncode == 0, first.stderr[-3000:]
+    onnx = next(cache.glob("*/model.onnx"))
+    stamp = onnx.stat().st_mtime_ns
+    second = run_without_torch(body)
+
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"PATH {onnx}" in first.stdout and f"PATH {onnx}" in second.stdout
+    assert onnx.stat().st_mtime_ns == stamp and len(list(cache.iterdir())) == 1
+    assert not [p for p in cache.rglob("*.tmp")]
+    with Sampler.from_onnx(micro_onnx, threads=1, scheduler="ddpm", timestep_spacing="leading") as s:
+        want = s(batch_size=2, num_inference_steps=5, generator=1, output_type="np")
+    assert_close("from_pretrained(diffusers folder) vs our ONNX", np.load(tmp_path / "a.npy"), want,
+                 L3_TRAJECTORY_FP32_ATOL)
