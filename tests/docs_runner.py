@@ -350,29 +350,14 @@ def _diffusers_model(sb: "Sandbox") -> None:
 def _diffusers_named_onnx(sb: "Sandbox") -> None:
     """unet-onnx/model.onnx as other tools export a diffusers UNet (optimum, diffusers' ONNX scripts): inputs sample,
     timestep int64 [B], output out_sample; the pipeline's scheduler_config.json beside it."""
-    import warnings
-
     import torch
     from diffusers import UNet2DModel
+    from parity.google_ddpm import export_diffusers_named
 
-    class Named(torch.nn.Module):
-        def __init__(self, unet):
-            super().__init__()
-            self.unet = unet
-
-        def forward(self, sample, timestep):
-            return self.unet(sample, timestep).sample
-
-    unet = UNet2DModel.from_pretrained(str(sb.cwd / "ddpm-digits" / "unet")).eval()
-    c, s = unet.config.in_channels, unet.config.sample_size
+    unet = UNet2DModel.from_pretrained(str(sb.cwd / "ddpm-digits" / "unet"))
     out = sb.cwd / "unet-onnx"
     out.mkdir()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Named(unet), (torch.randn(2, c, s, s), torch.tensor([1, 2])), str(out / "model.onnx"),
-                          dynamo=False, opset_version=17, input_names=["sample", "timestep"],
-                          output_names=["out_sample"],
-                          dynamic_axes={n: {0: "batch"} for n in ("sample", "timestep", "out_sample")})
+    export_diffusers_named(unet, out / "model.onnx", torch.tensor([1, 2]), {"timestep": {0: "batch"}})
     shutil.copy(sb.cwd / "ddpm-digits" / "scheduler" / "scheduler_config.json", out / "scheduler_config.json")
 
 

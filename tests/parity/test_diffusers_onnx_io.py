@@ -5,12 +5,11 @@ tools make them: ``torch.onnx.export`` of diffusers' own ``UNet2DModel`` with th
 
 import json
 import shutil
-import warnings
-
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from parity.google_ddpm import export_diffusers_named
 
 from ddpm_deploy.export.from_diffusers import load_diffusers
 from ddpm_deploy.runtime.api import Sampler
@@ -20,25 +19,6 @@ from ddpm_deploy.runtime.tolerances import L2_EPS_FP32_ATOL, L3_TRAJECTORY_FP32_
 from ddpm_deploy.verify.cli import main as run_cli
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (a test dependency) is not installed")
-
-
-class _Unet(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep):
-        return self.unet(sample, timestep).sample
-
-
-def export_named(unet, path, t_example, t_axes):
-    """What optimum / diffusers' ONNX scripts write: diffusers' names, a dynamic batch."""
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_Unet(unet), (torch.randn(2, 3, 32, 32), t_example), str(path), dynamo=False,
-                          opset_version=17, input_names=["sample", "timestep"], output_names=["out_sample"],
-                          dynamic_axes={"sample": {0: "batch"}, "out_sample": {0: "batch"}, **t_axes})
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +32,7 @@ def named(tiny_diffusers_dir, tmp_path_factory):
         d = root / kind
         d.mkdir()
         shutil.copy(tiny_diffusers_dir / "scheduler_config.json", d / "scheduler_config.json")
-        out[kind] = export_named(model.unet, d / "model.onnx", t, axes)
+        out[kind] = export_diffusers_named(model.unet, d / "model.onnx", t, axes)
     return out, model
 
 
