@@ -3,6 +3,9 @@
     with Sampler.from_onnx("model.onnx", threads=2, scheduler="dpmsolver++") as sampler:
         images = sampler(16, seed=0, steps=20)        # uint8 [16, H, W, C]
 
+    with Sampler.from_pretrained("ddpm-digits") as sampler:      # a run, an export, an ONNX, a plan, a diffusers folder
+        images = sampler(batch_size=4, num_inference_steps=50, output_type="np", generator=0)
+
 A ``Sampler`` owns one runner (ONNX Runtime CPU/CUDA, OpenVINO fp32/bf16/int8, TensorRT), opened as ``ddpm-run
 sample`` opens it (``backends.base.resolve_model`` + ``open_runner``), and drives it with the same loop
 (``sampling.open_loop``), so image i of seed s is the one the CLI, the Triton server and every shard produce. (Its
@@ -37,8 +40,10 @@ OUTPUT_TYPES = ("uint8", "np", "pil")
 
 class Sampler:
     """Sample uint8 images from a DDPM ε model; a context manager (``close()`` at the end of the ``with`` block;
-    a closed sampler raises ``SamplerClosedError``). Build it with ``from_onnx``, ``from_engine`` or ``from_run``;
-    call it: ``sampler(num, seed=0, start_index=0, steps=None, batch=None, pil=False, progress=None)``.
+    a closed sampler raises ``SamplerClosedError``). Build it with ``from_pretrained`` (any artifact, or a diffusers
+    folder), ``from_onnx``, ``from_engine`` or ``from_run``; call it: ``sampler(num, seed=0, start_index=0,
+    steps=None, batch=None, pil=False, progress=None)``, or with diffusers' keywords: ``sampler(batch_size=4,
+    num_inference_steps=50, output_type="np", generator=0)`` (see ``__call__`` for where the meanings differ).
 
     ``scheduler``: "ddpm" (default), "ddim", "dpmsolver++", "sde-dpmsolver++", "unipc", a diffusers class name, a
     ``scheduler_config.json`` path or dict, or a config object (``sampling.config.make_scheduler``); options as
