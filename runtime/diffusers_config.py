@@ -87,14 +87,26 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 
 def scheduler_to_diffusion(cfg: dict[str, Any], where: str = SCHEDULER_CONFIG) -> DiffusionConfig:
-    """Map a DDPMScheduler config onto our DiffusionConfig; refuse what the runtime cannot reproduce."""
-    check_types(cfg, SCHEDULER_TYPES, where)
+    """Map a DDPMScheduler config onto our DiffusionConfig; refuse what the runtime cannot reproduce.
+
+    A config of another scheduler ddpm-deploy implements (DDIM, DPM-Solver++, UniPC: what ``ddpm-export
+    --diffusers-scheduler`` writes) gives the forward process; the DDPM sampler's variance type and clipping that
+    it does not state take DDPMScheduler's defaults, as ``DDPMScheduler.from_config(that config)`` does in
+    diffusers (its own ``variance_type`` must be null: a learned variance is refused)."""
+    from .sampling.config import SCHEDULERS
+
     cls = cfg.get("_class_name", "DDPMScheduler")
-    if cls not in SCHEDULER_CLASSES:
+    if cls not in SCHEDULER_CLASSES and cls not in SCHEDULERS:
         raise ConfigError(
-            f"{where}: expected a DDPMScheduler config, found _class_name {cls!r}; the variance type of an "
-            f"ancestral DDPM sampler is not defined by it. Use the model's DDPMScheduler config"
+            f"{where}: expected a DDPMScheduler config (or one of {sorted(set(SCHEDULERS) - {'DDPMScheduler'})}, "
+            f"read as DDPMScheduler.from_config reads it), found _class_name {cls!r}"
         )
+    if cls not in SCHEDULER_CLASSES:
+        if cfg.get("variance_type") is not None:
+            raise ConfigError(f"{where}: variance_type = {cfg['variance_type']!r} is not supported (learned variances "
+                              f"need the model's second output); expected null")
+        cfg = {k: v for k, v in cfg.items() if k != "variance_type"}
+    check_types(cfg, SCHEDULER_TYPES, where)
     c = dict(SCHEDULER_DEFAULTS)
     c.update({k: v for k, v in cfg.items() if not k.startswith("_")})
     if "timesteps" in cfg and "num_train_timesteps" not in cfg:

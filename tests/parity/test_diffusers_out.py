@@ -164,6 +164,10 @@ def test_cli_options_and_output_policy(micro_run, tmp_path):
     got = dict(pipe.unet.state_dict())
     assert torch.equal(got["conv_in.weight"], want.state_dict()["conv_in.weight"])
     assert not torch.equal(got["conv_in.weight"], load_model(micro_run)[0].state_dict()["conv_in.weight"])
+    back = CliRunner().invoke(export_cli, ["--from-diffusers", str(out), "--out", str(tmp_path / "back")])
+    assert back.exit_code == 0, back.output  # the named scheduler comes back too, as the model's own
+    assert OrtRunner(tmp_path / "back" / "model.onnx").card.architecture["scheduler_config"]["_class_name"] == \
+        "DDIMScheduler"
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     again = CliRunner().invoke(export_cli, [str(micro_run), "--diffusers-out", str(out)])
