@@ -77,7 +77,7 @@ def diffusers_onnx(folder: str | os.PathLike, cache_dir: str | os.PathLike | Non
     onnx = entry / EXPORT_ONNX
     if onnx.is_file():
         return onnx
-    with Outputs("Sampler.from_pretrained (diffusers → ONNX cache)", [entry], folders=[entry],
+    with Outputs("Sampler.from_pretrained (diffusers → ONNX cache)", [entry], overwrite=True, folders=[entry],
                  hint=f"remove {entry}") as w:
         tmp = w.stage(entry)
         cmd = [sys.executable, "-m", "ddpm_deploy.export.cli", "--from-diffusers", str(folder), "--out", str(tmp)]

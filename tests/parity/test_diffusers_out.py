@@ -24,6 +24,7 @@ from ddpm_deploy.runtime.tolerances import (
     assert_close,
 )
 from ddpm_deploy.trainer.checkpoint import load_model
+from ddpm_deploy.verify.diffusers_out import eps_vs_eps, eps_vs_runner
 from ddpm_deploy.verify.diffusers_ref import pipeline_with_noise
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (a test dependency) is not installed")
@@ -43,18 +44,10 @@ def micro_pipe(micro_run, tmp_path_factory):
     return out
 
 
-def timesteps(T):
-    return (0, 1, T // 2, T - 1)
-
-
-def assert_eps_equal(unet, runner, shape, T, tol, what, batch=2):
-    g = np.random.default_rng(0)
-    for t in timesteps(T):
-        x = g.standard_normal((batch, *shape)).astype(np.float32)
-        tt = np.full(batch, t, np.int32)
-        with torch.no_grad():
-            theirs = unet(torch.from_numpy(x), torch.from_numpy(tt)).sample.numpy()
-        c = assert_close(f"{what} t={t}", theirs, runner.eps(x, tt), tol, metric="rel_max")
+def assert_all_within(comparisons, tol, what):
+    for c in comparisons:
+        c.tol = tol
+        assert c.passed, f"{what} {c.message()}"
         assert c.want_max > 1e-3  # ε is not trivially 0
 
 
@@ -79,8 +72,8 @@ def test_pipeline_unet_eps_equals_our_onnx_on_the_trained_run(micro_pipe, micro_
     pipe = diffusers.DDPMPipeline.from_pretrained(str(micro_pipe), local_files_only=True)
     runner = OrtRunner(micro_onnx, threads=1)
 
-    assert_eps_equal(pipe.unet.eval(), runner, runner.sample_shape, runner.card.diffusion.num_timesteps,
-                     DIFFUSERS_OUT_EPS_RTOL, "DDPMPipeline.unet vs our ONNX (micro run)", batch=3)
+    assert_all_within(eps_vs_runner(pipe.unet.eval(), runner, runner.sample_shape, runner.card.diffusion.num_timesteps,
+                                    batch=3), DIFFUSERS_OUT_EPS_RTOL, "DDPMPipeline.unet vs our ONNX (micro run)")
 
 
 def test_pipeline_run_matches_our_sampler(micro_pipe):
@@ -106,12 +99,8 @@ def test_round_trip_through_diffusers(micro_pipe, micro_onnx, tmp_path):
     assert r.exit_code == 0, r.output
     back, original = OrtRunner(tmp_path / "model.onnx", threads=1), OrtRunner(micro_onnx, threads=1)
     assert back.card.diffusion == original.card.diffusion
-    g = np.random.default_rng(1)
-    for t in timesteps(original.card.diffusion.num_timesteps):
-        x = g.standard_normal((2, *original.sample_shape)).astype(np.float32)
-        tt = np.full(2, t, np.int32)
-        assert_close(f"round trip t={t}", back.eps(x, tt), original.eps(x, tt), DIFFUSERS_ROUND_TRIP_EPS_RTOL,
-                     metric="rel_max")
+    assert_all_within(eps_vs_eps(back, original, original.sample_shape, original.card.diffusion.num_timesteps),
+                      DIFFUSERS_ROUND_TRIP_EPS_RTOL, "round trip")
 
 
 @pytest.mark.slow
@@ -126,8 +115,8 @@ def test_cifar10_random_weights_pipeline_eps(tmp_path):
     pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / "pipe"), local_files_only=True)
 
     assert sum(p.numel() for p in pipe.unet.parameters()) == 35_746_307
-    assert_eps_equal(pipe.unet.eval(), OrtRunner(onnx_path, threads=2), (3, 32, 32), 1000, DIFFUSERS_OUT_EPS_RTOL,
-                     "DDPMPipeline.unet vs our ONNX (ddpm-cifar10, random weights)")
+    assert_all_within(eps_vs_runner(pipe.unet.eval(), OrtRunner(onnx_path, threads=2), (3, 32, 32), 1000),
+                      DIFFUSERS_OUT_EPS_RTOL, "DDPMPipeline.unet vs our ONNX (ddpm-cifar10, random weights)")
 
 
 # --- what has no UNet2DModel equivalent is refused by name --------------------------------------------------------
@@ -189,7 +178,7 @@ def test_cli_options_and_output_policy(micro_run, tmp_path):
 
 def test_from_pretrained_converts_once_with_torch_only_in_the_child(micro_pipe, micro_onnx, tmp_path):
     """The runtime half without torch: the first call exports the folder in a child `ddpm-export` (which has torch),
-    the parent never imports it; the second call opens the cached ONNX, which it does not write again."""
+    the parent never imports it; a second call opens the cached ONNX, which it does not write again."""
     from helpers import run_without_torch
 
     cache = tmp_path / "cache"
@@ -205,10 +194,10 @@ assert "torch" not in sys.modules
     assert first.returncode == 0, first.stderr[-3000:]
     onnx = next(cache.glob("*/model.onnx"))
     stamp = onnx.stat().st_mtime_ns
-    second = run_without_torch(body)
+    with Sampler.from_pretrained(micro_pipe, threads=1, cache_dir=cache) as again:
+        second = again.runner.path
 
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert f"PATH {onnx}" in first.stdout and f"PATH {onnx}" in second.stdout
+    assert f"PATH {onnx}" in first.stdout and second == onnx
     assert onnx.stat().st_mtime_ns == stamp and len(list(cache.iterdir())) == 1
     assert not [p for p in cache.rglob("*.tmp")]
     with Sampler.from_onnx(micro_onnx, threads=1, scheduler="ddpm", timestep_spacing="leading") as s:
