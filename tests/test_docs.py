@@ -44,3 +44,15 @@ def test_every_documented_command_runs(tmp_path, fid_extractor, record_property)
     problems += [f"expected status {e.name!r} ({e.why}) matches no line" for e in expects if not e.matched]
     problems += [f"setup step {s.name!r} ({s.why}) was never needed" for s in setups if not s.used]
     assert not problems, "\n\n".join(problems)
+
+
+@pytest.mark.parametrize("body, status", [("import numpy\nprint('ok')", "ran"), ("import torch", "failed"),
+                                          ("import numpy\nimport sys\nsys.modules['torch'] = sys", "failed")])
+def test_a_no_torch_python_block_fails_when_torch_is_imported(tmp_path, body, status):
+    """The README's runtime half runs with torch blocked: an import fails, and so does torch found imported."""
+    sb = dr.Sandbox(tmp_path, "README.md", dict(os.environ), {})
+    block = dr.Block("README.md", 1, "python", "# no torch: a test block\n" + body + "\n", "h")
+
+    _, got, out = dr._python_block(sb, block, [], log=lambda s: None)
+
+    assert got == status, out
