@@ -25,27 +25,23 @@ def timesteps(T: int) -> tuple[int, ...]:
     return (0, 1, T // 2, T - 1)
 
 
-@torch.no_grad()
-def eps_vs_runner(unet, runner, shape, T: int, batch: int = 2, seed: int = 0) -> list[Comparison]:
-    """diffusers' ``unet(x, t).sample`` vs ``runner.eps(x, t)`` at t ∈ {0, 1, T/2, T−1} (metric rel_max)."""
+def unet_eps(unet):
+    """diffusers' ``unet(x, t).sample`` as a NumPy ε function."""
+    @torch.no_grad()
+    def eps(x, t):
+        return unet(torch.from_numpy(x), torch.from_numpy(t)).sample.numpy()
+    return eps
+
+
+def eps_errors(got, want, shape, T: int, batch: int = 2, seed: int = 0) -> list[Comparison]:
+    """ε functions ``got(x, t)`` vs ``want(x, t)`` (NumPy; a runner's ``eps``, or ``unet_eps``) at t ∈ {0, 1, T/2,
+    T−1}, each on its own seeded x (metric rel_max: max |Δε| / max |ε|)."""
     g = np.random.default_rng(seed)
     out = []
     for t in timesteps(T):
         x = g.standard_normal((batch, *shape)).astype(np.float32)
         tt = np.full(batch, t, np.int32)
-        theirs = unet(torch.from_numpy(x), torch.from_numpy(tt)).sample.numpy()
-        out.append(compare(f"t={t}", theirs, runner.eps(x, tt), 0.0, "rel_max"))
-    return out
-
-
-def eps_vs_eps(a, b, shape, T: int, batch: int = 2, seed: int = 1) -> list[Comparison]:
-    """``a.eps`` vs ``b.eps`` (two runners) at t ∈ {0, 1, T/2, T−1} (metric rel_max)."""
-    g = np.random.default_rng(seed)
-    out = []
-    for t in timesteps(T):
-        x = g.standard_normal((batch, *shape)).astype(np.float32)
-        tt = np.full(batch, t, np.int32)
-        out.append(compare(f"t={t}", a.eps(x, tt), b.eps(x, tt), 0.0, "rel_max"))
+        out.append(compare(f"t={t}", got(x, tt), want(x, tt), 0.0, "rel_max"))
     return out
 
 
@@ -66,10 +62,11 @@ def measure(run_dir: Path, work: Path, steps=(5, 50), cifar10_random: bool = Fal
     ours = OrtRunner(onnx, threads=1)
     T = ours.card.diffusion.num_timesteps
     rep: dict = {"run": str(run_dir), "timesteps": list(timesteps(T))}
-    rep["pipeline_unet_eps_rel_max"] = [c.value for c in eps_vs_runner(pipe.unet, ours, ours.sample_shape, T, 3)]
+    rep["pipeline_unet_eps_rel_max"] = [c.value for c in eps_errors(unet_eps(pipe.unet), ours.eps, ours.sample_shape,
+                                                                    T, 3)]
     back, _ = export_diffusers(work / "pipe", work / "back")
-    rep["round_trip_eps_rel_max"] = [c.value for c in eps_vs_eps(OrtRunner(back, threads=1), ours, ours.sample_shape,
-                                                                  T)]
+    rep["round_trip_eps_rel_max"] = [c.value for c in eps_errors(OrtRunner(back, threads=1).eps, ours.eps,
+                                                                  ours.sample_shape, T, seed=1)]
     rep["pipeline_loop_max_abs"] = {}
     with Sampler.from_pretrained(work / "pipe", threads=1, cache_dir=work / "cache") as s:
         for k in steps:
@@ -85,8 +82,8 @@ def measure(run_dir: Path, work: Path, steps=(5, 50), cifar10_random: bool = Fal
         write_pipeline(model.state_dict(), preset_card("ddpm-cifar10"), work / "cifar10-pipe")
         c_onnx, _ = random_preset_onnx("ddpm-cifar10", work / "cifar10.onnx")
         c_pipe = DDPMPipeline.from_pretrained(str(work / "cifar10-pipe"), local_files_only=True)
-        rep["cifar10_random_eps_rel_max"] = [c.value for c in eps_vs_runner(c_pipe.unet, OrtRunner(c_onnx), (3, 32, 32),
-                                                                            1000)]
+        rep["cifar10_random_eps_rel_max"] = [c.value for c in eps_errors(unet_eps(c_pipe.unet), OrtRunner(c_onnx).eps,
+                                                                         (3, 32, 32), 1000)]
     return rep
 
 

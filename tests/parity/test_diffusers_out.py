@@ -24,7 +24,7 @@ from ddpm_deploy.runtime.tolerances import (
     assert_close,
 )
 from ddpm_deploy.trainer.checkpoint import load_model
-from ddpm_deploy.verify.diffusers_out import eps_vs_eps, eps_vs_runner
+from ddpm_deploy.verify.diffusers_out import eps_errors, unet_eps
 from ddpm_deploy.verify.diffusers_ref import pipeline_with_noise
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers (a test dependency) is not installed")
@@ -72,8 +72,9 @@ def test_pipeline_unet_eps_equals_our_onnx_on_the_trained_run(micro_pipe, micro_
     pipe = diffusers.DDPMPipeline.from_pretrained(str(micro_pipe), local_files_only=True)
     runner = OrtRunner(micro_onnx, threads=1)
 
-    assert_all_within(eps_vs_runner(pipe.unet.eval(), runner, runner.sample_shape, runner.card.diffusion.num_timesteps,
-                                    batch=3), DIFFUSERS_OUT_EPS_RTOL, "DDPMPipeline.unet vs our ONNX (micro run)")
+    assert_all_within(eps_errors(unet_eps(pipe.unet.eval()), runner.eps, runner.sample_shape,
+                                 runner.card.diffusion.num_timesteps, batch=3),
+                      DIFFUSERS_OUT_EPS_RTOL, "DDPMPipeline.unet vs our ONNX (micro run)")
 
 
 def test_pipeline_run_matches_our_sampler(micro_pipe):
@@ -99,8 +100,8 @@ def test_round_trip_through_diffusers(micro_pipe, micro_onnx, tmp_path):
     assert r.exit_code == 0, r.output
     back, original = OrtRunner(tmp_path / "model.onnx", threads=1), OrtRunner(micro_onnx, threads=1)
     assert back.card.diffusion == original.card.diffusion
-    assert_all_within(eps_vs_eps(back, original, original.sample_shape, original.card.diffusion.num_timesteps),
-                      DIFFUSERS_ROUND_TRIP_EPS_RTOL, "round trip")
+    assert_all_within(eps_errors(back.eps, original.eps, original.sample_shape, original.card.diffusion.num_timesteps,
+                                 seed=1), DIFFUSERS_ROUND_TRIP_EPS_RTOL, "round trip")
 
 
 @pytest.mark.slow
@@ -115,7 +116,7 @@ def test_cifar10_random_weights_pipeline_eps(tmp_path):
     pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / "pipe"), local_files_only=True)
 
     assert sum(p.numel() for p in pipe.unet.parameters()) == 35_746_307
-    assert_all_within(eps_vs_runner(pipe.unet.eval(), OrtRunner(onnx_path, threads=2), (3, 32, 32), 1000),
+    assert_all_within(eps_errors(unet_eps(pipe.unet.eval()), OrtRunner(onnx_path, threads=2).eps, (3, 32, 32), 1000),
                       DIFFUSERS_OUT_EPS_RTOL, "DDPMPipeline.unet vs our ONNX (ddpm-cifar10, random weights)")
 
 
