@@ -84,7 +84,19 @@ class Sampler:
           precision hint; emulated and slow on CPUs without AVX512_BF16/AMX) or "int8" (the NNCF int8 model
           ``model.int8.xml`` beside the ONNX, which ``ddpm-export --onnx model.onnx --int8`` writes).
 
-        ``precision`` other than "fp32" needs OpenVINO (ONNX Runtime runs the precision stored in the file)."""
+        ``precision`` other than "fp32" needs OpenVINO (ONNX Runtime runs the precision stored in the file). "auto":
+        the fastest precision that keeps sample quality on this CPU (``ddpm-run sample --precision auto``).
+        A precision per timestep band, as ``ddpm-run sample --precision-bands``: ``precision="bf16:0-99,
+        int8-bf16:100-999"`` (OpenVINO on the CPU; every timestep 0…T−1 in one band; each image's ε from the model
+        of its timestep's band, whatever its batch-mates)."""
+        if isinstance(precision, str) and ":" in precision:
+            from .backends.banded import open_banded
+
+            if device != "cpu" or backend not in (None, "openvino"):
+                raise ConfigError(invalid("precision", precision, "precision bands run OpenVINO on the CPU "
+                                          f"(device 'cpu', backend None or 'openvino'; found {device!r}, {backend!r})"))
+            return cls(open_banded(path, precision, threads), batch=batch, steps=steps, scheduler=scheduler,
+                       scheduler_options=scheduler_options)
         path, backend, hint = resolve_model(path, device, backend, precision)
         return cls(open_runner(path, device, backend=backend, threads=threads, device_id=device_id, precision=hint),
                    batch=batch, steps=steps, scheduler=scheduler, scheduler_options=scheduler_options)
