@@ -89,6 +89,10 @@ class Sampler:
         A precision per timestep band, as ``ddpm-run sample --precision-bands``: ``precision="bf16:0-99,
         int8-bf16:100-999"`` (OpenVINO on the CPU; every timestep 0…T−1 in one band; each image's ε from the model
         of its timestep's band, whatever its batch-mates)."""
+        if precision == "auto":  # as --precision auto: maybe bands (int8 where its measured ε error is small)
+            from .backends.base import auto_precision
+
+            backend, precision, _ = auto_precision(path, device, backend)
         if isinstance(precision, str) and ":" in precision:
             from .backends.banded import open_banded
 

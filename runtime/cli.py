@@ -79,11 +79,14 @@ def _resolve_card(runner, schedule, beta_start, beta_end, num_timesteps, varianc
               help="OpenVINO only. bf16: its inference precision hint (fast only on CPUs with AVX512_BF16/AMX; "
                    "emulated and slow elsewhere); int8: the NNCF int8 model model.int8.xml beside the ONNX (ddpm-export "
                    "--onnx model.onnx --int8 writes it); int8-bf16: that model with the layers it keeps float run in "
-                   "bf16 (CPUs with native bf16). auto: the fastest setting that keeps sample quality here — "
-                   "OpenVINO bf16 on a CPU with native bf16 and OpenVINO installed, else fp32 — recorded with the "
-                   "reason in run.json (precision_choice). See the README for each precision's measured fidelity.")
+                   "bf16 (CPUs with native bf16). auto: the fastest setting that keeps sample quality here — on a "
+                   "CPU with native bf16 and OpenVINO installed, int8 in the timesteps where the int8 model beside "
+                   "the ONNX measured a small ε error (its precision.int8.json) and bf16 at the others, or bf16 "
+                   "alone without an int8 model; fp32 elsewhere — recorded with the reason in run.json "
+                   "(precision_choice); ddpm-run info says what auto picks. See the README for the measured "
+                   "fidelity.")
 @click.option("--precision-bands", default=None, metavar="P:FIRST-LAST,...",
-              help="OpenVINO: a precision per timestep band, e.g. bf16:0-99,int8-bf16:100-599,bf16:600-999 (every "
+              help="OpenVINO: a precision per timestep band, e.g. bf16:0-99,int8-bf16:100-999 (every "
                    "timestep once; precisions as --precision); each image's ε comes from its timestep's precision. "
                    "Replaces --precision. See the README for the measured bands.")
 @click.option("--cuda-graph/--no-cuda-graph", default=True, help="Capture the device loop's step in a CUDA graph "
@@ -179,6 +182,8 @@ def sample(onnx_path, engine, num, batch, seed, start_index, steps, scheduler, s
         choice = {"asked": "auto", "backend": chosen_backend or "onnxruntime", "precision": chosen, "reason": why}
         click.echo(f"--precision auto: {why}", err=True)
         backend, precision = chosen_backend, chosen
+        if ":" in chosen and precision_bands is None:  # auto chose a precision per timestep band
+            precision_bands, precision = chosen, "fp32"
     # the artifact and backend for --backend/--precision (int8: model.int8.xml beside the ONNX), as the API picks them
     model_path, backend, ov_precision = resolve_model(model_path, device, backend, precision)
     job = shard_from(shard)
@@ -414,6 +419,10 @@ def info(onnx_path, engine):
 
     cpu = cpu_precisions()
     click.echo(f"this CPU: {cpu.model}; runs natively: {cpu.describe()}")
+    from .backends.base import auto_precision
+
+    _, chosen, why = auto_precision(onnx_path)
+    click.echo(f"--precision auto here: {chosen} ({why})")
 
 
 @main.command(context_settings=CTX)

@@ -151,13 +151,55 @@ PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16", "auto")  # what `ddpm-run sam
 INT8_MODEL = "model.int8.xml"  # the NNCF int8 OpenVINO IR that `ddpm-export --onnx model.onnx --int8` writes beside it
 
 
+INT8_REPORT = "precision.int8.json"  # its ε error per timestep bucket, written beside it
+# --precision auto puts int8 in a timestep bucket only where the int8 model's own report measured ε rel L2 at most
+# this; bf16 elsewhere. Measured (README, benchmarks/results/cpu-bf16-avx512/quality/): on the demo model the bands
+# int8 where ≤ 0.018 (t ≥ 100), bf16 below (0.062) kept FID/KID within the spread of two fp32 seeds.
+AUTO_INT8_MAX_EPS_REL_L2 = 0.02
+
+
+def int8_bands(onnx: str | os.PathLike, limit: float = AUTO_INT8_MAX_EPS_REL_L2, low: str = "bf16",
+               high: str = "int8-bf16") -> tuple[str | None, str]:
+    """(bands, why): ``"bf16:0-99,int8-bf16:100-999"`` from the ``precision.int8.json`` beside ``onnx`` (``high``
+    in every timestep bucket whose measured ε rel L2 is at most ``limit``, ``low`` elsewhere), or (None, why not):
+    no int8 model or report beside it, a report of another ONNX (export again), or no bucket within ``limit``."""
+    from ..contract import PrecisionReport
+    from ..fileio import sha256_file
+
+    onnx = Path(onnx)
+    xml, rep = onnx.with_name(INT8_MODEL), onnx.with_name(INT8_REPORT)
+    if not xml.is_file() or not rep.is_file():
+        return None, f"no int8 model beside {onnx.name} (ddpm-export --onnx {onnx.name} --int8 writes it)"
+    try:
+        report = PrecisionReport.load(rep)
+        buckets = [(int(b["t_min"]), int(b["t_max"]), float(b["rel_l2"])) for b in report.error["buckets"]]
+    except (ArtifactError, KeyError, TypeError, ValueError) as e:
+        return None, f"{rep.name} unreadable ({str(e)[:120]})"
+    if report.model_sha256 and report.model_sha256 != sha256_file(onnx):
+        return None, f"{INT8_MODEL} was quantized from another ONNX than {onnx.name} (export it again with --int8)"
+    merged: list[list] = []
+    for lo, hi, err in sorted(buckets):
+        key = high if err <= limit else low
+        if merged and merged[-1][2] == key and merged[-1][1] + 1 == lo:
+            merged[-1][1] = hi
+        else:
+            merged.append([lo, hi, key])
+    if not any(k == high for _, _, k in merged):
+        return None, f"int8's ε error exceeds {limit} in every timestep bucket ({rep.name})"
+    return ",".join(f"{k}:{lo}-{hi}" for lo, hi, k in merged), (
+        f"int8 where its ε rel L2 ({rep.name}) is at most {limit}, {low} elsewhere")
+
+
 def auto_precision(path: str | os.PathLike, device: str = "cpu", backend: str | None = None,
-                   flags: list[str] | None = None) -> tuple[str | None, str, str]:
+                   flags: list[str] | None = None, bands: bool = True) -> tuple[str | None, str, str]:
     """``precision="auto"``: the fastest setting that keeps sample quality on this machine, as (backend, precision,
-    reason). On a CPU with native bf16 (AVX512_BF16 or AMX-BF16) and OpenVINO installed: OpenVINO bf16 (its samples
-    match fp32's FID/KID within the spread of two fp32 seeds, measured in benchmarks/results/cpu-bf16-*/); else the
-    file's own precision on its backend. int8 is never chosen automatically: how much it moves the images depends on
-    the model (judge it with ``ddpm-run fid-compare`` and ask for it by name)."""
+    reason). On a CPU with native bf16 (AVX512_BF16 or AMX-BF16) and OpenVINO installed: precision bands (a
+    ``P:FIRST-LAST,…`` text, see ``backends/banded.py``) when the int8 model and its report lie beside the ONNX —
+    int8 (its float-kept layers in bf16) in the timestep buckets where its measured ε error is at most
+    ``AUTO_INT8_MAX_EPS_REL_L2``, bf16 elsewhere — else OpenVINO bf16 (both measured to keep FID/KID within the
+    spread of two fp32 seeds, benchmarks/results/cpu-bf16-*/); else the file's own precision on its backend.
+    ``bands=False``: never bands (for callers that open one runner). int8 alone is never chosen: how much it
+    moves the images at small t depends on the model (judge it with ``ddpm-run fid-compare``)."""
     import importlib.util
 
     from ..cpu import cpu_precisions
@@ -172,8 +214,13 @@ def auto_precision(path: str | os.PathLike, device: str = "cpu", backend: str | 
     if importlib.util.find_spec("openvino") is None:
         return backend, "fp32", (f"fp32: this CPU runs bf16 natively ({', '.join(cpu.bf16)}) but OpenVINO is not "
                                  "installed (pip install 'ddpm-deploy[openvino]' for bf16)")
-    return "openvino", "bf16", (f"OpenVINO bf16: this CPU runs bf16 natively ({', '.join(cpu.bf16)}), and bf16 keeps "
-                                "the samples' FID/KID within the spread of two fp32 seeds")
+    native = f"this CPU runs bf16 natively ({', '.join(cpu.bf16)})"
+    chosen, why = int8_bands(p) if bands else (None, "bands not available here")
+    if chosen is not None:
+        return "openvino", chosen, (f"OpenVINO precision bands {chosen}: {native}; {why} (measured to keep the "
+                                    "samples' FID/KID within the spread of two fp32 seeds)")
+    return "openvino", "bf16", (f"OpenVINO bf16: {native}, and bf16 keeps the samples' FID/KID within the spread of "
+                                f"two fp32 seeds (no int8 bands: {why})")
 
 
 def resolve_model(path: str | os.PathLike, device: str = "cpu", backend: str | None = None,
@@ -190,7 +237,7 @@ def resolve_model(path: str | os.PathLike, device: str = "cpu", backend: str | N
     if precision not in PRECISIONS:
         raise ConfigError(invalid("precision", precision, f"must be one of {list(PRECISIONS)}"))
     if precision == "auto":
-        backend, precision, _ = auto_precision(path, device, backend)
+        backend, precision, _ = auto_precision(path, device, backend, bands=False)
     named = {b for b, _ in BACKENDS}
     if backend is not None and backend not in named:
         raise ConfigError(invalid("backend", backend, f"must be one of {sorted(named)} (or None: by the file's "

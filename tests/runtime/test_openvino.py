@@ -180,6 +180,63 @@ def test_auto_precision_follows_the_cpu_flags(tmp_path):
     assert auto_precision(tmp_path / "model.int8.xml", "cpu", None, flags=["avx512_bf16"])[1] == "fp32"
 
 
+@pytest.mark.slow
+def test_auto_precision_bands_come_from_the_int8_report(onnx_here, tmp_path, monkeypatch):
+    """With model.int8.xml and its report beside the ONNX, auto on a native-bf16 CPU runs int8 in the timestep
+    buckets whose measured ε error is at most AUTO_INT8_MAX_EPS_REL_L2 and bf16 elsewhere (CLI, API and run.json
+    alike); a report of another ONNX, or one with no bucket within the limit, leaves auto at bf16."""
+    pytest.importorskip("nncf", reason="NNCF is not installed (pip install '.[int8]')")
+    from ddpm_deploy.export.cli import main as export_cli
+    from ddpm_deploy.runtime import cpu
+    from ddpm_deploy.runtime.api import Sampler
+    from ddpm_deploy.runtime.backends.base import AUTO_INT8_MAX_EPS_REL_L2 as LIMIT, auto_precision, int8_bands
+    from ddpm_deploy.runtime.contract import RunInfo
+
+    bf16 = ["avx2", "avx512f", "avx512_bf16"]
+    assert auto_precision(onnx_here, flags=bf16)[1] == "bf16" and "no int8 model" in auto_precision(onnx_here,
+                                                                                                    flags=bf16)[2]
+    r = CliRunner().invoke(export_cli, ["--onnx", str(onnx_here), "--int8", "--calib-dataset", "digits"])
+    assert r.exit_code == 0, r.output
+    report_path = onnx_here.with_name("precision.int8.json")
+    report = PrecisionReport.load(report_path)
+    # the rule on the real report: int8 exactly where the measured bucket error is within the limit
+    got, _ = int8_bands(onnx_here)
+    within = [b for b in report.error["buckets"] if b["rel_l2"] <= LIMIT]
+    assert (got is None) == (not within)
+    # a report whose buckets put t ≥ 500 within the limit and t < 500 above it (errors set by this test)
+    for b in report.error["buckets"]:
+        b["rel_l2"] = LIMIT / 2 if b["t_min"] >= 500 else LIMIT * 3
+    report.save(report_path)
+    want = "bf16:0-499,int8-bf16:500-999"
+    assert int8_bands(onnx_here)[0] == want
+    monkeypatch.setattr(cpu, "cpu_flags", lambda path="/proc/cpuinfo": list(bf16))  # auto as on a bf16 CPU
+    s = CliRunner().invoke(run_cli, ["sample", "--onnx", str(onnx_here), "--precision", "auto", "--num", "2",
+                                     "--steps", "6", "--seed", "2", "--no-progress", "--no-pngs", "--out",
+                                     str(tmp_path / "auto")])
+    assert s.exit_code == 0, s.output
+    info = RunInfo.load(tmp_path / "auto" / "run.json")
+    assert info.precision_choice["precision"] == want and "ε rel L2" in info.precision_choice["reason"]
+    assert info.runner == "BandedRunner" and info.precision.endswith(":500-999")
+    b = CliRunner().invoke(run_cli, ["sample", "--onnx", str(onnx_here), "--precision-bands", want, "--num", "2",
+                                     "--steps", "6", "--seed", "2", "--no-progress", "--no-pngs", "--out",
+                                     str(tmp_path / "bands")])
+    assert b.exit_code == 0, b.output
+    with Sampler.from_onnx(onnx_here, precision="auto") as sampler:
+        api_images = sampler(2, seed=2, steps=6)
+        assert type(sampler.runner).__name__ == "BandedRunner"
+    with np.load(tmp_path / "auto" / "samples.npz") as a, np.load(tmp_path / "bands" / "samples.npz") as c:
+        assert np.array_equal(a["images"], c["images"]) and np.array_equal(a["images"], api_images)
+    # no bucket within the limit, or a report of another ONNX: bf16, saying why
+    for b in report.error["buckets"]:
+        b["rel_l2"] = LIMIT * 3
+    report.save(report_path)
+    assert auto_precision(onnx_here, flags=bf16)[1] == "bf16"
+    report.model_sha256 = "0" * 64
+    report.save(report_path)
+    backend, precision, why = auto_precision(onnx_here, flags=bf16)
+    assert precision == "bf16" and "another ONNX" in why
+
+
 def test_sample_precision_auto_records_what_ran_and_why(micro_onnx, tmp_path):
     """`ddpm-run sample --precision auto`: run.json's precision_choice says what was chosen and why, and the
     precision that ran (OpenVINO's own execution graph decides it) is the one run.json reports."""
