@@ -52,13 +52,13 @@ class ServedModel:
     """The ε runner, its card and its one host/device loop, behind ``infer(requests)``."""
 
     def __init__(self, artifact: str | os.PathLike, device: str = "cpu", device_id: int = 0, threads: int = 0,
-                 max_batch: int = 16, default_steps: int | None = None, default_scheduler: str | None = None):
-        from ..backends.base import open_runner
-
+                 max_batch: int = 16, default_steps: int | None = None, default_scheduler: str | None = None,
+                 precision: str = "fp32"):
         self.path = Path(artifact)
         if not self.path.is_file():
             raise ArtifactError(f"{self.path}: the model artifact is not in the repository")
-        self.runner = open_runner(self.path, device, threads=threads, device_id=device_id)
+        self.precision_choice = None
+        self.runner = self._open(device, device_id, threads, precision)
         if self.runner.card is None:
             self.runner.close()
             raise ArtifactError(f"{self.path}: has no ddpm-deploy metadata (ddpm_deploy.config); export it with "
@@ -76,6 +76,28 @@ class ServedModel:
         except DDPMError as e:
             self.runner.close()
             raise ConfigError(f"the repository's default scheduler/steps: {e}") from None
+
+    def _open(self, device: str, device_id: int, threads: int, precision: str):
+        """The runner for ``precision``: "fp32" (the file on its own backend: ONNX Runtime, or a plan on the GPU),
+        an OpenVINO precision ("bf16", "int8", "int8-bf16": model.int8.xml beside the ONNX), precision bands
+        ("bf16:0-99,int8-bf16:100-999") or "auto" — as ``ddpm-run sample --precision/--precision-bands``."""
+        from ..backends.base import auto_precision, open_runner, resolve_model
+
+        if precision in (None, "", "fp32"):
+            return open_runner(self.path, device, threads=threads, device_id=device_id)
+        backend = None
+        if precision == "auto":
+            backend, precision, why = auto_precision(self.path, device)
+            self.precision_choice = {"precision": precision, "reason": why}
+        if ":" in precision:
+            from ..backends.banded import open_banded
+
+            if device != "cpu":
+                raise ConfigError(f"precision bands {precision} run OpenVINO on the CPU; this instance is {device}")
+            return open_banded(self.path, precision, threads)
+        path, backend, hint = resolve_model(self.path, device, backend or ("openvino" if precision != "fp32" else None),
+                                            precision)
+        return open_runner(path, device, backend=backend, threads=threads, device_id=device_id, precision=hint)
 
     def check_steps(self, steps: int) -> int:
         """A request's step count as an int (its range is the scheduler's: DDPM 2 … T, the others 1 … T)."""

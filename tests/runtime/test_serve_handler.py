@@ -110,3 +110,20 @@ def test_the_plan_cache_and_the_loop_table_stay_bounded(random_micro_onnx):
         assert len(model._plans) <= MAX_PLANS and model.loop().plans_held() <= MAX_PLANS + 1
     finally:
         model.close()
+
+
+def test_served_model_runs_openvino_precisions_and_bands_as_the_api(random_micro_onnx):
+    """precision= of the served model opens the runner `ddpm-run sample` and the API open for it: OpenVINO bf16
+    and precision bands give the API's images for the same precision, bit for bit."""
+    pytest.importorskip("openvino")
+    for precision in ("bf16", "fp32:0-499,bf16:500-999"):
+        model = ServedModel(random_micro_onnx, threads=1, max_batch=2, default_steps=5, precision=precision)
+        try:
+            out = model.infer([_req(3, [0, 1])])
+            ran = model.runner.precision
+        finally:
+            model.close()
+        api = dict(backend="openvino") if ":" not in precision else {}
+        with Sampler.from_onnx(random_micro_onnx, threads=1, precision=precision, **api) as s:
+            np.testing.assert_array_equal(out[0], s(2, seed=3, steps=5))
+            assert s.runner.precision == ran
