@@ -12,7 +12,9 @@
 #  -d .whl openvino==2026.4.1 openvino-telemetry; ~60 MB: a device call of its own), installed into /tmp/site.
 # Exits 0 without measuring on a CPU with no bf16 hardware (prints its flags); CPU_BF16_FORCE=1 runs anyway (to
 # try the script: bf16 is then emulated or falls back to fp32, and the numbers mean nothing for issue 16).
-# Environment: OUT, PYTHON, THREADS, BATCHES (1,8), BACKENDS (the five below), FID_STEPS (250; 1000 = every
+# The int8 rows (openvino-int8-bf16, openvino-bands: what --precision auto runs) also need NNCF (carry its wheel and
+# its pure-Python dependencies in .whl/ too, or drop them from BACKENDS); without it those rows record the error.
+# Environment: OUT, PYTHON, THREADS, BATCHES (1,8), BACKENDS (the seven below), FID_STEPS (250; 1000 = every
 # step), FID_ROWS (ref,ov-bf16; add spread for a second fp32 seed), CPU_BF16_FORCE.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +22,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/cpu-bf16-out}
 THREADS=${THREADS:-2}
 BATCHES=${BATCHES:-1,8}
-BACKENDS=${BACKENDS:-ort-cpu,openvino-fp32,openvino-bf16,torch-eager-fp32,torch-eager-bf16}
+BACKENDS=${BACKENDS:-ort-cpu,openvino-fp32,openvino-bf16,openvino-int8-bf16,openvino-bands,torch-eager-fp32,torch-eager-bf16}
 WORK=/tmp/cpu-bf16-work  # the exported model (143 MB) stays out of $OUT
 FID_STEPS=${FID_STEPS:-250}
 FID_ROWS=${FID_ROWS:-ref,ov-bf16}
