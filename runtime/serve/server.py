@@ -46,7 +46,7 @@ from pathlib import Path
 
 from ..errors import ArtifactError, ConfigError, DDPMError, MissingDependencyError
 from ._watchdog import end_group, group_processes  # noqa: F401 - group_processes: for callers and tests
-from .repository import MODEL_NAME
+from .repository import MODEL_NAME, STREAM_NAME, read_parameters
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,9 @@ class TritonServer:
             raise ArtifactError(f"{self.repo}: expected a Triton model repository with {MODEL_NAME}/config.pbtxt; "
                                 f"write one with ddpm-export --triton-repo DIR")
         self.host = host
+        step = read_parameters(self.repo).get("batching") == "step" and \
+            (self.repo / STREAM_NAME / "config.pbtxt").is_file()
+        self.models = [MODEL_NAME, STREAM_NAME] if step else [MODEL_NAME]  # what the server loads and serves
         check_ports(host, {f: p or 0 for f, p in zip(PORT_FLAGS, (http_port, grpc_port, metrics_port))})
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
@@ -281,7 +284,7 @@ class TritonServer:
                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
                "--allow-gpu-metrics=false", "--allow-cpu-metrics=false",
-               "--model-control-mode=explicit", f"--load-model={MODEL_NAME}",
+               "--model-control-mode=explicit", *[f"--load-model={m}" for m in self.models],
                f"--exit-on-error={'true' if self.exit_on_error else 'false'}", "--strict-readiness=true",
                f"--exit-timeout-secs={self.exit_timeout}", "--log-verbose=0"]
         bk = self._backend_dir()
@@ -364,11 +367,11 @@ class TritonServer:
             if self.proc.poll() is not None:
                 raise ServerError(f"tritonserver exited with status {self.proc.returncode} before the model was "
                                   f"ready:\n{self.log_tail()}")
-            if self._get(f"/v2/models/{MODEL_NAME}/ready") == 200:
+            if all(self._get(f"/v2/models/{m}/ready") == 200 for m in self.models):
                 self._check_owns_ports()
                 return
             time.sleep(0.2)
-        raise ServerError(f"tritonserver did not make model {MODEL_NAME!r} ready within {timeout:.0f}s:\n"
+        raise ServerError(f"tritonserver did not make models {self.models} ready within {timeout:.0f}s:\n"
                           f"{self.log_tail()}")
 
     def log_tail(self, lines: int = 25) -> str:
