@@ -193,11 +193,18 @@ class TritonImages:
         ep = "generate" if len(indices) == 1 else "generate_stream"
         req = urllib.request.Request(f"http://{self.url}/v2/models/{STREAM_NAME}/{ep}", method="POST",
                                      data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                text = r.read().decode("utf-8")
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"HTTP {e.code}: {_error_text(e.read())}") from None
+        for attempt in range(3):
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    text = r.read().decode("utf-8")
+                break
+            except urllib.error.HTTPError as e:
+                raise RuntimeError(f"HTTP {e.code}: {_error_text(e.read())}") from None
+            except urllib.error.URLError as e:
+                # the connection broke before an answer (seen once in CI: Broken pipe while sending the body);
+                # a request is (seed, index): sending it again gives the same image
+                if attempt == 2 or not isinstance(e.reason, (BrokenPipeError, ConnectionResetError)):
+                    raise
         events = [json.loads(ln[5:]) for ln in text.splitlines() if ln.startswith("data:")] if ep != "generate" \
             else [json.loads(text)]
         shape = tuple(int(v) for v in self.parameters()["image_shape"].split(","))

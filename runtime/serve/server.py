@@ -115,8 +115,13 @@ def site_packages() -> list[str]:
     return [d for d in [*dirs, user] if d and Path(d).is_dir()]
 
 
-def server_env(install: TritonInstall) -> dict[str, str]:
+RECORD_ENV = "DDPM_SERVE_STEP_RECORD"  # read by triton_model.py (the step-level model's record of its ε calls)
+
+
+def server_env(install: TritonInstall, step_record: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if step_record:
+        env[RECORD_ENV] = step_record
     ld = [sysconfig.get_config_var("LIBDIR") or ""]
     if install.libs is not None:
         ld.append(str(install.libs))
@@ -223,9 +228,12 @@ class TritonServer:
     def __init__(self, repo: str | os.PathLike, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, log_file: str | os.PathLike | None = None,
                  exit_on_error: bool = True, extra_args: tuple[str, ...] = (), host: str = LOOPBACK,
-                 exit_timeout: int = EXIT_TIMEOUT_S, remove_on_exit: tuple[str | os.PathLike, ...] = ()):
+                 exit_timeout: int = EXIT_TIMEOUT_S, remove_on_exit: tuple[str | os.PathLike, ...] = (),
+                 step_record: str | os.PathLike | None = None):
         """``remove_on_exit``: temporary folders of the caller (a repository written for this server) removed with
-        the server's own, by ``stop`` or, if the caller dies, by the watchdog."""
+        the server's own, by ``stop`` or, if the caller dies, by the watchdog. ``step_record``: a file where the
+        step-level model writes one JSON line per ε call (the timestep and request of every image in it)."""
+        self.step_record = str(Path(step_record).resolve()) if step_record else None
         self.repo = Path(repo)
         if not (self.repo / MODEL_NAME / "config.pbtxt").is_file():
             raise ArtifactError(f"{self.repo}: expected a Triton model repository with {MODEL_NAME}/config.pbtxt; "
@@ -299,7 +307,7 @@ class TritonServer:
         wd = self._workdir()
         self._start_watchdog()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=server_env(self.install), start_new_session=True, cwd=wd,
+                                     env=server_env(self.install, self.step_record), start_new_session=True, cwd=wd,
                                      preexec_fn=_set_parent_death_signal(os.getpid()))
         self._tell_watchdog(f"pgid {self.proc.pid}")
         try:
