@@ -116,12 +116,18 @@ def site_packages() -> list[str]:
 
 
 RECORD_ENV = "DDPM_SERVE_STEP_RECORD"  # read by triton_model.py (the step-level model's record of its ε calls)
+STOP_ENV = "DDPM_SERVE_STOP_FILE"      # read by triton_model.py: when this file exists, the step-level model stops
+STOP_FILE = "stop"
 
 
-def server_env(install: TritonInstall, step_record: str | None = None) -> dict[str, str]:
+def server_env(install: TritonInstall, step_record: str | None = None, stop_file: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop(RECORD_ENV, None)
+    env.pop(STOP_ENV, None)
     if step_record:
         env[RECORD_ENV] = step_record
+    if stop_file:
+        env[STOP_ENV] = stop_file
     ld = [sysconfig.get_config_var("LIBDIR") or ""]
     if install.libs is not None:
         ld.append(str(install.libs))
@@ -307,7 +313,7 @@ class TritonServer:
         wd = self._workdir()
         self._start_watchdog()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=server_env(self.install, self.step_record), start_new_session=True, cwd=wd,
+                                     env=server_env(self.install, self.step_record, str(Path(self._tmp.name) / STOP_FILE)), start_new_session=True, cwd=wd,
                                      preexec_fn=_set_parent_death_signal(os.getpid()))
         self._tell_watchdog(f"pgid {self.proc.pid}")
         try:
@@ -406,6 +412,8 @@ class TritonServer:
             return None
         timeout = self.exit_timeout + 20 if timeout is None else timeout
         rc = self.proc.poll()
+        if rc is None and STREAM_NAME in self.models:
+            self._stop_stream(timeout)
         if rc is None:
             try:
                 self.proc.send_signal(signal.SIGTERM)
@@ -418,6 +426,17 @@ class TritonServer:
         self._cleanup_dirs()
         self._release_watchdog()
         return rc
+
+    def _stop_stream(self, timeout: float) -> None:
+        """Tell the step-level model to stop (it watches ``stop_file``): it fails every request still queued or
+        sampling with "the server is shutting down" and answers by creating ``stop_file.done``; then the server gets
+        SIGTERM. (SIGTERM alone would not do it: Triton counts no decoupled request as in flight once ``execute``
+        has returned, and an unload waits for every request to finish.)"""
+        stop = Path(self._tmp.name) / STOP_FILE
+        stop.touch()
+        deadline = time.monotonic() + min(timeout, 10.0)
+        while time.monotonic() < deadline and not stop.with_suffix(".done").exists() and self.proc.poll() is None:
+            time.sleep(0.02)
 
     def _cleanup_dirs(self) -> None:
         self._tmp.cleanup()

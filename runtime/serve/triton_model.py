@@ -28,6 +28,7 @@ import sys
 
 SITE_ENV = "DDPM_SERVE_SITE_PACKAGES"
 RECORD_ENV = "DDPM_SERVE_STEP_RECORD"  # a file for the step-level model's record of its ε calls (tests, benchmarks)
+STOP_ENV = "DDPM_SERVE_STOP_FILE"      # created by ddpm-run serve before SIGTERM: fail the requests in flight
 
 
 def _quiet_dlpack_rename(hook=sys.unraisablehook):
@@ -88,6 +89,10 @@ class TritonPythonModel:
 
             self.steps = StepLoop(self.model, queue_size=int(params.get("queue_size") or 0),
                                   record=os.environ.get(RECORD_ENV) or None)
+            if os.environ.get(STOP_ENV):
+                import threading
+
+                threading.Thread(target=self._watch_stop, args=(os.environ[STOP_ENV],), daemon=True).start()
         import onnxruntime
 
         print(  # the stub's stderr is the server's log (pb_utils.Logger.log_info shows only with --log-verbose)
@@ -98,6 +103,17 @@ class TritonPythonModel:
     def _input(self, request, name):
         t = self.pb.get_input_tensor_by_name(request, name)
         return None if t is None else self.np.from_dlpack(t).copy()
+
+    def _watch_stop(self, path):
+        """``ddpm-run serve`` / ``TritonServer.stop`` create ``path`` before SIGTERM: fail what is queued or sampling
+        now (Triton would wait for it, or exit without telling the clients), then say so with ``path.done``."""
+        import time
+
+        while not os.path.exists(path):
+            time.sleep(0.05)
+        self.steps.close("the server is shutting down; the request was not finished")
+        with open(os.path.splitext(path)[0] + ".done", "w"):
+            pass
 
     def _error(self, e):
         """A TritonError for an exception: the client's mistake → INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT); a
