@@ -18,7 +18,8 @@ Overload and faults:
 - ``close(reason)`` fails every queued and in-flight request with ``reason`` (SIGTERM: Triton unloads the model).
 
 ``record`` (a path, optional): one JSON line per ε call, ``{"t": [timestep per image], "job": [request id per
-image], "queued": n}``: the server's own record of which images shared each ε call (tests and benchmarks read it).
+image], "queued": n}``, and one per cancelled request, ``{"cancelled": id, "admitted": images given a slot}``: the
+server's own record of which images shared each ε call (tests and benchmarks read it).
 """
 
 from __future__ import annotations
@@ -190,6 +191,9 @@ class StepLoop:
                 self.queue.remove(job)
             except ValueError:
                 pass
+        if isinstance(error, Cancelled) and self._record is not None:
+            self._record.write(json.dumps({"cancelled": job.id, "admitted": job.admitted}) + "\n")
+            self._record.flush()
         if not job.done:
             job.done = True
             try:

@@ -104,7 +104,7 @@ def test_staggered_requests_of_mixed_schedulers_equal_sampling_alone(model, rand
             for k, i in enumerate(indices):
                 want = s(1, seed=SEED, start_index=i, steps=steps, scheduler=sched, **opts)[0]
                 np.testing.assert_array_equal(c.images[k], want, err_msg=f"{sched} {steps} index {i}")
-    calls = [json.loads(ln) for ln in record.read_text().splitlines()]
+    calls = [c for c in map(json.loads, record.read_text().splitlines()) if "t" in c]
     assert loop.eps_calls == len(calls) and len(calls) < sum(s * len(i) for i, s, _ in asks)
     assert any(len(set(c["t"])) > 1 and len(set(c["job"])) > 1 for c in calls), "no ε call mixed timesteps"
     assert max(len(c["t"]) for c in calls) <= 4
@@ -144,7 +144,7 @@ def test_a_cancelled_request_frees_its_slot_at_the_next_step(random_micro_onnx, 
     finally:
         loop.close()
         one_slot.close()
-    calls = [json.loads(ln) for ln in record.read_text().splitlines()]
+    calls = [c for c in map(json.loads, record.read_text().splitlines()) if "t" in c]
     a_steps = sum(1 for c in calls if c["job"] == [1])
     assert isinstance(a.error, Cancelled) and b.error is None and len(b.images) == 1
     assert a_steps < 1000, "the cancelled request ran to its end"
