@@ -104,7 +104,7 @@ def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, ins
 
     check_ports(host, dict(zip(PORT_FLAGS, (http_port, grpc_port, metrics_port))))  # before anything starts
     for flag, value, low in (("--instances", instances, 1), ("--max-batch", max_batch, 1), ("--threads", threads, 0),
-                             ("--steps", steps, 1), ("--queue-size", queue_size, 0)):
+                             ("--steps", steps, 1), ("--queue-size", queue_size, 1)):
         if value is not None and value < low:
             raise ConfigError(f"{flag} must be >= {low}, found {value}")
     if not ready_timeout > 0:

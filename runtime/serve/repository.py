@@ -82,8 +82,8 @@ class RepoSettings:
     def __post_init__(self):
         if self.batching not in BATCHING:
             raise ConfigError(f"batching must be one of {list(BATCHING)}, found {self.batching!r}")
-        if self.queue_size < 0:
-            raise ConfigError(f"the queue size must be >= 0, found {self.queue_size}")
+        if self.queue_size < 1:
+            raise ConfigError(f"the queue size must be >= 1, found {self.queue_size}")
         if self.instances < 1:
             raise ConfigError(f"instances must be >= 1, found {self.instances}")
         if self.kind not in KINDS:
@@ -350,7 +350,7 @@ def serving_copy(repo: str | os.PathLike, dst: str | os.PathLike, instances: int
     sampler = SAMPLER_NAME if (repo / SAMPLER_NAME / "config.pbtxt").is_file() else MODEL_NAME  # older repositories
     params = read_parameters(repo)
     RepoSettings(instances=instances or 1, kind=kind or "cpu", max_batch=max_batch, threads=threads or 0,
-                 batching=batching or "request", queue_size=queue_size or 0)  # ranges
+                 batching=batching or "request", queue_size=1 if queue_size is None else queue_size)  # ranges
     has_stream = (repo / STREAM_NAME / "config.pbtxt").is_file()
     if (batching == "step" or (batching is None and queue_size is not None)) and not has_stream:
         raise ConfigError(f"{repo} has no step-level model ({STREAM_NAME}); write the repository again with "

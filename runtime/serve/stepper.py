@@ -80,8 +80,9 @@ class StepLoop:
     """The background loop of a step-level server over ``model`` (a ``ServedModel``: runner, plans, loop)."""
 
     def __init__(self, model: ServedModel, queue_size: int = DEFAULT_QUEUE, record: str | None = None):
-        if queue_size < 0:
-            raise DDPMError(f"the queue size must be >= 0, found {queue_size}")
+        if queue_size < 1:
+            raise DDPMError(f"the queue size must be >= 1 (a request waits there until the loop admits it), found "
+                            f"{queue_size}")
         self.model, self.queue_size = model, int(queue_size)
         self.loop = model.loop()
         self.capacity = self.loop.capacity

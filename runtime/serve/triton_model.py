@@ -87,7 +87,7 @@ class TritonPythonModel:
         if self.decoupled:
             from ddpm_deploy.runtime.serve.stepper import StepLoop
 
-            self.steps = StepLoop(self.model, queue_size=int(params.get("queue_size") or 0),
+            self.steps = StepLoop(self.model, queue_size=int(params.get("queue_size") or 1),
                                   record=os.environ.get(RECORD_ENV) or None)
             if os.environ.get(STOP_ENV):
                 import threading
