@@ -70,6 +70,11 @@ def make_inputs(mod, seeds: Sequence[int], indices: Sequence[int], steps: int | 
         arrays.append(("steps", np.full((k, 1), steps, dtype=np.int32), "INT32"))
     if scheduler is not None:
         arrays.append(("scheduler", np.repeat(encode_scheduler(scheduler)[None], k, axis=0), "UINT8"))
+    return _tensors(mod, arrays)
+
+
+def _tensors(mod, arrays) -> list:
+    """tritonclient InferInputs of (name, array, Triton dtype)."""
     out = []
     for name, arr, dtype in arrays:
         inp = mod.InferInput(name, list(arr.shape), dtype)
@@ -95,12 +100,7 @@ def stream_inputs(mod, seeds: Sequence[int], indices: Sequence[int], steps: int 
     if scheduler is not None:
         raw = encode_scheduler(scheduler)
         arrays.append(("scheduler", raw[:max(1, int(np.flatnonzero(raw).max(initial=-1)) + 1)], "UINT8"))
-    out = []
-    for name, arr, dtype in arrays:
-        inp = mod.InferInput(name, list(arr.shape), dtype)
-        inp.set_data_from_numpy(arr)
-        out.append(inp)
-    return out
+    return _tensors(mod, arrays)
 
 
 class _Stream:
