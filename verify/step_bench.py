@@ -32,7 +32,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ddpm_deploy.runtime.clitools import clean_errors
 from ddpm_deploy.runtime.contract import BenchResults
+from ddpm_deploy.runtime.errors import ConfigError
 from ddpm_deploy.runtime.outputs import Outputs
 from ddpm_deploy.runtime.serve.client import make_inputs, stream_inputs
 from ddpm_deploy.runtime.serve.repository import MODEL_NAME, STREAM_NAME, RepoSettings, write_repository
@@ -171,13 +173,13 @@ def markdown(doc: BenchResults, preset: str, max_batch: int) -> str:
              "Capacity (images/s, closed loop, 2 × max batch in flight): " + "; ".join(
                  f"{c['workload']}: request {c['request']:.2f}, step {c['step']:.2f}" for c in m["capacity"]) + ".",
              "", "| workload | load (of request-level capacity) | offered/s | mode | images/s | p50 ms | p99 ms | "
-                 "p99 ms by steps | errors | load avg during |",
+                 "p99 ms by steps | errors | 1-min load (sent → answered) |",
              "|---|---:|---:|---|---:|---:|---:|---|---:|---|"]
     for r in doc.results:
         by = ", ".join(f"{s}: {v:.0f}" for s, v in r["latency_ms_p99_by_steps"].items())
         lines.append(f"| {r['workload']} | {r['load']:.0%} | {r['rate_per_s']:.2f} | {r['mode']} | "
                      f"{r['images_per_s']:.2f} | {r['latency_ms_p50']:.0f} | {r['latency_ms_p99']:.0f} | {by} | "
-                     f"{r['errors']} | {r['load_average_during']} |")
+                     f"{r['errors']} | {' → '.join(str(x[0]) for x in r['load_average_during'] if x)} |")
     lines += ["", "| workload | load | p99 request / step | throughput step / request |", "|---|---:|---:|---:|"]
     for w in dict.fromkeys(r["workload"] for r in doc.results):
         for load in LOADS:
@@ -218,6 +220,8 @@ def plot(doc: BenchResults, path: Path) -> None:
               default=Path("benchmarks/results/cpu-step-batching"), help="Where results.json, results.md, latency.png go.")
 @click.option("--overwrite", is_flag=True, help="Replace results already in --out (otherwise refused).")
 @click.option("--preset", default="tiny", help="Model preset (random weights).")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="An ONNX model from ddpm-export instead of the preset.")
 @click.option("--steps", type=int, default=50, help="ε calls per request of the uniform workload.")
 @click.option("--mix", default="20,200", help="ε calls of the mixed workload's two kinds of request, 50/50.")
 @click.option("--max-batch", type=int, default=16, help="Dynamic batcher's max batch = the step loop's slots.")
@@ -225,11 +229,19 @@ def plot(doc: BenchResults, path: Path) -> None:
 @click.option("--capacity-requests", type=int, default=48, help="Requests of each capacity measurement.")
 @click.option("--loads", default="0.3,0.6,0.9", help="Fractions of the request-level capacity.")
 @click.option("--seed", type=int, default=0, help="Seed of the arrival times and the mix.")
-def main(out, overwrite, preset, steps, mix, max_batch, requests, capacity_requests, loads, seed):
+@clean_errors
+def main(out, overwrite, preset, onnx_path, steps, mix, max_batch, requests, capacity_requests, loads, seed):
     """Step-level against request-level batching under open-loop Poisson load."""
     global LOADS
-    LOADS = tuple(float(x) for x in loads.split(","))
-    kinds = [int(s) for s in mix.split(",")]
+    try:
+        LOADS = tuple(float(x) for x in loads.split(","))
+        kinds = [int(s) for s in mix.split(",")]
+    except ValueError as e:
+        raise ConfigError(f"--loads and --mix are comma-separated numbers: {e}") from None
+    if not all(0 < x <= 1.5 for x in LOADS) or min(kinds) < 1 or min(steps, max_batch, requests, capacity_requests) < 1:
+        raise ConfigError(f"expected loads in (0, 1.5], steps, --mix, --max-batch, --requests and --capacity-requests "
+                          f">= 1; found --loads {loads}, --mix {mix}, --steps {steps}, --max-batch {max_batch}, "
+                          f"--requests {requests}, --capacity-requests {capacity_requests}")
     targets = [out / "results.json", out / "results.md", out / "latency.png"]
     with Outputs("step_bench", targets, overwrite=overwrite, hint="choose another --out") as files:
         machine = record_load(machine_info(), "before", click.echo)
@@ -238,7 +250,9 @@ def main(out, overwrite, preset, steps, mix, max_batch, requests, capacity_reque
                      f"{'/'.join(map(str, kinds))} steps 50/50": lambda n: rng.choice(kinds, n)}
         rows, caps = [], []
         with tempfile.TemporaryDirectory(prefix="step-bench-") as tmp:
-            onnx, _ = random_preset_onnx(preset, Path(tmp) / f"{preset}.onnx")
+            onnx = onnx_path or random_preset_onnx(preset, Path(tmp) / f"{preset}.onnx")[0]
+            if onnx_path is not None:
+                preset = onnx_path.name
             repo = write_repository(onnx, Path(tmp) / "repo", RepoSettings(max_batch=max_batch, batching="step",
                                                                            queue_size=max(1024, 4 * requests)))
             with TritonServer(repo) as server:
