@@ -7,6 +7,7 @@ a cancelled request frees its slot at the next step; stopping the server fails t
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -151,14 +152,39 @@ def test_staggered_mixed_requests_some_cancelled_equal_ddpm_run_sample(server, r
     assert all(per_job.get(c["cancelled"], 0) < LONG for c in seen_cancelled), f"a cancelled request ran: {per_job}"
 
 
+DYING_CLIENT = r"""
+import os, sys, time, tritonclient.grpc as g
+from ddpm_deploy.runtime.serve.client import stream_inputs
+c = g.InferenceServerClient(sys.argv[1])
+c.start_stream(callback=lambda result, error: None)
+c.async_stream_infer("ddpm_stream", stream_inputs(g, [1], [0], int(sys.argv[2])), enable_empty_final_response=True)
+time.sleep(0.3)
+os._exit(0)  # gone without closing its stream
+"""
+
+
+def test_a_grpc_client_that_dies_frees_its_slot(server, record):
+    before = len(records(record, "cancelled"))
+
+    subprocess.run([sys.executable, "-c", DYING_CLIENT, server.grpc_url, str(LONG)], check=True, timeout=60)
+    wait_for(lambda: len(records(record, "cancelled")) > before, timeout=30, what="the server to see the client gone")
+
+    gone = records(record, "cancelled")[before]["cancelled"]
+    assert sum(c["job"].count(gone) for c in records(record)) < LONG
+
+
 def test_ddpm_run_request_goes_through_the_step_model(server, random_micro_onnx, tmp_path):
     r = CliRunner().invoke(run_cli, ["request", "--url", f"grpc://{server.grpc_url}", "--seed", str(SEED),
                                      "--index", "3", "--num", "3", "--steps", "10", "--out", str(tmp_path / "served")])
     assert r.exit_code == 0, r.output
     run = json.loads((tmp_path / "served" / "run.json").read_text())
-    np.testing.assert_array_equal(np.load(tmp_path / "served" / "samples.npz")["images"],
-                                  cli_sample(random_micro_onnx, tmp_path / "cli", 3, 3, 10))
+    ref = cli_sample(random_micro_onnx, tmp_path / "cli", 3, 3, 10)
+    np.testing.assert_array_equal(np.load(tmp_path / "served" / "samples.npz")["images"], ref)
     assert run["timings"]["batching"] == "step"
+    want = ref[[2, 0, 1]]
+    for url, proto in ((server.grpc_url, "grpc"), (server.http_url, "http")):  # one request of k indices
+        with TritonImages(url, proto) as c:
+            np.testing.assert_array_equal(c.request(SEED, [5, 3, 4], steps=10), want, err_msg=proto)
 
 
 def test_busy_past_the_queue_bound_and_a_cancelled_request_frees_its_slot(random_micro_onnx, tmp_path):
