@@ -196,8 +196,12 @@ def test_busy_past_the_queue_bound_and_a_cancelled_request_frees_its_slot(random
         try:
             wait_for(lambda: len(records(record)) >= 3, what="request a to start")
             b_images = {}
-            b = threading.Thread(target=lambda: b_images.update(
-                x=TritonImages(srv.grpc_url, "grpc").request(SEED, [1], steps=10)))
+
+            def request_b():
+                with TritonImages(srv.grpc_url, "grpc") as c:
+                    b_images["x"] = c.request(SEED, [1], steps=10)
+
+            b = threading.Thread(target=request_b)
             b.start()  # waits in the queue
             wait_for(lambda: records(record)[-1]["queued"] == 1, what="request b to queue")
             t0 = time.perf_counter()
