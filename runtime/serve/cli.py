@@ -166,7 +166,8 @@ def _serve(served, shown, tmp, http_port, grpc_port, metrics_port, host, ready_t
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         server.start(timeout=ready_timeout)
-        click.echo(f"serving {' and '.join(server.models)} from {shown}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+        stream = f" (and {server.models[1]}: step-level batching)" if len(server.models) > 1 else ""
+        click.echo(f"serving model {server.models[0]}{stream} from {shown}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
                    f"metrics {server.host}:{server.metrics_port} (tritonserver pid {server.proc.pid}); "
                    f"Ctrl-C stops it", err=True)
         while stop["signal"] is None:
