@@ -16,13 +16,15 @@ from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, DataError, Mi
 log = logging.getLogger(__name__)
 
 
-def export_onnx_from_run(run_dir: Path, out_dir: Path, raw: bool = False, echo=lambda s: None) -> tuple[Path, dict]:
-    """Export the run's EMA (or raw) weights to out_dir/model.onnx and verify it against PyTorch."""
+def export_onnx_from_run(run_dir: Path, out_dir: Path, raw: bool = False, echo=lambda s: None,
+                         checkpoint: str | None = None) -> tuple[Path, dict]:
+    """Export the run's EMA (or raw) weights (of its last step, or of ``checkpoint``) to out_dir/model.onnx and
+    verify it against PyTorch."""
     from ddpm_deploy.trainer.checkpoint import load_model
 
     from .onnx_export import export_verified
 
-    model, card, step = load_model(run_dir, "raw" if raw else "ema")
+    model, card, step = load_model(run_dir, "raw" if raw else "ema", weights_file(run_dir, checkpoint))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     echo(f"exporting the {'raw' if raw else 'EMA'} weights of step {step} from {run_dir}")
     onnx_path, report = export_verified(model, card, out_dir, "PyTorch", {
@@ -30,9 +32,31 @@ def export_onnx_from_run(run_dir: Path, out_dir: Path, raw: bool = False, echo=l
     return onnx_path, report
 
 
+def weights_file(run_dir: Path, checkpoint: str | None) -> Path | None:
+    """The weights of ``--checkpoint SPEC`` (checkpoints/step_N, step_N or N), or None: the run's last."""
+    if checkpoint is None:
+        return None
+    from ddpm_deploy.trainer.checkpoint import WEIGHTS, find_checkpoint
+
+    return find_checkpoint(Path(run_dir), checkpoint, flag="--checkpoint") / WEIGHTS
+
+
+def export_diffusers_from_run(run_dir: Path, out: Path, raw: bool = False, checkpoint: str | None = None,
+                              scheduler=None, overwrite: bool = False, echo=lambda s: None) -> list[Path]:
+    """The run's EMA (or raw) weights as a diffusers DDPMPipeline folder (``to_diffusers.write_pipeline``)."""
+    from ddpm_deploy.trainer.checkpoint import MODEL_JSON, load_model
+
+    from .to_diffusers import write_pipeline
+
+    model, card, step = load_model(run_dir, "raw" if raw else "ema", weights_file(run_dir, checkpoint))
+    echo(f"mapping the {'raw' if raw else 'EMA'} weights of step {step} from {run_dir} to a diffusers UNet2DModel")
+    return write_pipeline(model.state_dict(), card, out, scheduler, overwrite, str(Path(run_dir) / MODEL_JSON), echo)
+
+
 EXTRAS = {  # what each way of exporting needs: (modules, the extra that installs them)
     "run": (("torch", "safetensors", "onnx"), "export"),
     "diffusers": (("torch", "onnx", "diffusers"), "diffusers"),
+    "diffusers-out": (("torch", "safetensors", "diffusers"), "diffusers"),
     "onnx": (("onnx",), "engine"),
     "fp16": (("onnx", "modelopt"), "fp16"),
     "int8": (("onnx", "openvino", "nncf"), "int8"),
@@ -127,6 +151,18 @@ class _ProgressBar:
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output directory. Default: RUN_DIR/export/ (with --onnx: the ONNX file's folder).")
 @click.option("--raw", is_flag=True, help="Export the raw weights instead of the EMA weights.")
+@click.option("--checkpoint", "checkpoint", default=None, metavar="STEP",
+              help="Export an older checkpoint of RUN_DIR: checkpoints/step_N, step_N or N (the last --keep are "
+                   "kept by ddpm-train). Default: the run's last weights.")
+@click.option("--diffusers-out", "diffusers_out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write RUN_DIR's model as a diffusers DDPMPipeline folder instead of an ONNX: model_index.json, "
+                   "unet/config.json + unet/diffusion_pytorch_model.safetensors (a UNet2DModel with our weights), "
+                   "scheduler/scheduler_config.json. Load it with DDPMPipeline.from_pretrained(DIR). Needs "
+                   "'ddpm-deploy[diffusers]'.")
+@click.option("--diffusers-scheduler", "diffusers_scheduler", default=None, metavar="NAME|JSON",
+              help="The scheduler written to the --diffusers-out folder: ddpm, ddim, dpmsolver++, sde-dpmsolver++ or "
+                   "a diffusers scheduler_config.json (on the run's forward process). Default: the run's DDPM "
+                   "schedule (its variance type and clipping) with diffusers' 'leading' respacing.")
 @click.option("--from-diffusers", "from_diffusers", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Export a diffusers UNet2DModel directory instead of a run (config.json + "
                    "diffusion_pytorch_model.safetensors, scheduler_config.json beside it or one level up, e.g. a "
@@ -203,7 +239,7 @@ class _ProgressBar:
               help="No engine-build progress bar.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 @clean_errors
-def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, calib_dataset, engine, engine_out, adopt_plan,
+def main(run_dir, out, raw, checkpoint, diffusers_out, diffusers_scheduler, from_diffusers, onnx_in, fp16, precision, int8, calib_dataset, engine, engine_out, adopt_plan,
          trt_flavour, batch_min, batch_opt, batch_max, workspace_mb, opt_level, timing_cache, version_compatible, tf32,
          compute_capability, triton_repo, triton_kind, triton_instances, triton_max_batch, triton_steps,
          triton_scheduler, triton_batching, triton_queue, overwrite, no_progress, verbose):
@@ -216,11 +252,16 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
       ddpm-export --onnx model.onnx --engine [--engine-out m.plan]     on the serving machine: no torch needed
       ddpm-export --onnx model.onnx --adopt-plan m.plan --batch-max 256  sidecar for a plan built by trtexec
       ddpm-export RUN_DIR --overwrite      export again over an earlier export (refused without it)
+      ddpm-export RUN_DIR --diffusers-out DIR   a diffusers DDPMPipeline folder (UNet2DModel + scheduler)
+      ddpm-export RUN_DIR --checkpoint step_N   an older checkpoint of the run
 
     RUN_DIR defaults to runs/latest (the last ddpm-train run). The ONNX model has inputs x float32
     [B,C,H,W] and t int32 [B], output eps float32 [B,C,H,W], a dynamic batch axis, and the DDPM config
     as JSON in its metadata (key ddpm_deploy.config). Right after export it is run in ONNX Runtime and
     compared with the PyTorch checkpoint; the comparison is saved as export_report.json.
+
+    With --diffusers-out DIR the run (EMA weights; --raw, --checkpoint) is written as a diffusers DDPMPipeline
+    folder instead; a config or weight with no UNet2DModel equivalent is refused by name.
 
     With --from-diffusers DIR, a diffusers UNet2DModel (ε-prediction, DDPMScheduler config) is exported with
     the same contract and metadata, and verified against the diffusers model in PyTorch.
@@ -240,6 +281,17 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
                           "--triton-batching/--triton-queue describe a Triton repository; add --triton-repo DIR")
     if triton_queue is not None and triton_batching != "step":
         raise ConfigError("--triton-queue bounds the step-level model's wait queue; it needs --triton-batching step")
+    if diffusers_scheduler is not None and diffusers_out is None:
+        raise ConfigError("--diffusers-scheduler names the scheduler of a diffusers folder; add --diffusers-out DIR")
+    if checkpoint is not None and (onnx_in is not None or from_diffusers is not None):
+        raise ConfigError("--checkpoint chooses a checkpoint of a ddpm-train run (RUN_DIR); it does not apply to "
+                          "--onnx or --from-diffusers")
+    if diffusers_out is not None:
+        _export_diffusers_folder(run_dir, diffusers_out, raw, checkpoint, diffusers_scheduler, overwrite, {
+            "--out": out, "--from-diffusers": from_diffusers, "--onnx": onnx_in, "--fp16": fp16,
+            "--precision": precision, "--int8": int8, "--engine": engine, "--adopt-plan": adopt_plan,
+            "--triton-repo": triton_repo, "--calib-dataset": calib_dataset})
+        return
     triton = None
     if triton_repo is not None:
         from ddpm_deploy.runtime.serve.repository import check_target
@@ -352,7 +404,31 @@ def main(run_dir, out, raw, from_diffusers, onnx_in, fp16, precision, int8, cali
     plan_dir = (engine_out or out / "model.plan").parent if settings is not None else None
     with output_guard(out, plan_dir, triton_repo):
         _export(run_dir, out, raw, from_diffusers, onnx_in, precision, int8, calib_dataset, settings, engine_out,
-                no_progress, triton, batch_min, batch_opt, batch_max)
+                no_progress, triton, batch_min, batch_opt, batch_max, checkpoint)
+
+
+def _export_diffusers_folder(run_dir, out: Path, raw: bool, checkpoint, scheduler, overwrite: bool,
+                             others: dict) -> None:
+    """``--diffusers-out``: the run as a DDPMPipeline folder, and nothing else."""
+    given = [flag for flag, value in others.items() if value]
+    if given:
+        raise ConfigError(f"--diffusers-out writes only a diffusers folder from RUN_DIR; {', '.join(given)} "
+                          f"belong{'s' if len(given) == 1 else ''} to an ONNX export: run ddpm-export again without "
+                          f"--diffusers-out for {'it' if len(given) == 1 else 'them'}")
+    if run_dir is not None and Path(run_dir).suffix.lower() in (".onnx", ".plan", ".engine", ".trt"):
+        raise ConfigError(f"--diffusers-out: {run_dir} is a model file; RUN_DIR must be a ddpm-train run (the "
+                          f"UNet2DModel is made from its PyTorch weights)")
+    require_extra(["diffusers-out"], "ddpm-export --diffusers-out")
+    run_dir = Path(run_dir) if run_dir else latest_run()
+    if not run_dir.is_dir():
+        raise ArtifactError(f"{run_dir}: run directory not found; train one with ddpm-train or pass RUN_DIR")
+    from ddpm_deploy.runtime.outputs import Outputs
+
+    from .to_diffusers import targets
+
+    Outputs("ddpm-export --diffusers-out", targets(out), overwrite, hint="choose another --diffusers-out").claim()
+    with output_guard(out):
+        export_diffusers_from_run(run_dir, out, raw, checkpoint, scheduler, overwrite, echo=click.echo)
 
 
 def _targets(out: Path, onnx: bool, precision: str, int8: bool, plan) -> list[Path]:
@@ -371,7 +447,7 @@ def _targets(out: Path, onnx: bool, precision: str, int8: bool, plan) -> list[Pa
 
 
 def _export(run_dir, out, raw, from_diffusers, onnx_in, precision, int8, calib_dataset, settings, engine_out,
-            no_progress, triton, batch_min, batch_opt, batch_max):
+            no_progress, triton, batch_min, batch_opt, batch_max, checkpoint=None):
     if onnx_in is not None:
         out.mkdir(parents=True, exist_ok=True)
         onnx_path = onnx_in
@@ -381,7 +457,7 @@ def _export(run_dir, out, raw, from_diffusers, onnx_in, precision, int8, calib_d
         export_diffusers(from_diffusers, out, echo=click.echo)
         onnx_path = out / "model.onnx"
     else:
-        export_onnx_from_run(run_dir, out, raw=raw, echo=click.echo)
+        export_onnx_from_run(run_dir, out, raw=raw, echo=click.echo, checkpoint=checkpoint)
         onnx_path = out / "model.onnx"
     if precision in ("fp16", "bf16"):
         from .fp16 import export_fp16, precision_json_name

@@ -24,8 +24,17 @@ from typing import Any
 import torch
 
 from ddpm_deploy.runtime.config import DataSpec, ModelCard
-from ddpm_deploy.runtime.checks import KINDS, check_field, is_number
-from ddpm_deploy.runtime.checks import is_int as _is_int
+from ddpm_deploy.runtime.diffusers_config import (  # noqa: F401  (the scheduler side, torch-free, re-exported)
+    BETA_SCHEDULES,
+    SCHEDULER_CLASSES,
+    SCHEDULER_CONFIG,
+    SCHEDULER_DEFAULTS,
+    SCHEDULER_TYPES,
+    VARIANCE_TYPES,
+    _read_json,
+    check_types,
+    scheduler_to_diffusion,
+)
 from ddpm_deploy.runtime.errors import ArtifactError, ConfigError, lazy_import
 from ddpm_deploy.runtime.schedule import DiffusionConfig
 
@@ -33,44 +42,10 @@ log = logging.getLogger(__name__)
 
 UNET_CONFIG = "config.json"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
-SCHEDULER_CONFIG = "scheduler_config.json"
 SOURCE = "diffusers"
 ARCH_TYPE = "diffusers.UNet2DModel"
 INSTALL = "pip install 'ddpm-deploy[diffusers]'"
 
-# DDPMScheduler's own defaults, applied to keys a config leaves out (as DDPMScheduler.from_config does).
-SCHEDULER_DEFAULTS: dict[str, Any] = {
-    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-    "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True, "prediction_type": "epsilon",
-    "thresholding": False, "clip_sample_range": 1.0, "rescale_betas_zero_snr": False,
-}
-SCHEDULER_CLASSES = ("DDPMScheduler", "GaussianDDPMScheduler")  # the latter: 2022 configs (key "timesteps")
-BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
-# fixed_small_log is the same σ as fixed_small (diffusers computes it as exp(½·log β̃_t)).
-VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large"}
-
-
-def _is_num(v: Any) -> bool:
-    return is_number(v, finite=False)
-
-
-_T = {  # the shared kinds, and those diffusers configs add (for the keys ddpm-deploy reads or diffusers builds from)
-    **KINDS,
-    "num": (_is_num, "a number"),
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "str?": (lambda v: v is None or isinstance(v, str), "a string or null"),
-    "int?": (lambda v: v is None or _is_int(v), "an integer or null"),
-    "strs": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, str) for x in v),
-             "a non-empty list of strings"),
-    "size": (lambda v: (_is_int(v) and v >= 1) or (isinstance(v, (list, tuple)) and all(_is_int(x) for x in v)),
-             "a positive integer or [H, W]"),
-    "betas?": (lambda v: v is None or (isinstance(v, (list, tuple)) and all(_is_num(x) for x in v)),
-               "null or a list of numbers"),
-}
-SCHEDULER_TYPES = {"num_train_timesteps": "posint", "timesteps": "posint", "beta_start": "num", "beta_end": "num",
-                   "beta_schedule": "str", "trained_betas": "betas?", "variance_type": "str", "clip_sample": "bool",
-                   "prediction_type": "str", "thresholding": "bool", "clip_sample_range": "num",
-                   "rescale_betas_zero_snr": "bool", "_class_name": "str"}
 UNET_TYPES = {"sample_size": "size", "in_channels": "posint", "out_channels": "posint", "layers_per_block": "posint",
               "block_out_channels": "posint_list", "down_block_types": "strs", "up_block_types": "strs",
               "norm_num_groups": "int?", "norm_eps": "num", "attention_head_dim": "int?", "act_fn": "str",
@@ -80,17 +55,6 @@ UNET_TYPES = {"sample_size": "size", "in_channels": "posint", "out_channels": "p
               "num_class_embeds": "int?", "_class_name": "str"}
 
 
-def check_types(cfg: dict[str, Any], types: dict[str, str], where: str) -> None:
-    """ConfigError naming the first key of the wrong type (diffusers would fail later with a traceback, or take
-    a string for a number silently)."""
-    for k, kind in types.items():
-        if k in cfg:
-            try:
-                check_field(k, cfg[k], kind, _T)
-            except ConfigError as e:
-                raise ConfigError(f"{where}: {e}") from None
-
-
 @dataclass(frozen=True)
 class DiffusersLayout:
     """Where the UNet and its scheduler config were found."""
@@ -98,16 +62,6 @@ class DiffusersLayout:
     unet_dir: Path
     scheduler_config: Path
     layout: str  # "flat" or "pipeline"
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path}: expected a JSON {what}, found an unreadable file ({e})") from None
-    if not isinstance(d, dict):
-        raise ArtifactError(f"{path}: expected a JSON object ({what}), found {type(d).__name__}")
-    return d
 
 
 def find_layout(path: str | Path) -> DiffusersLayout:
@@ -137,52 +91,6 @@ def find_layout(path: str | Path) -> DiffusersLayout:
             f"clipping) is unknown. Copy the model's {SCHEDULER_CONFIG} next to {UNET_CONFIG}"
         )
     return DiffusersLayout(unet_dir, found, layout)
-
-
-def scheduler_to_diffusion(cfg: dict[str, Any], where: str = SCHEDULER_CONFIG) -> DiffusionConfig:
-    """Map a DDPMScheduler config onto our DiffusionConfig; refuse what the runtime cannot reproduce."""
-    check_types(cfg, SCHEDULER_TYPES, where)
-    cls = cfg.get("_class_name", "DDPMScheduler")
-    if cls not in SCHEDULER_CLASSES:
-        raise ConfigError(
-            f"{where}: expected a DDPMScheduler config, found _class_name {cls!r}; the variance type of an "
-            f"ancestral DDPM sampler is not defined by it. Use the model's DDPMScheduler config"
-        )
-    c = dict(SCHEDULER_DEFAULTS)
-    c.update({k: v for k, v in cfg.items() if not k.startswith("_")})
-    if "timesteps" in cfg and "num_train_timesteps" not in cfg:
-        c["num_train_timesteps"] = cfg["timesteps"]
-
-    def refuse(key: str, found: Any, expected: str, what: str):
-        raise ConfigError(f"{where}: {key} = {found!r} is not supported ({what}); expected {expected}")
-
-    if c["prediction_type"] != "epsilon":
-        refuse("prediction_type", c["prediction_type"], "'epsilon'",
-               "the runtime samples ε-prediction models only; v- and x0-prediction need another step")
-    if c["variance_type"] not in VARIANCE_TYPES:
-        refuse("variance_type", c["variance_type"], f"one of {sorted(VARIANCE_TYPES)}",
-               "learned variances need the model's second output; fixed_large_log is Glide's log-variance")
-    if c["trained_betas"] is not None:
-        refuse("trained_betas", "[...]", "null", "an explicit β table is not a schedule ddpm-deploy can describe")
-    if c["beta_schedule"] not in BETA_SCHEDULES:
-        refuse("beta_schedule", c["beta_schedule"], f"one of {sorted(BETA_SCHEDULES)}",
-               "only the DDPM linear and the improved-DDPM cosine schedules are implemented")
-    if c["thresholding"]:
-        refuse("thresholding", True, "false", "dynamic thresholding of x̂0 is not implemented")
-    if c["rescale_betas_zero_snr"]:
-        refuse("rescale_betas_zero_snr", True, "false", "zero-terminal-SNR rescaling is not implemented")
-    if c["clip_sample"] and float(c["clip_sample_range"]) != 1.0:
-        refuse("clip_sample_range", c["clip_sample_range"], "1.0", "x̂0 is clipped to [-1, 1]")
-    kw: dict[str, Any] = dict(
-        schedule=BETA_SCHEDULES[c["beta_schedule"]], num_timesteps=int(c["num_train_timesteps"]),
-        variance_type=VARIANCE_TYPES[c["variance_type"]], clip_denoised=bool(c["clip_sample"]),
-    )
-    if kw["schedule"] == "linear":  # the cosine schedule ignores β_start/β_end (diffusers does too)
-        kw.update(beta_start=float(c["beta_start"]), beta_end=float(c["beta_end"]))
-    try:
-        return DiffusionConfig(**kw)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
 
 
 def unet_card(unet_cfg: dict[str, Any], diffusion: DiffusionConfig, scheduler_cfg: dict[str, Any],

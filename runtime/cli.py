@@ -407,6 +407,8 @@ def info(onnx_path, engine):
         click.echo(f"precision: {runner.precision}")
         click.echo(f"inputs: {[(i.name, i.type, i.shape) for i in runner.session.get_inputs()]}")
         click.echo(f"outputs: {[(o.name, o.type, o.shape) for o in runner.session.get_outputs()]}")
+        if runner.io is not None:
+            click.echo(f"io: {runner.io.describe()}")
         click.echo("ddpm config: " + (runner.card.to_json() if runner.card else "none (no ddpm-deploy metadata)"))
     from .cpu import cpu_precisions
 

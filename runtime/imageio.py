@@ -20,6 +20,14 @@ def to_uint8(x: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)) -> n
     return np.transpose(y, (0, 2, 3, 1))
 
 
+def to_unit(x: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """[B,C,H,W] float in value_range → [B,H,W,C] float32 in [0, 1] (diffusers' ``output_type="np"``:
+    ``(x / 2 + 0.5).clamp(0, 1)`` for [-1, 1])."""
+    lo, hi = value_range
+    y = np.clip((np.asarray(x, dtype=np.float32) - lo) / (hi - lo), 0.0, 1.0)
+    return np.ascontiguousarray(np.transpose(y, (0, 2, 3, 1)))
+
+
 def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2, pad_value: int = 0) -> np.ndarray:
     """[B,H,W,C] uint8 → one [H',W',C] uint8 grid image."""
     b, h, w, c = images.shape

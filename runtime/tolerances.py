@@ -37,6 +37,12 @@ L1_SCHEDULER_FLOAT64_RTOL = 1e-12
 L2_EPS_FP32_ATOL = 1e-4
 # L2 ε: fp16 mixed-precision ONNX / engine vs fp32, relative L2 over a batch.
 L2_EPS_FP16_REL_L2 = 1e-2
+# ε of the UNet2DModel that `ddpm-export --diffusers-out` writes (run by diffusers in PyTorch) vs our ONNX of the same
+# weights, max |Δε| relative to max |ε| (issue 27; measured ≤ 2.5e-7 on the trained micro run, ≤ 2.0e-6 on ddpm-cifar10
+# with random weights).
+DIFFUSERS_OUT_EPS_RTOL = 1e-5
+# round trip `--diffusers-out` → `--from-diffusers`: that ONNX's ε vs the original ONNX's, relative as above.
+DIFFUSERS_ROUND_TRIP_EPS_RTOL = 1e-6  # measured ≤ 2.2e-7 (micro run)
 # L3 trajectory: full 1000-step loop, fp32 runtime vs PyTorch reference loop with the same noise.
 L3_TRAJECTORY_FP32_ATOL = 1e-3
 # images (uint8) of two fp32 backends: a pixel on a rounding boundary may differ by 1; at most this share may
@@ -84,15 +90,22 @@ class Comparison:
     got: float
     want: float
     tol: float
-    metric: str = "max_abs"
+    metric: str = "max_abs"  # or "rel_l2", or "rel_max": max |Δ| / max |want|
+    want_max: float = 0.0  # max |want|
+
+    @property
+    def value(self) -> float:
+        if self.metric == "rel_max":
+            return self.max_abs / self.want_max if self.want_max > 0 else self.max_abs
+        return self.max_abs if self.metric == "max_abs" else self.rel_l2
 
     @property
     def passed(self) -> bool:
-        v = self.max_abs if self.metric == "max_abs" else self.rel_l2
+        v = self.value
         return bool(np.isfinite(v) and v <= self.tol)
 
     def message(self) -> str:
-        return (f"{self.name}: {self.metric} {self.max_abs if self.metric == 'max_abs' else self.rel_l2:.3g} vs "
+        return (f"{self.name}: {self.metric} {self.value:.3g} vs "
                 f"tolerance {self.tol:g}; largest |Δ| {self.max_abs:.3g} at index {self.index}: got {self.got:.8g}, "
                 f"want {self.want:.8g} (relative L2 {self.rel_l2:.3g})")
 
@@ -115,7 +128,8 @@ def compare(name: str, got, want, tol: float, metric: str = "max_abs") -> Compar
     idx = tuple(int(v) for v in np.unravel_index(k, d.shape))
     denom = float(np.linalg.norm(w.ravel()))
     rel = float(np.linalg.norm((g - w).ravel()) / denom) if denom > 0 else float(np.linalg.norm((g - w).ravel()))
-    return Comparison(name, float(d_nan.flat[k]), rel, idx, float(g.flat[k]), float(w.flat[k]), tol, metric)
+    return Comparison(name, float(d_nan.flat[k]), rel, idx, float(g.flat[k]), float(w.flat[k]), tol, metric,
+                      float(np.abs(w).max()))
 
 
 def assert_close(name: str, got, want, tol: float, metric: str = "max_abs") -> Comparison:

@@ -7,7 +7,8 @@ of ``SKIPS``, with its reason. Lines run in order, one sandbox folder per docume
 next lines against it and stops it with SIGINT at the end of the block (or before the next serve line).
 Files the text assumes (``model.onnx`` in the working folder, a CIFAR-10 folder, a diffusers model …) are made by
 the steps of ``SETUP``, each before the first line that needs it. ```python blocks run as scripts unless their
-first line says ``# abridged: …`` (a sketch: only checked to say so).
+first line says ``# abridged: …`` (a sketch: only checked to say so); one whose first line starts ``# no torch``
+runs with every import of torch failing (``helpers.run_without_torch``'s blocker), and fails if torch got imported.
 
 Every substitution, skip rule and setup step must be used by at least one line, so none can rot.
 """
@@ -85,6 +86,8 @@ def make_subs() -> list[Sub]:
         Sub("train-steps", TRAINER, r"(--steps )(\d+)", _scale, f"ddpm-train --steps N → N // {TRAIN_SCALE}"),
         Sub("train-checkpoint", TRAINER, r"(checkpoints/step_)(\d+)", _scale,
             f"--resume-from checkpoints/step_N → step_(N // {TRAIN_SCALE})"),
+        Sub("export-checkpoint", r"ddpm-export", r"(--checkpoint step_)(\d+)", _scale,
+            f"ddpm-export --checkpoint step_N → step_(N // {TRAIN_SCALE})"),
         Sub("train-new-run", TRAINER + r"(?!.*--resume)", "", _new_run,
             f"a new run: + --num-timesteps {DOCS_T} --batch-size 8 --save-every 1 (the preset's 500, scaled) "
             "--sample-every 0 (no sample grids: seconds of torch sampling each), and "
@@ -344,6 +347,20 @@ def _diffusers_model(sb: "Sandbox") -> None:
          "variance_type": "fixed_large"}, indent=2))
 
 
+def _diffusers_named_onnx(sb: "Sandbox") -> None:
+    """unet-onnx/model.onnx as other tools export a diffusers UNet (optimum, diffusers' ONNX scripts): inputs sample,
+    timestep int64 [B], output out_sample; the pipeline's scheduler_config.json beside it."""
+    import torch
+    from diffusers import UNet2DModel
+    from parity.google_ddpm import export_diffusers_named
+
+    unet = UNet2DModel.from_pretrained(str(sb.cwd / "ddpm-digits" / "unet"))
+    out = sb.cwd / "unet-onnx"
+    out.mkdir()
+    export_diffusers_named(unet, out / "model.onnx", torch.tensor([1, 2]), {"timestep": {0: "batch"}})
+    shutil.copy(sb.cwd / "ddpm-digits" / "scheduler" / "scheduler_config.json", out / "scheduler_config.json")
+
+
 def _scheduler_config(sb: "Sandbox") -> None:
     """scheduler_config.json as diffusers writes it (DPMSolverMultistepScheduler, the model's β schedule)."""
     from diffusers import DPMSolverMultistepScheduler
@@ -364,6 +381,9 @@ def make_setup() -> list[Setup]:
         Setup("diffusers-model", r"--from-diffusers ddpm-cifar10-32", "README.md", _diffusers_model,
               "ddpm-cifar10-32/: a UNet2DModel of google/ddpm-cifar10-32's blocks at widths 8/16/16/16, random "
               f"weights, its scheduler_config.json with T = {DOCS_T}"),
+        Setup("diffusers-named-onnx", r"unet-onnx/model\.onnx", "README.md", _diffusers_named_onnx,
+              "unet-onnx/: the README's ddpm-digits UNet exported by torch.onnx.export with diffusers' I/O names "
+              "(sample, timestep int64 [B] → out_sample), its scheduler_config.json beside it"),
         Setup("scheduler-config", r"--scheduler-config scheduler_config\.json", "README.md", _scheduler_config,
               f"scheduler_config.json: diffusers' DPMSolverMultistepScheduler defaults (T = {DOCS_T})"),
     ]
@@ -474,7 +494,12 @@ def _python_block(sb: Sandbox, block: Block, setups, log) -> tuple[Block, str, s
         return block, "sketch", first
     _do_setup(sb, block.text, setups, log)
     script = sb.cwd / f"block_{block.lineno}.py"
-    script.write_text(block.text)
+    text = block.text
+    if re.match(r"# no torch\b", first):  # the runtime half: any import of torch fails, and none happened
+        from helpers import _BLOCK_TORCH
+
+        text = _BLOCK_TORCH + text + "\nimport sys\nassert 'torch' not in sys.modules, 'torch was imported'\n"
+    script.write_text(text)
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, script.name], cwd=sb.cwd, env=sb.env, capture_output=True, text=True,
                        timeout=600)

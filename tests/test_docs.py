@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 def test_every_documented_command_runs(tmp_path, fid_extractor, record_property):
     env = {**os.environ, "PATH": f"{dr.BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DDPM_NO_PROGRESS": "1",
            "DDPM_FID_STATS_CACHE": str(tmp_path / "fid-stats-cache"), "DDPM_FID_EXTRACTOR": str(fid_extractor),
-           "DDPM_OPENVINO_CACHE": str(tmp_path / "openvino-cache"), "OMP_NUM_THREADS": "1"}
+           "DDPM_OPENVINO_CACHE": str(tmp_path / "openvino-cache"),
+           "DDPM_DIFFUSERS_CACHE": str(tmp_path / "diffusers-cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("DDPM_SEED", None)
     t0 = time.monotonic()
     lines, py, subs, skips, setups, expects = dr.run_docs(tmp_path / "sandbox", env, log=lambda s: print(s, flush=True))
@@ -43,3 +44,15 @@ def test_every_documented_command_runs(tmp_path, fid_extractor, record_property)
     problems += [f"expected status {e.name!r} ({e.why}) matches no line" for e in expects if not e.matched]
     problems += [f"setup step {s.name!r} ({s.why}) was never needed" for s in setups if not s.used]
     assert not problems, "\n\n".join(problems)
+
+
+@pytest.mark.parametrize("body, status", [("import numpy\nprint('ok')", "ran"), ("import torch", "failed"),
+                                          ("import numpy\nimport sys\nsys.modules['torch'] = sys", "failed")])
+def test_a_no_torch_python_block_fails_when_torch_is_imported(tmp_path, body, status):
+    """The README's runtime half runs with torch blocked: an import fails, and so does torch found imported."""
+    sb = dr.Sandbox(tmp_path, "README.md", dict(os.environ), {})
+    block = dr.Block("README.md", 1, "python", "# no torch: a test block\n" + body + "\n", "h")
+
+    _, got, out = dr._python_block(sb, block, [], log=lambda s: None)
+
+    assert got == status, out

@@ -133,8 +133,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((p for p in d.iterdir() if p.is_dir() and _step_of(p) >= 0), key=_step_of)
 
 
-def find_checkpoint(run_dir: Path, spec: str | os.PathLike | None) -> Path:
-    """The checkpoint to resume from: the last one, or ``spec`` (``checkpoints/step_N``, ``step_N`` or ``N``)."""
+def find_checkpoint(run_dir: Path, spec: str | os.PathLike | None, flag: str = "--resume-from") -> Path:
+    """The checkpoint to resume from: the last one, or ``spec`` (``checkpoints/step_N``, ``step_N`` or ``N``);
+    errors name ``flag``."""
     found = list_checkpoints(run_dir)
     if spec is None:
         if not found:
@@ -148,10 +149,11 @@ def find_checkpoint(run_dir: Path, spec: str | os.PathLike | None) -> Path:
         cand = Path(run_dir) / CKPT_DIR / f"step_{int(m.group(1)):08d}" if m else cand
     if not cand.is_dir() or _step_of(cand) < 0:
         have = ", ".join(f"{CKPT_DIR}/{c.name}" for c in found) or "none"
-        raise ArtifactError(f"--resume-from {spec}: no such checkpoint in {run_dir} (checkpoints: {have})")
+        raise ArtifactError(f"{flag} {spec}: no such checkpoint in {run_dir} (checkpoints: {have})")
     if cand.resolve().parent != (Path(run_dir) / CKPT_DIR).resolve():
-        raise ConfigError(f"--resume-from {spec}: not a checkpoint of {run_dir} (expected {run_dir}/{CKPT_DIR}/step_N): "
-                          f"a run resumes only from its own checkpoints; to continue another run, resume that run")
+        raise ConfigError(f"{flag} {spec}: not a checkpoint of {run_dir} (expected {run_dir}/{CKPT_DIR}/step_N)"
+                          + (": a run resumes only from its own checkpoints; to continue another run, resume that run"
+                             if flag == "--resume-from" else ""))
     return cand
 
 

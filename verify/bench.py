@@ -30,9 +30,8 @@ from ddpm_deploy.verify.models import random_preset_model, random_preset_onnx
 
 log = logging.getLogger(__name__)
 
-CPU_BACKENDS = ("ort-cpu", "openvino-fp32", "openvino-bf16", "openvino-int8", "openvino-int8-bf16", "torch-eager-fp32",
-                "torch-eager-bf16",
-                "torch-compile-fp32", "diffusers-loop")
+CPU_BACKENDS = ("ort-cpu", "openvino-fp32", "openvino-bf16", "openvino-int8", "openvino-int8-bf16", "openvino-bands",
+                "torch-eager-fp32", "torch-eager-bf16", "torch-compile-fp32", "diffusers-loop")
 PRESETS = ("tiny", "ddpm-cifar10")
 
 
@@ -50,6 +49,10 @@ def _median_ms(fn, warmup: int, repeat: int, min_seconds: float = 0.0) -> float:
 
 def _model(preset: str, seed: int = 0):
     return random_preset_model(preset, seed)
+
+
+DEFAULT_BANDS = "bf16:0-99,int8-bf16:100-999"  # backend openvino-bands: what --precision auto runs (README)
+SWEEP = 20  # openvino-bands: timesteps per measured repeat
 
 
 def _onnx_for(preset: str, workdir: Path) -> Path:
@@ -101,7 +104,23 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     x = rng.standard_normal((b, cfg.in_channels, cfg.image_size, cfg.image_size)).astype(np.float32)
     t = np.full((b,), 500, np.int32)
     warm, rep = job["warmup"], job["repeat"]
-    if backend.startswith("openvino-"):
+    if backend == "openvino-bands":  # a precision per timestep band: ms per ε call over a sweep of timesteps
+        from ddpm_deploy.runtime.backends.banded import BandedRunner, parse_bands
+        from ddpm_deploy.runtime.backends.base import open_runner
+
+        onnx_path = _onnx_for(preset, Path(job["workdir"]))
+        bands = parse_bands(job.get("bands") or DEFAULT_BANDS, 1000)
+        runners = {}
+        for key in dict.fromkeys(k for _, _, k in bands):
+            path = _int8_for(preset, onnx_path) if key.startswith("int8") else onnx_path
+            runners[key] = open_runner(path, "cpu", backend="openvino", threads=threads, cache_dir=False,
+                                       precision="bf16" if key in ("bf16", "int8-bf16") else "fp32")
+        runner = BandedRunner(runners, bands)
+        sweep = [np.full((b,), v, np.int32) for v in np.linspace(0, 999, SWEEP).round().astype(int)]
+        out["eps_ms"] = _median_ms(lambda: [runner.eps(x, ts) for ts in sweep], warm, rep) / SWEEP
+        out["runner"], out["precision"] = type(runner).__name__, runner.precision
+        out["note"] = f"mean over {SWEEP} timesteps evenly spread over 0-999 (the mix of a sampling run)"
+    elif backend.startswith("openvino-"):
         from ddpm_deploy.runtime.backends.base import open_runner
 
         precision = backend.split("-", 1)[1]
@@ -168,6 +187,13 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
                     m(xt, tt)
                 out["compile_seconds"] = time.perf_counter() - t0
             bf16 = backend == "torch-eager-bf16"
+            if bf16:
+                from ddpm_deploy.runtime.cpu import cpu_precisions
+
+                cpu = cpu_precisions()
+                if not cpu.native_bf16:  # PyTorch's autocast runs bf16 anyway, emulated: 80-120x slower than fp32
+                    out["emulated"] = (f"bf16 emulated: this CPU has no AVX512_BF16/AMX (flags: "
+                                       f"{', '.join(cpu.flags) or 'unknown'})")
 
             def call():
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -237,7 +263,7 @@ def load_text(machine: dict[str, Any]) -> str:
 
 def run(out_dir: Path, presets=PRESETS, backends=CPU_BACKENDS, batches=(1, 8, 64), warmup: int = 2, repeat: int = 5,
         e2e_steps: int = 50, threads: int = 0, max_batch: dict[str, int] | None = None, echo=print,
-        with_engine_builds: bool = True, schedulers: tuple[str, ...] = ("ddpm",)) -> dict[str, Any]:
+        with_engine_builds: bool = True, schedulers: tuple[str, ...] = ("ddpm",), bands: str | None = None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     load = record_load({}, "before")
@@ -250,7 +276,7 @@ def run(out_dir: Path, presets=PRESETS, backends=CPU_BACKENDS, batches=(1, 8, 64
                         continue
                     job = dict(preset=preset, backend=backend, batch=b, warmup=warmup, repeat=repeat, workdir=work,
                                threads=threads, e2e_steps=e2e_steps if backend == "ort-cpu" else 0,
-                               schedulers=list(schedulers))
+                               schedulers=list(schedulers), bands=bands)
                     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as ex:
                         try:
                             r = ex.submit(measure, job).result()
@@ -324,6 +350,12 @@ def markdown(doc: dict[str, Any]) -> str:
                 notes.append("; ".join(f"{k} ×{v['loop_overhead_ratio']:.3f}" for k, v in others.items()))
         if "compile_seconds" in r:
             notes.append(f"compile {r['compile_seconds']:.0f}s")
+        if r.get("emulated"):
+            notes.append(f"**not a speed**: {r['emulated']}")
+        if r.get("precision") and r["backend"].startswith("openvino-"):
+            notes.append(f"ran {r['precision']}")
+        if r.get("note"):
+            notes.append(r["note"])
         lines.append(f"| {r['preset']} | {r['backend']} | {r['batch']} | {r['eps_ms']:.2f} | {r['ms_per_image_step']:.3f} "
                      f"| {'%.2f' % (r['eps_ms'] / ref) if ref else '–'} | {r['peak_rss_mb']:.0f} | {'; '.join(notes)} |")
     builds = doc.get("engine_builds") or []

@@ -103,8 +103,11 @@ def parity(checkpoint, onnx_path, engine, steps, scheduler, sched_options, batch
 @click.option("--presets", default="tiny,ddpm-cifar10", help="Models (random weights), comma-separated.")
 @click.option("--backends", default="ort-cpu,torch-eager-fp32,torch-eager-bf16,diffusers-loop",
               help="Comma-separated: ort-cpu, openvino-fp32, openvino-bf16, openvino-int8, openvino-int8-bf16, "
-                   "torch-eager-fp32, "
-                   "torch-eager-bf16, torch-compile-fp32, diffusers-loop.")
+                   "openvino-bands (a precision per timestep band, --bands; ms per ε call averaged over 20 timesteps "
+                   "spread over 0-999), torch-eager-fp32, torch-eager-bf16 (marked 'not a speed' where bf16 is "
+                   "emulated: no AVX512_BF16/AMX), torch-compile-fp32, diffusers-loop.")
+@click.option("--bands", default=None, metavar="P:FIRST-LAST,...",
+              help="The bands of the openvino-bands rows (default bf16:0-99,int8-bf16:100-999).")
 @click.option("--batches", default="1,8,64", help="Batch sizes, comma-separated.")
 @click.option("--max-batch-cifar", type=int, default=64, help="Largest batch for ddpm-cifar10 (CPU time and memory).")
 @click.option("--repeat", type=int, default=5, help="Timed calls per measurement (median reported).")
@@ -119,7 +122,7 @@ def parity(checkpoint, onnx_path, engine, steps, scheduler, sched_options, batch
 @click.option("--overwrite", is_flag=True, help="Replace the results already in --out (refused without it).")
 @clean_errors
 def bench(out, presets, backends, batches, max_batch_cifar, repeat, warmup, e2e_steps, schedulers, threads,
-          engine_builds, overwrite):
+          engine_builds, overwrite, bands):
     """Benchmark our runtime against PyTorch eager/bf16/compile and a diffusers-style loop (needs the
     [test] extra: torch, diffusers). Each measurement runs in its own process; medians after warm-up."""
     lazy_import("torch", "ddpm-run bench (its models and PyTorch baselines)", "pip install 'ddpm-deploy[test]'")
@@ -138,10 +141,14 @@ def bench(out, presets, backends, batches, max_batch_cifar, repeat, warmup, e2e_
     unknown = set(split(backends)) - set(harness.CPU_BACKENDS)
     if unknown:
         raise ConfigError(f"unknown backends {sorted(unknown)}; available: {', '.join(harness.CPU_BACKENDS)}")
+    if bands is not None:
+        from ddpm_deploy.runtime.backends.banded import parse_bands
+
+        parse_bands(bands, 1000)  # a bad band: one error line now
     harness.run(Path(out), presets=tuple(split(presets)), backends=tuple(split(backends)),
                 batches=tuple(int(b) for b in split(batches)), warmup=warmup, repeat=repeat, e2e_steps=e2e_steps,
                 threads=threads, max_batch={"ddpm-cifar10": max_batch_cifar}, echo=click.echo,
-                with_engine_builds=engine_builds, schedulers=tuple(split(schedulers)))
+                with_engine_builds=engine_builds, schedulers=tuple(split(schedulers)), bands=bands)
     click.echo(f"wrote {out}/results.json, results.md, images_per_s.png")
 
 

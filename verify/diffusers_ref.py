@@ -165,3 +165,42 @@ def sample_with_scheduler(eps_fn, plan, cfg: DiffusionConfig, shape, seed: int, 
         else:
             x = s.step(eps, t, x, **step_kw).prev_sample
     return x.float().numpy()
+
+
+@torch.no_grad()
+def pipeline_with_noise(pipe, plan, seed: int, indices, **call) -> np.ndarray:
+    """diffusers' own ``DDPMPipeline.__call__`` (its loop, its scheduler's ``step``, its output conversion) with x_T
+    and every step's z taken from ``runtime.rng`` as our sampler draws them along ``plan``: the pipeline's and the
+    scheduler's ``randn_tensor`` are swapped for the duration of the call. ``call``: the pipeline's keywords
+    (``num_inference_steps`` must give the plan's timesteps: checked). Returns ``.images``."""
+    from ddpm_deploy.runtime import rng
+
+    idx = np.asarray(indices, dtype=np.int64)
+    unet = pipe.unet.config
+    shape = (unet.in_channels, unet.sample_size, unet.sample_size)
+    draws = [rng.normals(seed, idx, rng.INITIAL_STEP, shape)]
+    draws += [rng.normals(seed, idx, int(n), shape) for n, t in zip(plan.noise_ids, plan.timesteps) if t > 0]
+    queue = [torch.from_numpy(d) for d in draws]
+
+    def fake(shape_, generator=None, device=None, dtype=None, layout=None):
+        if not queue:
+            raise ValueError("the pipeline drew more noise than the plan has steps")
+        z = queue.pop(0)
+        if tuple(shape_) != tuple(z.shape):
+            raise ValueError(f"injected noise has shape {tuple(z.shape)}, the pipeline asked for {tuple(shape_)}")
+        return z.to(device=device or z.device, dtype=dtype or z.dtype)
+
+    modules = [inspect.getmodule(type(pipe)), inspect.getmodule(type(pipe.scheduler))]
+    origs = [m.randn_tensor for m in modules]
+    for m in modules:
+        m.randn_tensor = fake
+    try:
+        out = pipe(batch_size=len(idx), **call).images
+    finally:
+        for m, o in zip(modules, origs):
+            m.randn_tensor = o
+    ts = pipe.scheduler.timesteps.numpy().astype(np.int64)
+    if not np.array_equal(ts, plan.timesteps) or queue:
+        raise ValueError(f"the pipeline stepped along {ts.tolist()}, the plan along {plan.timesteps.tolist()} "
+                         f"({len(queue)} draws left)")
+    return np.asarray(out)

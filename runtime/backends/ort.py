@@ -7,6 +7,7 @@ provider, and checks the model's I/O against ``runtime.contract``; ``OrtRunner``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -15,6 +16,8 @@ import numpy as np
 
 from ..config import ModelCard
 from ..contract import INPUT_T, INPUT_X, IO_TEXT, ONNX_METADATA_KEY, ORT_TYPES, OUTPUT_EPS, T_DTYPE, detect_precision
+from ..diffusers_config import (DIFFUSERS_EPS, DIFFUSERS_T, DIFFUSERS_X, T_TYPES, DiffusersIo, card_beside,
+                                is_diffusers_io)
 from ..errors import ArtifactError, ConfigError, invalid, lazy_import, out_of_memory
 from .base import Runner
 
@@ -124,38 +127,56 @@ class OrtSession:
                 f"failed to load (CUDA/cuDNN libraries missing or mismatched; run with -v for ONNX Runtime's log). "
                 f"{INSTALL[device]}"
             )
+        self.io: DiffusersIo | None = None  # set for an ONNX with diffusers' I/O names (runtime.diffusers_config)
         self._check_io()
         meta = self.session.get_modelmeta().custom_metadata_map
         self.card: ModelCard | None = (
             ModelCard.from_json(meta[ONNX_METADATA_KEY], f"{self.path} metadata") if ONNX_METADATA_KEY in meta else None
         )
+        if self.io is not None and self.card is None:
+            self.card, _, where = card_beside(self.path, self.sample_shape)
+            self.io = dataclasses.replace(self.io, scheduler_config=str(where))
         self.precision = detect_precision(self.session, self.path)
 
     def _check_io(self) -> None:
         ins = {i.name: i for i in self.session.get_inputs()}
         outs = {o.name: o for o in self.session.get_outputs()}
+        if is_diffusers_io(ins, list(outs)):
+            self._check_diffusers_io(ins, outs)
+            return
         if set(ins) != {INPUT_X, INPUT_T} or list(outs) != [OUTPUT_EPS]:
             raise ArtifactError(f"{self.path}: expected {IO_TEXT}, found inputs {sorted(ins)} and outputs "
                                 f"{list(outs)}; export the model with ddpm-export")
         for name, arg in [*ins.items(), *outs.items()]:
             if arg.type != ORT_TYPES[name]:
                 raise ArtifactError(f"{self.path}: expected {IO_TEXT}, found {name} of type {arg.type}")
-        xs, es = ins[INPUT_X].shape, outs[OUTPUT_EPS].shape
+        self._check_shapes(ins[INPUT_X].shape, outs[OUTPUT_EPS].shape, ins[INPUT_T].shape)
+
+    def _check_diffusers_io(self, ins, outs) -> None:
+        """sample float32 [B,C,H,W], timestep int64/float32/int32 of [B], [1] or [] → out_sample float32."""
+        x, t, e = ins[DIFFUSERS_X], ins[DIFFUSERS_T], outs[DIFFUSERS_EPS]
+        want = f"{DIFFUSERS_X} float32 [B,C,H,W], {DIFFUSERS_T} int64 or float32 ([B], [1] or a scalar) → {DIFFUSERS_EPS} float32"
+        if x.type != "tensor(float)" or e.type != "tensor(float)" or t.type not in T_TYPES or len(t.shape) > 1:
+            raise ArtifactError(f"{self.path}: expected {want}, found {DIFFUSERS_X} {x.type}, {DIFFUSERS_T} {t.type} "
+                                f"{t.shape}, {DIFFUSERS_EPS} {e.type}")
+        self.io = DiffusersIo(t.type, tuple(t.shape), "")
+        self._check_shapes(x.shape, e.shape, t.shape if self.io.per_image else None, DIFFUSERS_X, DIFFUSERS_EPS)
+
+    def _check_shapes(self, xs, es, ts, x_name: str = INPUT_X, eps_name: str = OUTPUT_EPS) -> None:
         if len(xs) != 4 or len(es) != 4:
-            raise ArtifactError(f"{self.path}: expected {IO_TEXT}, found x {xs} and eps {es}")
+            raise ArtifactError(f"{self.path}: expected {IO_TEXT}, found {x_name} {xs} and {eps_name} {es}")
         static = lambda d: int(d) if isinstance(d, int) else None  # noqa: E731
         self.sample_shape = tuple(static(d) for d in xs[1:])
         eps_shape = tuple(static(d) for d in es[1:])
         if any(a is not None and b is not None and a != b for a, b in zip(self.sample_shape, eps_shape)):
-            raise ArtifactError(f"{self.path}: eps must have the shape of x, found x {xs} and eps {es}")
+            raise ArtifactError(f"{self.path}: {eps_name} must have the shape of {x_name}, found {x_name} {xs} and {eps_name} {es}")
         xb, eb = static(xs[0]), static(es[0])
         if eb is not None and xb != eb:
-            raise ArtifactError(f"{self.path}: eps must have x's batch axis, found x {xs} and eps {es} (a model that "
+            raise ArtifactError(f"{self.path}: {eps_name} must have {x_name}'s batch axis, found {x_name} {xs} and {eps_name} {es} (a model that "
                                 f"returns batch {eb} for any batch would be broadcast over the samples)")
         self.fixed_batch = static(xs[0])
         # the symbolic names of the inputs' batch axes (x, t), for batch_dims: empty when x's batch is fixed or
         # unnamed (ONNX Runtime then reports None; it invents names like "unk__233" for outputs only)
-        ts = ins[INPUT_T].shape
         self.batch_dim_names = (sorted({d for d in (xs[0], ts[0] if ts else None) if isinstance(d, str) and d})
                                 if isinstance(xs[0], str) and xs[0] else [])
 
@@ -175,6 +196,7 @@ class OrtRunner(Runner):
             raise ArtifactError(f"{self.path}: ONNX Runtime cannot load this model ({first_line(e)})") from None
         self.session, self.card, self.precision = self._s.session, self._s.card, self._s.precision
         self.sample_shape, self.fixed_batch = self._s.sample_shape, self._s.fixed_batch
+        self.io = self._s.io  # diffusers' I/O names, mapped (None: our contract's)
         # a failed run is raised with ONNX Runtime's message (mapped below); its own log line of it would be a
         # second, unformatted error on stderr
         self._run_options = self._s.ort.RunOptions()
@@ -186,8 +208,16 @@ class OrtRunner(Runner):
 
     def eps(self, x: np.ndarray, t: np.ndarray) -> np.ndarray:
         try:
-            return self.session.run([OUTPUT_EPS], {INPUT_X: x, INPUT_T: t.astype(T_DTYPE, copy=False)},
-                                    self._run_options)[0]
+            if self.io is None:
+                return self.session.run([OUTPUT_EPS], {INPUT_X: x, INPUT_T: t.astype(T_DTYPE, copy=False)},
+                                        self._run_options)[0]
+            runs = self.io.feeds(x, t)
+            if len(runs) == 1:
+                return self.session.run([DIFFUSERS_EPS], runs[0][1], self._run_options)[0]
+            out = np.empty_like(x)
+            for rows, feeds in runs:
+                out[rows] = self.session.run([DIFFUSERS_EPS], feeds, self._run_options)[0]
+            return out
         except Exception as e:  # ORT's RuntimeException/Fail, or MemoryError from a std::bad_alloc
             if is_out_of_memory(e):
                 raise out_of_memory(f"{self.path}: ONNX Runtime", len(x), oom_detail(e)) from None

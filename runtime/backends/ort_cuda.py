@@ -119,6 +119,10 @@ class OrtCudaRunner(Runner, DeviceRunner):
                                                           conv_algo_search), **extra}
         # the model's own session: dynamic batch; with graphs only where no per-batch sessions are made
         s = self._session(self.cuda_graph and not self.static_batch, None)
+        if s.io is not None:
+            raise ArtifactError(f"{self.path}: diffusers' I/O names ({s.io.describe()}) are mapped on the CPU runner "
+                                f"only; the device loop binds x/t int32/eps buffers. Re-export it for CUDA with "
+                                f"ddpm-export --from-diffusers (the diffusers folder), or sample on the CPU")
         self._ort, self.session, self._main_graphs = s.ort, s.session, self._graphs_on(s)
         self.card, self.precision, self.sample_shape, self.fixed_batch = s.card, s.precision, s.sample_shape, s.fixed_batch
         self.batch_dim_names = s.batch_dim_names

@@ -59,3 +59,26 @@ def save_google_layout(root: Path, unet_overrides: dict | None = None, scheduler
     (root / "model_index.json").write_text(json.dumps(
         {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}))
     return root
+
+
+class _Named(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep):
+        return self.unet(sample, timestep).sample
+
+
+def export_diffusers_named(unet, path: Path, t_example: torch.Tensor, t_axes: dict) -> Path:
+    """A UNet2DModel exported to ONNX as other tools (optimum, diffusers' ONNX scripts) write it: inputs ``sample``,
+    ``timestep`` (``t_example``'s dtype and rank; ``t_axes``: its dynamic axes), output ``out_sample``, dynamic batch."""
+    import warnings
+
+    c, s = unet.config.in_channels, unet.config.sample_size
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Named(unet.eval()), (torch.randn(2, c, s, s), t_example), str(path), dynamo=False,
+                          opset_version=17, input_names=["sample", "timestep"], output_names=["out_sample"],
+                          dynamic_axes={"sample": {0: "batch"}, "out_sample": {0: "batch"}, **t_axes})
+    return path

@@ -56,6 +56,20 @@ def test_google_scheduler_config_maps_to_our_config():
     assert cos == DiffusionConfig(schedule="cosine", num_timesteps=4000, variance_type="fixed_small", clip_denoised=False)
 
 
+def test_other_scheduler_configs_give_the_forward_process_as_ddpmscheduler_from_config_reads_them():
+    """A folder written with --diffusers-scheduler ddim: the forward process is its; the DDPM variance and clipping it
+    does not state are DDPMScheduler's defaults, which is what diffusers' own DDPMScheduler.from_config gives."""
+    ddim = {"_class_name": "DDIMScheduler", "beta_schedule": "linear", "beta_start": 0.0002, "beta_end": 0.03,
+            "num_train_timesteps": 500, "clip_sample": False, "set_alpha_to_one": True}
+    dpm = {"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": 800, "variance_type": None}
+    for cfg in (ddim, dpm):
+        ours = scheduler_to_diffusion(cfg)
+        theirs = diffusers.DDPMScheduler.from_config({k: v for k, v in cfg.items() if k != "variance_type"}).config
+        assert (ours.num_timesteps, ours.beta_start, ours.beta_end) == (theirs.num_train_timesteps, theirs.beta_start,
+                                                                        theirs.beta_end)
+        assert (ours.variance_type, ours.clip_denoised) == (theirs.variance_type, theirs.clip_sample)
+
+
 @pytest.mark.parametrize("override, key", [
     ({"prediction_type": "v_prediction"}, "prediction_type"),
     ({"prediction_type": "sample"}, "prediction_type"),
@@ -68,7 +82,8 @@ def test_google_scheduler_config_maps_to_our_config():
     ({"thresholding": True}, "thresholding"),
     ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
     ({"clip_sample_range": 2.0}, "clip_sample_range"),
-    ({"_class_name": "DDIMScheduler"}, "DDPMScheduler"),
+    ({"_class_name": "EulerDiscreteScheduler"}, "expected a DDPMScheduler config"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "variance_type": "learned_range"}, "variance_type"),
 ])
 def test_unsupported_scheduler_configs_are_refused(override, key):
     with pytest.raises(ConfigError, match=key):

@@ -53,6 +53,7 @@ CASES = {
     "export-run-dir": (lambda t: ["ddpm-export", t], ["ddpm-export", "'ddpm-deploy[export]'"]),
     "export-run-dir-fp16": (lambda t: ["ddpm-export", t, "--fp16"], ["'ddpm-deploy[export,fp16]'"]),
     "export-from-diffusers": (lambda t: ["ddpm-export", "--from-diffusers", t], ["'ddpm-deploy[diffusers]'"]),
+    "export-diffusers-out": (lambda t: ["ddpm-export", t, "--diffusers-out", t / "pipe"], ["'ddpm-deploy[diffusers]'"]),
     "export-onnx-engine": (lambda t: ["ddpm-export", "--onnx", _onnx(t), "--engine"], ["'ddpm-deploy[engine]'"]),
     "export-onnx-fp16": (lambda t: ["ddpm-export", "--onnx", _onnx(t), "--precision", "fp16"],
                          ["'ddpm-deploy[fp16]'"]),

@@ -76,3 +76,24 @@ def test_sample_with_precision_bands_on_openvino(micro_onnx, tmp_path):
     assert info["runner"] == "BandedRunner" and info["precision"].startswith("fp32:0-499,")
     bad = CliRunner().invoke(main, [*common, "--precision-bands", "fp32:0-499", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "cover every timestep" in bad.output and not (tmp_path / "bad").exists()
+
+
+def test_api_takes_precision_bands_as_its_precision(micro_onnx, tmp_path):
+    """``Sampler.from_onnx(path, precision="fp32:0-499,bf16:500-999")``: the same images as the CLI's
+    --precision-bands (one runner per band, each image by its timestep); bands off the CPU are refused by name."""
+    pytest.importorskip("openvino")
+    from ddpm_deploy.runtime.api import Sampler
+    from ddpm_deploy.verify.cli import main
+
+    bands = "fp32:0-499,bf16:500-999"
+    r = CliRunner().invoke(main, ["sample", "--onnx", str(micro_onnx), "--num", "3", "--batch", "3", "--steps", "8",
+                                  "--seed", "5", "--no-progress", "--no-pngs", "--precision-bands", bands,
+                                  "--out", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    with Sampler.from_onnx(micro_onnx, precision=bands, batch=3) as s:
+        assert type(s.runner).__name__ == "BandedRunner" and s.runner.precision.startswith("fp32:0-499,")
+        images = s(3, seed=5, steps=8)
+    with np.load(tmp_path / "cli" / "samples.npz") as cli:
+        assert np.array_equal(images, cli["images"])
+    with pytest.raises(ConfigError, match="precision"):
+        Sampler.from_onnx(micro_onnx, precision=bands, backend="onnxruntime")
