@@ -110,7 +110,7 @@ class StepLoop:
     def submit(self, job: Job) -> None:
         with self.cond:
             if self.stopping:
-                raise SamplingFailed(f"the server is stopping ({self.stopping})")
+                raise SamplingFailed(self.stopping)
             if len(self.queue) >= self.queue_size:
                 raise Busy(f"the server is busy: {len(self.queue)} requests wait for a slot (queue bound "
                            f"{self.queue_size}, {self.capacity} slots sampling); retry later")
