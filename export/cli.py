@@ -222,8 +222,8 @@ class _ProgressBar:
               help="The repository's default scheduler for requests without one: ddpm (default), ddim, dpmsolver++, "
                    "sde-dpmsolver++, unipc, JSON {\"scheduler\": NAME, \"options\": {...}}, or a diffusers "
                    "scheduler_config.json (its content goes into the repository).")
-@click.option("--triton-batching", type=click.Choice(["step", "request"]), default="step",
-              help="step: add ddpm_stream, the step-level model (a decoupled model whose loop admits requests into "
+@click.option("--triton-batching", type=click.Choice(["step", "request"]), default=None,
+              help="Default: step. step: add ddpm_stream, the step-level model (a decoupled model whose loop admits requests into "
                    "free slots at every ε call; reached by gRPC streaming and HTTP's generate endpoints: `ddpm-run "
                    "request` uses it), beside ddpm for plain HTTP/gRPC infer clients. request: ddpm only (Triton's "
                    "dynamic batcher batches whole requests). docs/scaling.md says when each helps.")
@@ -276,9 +276,12 @@ def main(run_dir, out, raw, checkpoint, diffusers_out, diffusers_scheduler, from
             raise ConfigError(f"{flag} must be >= 1, found {value}")
     if triton_repo is None and (triton_kind is not None or triton_max_batch is not None or triton_instances != 1
                                 or triton_steps is not None or triton_scheduler is not None
-                                or triton_queue is not None or triton_batching != "step"):
+                                or triton_queue is not None or triton_batching is not None):
         raise ConfigError("--triton-kind/--triton-instances/--triton-max-batch/--triton-steps/--triton-scheduler/"
                           "--triton-batching/--triton-queue describe a Triton repository; add --triton-repo DIR")
+    from ddpm_deploy.runtime.serve.repository import DEFAULT_BATCHING
+
+    triton_batching = triton_batching or DEFAULT_BATCHING
     if triton_queue is not None and triton_batching != "step":
         raise ConfigError("--triton-queue bounds the step-level model's wait queue; it needs --triton-batching step")
     if diffusers_scheduler is not None and diffusers_out is None:
@@ -495,9 +498,11 @@ def _export(run_dir, out, raw, from_diffusers, onnx_in, precision, int8, calib_d
 
 def _write_triton(model: Path, repo: Path, kind: str | None, instances: int, max_batch: int | None,
                   steps: int | None = None, scheduler: str | None = None, overwrite: bool = False,
-                  batching: str = "step", queue: int | None = None) -> None:
+                  batching: str | None = None, queue: int | None = None) -> None:
     """The Triton model repository for ``model`` (runtime.serve.repository; no torch)."""
-    from ddpm_deploy.runtime.serve.repository import DEFAULT_QUEUE, RepoSettings, write_repository
+    from ddpm_deploy.runtime.serve.repository import DEFAULT_BATCHING, DEFAULT_QUEUE, RepoSettings, write_repository
+
+    batching = batching or DEFAULT_BATCHING
 
     plan = model.suffix.lower() in (".plan", ".engine", ".trt")
     write_repository(model, repo, RepoSettings(instances=instances, kind=kind or ("gpu" if plan else "cpu"),
