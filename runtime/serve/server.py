@@ -121,8 +121,7 @@ STOP_FILE = "stop"
 
 
 def server_env(install: TritonInstall, step_record: str | None = None, stop_file: str | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop(RECORD_ENV, None)
+    env = dict(os.environ)  # a DDPM_SERVE_STEP_RECORD of the caller's environment reaches the model as well
     env.pop(STOP_ENV, None)
     if step_record:
         env[RECORD_ENV] = step_record

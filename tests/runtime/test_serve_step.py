@@ -7,10 +7,14 @@ a cancelled request frees its slot at the next step; stopping the server fails t
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,7 @@ from click.testing import CliRunner
 from ddpm_deploy.runtime.errors import MissingDependencyError
 from ddpm_deploy.runtime.serve.client import RequestFailed, TritonImages, stream_inputs
 from ddpm_deploy.runtime.serve.repository import RepoSettings, read_parameters, write_repository
-from ddpm_deploy.runtime.serve.server import TritonServer, find_triton, group_processes
+from ddpm_deploy.runtime.serve.server import TritonServer, find_triton, free_port, group_processes
 from ddpm_deploy.verify.cli import main as run_cli
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc", reason="the serving tests need tritonclient[http,grpc]")
@@ -30,6 +34,7 @@ except MissingDependencyError as e:
     pytest.skip(f"no tritonserver: {e}", allow_module_level=True)
 
 SEED = 11
+DDPM_RUN = str(Path(sys.executable).with_name("ddpm-run"))
 LONG = 1000  # ε calls of a request that is cancelled or outlives the test's patience (~1-3 s with the micro model)
 
 
@@ -224,15 +229,29 @@ def test_busy_past_the_queue_bound_and_a_cancelled_request_frees_its_slot(random
     np.testing.assert_array_equal(b_images["x"], cli_sample(random_micro_onnx, tmp_path / "cli", 1, 1, 10))
 
 
-def test_stopping_the_server_fails_the_requests_in_flight_and_leaves_no_process(random_micro_onnx, tmp_path):
-    repo = write_repository(random_micro_onnx, tmp_path / "repo",
-                            RepoSettings(max_batch=2, threads=1, queue_size=8, batching="step"))
+def ready(port, proc) -> bool:
+    assert proc.poll() is None, proc.stderr.read()
+    for model in ("ddpm", "ddpm_stream"):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/{model}/ready", timeout=2) as r:
+                if r.status != 200:
+                    return False
+        except OSError:
+            return False
+    return True
+
+
+def test_sigterm_to_ddpm_run_serve_fails_the_requests_in_flight_and_leaves_no_process(random_micro_onnx, tmp_path):
+    http, grpc, metrics = free_port(), free_port(), free_port()
     record = tmp_path / "record.jsonl"
-    srv = TritonServer(repo, step_record=record).start()
+    proc = subprocess.Popen([DDPM_RUN, "serve", "--onnx", str(random_micro_onnx), "--http-port", str(http),
+                             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--max-batch", "2",
+                             "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "DDPM_SERVE_STEP_RECORD": str(record)})
     outcome = {}
 
     def one(i, proto):
-        url = srv.grpc_url if proto == "grpc" else srv.http_url
+        url = f"127.0.0.1:{grpc if proto == 'grpc' else http}"
         try:
             with TritonImages(url, proto, timeout=60) as c:
                 c.request(SEED, [i], steps=LONG)
@@ -240,18 +259,26 @@ def test_stopping_the_server_fails_the_requests_in_flight_and_leaves_no_process(
         except RequestFailed as e:
             outcome[i] = str(e)
 
-    threads = [threading.Thread(target=one, args=(i, "grpc" if i % 2 else "http")) for i in range(4)]
-    for t in threads:
-        t.start()
-    wait_for(lambda: any(c["queued"] == 2 and len(c["t"]) == 2 for c in records(record)),
-             what="all four requests to reach the server (two sampling, two waiting)")
-    t0 = time.perf_counter()
-    rc = srv.stop()  # what `ddpm-run serve` does on SIGTERM/SIGINT
-    stopped_in = time.perf_counter() - t0
-    for t in threads:
-        t.join(60)
+    try:
+        wait_for(lambda: ready(http, proc), timeout=120, what="ddpm-run serve to be ready")
+        threads = [threading.Thread(target=one, args=(i, "grpc" if i % 2 else "http")) for i in range(4)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: any(c["queued"] == 2 and len(c["t"]) == 2 for c in records(record)),
+                 what="all four requests to reach the server (two sampling, two waiting)")
+        t0 = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        stopped_in = time.perf_counter() - t0
+        for t in threads:
+            t.join(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
-    assert rc == 0, srv.log_tail()
-    assert group_processes(srv.pgid) == []
+    triton_pid = int(re.search(r"tritonserver pid (\d+)", err).group(1))
+    assert proc.returncode == 0 and "tritonserver stopped (exit status 0)" in err, err
+    assert group_processes(triton_pid) == [] and group_processes(proc.pid) == []
     assert len(outcome) == 4 and all("the server is shutting down" in v for v in outcome.values()), outcome
-    assert stopped_in < 10, f"stopping took {stopped_in:.1f}s"
+    assert stopped_in < 15, f"stopping took {stopped_in:.1f}s"
