@@ -30,6 +30,8 @@ INTERFACE = """\b
                    a cancelled request frees its slots at the next step. `ddpm-run request` uses it.
       ddpm         request-level batching (Triton's dynamic batcher; always there): for clients of the plain
                    HTTP/gRPC infer endpoint (POST /v2/models/ddpm/infer).
+    Which when: ddpm_stream where requests differ in steps or arrive while others sample (latency); ddpm for
+    plain infer clients and for uniform batch jobs (docs/scaling.md, "Step-level batching").
     `ddpm` is an ensemble over `ddpm_sampler`, the Python-backend model that samples.
     Its inputs, as its metadata shows them (-1: the request's batch k, 1 <= k <= the max batch):
       seed       UINT64 [-1, 1]     required
