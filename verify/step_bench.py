@@ -11,7 +11,8 @@ sent by one thread at pre-drawn Poisson arrival times (open loop: a slow server 
 request's latency runs from its scheduled arrival to its answer.
 
 Workloads: every request ``--steps`` (default 50) ε calls; and a 50/50 mix of ``--mix`` (default 20 and 200) ε calls,
-drawn at random per request. Capacity (images/s at saturation: 2·B requests kept in flight) is measured for both
+drawn at random per request. Capacity (images/s at saturation: 2·B requests kept in flight, counted between the
+fill and the drain) is measured for both
 modes and each workload; the loads are fractions of the **request-level** capacity (the baseline's), so both modes
 see the same arrival sequence. Points alternate request / step so drift on a shared machine hits both alike.
 
@@ -107,7 +108,9 @@ class Driver:
 
 
 def capacity(url: str, mode: str, steps_of, n: int, inflight: int, base: int) -> float:
-    """Images/s with ``inflight`` requests kept in flight (closed loop) over ``n`` requests."""
+    """Images/s with ``inflight`` requests kept in flight (closed loop) over ``n`` requests, counted in the steady
+    part: between the (k)th and the (n−k)th answer, k = min(inflight/2, n/4) (the start fills the batch, the end
+    drains it)."""
     d = Driver(url, mode)
     try:
         rids = list(range(base, base + n))
@@ -130,7 +133,9 @@ def capacity(url: str, mode: str, steps_of, n: int, inflight: int, base: int) ->
         errors = [d.done[r][1] for r in rids if d.done[r][1]]
         if errors:
             raise RuntimeError(f"{mode}: {len(errors)} requests failed while measuring capacity: {errors[0]}")
-        return n / (time.perf_counter() - t0)
+        times = sorted(d.done[r][0] for r in rids)
+        k = max(1, min(inflight // 2, n // 4))
+        return (n - 2 * k) / (times[n - k - 1] - times[k - 1]) if n - 2 * k > 0 else n / (times[-1] - t0)
     finally:
         d.close()
 
@@ -170,7 +175,7 @@ def markdown(doc: BenchResults, preset: str, max_batch: int) -> str:
     lines = [f"# Step-level vs request-level batching: {preset} (random weights), max batch {max_batch}", "",
              f"Machine: {m.get('cpu')} ({m.get('cpus')} CPUs; flags {', '.join(m.get('cpu_flags', []))}); "
              f"{load_text(m)}. Date {doc.date}. Command: `{doc.command}`.", "",
-             "Capacity (images/s, closed loop, 2 × max batch in flight): " + "; ".join(
+             "Capacity (images/s, closed loop, 2 × max batch in flight, counted between the fill and the drain): " + "; ".join(
                  f"{c['workload']}: request {c['request']:.2f}, step {c['step']:.2f}" for c in m["capacity"]) + ".",
              "", "| workload | load (of request-level capacity) | offered/s | mode | images/s | p50 ms | p99 ms | "
                  "p99 ms by steps | errors | 1-min load (sent → answered) |",
@@ -226,7 +231,7 @@ def plot(doc: BenchResults, path: Path) -> None:
 @click.option("--mix", default="20,200", help="ε calls of the mixed workload's two kinds of request, 50/50.")
 @click.option("--max-batch", type=int, default=16, help="Dynamic batcher's max batch = the step loop's slots.")
 @click.option("--requests", type=int, default=80, help="Requests per point (6 points per workload).")
-@click.option("--capacity-requests", type=int, default=48, help="Requests of each capacity measurement.")
+@click.option("--capacity-requests", type=int, default=96, help="Requests of each capacity measurement.")
 @click.option("--loads", default="0.3,0.6,0.9", help="Fractions of the request-level capacity.")
 @click.option("--seed", type=int, default=0, help="Seed of the arrival times and the mix.")
 @clean_errors
