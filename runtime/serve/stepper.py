@@ -41,7 +41,7 @@ from .handler import MAX_PLANS, RequestError, SamplingFailed, ServedModel
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE = 64          # requests waiting for a slot before the server answers "busy"
-CANCEL_CHECK_S = 0.05       # how often the loop asks whether a job was cancelled (each ask crosses to the server)
+CANCEL_CHECK_S = 0.1        # how often the loop asks whether a job was cancelled (each ask crosses to the server)
 
 
 class Busy(DDPMError):
@@ -56,14 +56,15 @@ class Cancelled(DDPMError):
 class Job:
     """One request: k images (seeds, indices, plans from ``ServedModel.parse``) and what to do with them.
 
-    ``emit(position, image)`` gets each image (uint8 [H, W, C]) as soon as it is done; ``finish(error)`` is called
-    once, after the last image (error None) or on failure (error a DDPMError; images already emitted stay sent);
+    ``emit(position, image, last)`` gets each image (uint8 [H, W, C]) as soon as it is done (``last``: no other image
+    of the job is left, so a server may flag that answer final); ``finish(error)`` is called once, after the last
+    image (error None) or on failure (error a DDPMError; images already emitted stay sent);
     ``cancelled()`` says whether the client gave up."""
 
     seeds: np.ndarray
     indices: np.ndarray
     plans: list
-    emit: Callable[[int, np.ndarray], None]
+    emit: Callable[[int, np.ndarray, bool], None]
     finish: Callable[[Exception | None], None]
     cancelled: Callable[[], bool] = lambda: False
     id: int = 0
@@ -224,7 +225,7 @@ class StepLoop:
             job.slots.discard(slot)
             image = to_uint8(self.loop.take([slot]), self.model.card.data.value_range)[0]
             try:
-                job.emit(k, np.ascontiguousarray(image))
+                job.emit(k, np.ascontiguousarray(image), job.left == 1)
             except Exception as e:  # noqa: BLE001 - the client is gone: its other images are dropped
                 self._end(job, Cancelled(f"the response could not be sent ({e})"))
                 continue

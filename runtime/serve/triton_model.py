@@ -132,14 +132,20 @@ class TritonPythonModel:
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         index = self._input(request, "index")
 
-        def emit(k, image):
+        sent_final = []
+
+        def emit(k, image, last):
             out = [pb.Tensor.from_dlpack("image", np.ascontiguousarray(image[None]).__dlpack__()),
                    pb.Tensor.from_dlpack("index", np.ascontiguousarray(index.reshape(-1)[k:k + 1]).__dlpack__())]
-            sender.send(pb.InferenceResponse(output_tensors=out))
+            # the last image carries the final flag: one message to the server instead of two
+            sender.send(pb.InferenceResponse(output_tensors=out), flags=final if last else 0)
+            if last:
+                sent_final.append(True)
 
         def finish(error):
             if error is None:
-                sender.send(flags=final)
+                if not sent_final:
+                    sender.send(flags=final)
             else:
                 sender.send(pb.InferenceResponse(output_tensors=[], error=self._error(error)), flags=final)
 

@@ -40,9 +40,11 @@ class Client:
 
     def __init__(self):
         self.images, self.error, self.cancel, self.done = {}, None, False, threading.Event()
+        self.lasts = []
 
-    def emit(self, k, image):
+    def emit(self, k, image, last):
         self.images[k] = image
+        self.lasts.append(last)
 
     def finish(self, error):
         self.error = error
@@ -97,6 +99,7 @@ def test_staggered_requests_of_mixed_schedulers_equal_sampling_alone(model, rand
     with Sampler.from_onnx(random_micro_onnx, threads=1) as s:
         for (indices, steps, sched), c in zip(asks, clients):
             assert c.error is None, c.error
+            assert c.lasts == [False] * (len(indices) - 1) + [True]  # the last image is flagged last
             opts = {}
             if sched and sched.startswith("{"):
                 spec = json.loads(sched)
