@@ -214,17 +214,27 @@ class _ProgressBar:
                    "Default: gpu for a plan, else cpu.")
 @click.option("--triton-instances", type=int, default=1, help="Triton model instances (instance_group count).")
 @click.option("--triton-max-batch", type=int, default=None,
-              help="Dynamic batching's largest batch. Default: the plan's profile max, else 16.")
+              help="Largest batch: the dynamic batcher's (ddpm) and the step-level loop's slots (ddpm_stream). "
+                   "Default: the plan's profile max, else 16.")
 @click.option("--triton-steps", type=int, default=None,
               help="The repository's default ε calls for requests without steps (default: T for ddpm, else 20).")
 @click.option("--triton-scheduler", default=None, metavar="NAME|JSON",
               help="The repository's default scheduler for requests without one: ddpm (default), ddim, dpmsolver++, "
                    "sde-dpmsolver++, unipc, JSON {\"scheduler\": NAME, \"options\": {...}}, or a diffusers "
                    "scheduler_config.json (its content goes into the repository).")
+@click.option("--triton-batching", type=click.Choice(["step", "request"]), default=None,
+              help="Default: step. step: add ddpm_stream, the step-level model (a decoupled model whose loop admits requests into "
+                   "free slots at every ε call; reached by gRPC streaming and HTTP's generate endpoints: `ddpm-run "
+                   "request` uses it), beside ddpm for plain HTTP/gRPC infer clients. request: ddpm only (Triton's "
+                   "dynamic batcher batches whole requests). docs/scaling.md says when each helps.")
+@click.option("--triton-queue", type=int, default=None,
+              help="Step-level: requests that may wait for a slot; past it a request is refused at once with "
+                   "'the server is busy' (gRPC UNAVAILABLE). Default: 64.")
 @click.option("--overwrite", is_flag=True, help="Replace outputs that exist (model.onnx, export_report.json, the "
               "precision models and reports, the plan and its sidecar, the Triton models). Without it an export "
               "that would replace a file refuses before doing anything; with it only the files this export writes "
-              "are replaced, other files stay (for --triton-repo: other versions and files of ddpm/ddpm_sampler).")
+              "are replaced, other files stay (for --triton-repo: other versions and files of ddpm/ddpm_sampler/"
+              "ddpm_stream).")
 @click.option("--no-progress", is_flag=True, envvar="DDPM_NO_PROGRESS", show_envvar=True,
               help="No engine-build progress bar.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
@@ -232,7 +242,7 @@ class _ProgressBar:
 def main(run_dir, out, raw, checkpoint, diffusers_out, diffusers_scheduler, from_diffusers, onnx_in, fp16, precision, int8, calib_dataset, engine, engine_out, adopt_plan,
          trt_flavour, batch_min, batch_opt, batch_max, workspace_mb, opt_level, timing_cache, version_compatible, tf32,
          compute_capability, triton_repo, triton_kind, triton_instances, triton_max_batch, triton_steps,
-         triton_scheduler, overwrite, no_progress, verbose):
+         triton_scheduler, triton_batching, triton_queue, overwrite, no_progress, verbose):
     """Export a trained run to ONNX, and optionally to fp16 mixed precision and a TensorRT engine.
 
     \b
@@ -261,13 +271,19 @@ def main(run_dir, out, raw, checkpoint, diffusers_out, diffusers_scheduler, from
     """
     setup_logging(verbose)
     for flag, value in (("--triton-instances", triton_instances), ("--triton-max-batch", triton_max_batch),
-                        ("--triton-steps", triton_steps)):
+                        ("--triton-steps", triton_steps), ("--triton-queue", triton_queue)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, found {value}")
     if triton_repo is None and (triton_kind is not None or triton_max_batch is not None or triton_instances != 1
-                                or triton_steps is not None or triton_scheduler is not None):
-        raise ConfigError("--triton-kind/--triton-instances/--triton-max-batch/--triton-steps/--triton-scheduler "
-                          "describe a Triton repository; add --triton-repo DIR")
+                                or triton_steps is not None or triton_scheduler is not None
+                                or triton_queue is not None or triton_batching is not None):
+        raise ConfigError("--triton-kind/--triton-instances/--triton-max-batch/--triton-steps/--triton-scheduler/"
+                          "--triton-batching/--triton-queue describe a Triton repository; add --triton-repo DIR")
+    from ddpm_deploy.runtime.serve.repository import DEFAULT_BATCHING
+
+    triton_batching = triton_batching or DEFAULT_BATCHING
+    if triton_queue is not None and triton_batching != "step":
+        raise ConfigError("--triton-queue bounds the step-level model's wait queue; it needs --triton-batching step")
     if diffusers_scheduler is not None and diffusers_out is None:
         raise ConfigError("--diffusers-scheduler names the scheduler of a diffusers folder; add --diffusers-out DIR")
     if checkpoint is not None and (onnx_in is not None or from_diffusers is not None):
@@ -292,7 +308,8 @@ def main(run_dir, out, raw, checkpoint, diffusers_out, diffusers_scheduler, from
 
             triton_scheduler = json.dumps(read_config_file(triton_scheduler))  # the config, not a path
         triton = dict(repo=triton_repo, kind=triton_kind, instances=triton_instances, max_batch=triton_max_batch,
-                      steps=triton_steps, scheduler=triton_scheduler, overwrite=overwrite)
+                      steps=triton_steps, scheduler=triton_scheduler, overwrite=overwrite, batching=triton_batching,
+                      queue=triton_queue)
     if run_dir is not None and Path(run_dir).suffix.lower() in (".onnx", ".plan", ".engine", ".trt"):
         if triton_repo is None:
             raise ConfigError(f"{run_dir} is a model file: give --triton-repo DIR to write a Triton repository for it, "
@@ -480,16 +497,21 @@ def _export(run_dir, out, raw, from_diffusers, onnx_in, precision, int8, calib_d
 
 
 def _write_triton(model: Path, repo: Path, kind: str | None, instances: int, max_batch: int | None,
-                  steps: int | None = None, scheduler: str | None = None, overwrite: bool = False) -> None:
+                  steps: int | None = None, scheduler: str | None = None, overwrite: bool = False,
+                  batching: str | None = None, queue: int | None = None) -> None:
     """The Triton model repository for ``model`` (runtime.serve.repository; no torch)."""
-    from ddpm_deploy.runtime.serve.repository import RepoSettings, write_repository
+    from ddpm_deploy.runtime.serve.repository import DEFAULT_BATCHING, DEFAULT_QUEUE, RepoSettings, write_repository
+
+    batching = batching or DEFAULT_BATCHING
 
     plan = model.suffix.lower() in (".plan", ".engine", ".trt")
     write_repository(model, repo, RepoSettings(instances=instances, kind=kind or ("gpu" if plan else "cpu"),
-                                               max_batch=max_batch, default_steps=steps, default_scheduler=scheduler),
+                                               max_batch=max_batch, default_steps=steps, default_scheduler=scheduler,
+                                               batching=batching, queue_size=DEFAULT_QUEUE if queue is None else queue),
                      overwrite=overwrite)
+    stream = " and ddpm_stream (config.pbtxt, 1/model.py: step-level batching)" if batching == "step" else ""
     click.echo(f"wrote Triton model repository {repo}: ddpm (config.pbtxt, the model clients call) and ddpm_sampler "
-               f"(config.pbtxt, 1/model.py, 1/{model.name}); serve it with ddpm-run serve --repo {repo}")
+               f"(config.pbtxt, 1/model.py, 1/{model.name}){stream}; serve it with ddpm-run serve --repo {repo}")
 
 
 if __name__ == "__main__":

@@ -399,6 +399,11 @@ class DeviceLoop(Loop):
         if not self.closed:
             self.active.upload(self.h_active, self.gpu.stream)
 
+    def drop(self, slots) -> None:
+        self.h_active[np.asarray(slots, dtype=np.int64)] = 0
+        if not self.closed:
+            self.active.upload(self.h_active, self.gpu.stream)
+
     def plans_held(self) -> int:
         return len(self.plans.plans)
 

@@ -71,6 +71,10 @@ class Loop:
         """Free every slot (images in flight are dropped)."""
         raise NotImplementedError
 
+    def drop(self, slots) -> None:
+        """Free ``slots`` whatever their images' state (a step-level server drops a cancelled request's images)."""
+        raise NotImplementedError
+
     def plans_held(self) -> int:
         """Plans in the loop's table (each admitted plan is added once)."""
         raise NotImplementedError

@@ -96,6 +96,9 @@ class HostLoop(Loop):
     def clear(self) -> None:
         self.slots.free(np.arange(self.capacity))
 
+    def drop(self, slots) -> None:
+        self.slots.free(np.asarray(slots, dtype=np.int64))
+
     def plans_held(self) -> int:
         return len(self.slots.plans.plans)
 

@@ -18,7 +18,21 @@ from ..errors import ConfigError
 
 
 INTERFACE = """\b
-    The model clients call is `ddpm` (an ensemble over `ddpm_sampler`, the Python-backend model that samples).
+    Two models, two ways to batch (the repository's --triton-batching; --batching here):
+      ddpm_stream  step-level batching (written with --triton-batching step, the default): its loop admits
+                   requests into free slots at every ε call, so a short request is not held by long ones and
+                   a new one starts at the next step. Decoupled: reached by gRPC streaming (tritonclient
+                   start_stream/async_stream_infer) and HTTP POST /v2/models/ddpm_stream/generate (JSON
+                   {"seed": 5, "index": 3, "steps": 50}; generate_stream for several indices), not by the plain
+                   infer endpoint. Inputs seed UINT64 [k], index INT64 [k], steps INT32 [1], scheduler UINT8 [n]
+                   (UTF-8); one response per image: image UINT8 [1, H, W, C], index INT64 [1]. Past its wait
+                   queue (--queue-size) a request is refused at once: "the server is busy" (gRPC UNAVAILABLE);
+                   a cancelled request frees its slots at the next step. `ddpm-run request` uses it.
+      ddpm         request-level batching (Triton's dynamic batcher; always there): for clients of the plain
+                   HTTP/gRPC infer endpoint (POST /v2/models/ddpm/infer).
+    Which when: ddpm_stream where requests differ in steps or arrive while others sample (latency); ddpm for
+    plain infer clients and for uniform batch jobs (docs/scaling.md, "Step-level batching").
+    `ddpm` is an ensemble over `ddpm_sampler`, the Python-backend model that samples.
     Its inputs, as its metadata shows them (-1: the request's batch k, 1 <= k <= the max batch):
       seed       UINT64 [-1, 1]     required
       index      INT64  [-1, 1]     required, 0 <= index <= 4294967295
@@ -60,10 +74,16 @@ INTERFACE = """\b
                    "scheduler_config.json (its content goes into the repository). Default: the --repo's.")
 @click.option("--steps", type=int, default=None,
               help="The default ε calls for requests without steps (default: T for ddpm, else 20, or the --repo's).")
+@click.option("--batching", type=click.Choice(["step", "request"]), default=None,
+              help="step: serve ddpm_stream (step-level batching) beside ddpm; request: ddpm only. Default: step, or "
+                   "the --repo's (a repository written with --triton-batching request has no ddpm_stream).")
+@click.option("--queue-size", type=int, default=None,
+              help="Step-level: requests that may wait for a slot before the server answers 'busy'. Default: 64, or "
+                   "the --repo's.")
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @clean_errors
 def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, instances, kind, max_batch, threads,
-          ready_timeout, scheduler, steps, verbose):
+          ready_timeout, scheduler, steps, batching, queue_size, verbose):
     """Serve the model with Triton Inference Server until SIGINT, SIGTERM or SIGHUP.
 
     \b
@@ -86,7 +106,7 @@ def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, ins
 
     check_ports(host, dict(zip(PORT_FLAGS, (http_port, grpc_port, metrics_port))))  # before anything starts
     for flag, value, low in (("--instances", instances, 1), ("--max-batch", max_batch, 1), ("--threads", threads, 0),
-                             ("--steps", steps, 1)):
+                             ("--steps", steps, 1), ("--queue-size", queue_size, 1)):
         if value is not None and value < low:
             raise ConfigError(f"{flag} must be >= {low}, found {value}")
     if not ready_timeout > 0:
@@ -103,9 +123,15 @@ def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, ins
             if onnx_path is not None and engine is not None:
                 raise ConfigError("give either --onnx or --engine, not both")
             model = Path(engine or onnx_path or latest_run() / "export" / "model.onnx")
+            from .repository import DEFAULT_BATCHING, DEFAULT_QUEUE
+
+            if queue_size is not None and batching == "request":
+                raise ConfigError("--queue-size bounds the step-level model's wait queue; it needs --batching step")
             served = write_repository(model, tmp, RepoSettings(
                 instances=instances or 1, kind=kind or ("gpu" if engine else "cpu"), max_batch=max_batch,
-                threads=threads or 0, default_scheduler=scheduler, default_steps=steps), command="ddpm-run serve")
+                threads=threads or 0, default_scheduler=scheduler, default_steps=steps,
+                batching=batching or DEFAULT_BATCHING, queue_size=DEFAULT_QUEUE if queue_size is None else queue_size),
+                command="ddpm-run serve")
         else:
             if onnx_path is not None or engine is not None:
                 raise ConfigError("--repo serves the model of the repository; --onnx/--engine write a new one: give "
@@ -116,9 +142,9 @@ def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, ins
                 raise ConfigError(f"--repo {repo}: expected a Triton model repository with {MODEL_NAME}/config.pbtxt, "
                                   f"found {'no folder' if not repo.exists() else 'none'}; write one with ddpm-export "
                                   f"--triton-repo {repo}")
-            given = (instances, max_batch, kind, threads, steps, scheduler)
-            served = serving_copy(repo, Path(tmp) / "repo", instances, max_batch, kind, threads, steps, scheduler) \
-                if any(v is not None for v in given) else repo
+            given = (instances, max_batch, kind, threads, steps, scheduler, batching, queue_size)
+            served = serving_copy(repo, Path(tmp) / "repo", instances, max_batch, kind, threads, steps, scheduler,
+                                  batching, queue_size) if any(v is not None for v in given) else repo
         _serve(served, repo or served, tmp, http_port, grpc_port, metrics_port, host, ready_timeout)
     finally:
         import shutil
@@ -142,7 +168,8 @@ def _serve(served, shown, tmp, http_port, grpc_port, metrics_port, host, ready_t
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         server.start(timeout=ready_timeout)
-        click.echo(f"serving model ddpm from {shown}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+        stream = f" (and {server.models[1]}: step-level batching)" if len(server.models) > 1 else ""
+        click.echo(f"serving model {server.models[0]}{stream} from {shown}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
                    f"metrics {server.host}:{server.metrics_port} (tritonserver pid {server.proc.pid}); "
                    f"Ctrl-C stops it", err=True)
         while stop["signal"] is None:
@@ -170,17 +197,22 @@ def _serve(served, shown, tmp, http_port, grpc_port, metrics_port, host, ready_t
               help="ddpm, ddim, dpmsolver++, sde-dpmsolver++, unipc, or JSON ({\"scheduler\": \"ddim\", \"options\": "
                    "{\"eta\": 0.5}} or a diffusers scheduler config). Default: the server's.")
 @click.option("--concurrency", "-c", type=int, default=4, help="Requests in flight at once.")
+@click.option("--batching", type=click.Choice(["step", "request"]), default=None,
+              help="step: the step-level model ddpm_stream (gRPC: a stream; HTTP: the generate endpoint); request: "
+                   "ddpm through the plain infer endpoint. Default: step if the server serves ddpm_stream.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("served"),
               help="Output directory (grid.png, images/, samples.npz, run.json).")
 @click.option("--no-pngs", is_flag=True, help="Skip images/NNNNNN.png.")
 @click.option("--overwrite", is_flag=True, help="Replace the samples already in --out (otherwise refused).")
 @clean_errors
-def request(url, protocol, seed, start_index, num, steps, scheduler, concurrency, out, no_pngs, overwrite):
+def request(url, protocol, seed, start_index, num, steps, scheduler, concurrency, batching, out, no_pngs, overwrite):
     """Fetch images from a served model (tritonclient) and write the usual sample outputs.
 
-    One request per image, NUM requests for indices INDEX … INDEX+NUM-1, CONCURRENCY at a time: each sends
-    seed UINT64 [1, 1], index INT64 [1, 1], and steps INT32 [1, 1] / scheduler UINT8 [1, 1024] when given (see
-    `ddpm-run serve --help` for the model's interface). A request the server refuses (steps out of range, an
+    One request per image, NUM requests for indices INDEX … INDEX+NUM-1, CONCURRENCY at a time. To a server that
+    serves ddpm_stream (step-level batching, the default) each goes over a gRPC stream or HTTP's generate
+    endpoint; to ddpm (--batching request, or a repository without ddpm_stream) through the plain infer endpoint
+    (seed UINT64 [1, 1], index INT64 [1, 1], steps INT32 [1, 1] / scheduler UINT8 [1, 1024] when given). See
+    `ddpm-run serve --help` for the models' interfaces and which to use when. A request the server refuses (steps out of range, an
     unknown scheduler) ends the command with one error line and writes nothing.
     """
     from .client import TritonImages
@@ -211,7 +243,7 @@ def request(url, protocol, seed, start_index, num, steps, scheduler, concurrency
     if held and not overwrite:
         raise ConfigError(f"{out} already holds samples ({', '.join(held)}); replace them with --overwrite or choose "
                           f"another --out")
-    with TritonImages(url, protocol) as client:
+    with TritonImages(url, protocol, batching=batching) as client:
         params = client.parameters()
         got = client.fetch(seed, range(start_index, start_index + num), steps=steps, concurrency=concurrency,
                            scheduler=scheduler)
@@ -251,7 +283,7 @@ def _write_served(out, num, c, h, w, no_pngs, got, params, client, seed, start_i
         backend=f"triton-{client.protocol}", runner="tritonclient", loop="served", precision=params.get("precision", "?"),
         model=f"{client.protocol}://{client.url}/{params.get('artifact', '')}", diffusion=diffusion_of(params),
         total_seconds=got.seconds, images_per_second=num / got.seconds,
-        timings={"requests": num, "concurrency": concurrency, "latency_ms_p50": float(np.percentile(lat, 50)),
+        timings={"requests": num, "concurrency": concurrency, "batching": client.batching, "latency_ms_p50": float(np.percentile(lat, 50)),
                  "latency_ms_p99": float(np.percentile(lat, 99))},
         host={"machine": platform.machine(), "python": platform.python_version()},
         model_sha256=params.get("model_sha256") or None))

@@ -9,6 +9,17 @@ and ``ddpm_sampler``, the Python-backend model behind it:
     REPO/ddpm_sampler/config.pbtxt      Python backend; dynamic batching; instance_group; parameters
     REPO/ddpm_sampler/1/model.py        runtime/serve/triton_model.py (loads the artifact through our runtime)
     REPO/ddpm_sampler/1/model.onnx      the ε model travels in the repository (or model.plan + model.plan.json)
+    REPO/ddpm_stream/config.pbtxt       step-level batching (``batching="step"``): Python backend in decoupled mode,
+                                        inputs seed UINT64 [-1], index INT64 [-1], optional steps INT32 [-1] and
+                                        scheduler UINT8 [-1] (UTF-8); one response per image: image UINT8
+                                        [1, H, W, C] and index INT64 [1]; parameters slots and queue_size
+    REPO/ddpm_stream/1/model.py         the same model.py (it reads the decoupled policy); the artifact is
+                                        ddpm_sampler's (parameter artifact ../../ddpm_sampler/1/model.onnx)
+
+Two ways to batch (``RepoSettings.batching``): "request" writes ``ddpm`` + ``ddpm_sampler`` (Triton's dynamic batcher
+batches whole requests); "step" adds ``ddpm_stream``, whose loop admits requests into free slots at every step.
+A decoupled model is reached only by gRPC streaming and HTTP's generate / generate_stream endpoints (Triton's plain
+infer endpoint refuses decoupled models), so ``ddpm`` stays beside it for plain HTTP/gRPC infer clients.
 
 Why an ensemble: Triton's Python backend reports every request of an ``execute`` call as a success, including
 those it answers with an error, so a bad request would count in ``nv_inference_request_success``. The ensemble
@@ -37,6 +48,10 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "ddpm"              # what clients call (an ensemble)
 SAMPLER_NAME = "ddpm_sampler"    # the Python-backend model that samples
+STREAM_NAME = "ddpm_stream"      # the step-level model (decoupled: gRPC streaming, HTTP generate)
+BATCHING = ("step", "request")
+DEFAULT_BATCHING = "step"       # see docs/scaling.md, "Step-level batching"
+DEFAULT_QUEUE = 64              # step-level: requests that wait for a slot before the server answers "busy"
 VERSION = "1"
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 DEFAULT_MAX_BATCH = 16          # ONNX models; a plan's default is its profile's max batch
@@ -61,8 +76,14 @@ class RepoSettings:
     threads: int = 0                       # ONNX Runtime threads per instance; 0: the cores / instances
     default_steps: int | None = None       # steps when a request has none; None: all T (DDPM), else 20
     default_scheduler: str | None = None   # scheduler when a request has none (a name or JSON); None: ddpm
+    batching: str = DEFAULT_BATCHING       # step: add ddpm_stream (step-level); request: ddpm only
+    queue_size: int = DEFAULT_QUEUE        # step-level: the wait queue's bound (past it: "busy")
 
     def __post_init__(self):
+        if self.batching not in BATCHING:
+            raise ConfigError(f"batching must be one of {list(BATCHING)}, found {self.batching!r}")
+        if self.queue_size < 1:
+            raise ConfigError(f"the queue size must be >= 1, found {self.queue_size}")
         if self.instances < 1:
             raise ConfigError(f"instances must be >= 1, found {self.instances}")
         if self.kind not in KINDS:
@@ -110,7 +131,7 @@ def _params(card, precision: str, artifact: str, settings: RepoSettings, sha256:
             "default_scheduler": settings.default_scheduler or "", "num_timesteps": str(card.diffusion.num_timesteps),
             "precision": precision, "model_sha256": sha256, "value_range": ",".join(map(str, card.data.value_range)),
             "diffusion": json.dumps(card.diffusion.to_dict(), sort_keys=True),
-            "image_shape": f"{s},{s},{c}"}
+            "image_shape": f"{s},{s},{c}", "batching": settings.batching}
 
 
 def _io_lines(card) -> list[str]:
@@ -147,6 +168,33 @@ def config_pbtxt(card, precision: str, artifact: str, settings: RepoSettings, ma
     return "\n".join(lines + _param_lines(_params(card, precision, artifact, settings, sha256))) + "\n"
 
 
+def stream_pbtxt(card, precision: str, artifact: str, settings: RepoSettings, max_batch: int, sha256: str) -> str:
+    """The step-level model's config (``ddpm_stream``: Python backend, decoupled, no dynamic batcher: its own loop
+    of ``max_batch`` slots batches the images)."""
+    c, s = card.data.channels, card.data.image_size
+    params = {**_params(card, precision, f"../../{SAMPLER_NAME}/{VERSION}/{artifact}", settings, sha256),
+              "slots": str(max_batch), "queue_size": str(settings.queue_size)}
+    lines = [
+        f'name: "{STREAM_NAME}"',
+        'backend: "python"',
+        "max_batch_size: 0",
+        f"version_policy: {{ specific {{ versions: [ {VERSION} ] }} }}",
+        "model_transaction_policy { decoupled: true }",
+        "input [",
+        '  { name: "seed" data_type: TYPE_UINT64 dims: [ -1 ] },',
+        '  { name: "index" data_type: TYPE_INT64 dims: [ -1 ] },',
+        '  { name: "steps" data_type: TYPE_INT32 dims: [ -1 ] optional: true },',
+        '  { name: "scheduler" data_type: TYPE_UINT8 dims: [ -1 ] optional: true }',
+        "]",
+        "output [",
+        f'  {{ name: "image" data_type: TYPE_UINT8 dims: [ -1, {s}, {s}, {c} ] }},',
+        '  { name: "index" data_type: TYPE_INT64 dims: [ -1 ] }',
+        "]",
+        f"instance_group [ {{ count: {settings.instances} kind: {KINDS[settings.kind]} }} ]",
+    ]
+    return "\n".join(lines + _param_lines(params)) + "\n"
+
+
 def ensemble_pbtxt(card, precision: str, artifact: str, settings: RepoSettings, max_batch: int, sha256: str) -> str:
     """The config of ``ddpm``, the model clients call: an ensemble of one step, ``ddpm_sampler`` (see the module
     docstring: it makes a refused request a counted failure). It carries the same parameters, for clients."""
@@ -163,8 +211,11 @@ def ensemble_pbtxt(card, precision: str, artifact: str, settings: RepoSettings, 
     return "\n".join(lines + _param_lines(_params(card, precision, artifact, settings, sha256))) + "\n"
 
 
-def repository_files(repo: str | os.PathLike, model: str | os.PathLike) -> list[Path]:
-    """The files ``write_repository`` writes into ``repo`` for ``model`` (and only those are replaced)."""
+def repository_files(repo: str | os.PathLike, model: str | os.PathLike, batching: str = DEFAULT_BATCHING
+                     ) -> list[Path]:
+    """The files ``write_repository`` writes into ``repo`` for ``model`` (and only those are replaced): the ensemble's
+    and the sampler's configs, model.py, the artifact (+ a plan's sidecar), then with step-level batching the
+    stream model's config and model.py."""
     repo, model = Path(repo), Path(model)
     v = repo / SAMPLER_NAME / VERSION
     files = [repo / MODEL_NAME / "config.pbtxt", repo / SAMPLER_NAME / "config.pbtxt", v / "model.py", v / model.name]
@@ -172,6 +223,8 @@ def repository_files(repo: str | os.PathLike, model: str | os.PathLike) -> list[
         from ..plan import sidecar_path
 
         files.append(v / sidecar_path(model).name)
+    if batching == "step":
+        files += [repo / STREAM_NAME / "config.pbtxt", repo / STREAM_NAME / VERSION / "model.py"]
     return files
 
 
@@ -183,7 +236,7 @@ def check_target(repo: str | os.PathLike, overwrite: bool = False, command: str 
     if os.path.lexists(repo) and not repo.is_dir():
         raise ConfigError(f"{command} {repo}: expected a folder, found a file; choose another folder")
     if not overwrite:
-        refuse_existing(command, [repo / MODEL_NAME, repo / SAMPLER_NAME], "--overwrite",
+        refuse_existing(command, [repo / MODEL_NAME, repo / SAMPLER_NAME, repo / STREAM_NAME], "--overwrite",
                         "choose another folder (with --overwrite only config.pbtxt and the files of version 1 that "
                         "ddpm-export writes are replaced; other versions and files stay)")
 
@@ -204,10 +257,15 @@ def write_repository(model: str | os.PathLike, repo: str | os.PathLike, settings
                           f"--batch-max {max_batch} or serve with a max batch <= {plan_max}")
     check_defaults(card.diffusion, settings.default_scheduler, settings.default_steps)
     sha = sha256_file(model)
-    targets = repository_files(repo, model)
-    ens_cfg, cfg, py, *artifacts = targets
+    targets = repository_files(repo, model, settings.batching)
+    stream = targets[-2:] if settings.batching == "step" else []
+    ens_cfg, cfg, py, *artifacts = targets[:len(targets) - len(stream)]
     try:
         with Outputs(command, targets, overwrite=True, hint="choose another folder") as out:
+            if stream:
+                out.stage(stream[0]).write_text(stream_pbtxt(card, precision, model.name, settings, max_batch, sha),
+                                                encoding="utf-8")
+                shutil.copyfile(TEMPLATE, out.stage(stream[1]))
             out.mkdir(repo / MODEL_NAME / VERSION)  # an ensemble's version folder holds nothing
             for src, dst in zip(files, artifacts):
                 shutil.copyfile(src, out.stage(dst))
@@ -219,8 +277,8 @@ def write_repository(model: str | os.PathLike, repo: str | os.PathLike, settings
     except OSError as e:
         raise ConfigError(f"cannot write the model repository {repo}: {e}; files that were there before are "
                           f"unchanged") from None
-    log.info("wrote Triton model repository %s (%s, max batch %d, %d x %s)", repo, model.name, max_batch,
-             settings.instances, KINDS[settings.kind])
+    log.info("wrote Triton model repository %s (%s, %s-level batching, max batch %d, %d x %s)", repo, model.name,
+             settings.batching, max_batch, settings.instances, KINDS[settings.kind])
     return repo
 
 
@@ -281,7 +339,8 @@ def _unlike_ours(path: Path, what: str) -> ConfigError:
 
 def serving_copy(repo: str | os.PathLike, dst: str | os.PathLike, instances: int | None = None,
                  max_batch: int | None = None, kind: str | None = None, threads: int | None = None,
-                 default_steps: int | None = None, default_scheduler: str | None = None) -> Path:
+                 default_steps: int | None = None, default_scheduler: str | None = None, batching: str | None = None,
+                 queue_size: int | None = None) -> Path:
     """A copy of ``repo`` in ``dst`` with the given settings applied (``ddpm-run serve --repo R --instances N …``):
     the configs are rewritten, every other file is linked, ``repo`` is not touched. Values are checked against the
     repository (steps and scheduler against its diffusion schedule, the max batch against a plan's profile)."""
@@ -290,7 +349,13 @@ def serving_copy(repo: str | os.PathLike, dst: str | os.PathLike, instances: int
     repo, dst = Path(repo), Path(dst)
     sampler = SAMPLER_NAME if (repo / SAMPLER_NAME / "config.pbtxt").is_file() else MODEL_NAME  # older repositories
     params = read_parameters(repo)
-    RepoSettings(instances=instances or 1, kind=kind or "cpu", max_batch=max_batch, threads=threads or 0)  # ranges
+    RepoSettings(instances=instances or 1, kind=kind or "cpu", max_batch=max_batch, threads=threads or 0,
+                 batching=batching or "request", queue_size=1 if queue_size is None else queue_size)  # ranges
+    has_stream = (repo / STREAM_NAME / "config.pbtxt").is_file()
+    if (batching == "step" or (batching is None and queue_size is not None)) and not has_stream:
+        raise ConfigError(f"{repo} has no step-level model ({STREAM_NAME}); write the repository again with "
+                          f"ddpm-export --triton-repo {repo} --triton-batching step --overwrite, or serve it with "
+                          f"--batching request")
     if default_steps is not None or default_scheduler is not None:
         from ..schedule import DiffusionConfig
 
@@ -315,7 +380,8 @@ def serving_copy(repo: str | os.PathLike, dst: str | os.PathLike, instances: int
             if max_batch > prof:
                 raise ConfigError(f"--max-batch {max_batch} exceeds the plan's profile max {prof}; rebuild the plan "
                                   f"with --batch-max {max_batch} or serve with --max-batch <= {prof}")
-    for name in dict.fromkeys([MODEL_NAME, sampler]):
+    step = has_stream and (batching or params.get("batching", "request")) == "step"
+    for name in dict.fromkeys([MODEL_NAME, sampler] + ([STREAM_NAME] if step else [])):
         src, out = repo / name, dst / name
         out.mkdir(parents=True)
         for entry in src.iterdir():
@@ -332,9 +398,15 @@ def serving_copy(repo: str | os.PathLike, dst: str | os.PathLike, instances: int
                 os.symlink(entry.resolve(), out / entry.name)
         path = src / "config.pbtxt"
         text = path.read_text(encoding="utf-8")
-        if max_batch is not None:
+        if max_batch is not None and name == STREAM_NAME:
+            text = _set_param(text, "slots", str(max_batch))
+        elif max_batch is not None:
             text = _sub_once(text, r"max_batch_size: \d+", f"max_batch_size: {max_batch}", path, "--max-batch")
-        if name == sampler:
+        if name == STREAM_NAME and queue_size is not None:
+            text = _set_param(text, "queue_size", str(queue_size))
+        if name == MODEL_NAME and batching is not None:
+            text = _set_param(text, "batching", "step" if step else "request")
+        if name in (sampler, STREAM_NAME):
             if instances is not None or kind is not None:
                 m = re.search(r"instance_group \[ \{ count: (\d+) kind: (KIND_\w+) \} \]", text)
                 if m is None:

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from ..errors import ArtifactError, ConfigError, DDPMError, MissingDependencyError
 from ._watchdog import end_group, group_processes  # noqa: F401 - group_processes: for callers and tests
-from .repository import MODEL_NAME
+from .repository import MODEL_NAME, STREAM_NAME, read_parameters
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,18 @@ def site_packages() -> list[str]:
     return [d for d in [*dirs, user] if d and Path(d).is_dir()]
 
 
-def server_env(install: TritonInstall) -> dict[str, str]:
-    env = dict(os.environ)
+RECORD_ENV = "DDPM_SERVE_STEP_RECORD"  # read by triton_model.py (the step-level model's record of its ε calls)
+STOP_ENV = "DDPM_SERVE_STOP_FILE"      # read by triton_model.py: when this file exists, the step-level model stops
+STOP_FILE = "stop"
+
+
+def server_env(install: TritonInstall, step_record: str | None = None, stop_file: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)  # a DDPM_SERVE_STEP_RECORD of the caller's environment reaches the model as well
+    env.pop(STOP_ENV, None)
+    if step_record:
+        env[RECORD_ENV] = step_record
+    if stop_file:
+        env[STOP_ENV] = stop_file
     ld = [sysconfig.get_config_var("LIBDIR") or ""]
     if install.libs is not None:
         ld.append(str(install.libs))
@@ -223,14 +233,20 @@ class TritonServer:
     def __init__(self, repo: str | os.PathLike, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, log_file: str | os.PathLike | None = None,
                  exit_on_error: bool = True, extra_args: tuple[str, ...] = (), host: str = LOOPBACK,
-                 exit_timeout: int = EXIT_TIMEOUT_S, remove_on_exit: tuple[str | os.PathLike, ...] = ()):
+                 exit_timeout: int = EXIT_TIMEOUT_S, remove_on_exit: tuple[str | os.PathLike, ...] = (),
+                 step_record: str | os.PathLike | None = None):
         """``remove_on_exit``: temporary folders of the caller (a repository written for this server) removed with
-        the server's own, by ``stop`` or, if the caller dies, by the watchdog."""
+        the server's own, by ``stop`` or, if the caller dies, by the watchdog. ``step_record``: a file where the
+        step-level model writes one JSON line per ε call (the timestep and request of every image in it)."""
+        self.step_record = str(Path(step_record).resolve()) if step_record else None
         self.repo = Path(repo)
         if not (self.repo / MODEL_NAME / "config.pbtxt").is_file():
             raise ArtifactError(f"{self.repo}: expected a Triton model repository with {MODEL_NAME}/config.pbtxt; "
                                 f"write one with ddpm-export --triton-repo DIR")
         self.host = host
+        step = read_parameters(self.repo).get("batching") == "step" and \
+            (self.repo / STREAM_NAME / "config.pbtxt").is_file()
+        self.models = [MODEL_NAME, STREAM_NAME] if step else [MODEL_NAME]  # what the server loads and serves
         check_ports(host, {f: p or 0 for f, p in zip(PORT_FLAGS, (http_port, grpc_port, metrics_port))})
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
@@ -281,7 +297,7 @@ class TritonServer:
                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
                "--allow-gpu-metrics=false", "--allow-cpu-metrics=false",
-               "--model-control-mode=explicit", f"--load-model={MODEL_NAME}",
+               "--model-control-mode=explicit", *[f"--load-model={m}" for m in self.models],
                f"--exit-on-error={'true' if self.exit_on_error else 'false'}", "--strict-readiness=true",
                f"--exit-timeout-secs={self.exit_timeout}", "--log-verbose=0"]
         bk = self._backend_dir()
@@ -296,7 +312,7 @@ class TritonServer:
         wd = self._workdir()
         self._start_watchdog()
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=server_env(self.install), start_new_session=True, cwd=wd,
+                                     env=server_env(self.install, self.step_record, str(Path(self._tmp.name) / STOP_FILE)), start_new_session=True, cwd=wd,
                                      preexec_fn=_set_parent_death_signal(os.getpid()))
         self._tell_watchdog(f"pgid {self.proc.pid}")
         try:
@@ -364,11 +380,11 @@ class TritonServer:
             if self.proc.poll() is not None:
                 raise ServerError(f"tritonserver exited with status {self.proc.returncode} before the model was "
                                   f"ready:\n{self.log_tail()}")
-            if self._get(f"/v2/models/{MODEL_NAME}/ready") == 200:
+            if all(self._get(f"/v2/models/{m}/ready") == 200 for m in self.models):
                 self._check_owns_ports()
                 return
             time.sleep(0.2)
-        raise ServerError(f"tritonserver did not make model {MODEL_NAME!r} ready within {timeout:.0f}s:\n"
+        raise ServerError(f"tritonserver did not make models {self.models} ready within {timeout:.0f}s:\n"
                           f"{self.log_tail()}")
 
     def log_tail(self, lines: int = 25) -> str:
@@ -395,6 +411,8 @@ class TritonServer:
             return None
         timeout = self.exit_timeout + 20 if timeout is None else timeout
         rc = self.proc.poll()
+        if rc is None and STREAM_NAME in self.models:
+            self._stop_stream(timeout)
         if rc is None:
             try:
                 self.proc.send_signal(signal.SIGTERM)
@@ -407,6 +425,17 @@ class TritonServer:
         self._cleanup_dirs()
         self._release_watchdog()
         return rc
+
+    def _stop_stream(self, timeout: float) -> None:
+        """Tell the step-level model to stop (it watches ``stop_file``): it fails every request still queued or
+        sampling with "the server is shutting down" and answers by creating ``stop_file.done``; then the server gets
+        SIGTERM. (SIGTERM alone would not do it: Triton counts no decoupled request as in flight once ``execute``
+        has returned, and an unload waits for every request to finish.)"""
+        stop = Path(self._tmp.name) / STOP_FILE
+        stop.touch()
+        deadline = time.monotonic() + min(timeout, 10.0)
+        while time.monotonic() < deadline and not stop.with_suffix(".done").exists() and self.proc.poll() is None:
+            time.sleep(0.02)
 
     def _cleanup_dirs(self) -> None:
         self._tmp.cleanup()

@@ -71,6 +71,7 @@ def _w(tmp_path: Path, model: Path, good_repo: Path) -> Path:
     (w / "afile").write_text("not a folder")
     (w / "bare.plan").write_bytes(b"ftrt" + os.urandom(200))
     shutil.copytree(good_repo, w / "repo")
+    shutil.copytree(good_repo, w / "reqrepo", ignore=shutil.ignore_patterns("ddpm_stream"))  # request-level only
     shutil.copytree(good_repo, w / "edited")
     cfg = _sampler(w / "edited") / "config.pbtxt"
     cfg.write_text("\n".join(ln for ln in cfg.read_text().splitlines() if not ln.startswith("instance_group")) + "\n")
@@ -131,6 +132,12 @@ SERVE = {
     "steps-out-of-range": (["--onnx", "{model}", "--steps", "5000"], "5000"),
     "unknown-scheduler": (["--onnx", "{model}", "--scheduler", "euler"], "euler"),
     "scheduler-file-not-a-scheduler": (["--onnx", "{model}", "--scheduler", "{w}/sched.json"], "sched"),
+    "queue-size-zero": (["--onnx", "{model}", "--queue-size", "0"], "--queue-size"),
+    "queue-size-with-request-batching": (["--onnx", "{model}", "--batching", "request", "--queue-size", "4"],
+                                         "--queue-size"),
+    "batching-not-a-mode": (["--onnx", "{model}", "--batching", "token"], "--batching"),
+    "repo-without-step-model-batching-step": (["--repo", "{w}/reqrepo", "--batching", "step"], "ddpm_stream"),
+    "repo-without-step-model-queue-size": (["--repo", "{w}/reqrepo", "--queue-size", "4"], "ddpm_stream"),
     "ready-timeout-zero": (["--onnx", "{model}", "--ready-timeout", "0"], "--ready-timeout"),
     "ready-timeout-negative": (["--onnx", "{model}", "--ready-timeout", "-1"], "--ready-timeout"),
 }
@@ -292,6 +299,12 @@ EXPORT = {
     "instances-zero": (["--triton-repo", "{w}/new/r", "--triton-instances", "0"], "--triton-instances"),
     "max-batch-zero": (["--triton-repo", "{w}/new/r", "--triton-max-batch", "0"], "--triton-max-batch"),
     "steps-without-repo": (["--triton-steps", "10"], "--triton-repo"),
+    "queue-without-repo": (["--triton-queue", "4"], "--triton-repo"),
+    "batching-without-repo": (["--triton-batching", "request"], "--triton-repo"),
+    "queue-zero": (["--triton-repo", "{w}/new/r", "--triton-queue", "0"], "--triton-queue"),
+    "queue-with-request-batching": (["--triton-repo", "{w}/new/r", "--triton-batching", "request", "--triton-queue",
+                                     "4"], "--triton-queue"),
+    "batching-not-a-mode": (["--triton-repo", "{w}/new/r", "--triton-batching", "token"], "--triton-batching"),
     "scheduler-without-repo": (["--triton-scheduler", "ddim"], "--triton-repo"),
     "plan-on-cpu": (["{w}/bare.plan", "--triton-repo", "{w}/new/r", "--triton-kind", "cpu"], "GPU"),
     "garbage-onnx": (["{w}/garbage.onnx", "--triton-repo", "{w}/new/r"], "garbage.onnx"),

@@ -277,6 +277,33 @@ def test_a_batch_of_images_with_their_own_plans_and_seeds(gpu, sim, graph):
         assert_close(f"slot {slot} ({plans[slot].scheduler})", got[slot], want, L4_STEP_RTOL)
 
 
+def test_a_dropped_image_frees_its_slot_for_the_next_request(gpu, sim):
+    """What a step-level server does with a cancelled request (``Loop.drop``): the slot is free at once, a new image
+    admitted there starts fresh, and the image beside it is not disturbed."""
+    from ddpm_deploy.runtime.device.loop import DeviceLoop
+    from hostsim import LinearEpsBackend
+
+    shape, cfg = (1, 4, 4), DiffusionConfig()
+    long, short, other = plan_for(cfg, "ddpm", 50), plan_for(cfg, "ddim", 6), plan_for(cfg, "unipc", 5)
+    backend = LinearEpsBackend(gpu, shape)
+    got = {}
+    with DeviceLoop(backend, shape, 2, gpu) as loop:
+        loop.admit([0], long, 1, [0])
+        loop.admit([1], other, 2, [3])
+        loop.step()
+        loop.step()
+        loop.drop([0])  # cancelled after 2 of 50 steps
+        assert loop.occupied() == 1
+        loop.admit([0], short, 1, [4])
+        while len(got) < 2:
+            for slot in loop.step():
+                got[slot] = loop.take([slot])[0]
+
+    assert_close("the image admitted into the freed slot", got[0], host_sample(backend, short, shape, 1, [4])[0],
+                 L4_STEP_RTOL)
+    assert_close("the image beside it", got[1], host_sample(backend, other, shape, 2, [3])[0], L4_STEP_RTOL)
+
+
 def test_device_loop_is_batch_invariant_and_recaptures_per_batch_size(gpu, sim):
     sched, shape = plan_for(DiffusionConfig(), "ddpm", 10), (1, 4, 4)
     _, sampler = _sampler(gpu, sched, shape, 6)

@@ -62,9 +62,10 @@ def assert_no_process_left(server: TritonServer):
 
 @pytest.fixture(scope="module")
 def repo(random_micro_onnx, tmp_path_factory):
-    # a 50 ms batching window: concurrent requests of a 2-core CI machine reliably meet in one batch
+    # a 50 ms batching window: concurrent requests of a 2-core CI machine reliably meet in one batch; request-level
+    # batching (ddpm only: these tests are about Triton's dynamic batcher; test_serve_step.py tests ddpm_stream)
     return write_repository(random_micro_onnx, tmp_path_factory.mktemp("triton") / "repo",
-                            RepoSettings(max_batch=8, queue_delay_us=50_000, threads=1))
+                            RepoSettings(max_batch=8, queue_delay_us=50_000, threads=1, batching="request"))
 
 
 @pytest.fixture(scope="module")
