@@ -227,6 +227,10 @@ class _ProgressBar:
                    "free slots at every ε call; reached by gRPC streaming and HTTP's generate endpoints: `ddpm-run "
                    "request` uses it), beside ddpm for plain HTTP/gRPC infer clients. request: ddpm only (Triton's "
                    "dynamic batcher batches whole requests). docs/scaling.md says when each helps.")
+@click.option("--triton-precision", default=None, metavar="PRECISION|BANDS",
+              help="CPU serving precision (OpenVINO), as ddpm-run sample's --precision/--precision-bands: bf16, int8, "
+                   "int8-bf16, auto, or bands such as bf16:0-99,int8-bf16:100-999; the int8 model beside the ONNX goes "
+                   "into the repository. Default: fp32 on ONNX Runtime.")
 @click.option("--triton-queue", type=int, default=None,
               help="Step-level: requests that may wait for a slot; past it a request is refused at once with "
                    "'the server is busy' (gRPC UNAVAILABLE). Default: 64.")
@@ -242,7 +246,7 @@ class _ProgressBar:
 def main(run_dir, out, raw, checkpoint, diffusers_out, diffusers_scheduler, from_diffusers, onnx_in, fp16, precision, int8, calib_dataset, engine, engine_out, adopt_plan,
          trt_flavour, batch_min, batch_opt, batch_max, workspace_mb, opt_level, timing_cache, version_compatible, tf32,
          compute_capability, triton_repo, triton_kind, triton_instances, triton_max_batch, triton_steps,
-         triton_scheduler, triton_batching, triton_queue, overwrite, no_progress, verbose):
+         triton_scheduler, triton_batching, triton_queue, triton_precision, overwrite, no_progress, verbose):
     """Export a trained run to ONNX, and optionally to fp16 mixed precision and a TensorRT engine.
 
     \b
@@ -276,9 +280,11 @@ def main(run_dir, out, raw, checkpoint, diffusers_out, diffusers_scheduler, from
             raise ConfigError(f"{flag} must be >= 1, found {value}")
     if triton_repo is None and (triton_kind is not None or triton_max_batch is not None or triton_instances != 1
                                 or triton_steps is not None or triton_scheduler is not None
-                                or triton_queue is not None or triton_batching is not None):
+                                or triton_queue is not None or triton_batching is not None
+                                or triton_precision is not None):
         raise ConfigError("--triton-kind/--triton-instances/--triton-max-batch/--triton-steps/--triton-scheduler/"
-                          "--triton-batching/--triton-queue describe a Triton repository; add --triton-repo DIR")
+                          "--triton-batching/--triton-queue/--triton-precision describe a Triton repository; add "
+                          "--triton-repo DIR")
     from ddpm_deploy.runtime.serve.repository import DEFAULT_BATCHING
 
     triton_batching = triton_batching or DEFAULT_BATCHING
@@ -309,7 +315,13 @@ def main(run_dir, out, raw, checkpoint, diffusers_out, diffusers_scheduler, from
             triton_scheduler = json.dumps(read_config_file(triton_scheduler))  # the config, not a path
         triton = dict(repo=triton_repo, kind=triton_kind, instances=triton_instances, max_batch=triton_max_batch,
                       steps=triton_steps, scheduler=triton_scheduler, overwrite=overwrite, batching=triton_batching,
-                      queue=triton_queue)
+                      queue=triton_queue, precision=triton_precision or "fp32")
+        from ddpm_deploy.runtime.serve.repository import RepoSettings
+
+        try:  # the precision's form and kind now, before any work
+            RepoSettings(kind=triton_kind or "cpu", precision=triton.get("precision"))
+        except ConfigError as e:
+            raise ConfigError(f"--triton-precision: {e}") from None
     if run_dir is not None and Path(run_dir).suffix.lower() in (".onnx", ".plan", ".engine", ".trt"):
         if triton_repo is None:
             raise ConfigError(f"{run_dir} is a model file: give --triton-repo DIR to write a Triton repository for it, "
@@ -498,7 +510,7 @@ def _export(run_dir, out, raw, from_diffusers, onnx_in, precision, int8, calib_d
 
 def _write_triton(model: Path, repo: Path, kind: str | None, instances: int, max_batch: int | None,
                   steps: int | None = None, scheduler: str | None = None, overwrite: bool = False,
-                  batching: str | None = None, queue: int | None = None) -> None:
+                  batching: str | None = None, queue: int | None = None, precision: str = "fp32") -> None:
     """The Triton model repository for ``model`` (runtime.serve.repository; no torch)."""
     from ddpm_deploy.runtime.serve.repository import DEFAULT_BATCHING, DEFAULT_QUEUE, RepoSettings, write_repository
 
@@ -507,7 +519,8 @@ def _write_triton(model: Path, repo: Path, kind: str | None, instances: int, max
     plan = model.suffix.lower() in (".plan", ".engine", ".trt")
     write_repository(model, repo, RepoSettings(instances=instances, kind=kind or ("gpu" if plan else "cpu"),
                                                max_batch=max_batch, default_steps=steps, default_scheduler=scheduler,
-                                               batching=batching, queue_size=DEFAULT_QUEUE if queue is None else queue),
+                                               batching=batching, queue_size=DEFAULT_QUEUE if queue is None else queue,
+                                               precision=precision),
                      overwrite=overwrite)
     stream = " and ddpm_stream (config.pbtxt, 1/model.py: step-level batching)" if batching == "step" else ""
     click.echo(f"wrote Triton model repository {repo}: ddpm (config.pbtxt, the model clients call) and ddpm_sampler "

@@ -80,10 +80,15 @@ INTERFACE = """\b
 @click.option("--queue-size", type=int, default=None,
               help="Step-level: requests that may wait for a slot before the server answers 'busy'. Default: 64, or "
                    "the --repo's.")
+@click.option("--precision", default=None, metavar="PRECISION|BANDS",
+              help="With --onnx on the CPU: OpenVINO bf16, int8, int8-bf16, auto, or precision bands such as "
+                   "bf16:0-99,int8-bf16:100-999 (as ddpm-run sample's --precision/--precision-bands; int8 needs the "
+                   "model.int8.xml beside the ONNX). Default: fp32 on ONNX Runtime. A --repo serves the precision "
+                   "it was written with (ddpm-export --triton-precision).")
 @click.option("-v", "--verbose", count=True, help="More logging.")
 @clean_errors
 def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, instances, kind, max_batch, threads,
-          ready_timeout, scheduler, steps, batching, queue_size, verbose):
+          ready_timeout, scheduler, steps, batching, queue_size, precision, verbose):
     """Serve the model with Triton Inference Server until SIGINT, SIGTERM or SIGHUP.
 
     \b
@@ -130,12 +135,15 @@ def serve(repo, onnx_path, engine, http_port, grpc_port, metrics_port, host, ins
             served = write_repository(model, tmp, RepoSettings(
                 instances=instances or 1, kind=kind or ("gpu" if engine else "cpu"), max_batch=max_batch,
                 threads=threads or 0, default_scheduler=scheduler, default_steps=steps,
-                batching=batching or DEFAULT_BATCHING, queue_size=DEFAULT_QUEUE if queue_size is None else queue_size),
-                command="ddpm-run serve")
+                batching=batching or DEFAULT_BATCHING, queue_size=DEFAULT_QUEUE if queue_size is None else queue_size,
+                precision=precision or "fp32"), command="ddpm-run serve")
         else:
             if onnx_path is not None or engine is not None:
                 raise ConfigError("--repo serves the model of the repository; --onnx/--engine write a new one: give "
                                   "one of them")
+            if precision is not None:
+                raise ConfigError(f"--precision applies to --onnx; --repo {repo} serves the precision it was written "
+                                  f"with (ddpm-export --triton-precision … --triton-repo {repo} --overwrite)")
             from .repository import MODEL_NAME
 
             if not (repo / MODEL_NAME / "config.pbtxt").is_file():

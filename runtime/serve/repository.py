@@ -78,8 +78,25 @@ class RepoSettings:
     default_scheduler: str | None = None   # scheduler when a request has none (a name or JSON); None: ddpm
     batching: str = DEFAULT_BATCHING       # step: add ddpm_stream (step-level); request: ddpm only
     queue_size: int = DEFAULT_QUEUE        # step-level: the wait queue's bound (past it: "busy")
+    precision: str = "fp32"                # CPU: fp32 (the file on ONNX Runtime), bf16, int8, int8-bf16, auto or
+    #                                        precision bands "bf16:0-99,int8-bf16:100-999" (OpenVINO), as sample
 
     def __post_init__(self):
+        if self.precision != "fp32":
+            from ..backends.base import PRECISIONS
+
+            if self.kind != "cpu":
+                raise ConfigError(f"precision {self.precision!r} runs OpenVINO on the CPU; it needs kind cpu")
+            if ":" in self.precision:
+                from ..backends.banded import parse_bands
+
+                import re
+
+                ends = [int(v) for v in re.findall(r"-(\d+)", self.precision)]
+                parse_bands(self.precision, max(ends, default=0) + 1)  # the form; against T in write_repository
+            elif self.precision not in PRECISIONS:
+                raise ConfigError(f"precision must be one of {list(PRECISIONS)} or precision bands "
+                                  f"(P:FIRST-LAST,...), found {self.precision!r}")
         if self.batching not in BATCHING:
             raise ConfigError(f"batching must be one of {list(BATCHING)}, found {self.batching!r}")
         if self.queue_size < 1:
@@ -129,9 +146,9 @@ def _params(card, precision: str, artifact: str, settings: RepoSettings, sha256:
     return {"artifact": artifact, "threads": str(settings.threads),
             "default_steps": str(settings.default_steps or ""),
             "default_scheduler": settings.default_scheduler or "", "num_timesteps": str(card.diffusion.num_timesteps),
-            "precision": precision, "model_sha256": sha256, "value_range": ",".join(map(str, card.data.value_range)),
+            "precision": precision if settings.precision == "fp32" else settings.precision, "model_sha256": sha256, "value_range": ",".join(map(str, card.data.value_range)),
             "diffusion": json.dumps(card.diffusion.to_dict(), sort_keys=True),
-            "image_shape": f"{s},{s},{c}", "batching": settings.batching}
+            "image_shape": f"{s},{s},{c}", "batching": settings.batching, "cpu_precision": settings.precision}
 
 
 def _io_lines(card) -> list[str]:
@@ -211,11 +228,30 @@ def ensemble_pbtxt(card, precision: str, artifact: str, settings: RepoSettings, 
     return "\n".join(lines + _param_lines(_params(card, precision, artifact, settings, sha256))) + "\n"
 
 
-def repository_files(repo: str | os.PathLike, model: str | os.PathLike, batching: str = DEFAULT_BATCHING
-                     ) -> list[Path]:
+def int8_files(model: str | os.PathLike, precision: str) -> list[Path]:
+    """The int8 model files beside ``model`` that serving at ``precision`` needs (they go into the repository beside
+    the ONNX): for int8, int8-bf16 and bands naming them, and for auto where they exist (auto may choose them)."""
+    from ..backends.base import INT8_MODEL, INT8_REPORT
+
+    model = Path(model)
+    xml = model.with_name(INT8_MODEL)
+    files = [xml, xml.with_suffix(".bin"), model.with_name(INT8_REPORT)]
+    if precision == "auto":
+        return files if all(f.is_file() for f in files) else []
+    if "int8" not in precision:
+        return []
+    missing = [f.name for f in files[:2] if not f.is_file()]
+    if missing:
+        raise ArtifactError(f"precision {precision!r} needs {' and '.join(missing)} beside {model}; write it with "
+                            f"ddpm-export --onnx {model} --int8")
+    return files if files[2].is_file() else files[:2]
+
+
+def repository_files(repo: str | os.PathLike, model: str | os.PathLike, batching: str = DEFAULT_BATCHING,
+                     precision: str = "fp32") -> list[Path]:
     """The files ``write_repository`` writes into ``repo`` for ``model`` (and only those are replaced): the ensemble's
-    and the sampler's configs, model.py, the artifact (+ a plan's sidecar), then with step-level batching the
-    stream model's config and model.py."""
+    and the sampler's configs, model.py, the artifact (+ a plan's sidecar, + the int8 model ``precision`` needs),
+    then with step-level batching the stream model's config and model.py."""
     repo, model = Path(repo), Path(model)
     v = repo / SAMPLER_NAME / VERSION
     files = [repo / MODEL_NAME / "config.pbtxt", repo / SAMPLER_NAME / "config.pbtxt", v / "model.py", v / model.name]
@@ -223,6 +259,7 @@ def repository_files(repo: str | os.PathLike, model: str | os.PathLike, batching
         from ..plan import sidecar_path
 
         files.append(v / sidecar_path(model).name)
+    files += [v / f.name for f in int8_files(model, precision)]
     if batching == "step":
         files += [repo / STREAM_NAME / "config.pbtxt", repo / STREAM_NAME / VERSION / "model.py"]
     return files
@@ -256,8 +293,13 @@ def write_repository(model: str | os.PathLike, repo: str | os.PathLike, settings
         raise ConfigError(f"max batch {max_batch} exceeds the plan's profile max {plan_max}; rebuild the plan with "
                           f"--batch-max {max_batch} or serve with a max batch <= {plan_max}")
     check_defaults(card.diffusion, settings.default_scheduler, settings.default_steps)
+    if ":" in settings.precision:
+        from ..backends.banded import parse_bands
+
+        parse_bands(settings.precision, card.diffusion.num_timesteps)  # every timestep of this model in one band
+    files = files + int8_files(model, settings.precision)
     sha = sha256_file(model)
-    targets = repository_files(repo, model, settings.batching)
+    targets = repository_files(repo, model, settings.batching, settings.precision)
     stream = targets[-2:] if settings.batching == "step" else []
     ens_cfg, cfg, py, *artifacts = targets[:len(targets) - len(stream)]
     try:

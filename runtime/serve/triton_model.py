@@ -80,7 +80,8 @@ class TritonPythonModel:
                 device_id=int(args.get("model_instance_device_id", 0) or 0), threads=threads,
                 max_batch=max(1, int(params.get("slots") or config.get("max_batch_size", 1))),
                 default_steps=int(params["default_steps"]) if params.get("default_steps") else None,
-                default_scheduler=params.get("default_scheduler") or None)
+                default_scheduler=params.get("default_scheduler") or None,
+                precision=params.get("cpu_precision") or "fp32")
         except Exception as e:  # noqa: BLE001 - the load fails with the reason, the server keeps its other models
             raise pb_utils.TritonModelException(f"ddpm: cannot load {params.get('artifact')}: {e}") from None
         self.steps = None
@@ -96,7 +97,7 @@ class TritonPythonModel:
         import onnxruntime
 
         print(  # the stub's stderr is the server's log (pb_utils.Logger.log_info shows only with --log-verbose)
-            f"ddpm: serving {params['artifact']} ({self.model.runner.name}, {threads} threads, "
+            f"ddpm: serving {params['artifact']} ({self.model.runner.name} {self.model.runner.precision}, {threads} threads, "
             f"{'step-level, ' if self.decoupled else ''}max batch {self.model.max_batch}) with numpy {np.__version__} from {os.path.realpath(os.path.dirname(np.__file__))}, "
             f"onnxruntime {onnxruntime.__version__}, Python {sys.version.split()[0]}", file=sys.stderr, flush=True)
 

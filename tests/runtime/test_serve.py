@@ -529,3 +529,36 @@ def test_serve_repo_applies_instances_max_batch_and_defaults_to_a_copy(random_mi
     assert snapshot(repo) == before
     with Sampler.from_onnx(random_micro_onnx, threads=1) as s:
         np.testing.assert_array_equal(got, s(1, seed=SEED, start_index=1, steps=4, scheduler="ddim"))
+
+
+def test_served_precision_bands_equal_the_api_and_int8_travels_with_the_repository(random_micro_onnx, tmp_path):
+    """A repository written with a CPU precision serves it (OpenVINO, here precision bands) through both models:
+    the images equal Sampler.from_onnx(precision=...) bit for bit; an int8 precision copies the int8 model beside
+    the ONNX into the repository, or is refused before anything is written when there is none."""
+    pytest.importorskip("openvino")
+    from ddpm_deploy.runtime.errors import ArtifactError, ConfigError
+    from ddpm_deploy.runtime.serve.repository import repository_files
+
+    bands = "fp32:0-499,bf16:500-999"
+    repo = write_repository(random_micro_onnx, tmp_path / "repo", RepoSettings(max_batch=4, threads=1,
+                                                                             precision=bands))
+    assert read_parameters(repo)["cpu_precision"] == bands
+    with TritonServer(repo) as srv:
+        with TritonImages(srv.grpc_url, "grpc") as c:
+            served = c.request(SEED, [0, 1], STEPS)
+    assert_no_process_left(srv)
+    with Sampler.from_onnx(random_micro_onnx, threads=1, precision=bands) as s:
+        np.testing.assert_array_equal(served, s(2, seed=SEED, steps=STEPS))
+
+    with pytest.raises(ArtifactError, match="model.int8.xml"):
+        write_repository(random_micro_onnx, tmp_path / "repo8", RepoSettings(precision="int8-bf16"))
+    assert not (tmp_path / "repo8").exists()
+    with pytest.raises(ConfigError, match="kind cpu"):
+        RepoSettings(kind="gpu", precision="bf16")
+    fake = tmp_path / "m" / "model.onnx"
+    fake.parent.mkdir()
+    for name in ("model.onnx", "model.int8.xml", "model.int8.bin", "precision.int8.json"):
+        (fake.parent / name).write_bytes(b"x")
+    names = {p.name for p in repository_files(tmp_path / "r", fake, "request", "bf16:0-99,int8:100-999")}
+    assert {"model.int8.xml", "model.int8.bin", "precision.int8.json"} <= names
+    assert "model.int8.xml" not in {p.name for p in repository_files(tmp_path / "r", fake, "request", "bf16")}
