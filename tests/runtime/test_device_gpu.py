@@ -316,3 +316,56 @@ def test_trt_engine_eps_and_trajectory(gpu, gpu_plan, request, record_property):
     assert eps_err <= L2_EPS_FP32_ATOL  # TF32 is cleared in our fp32 builds (EngineSettings.tf32 = False)
     assert_close("TensorRT loop vs ORT CPU loop", x_graph, want, L3_TRAJECTORY_FP32_ATOL)
     assert_close("TensorRT loop, graph vs no graph", x_graph, x_plain, L3_TRAJECTORY_FP32_ATOL)
+
+
+def test_step_level_loop_on_the_gpu_equals_sampling_alone(gpu, ort_cuda, request):
+    """Step-level batching (runtime/serve/stepper.py) on ORT CUDA + the device loop: its premise (a row's ε does not
+    depend on the other rows of the batch: cuDNN may pick another algorithm per batch size) and its claim (images
+    of staggered requests with mixed steps and schedulers equal the Sampler's on the same GPU, bit for bit). Checked
+    on the CPU by test_stepper.py; here on a real GPU (not run yet: no GPU lent so far)."""
+    import threading
+    import time
+
+    from ddpm_deploy import Sampler
+    from ddpm_deploy.runtime.backends.ort_cuda import OrtCudaRunner
+    from ddpm_deploy.runtime.serve.handler import Request, ServedModel
+    from ddpm_deploy.runtime.serve.stepper import StepLoop
+
+    micro_onnx = request.getfixturevalue("random_micro_onnx")
+    rng_ = np.random.default_rng(0)
+    with OrtCudaRunner(micro_onnx) as r:
+        c = r.card.data
+        x = rng_.standard_normal((8, c.channels, c.image_size, c.image_size)).astype(np.float32)
+        t = rng_.integers(0, 1000, 8).astype(np.int32)
+        alone = np.concatenate([r.eps(x[i:i + 1], t[i:i + 1]) for i in range(8)])
+        mixed = {n: r.eps(x[:n], t[:n]) for n in (2, 5, 8)}
+    invariant = all(np.array_equal(v, alone[:n]) for n, v in mixed.items())
+
+    model = ServedModel(micro_onnx, device="cuda", max_batch=4)
+    loop = StepLoop(model, queue_size=8)
+    asks = [([0], 12, None), ([1, 2], 20, "ddim"), ([3], 9, "dpmsolver++"), ([4], 15, None)]
+    results = []
+    try:
+        for indices, steps, sched in asks:
+            got, done = {}, threading.Event()
+            raw = None if sched is None else np.frombuffer(sched.encode(), np.uint8).reshape(1, -1).copy()
+            req = Request(seed=np.full(len(indices), 3, np.uint64), index=np.asarray(indices, np.int64),
+                          steps=np.array([steps], np.int32), scheduler=raw)
+            loop.parse_and_submit(req, lambda k, img, last, got=got: got.__setitem__(k, img),
+                                  lambda err, done=done, got=got: (got.__setitem__("error", err), done.set()),
+                                  lambda: False)
+            results.append((got, done))
+            time.sleep(0.01)
+        for _, done in results:
+            assert done.wait(120)
+    finally:
+        loop.close()
+        model.close()
+    with Sampler.from_onnx(micro_onnx, device="cuda") as s:
+        for (indices, steps, sched), (got, _) in zip(asks, results):
+            assert got["error"] is None, got["error"]
+            for k, i in enumerate(indices):
+                want = s(1, seed=3, start_index=i, steps=steps, scheduler=sched)[0]
+                np.testing.assert_array_equal(got[k], want, err_msg=f"{sched} {steps} index {i} "
+                                              f"(ε batch-invariant on this GPU: {invariant})")
+    assert invariant, "ORT CUDA's ε of a row depends on the batch size on this GPU"
