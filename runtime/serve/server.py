@@ -209,6 +209,13 @@ def socket_inodes(pids) -> set[int]:
     return out
 
 
+def _all_pids() -> list[int]:
+    try:
+        return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    except OSError:
+        return []
+
+
 def _set_parent_death_signal(parent: int):
     """For preexec_fn: the child gets SIGTERM when its parent dies (and exits at once if it already has)."""
 
@@ -354,16 +361,30 @@ class TritonServer:
                 self._watchdog.wait()
             self._watchdog = None
 
-    def _check_owns_ports(self) -> None:
-        """The ports answer for *this* server, not for another process listening there (then ServerError)."""
-        mine = socket_inodes(group_processes(self.proc.pid))
-        for flag, port in zip(PORT_FLAGS, (self.http_port, self.grpc_port, self.metrics_port)):
-            listening = listening_inodes(port)
-            if listening is None:  # no /proc/net: cannot tell
+    def _check_owns_ports(self, tries: int = 4, pause: float = 0.5) -> None:
+        """The ports answer for *this* server, not for another process listening there (then ServerError). A
+        mismatch is read again ``tries`` times ``pause`` s apart before it counts (the /proc tables and the server's
+        processes are read at different moments), and the error names the processes that hold the port."""
+        for attempt in range(tries):
+            mine = socket_inodes(group_processes(self.proc.pid))
+            foreign = None
+            for flag, port in zip(PORT_FLAGS, (self.http_port, self.grpc_port, self.metrics_port)):
+                listening = listening_inodes(port)
+                if listening is None:  # no /proc/net: cannot tell
+                    return
+                if listening and not listening & mine:
+                    foreign = (flag, port, listening)
+                    break
+            if foreign is None:
                 return
-            if listening and not listening & mine:
-                raise ServerError(f"{flag} {port}: another process listens on port {port} (tritonserver could not "
-                                  f"take it); stop that server or choose another port (0: a free one)")
+            if attempt < tries - 1:
+                time.sleep(pause)
+        flag, port, listening = foreign
+        holders = sorted(pid for pid in _all_pids() if socket_inodes([pid]) & listening)
+        raise ServerError(f"{flag} {port}: another process listens on port {port} (tritonserver could not take it; "
+                          f"held by pid {', '.join(map(str, holders)) or 'unknown'}, not by the server's "
+                          f"{sorted(group_processes(self.proc.pid))}); stop that server or choose another port (0: a "
+                          f"free one)")
 
     def _get(self, path: str) -> int:
         try:
