@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ddpm_deploy.runtime.backends.base import INT8_MODEL, INT8_REPORT
 from ddpm_deploy.runtime.config import ModelCard
 from ddpm_deploy.runtime.contract import package_versions, INPUT_T, INPUT_X, ONNX_METADATA_KEY, PRECISION_METADATA_KEY, PrecisionReport
 from ddpm_deploy.runtime.errors import ArtifactError, lazy_import
@@ -42,7 +43,7 @@ from .fp16 import (DEFAULT_BUCKETS, DEFAULT_PER_BUCKET, calibration_batch, calib
 
 log = logging.getLogger(__name__)
 
-INT8_XML_NAME, INT8_JSON_NAME = "model.int8.xml", "precision.int8.json"
+INT8_XML_NAME, INT8_JSON_NAME = INT8_MODEL, INT8_REPORT  # the names the runtime looks for beside the ONNX
 INSTALL = "pip install 'ddpm-deploy[openvino,int8]'"
 DEFAULT_INT8_CALIB_TIMESTEPS = 100
 DEFAULT_INT8_CALIB_PER_T = 3

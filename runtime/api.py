@@ -7,7 +7,7 @@
         images = sampler(batch_size=4, num_inference_steps=50, output_type="np", generator=0)
 
 A ``Sampler`` owns one runner (ONNX Runtime CPU/CUDA, OpenVINO fp32/bf16/int8, TensorRT), opened as ``ddpm-run
-sample`` opens it (``backends.base.resolve_model`` + ``open_runner``), and drives it with the same loop
+sample`` opens it (``backends.banded.open_precision``: ``resolve_model`` + ``open_runner``, or bands), and drives it with the same loop
 (``sampling.open_loop``), so image i of seed s is the one the CLI, the Triton server and every shard produce. (Its
 loop implements ``sampling.base.Loop``.)
 
@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backends.base import Runner, open_runner, resolve_model
+from .backends.base import Runner, open_runner
 from .errors import ArtifactError, ConfigError, SamplerClosedError, invalid, out_of_memory
 from .imageio import to_uint8, to_unit
 from .rng import MAX_SEED, MAX_WORD
@@ -89,21 +89,10 @@ class Sampler:
         A precision per timestep band, as ``ddpm-run sample --precision-bands``: ``precision="bf16:0-99,
         int8-bf16:100-999"`` (OpenVINO on the CPU; every timestep 0…T−1 in one band; each image's ε from the model
         of its timestep's band, whatever its batch-mates)."""
-        if precision == "auto":  # as --precision auto: maybe bands (int8 where its measured ε error is small)
-            from .backends.base import auto_precision
+        from .backends.banded import open_precision
 
-            backend, precision, _ = auto_precision(path, device, backend)
-        if isinstance(precision, str) and ":" in precision:
-            from .backends.banded import open_banded
-
-            if device != "cpu" or backend not in (None, "openvino"):
-                raise ConfigError(invalid("precision", precision, "precision bands run OpenVINO on the CPU "
-                                          f"(device 'cpu', backend None or 'openvino'; found {device!r}, {backend!r})"))
-            return cls(open_banded(path, precision, threads), batch=batch, steps=steps, scheduler=scheduler,
-                       scheduler_options=scheduler_options)
-        path, backend, hint = resolve_model(path, device, backend, precision)
-        return cls(open_runner(path, device, backend=backend, threads=threads, device_id=device_id, precision=hint),
-                   batch=batch, steps=steps, scheduler=scheduler, scheduler_options=scheduler_options)
+        runner, _ = open_precision(path, device, backend, precision, threads=threads, device_id=device_id)
+        return cls(runner, batch=batch, steps=steps, scheduler=scheduler, scheduler_options=scheduler_options)
 
     @classmethod
     def from_engine(cls, plan: str | os.PathLike, batch: int = 16, steps: int | None = None,

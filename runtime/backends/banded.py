@@ -14,8 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ArtifactError, ConfigError
-from .base import PRECISIONS, Runner, open_runner, resolve_model
+from ..errors import ArtifactError, ConfigError, invalid
+from .base import PRECISIONS, Runner, auto_precision, open_runner, resolve_model
 
 
 def parse_bands(text: str, num_timesteps: int) -> list[tuple[int, int, str]]:
@@ -110,3 +110,22 @@ def open_banded(path: str | os.PathLike, bands: str, threads: int = 0) -> Runner
         for r in runners.values():
             r.close()
         raise
+
+
+def open_precision(path: str | os.PathLike, device: str = "cpu", backend: str | None = None, precision: str = "fp32",
+                   threads: int = 0, device_id: int = 0) -> tuple[Runner, dict | None]:
+    """The runner a precision asks for, as the Python API and the served model open it: "auto" resolved here
+    (``auto_precision``: maybe bands), precision bands ("bf16:0-99,int8-bf16:100-999": :func:`open_banded`, OpenVINO
+    on the CPU), else ``resolve_model`` + ``open_runner``. Returns (runner, auto's choice {"asked", "backend",
+    "precision", "reason"} or None)."""
+    choice = None
+    if precision == "auto":
+        backend, precision, why = auto_precision(path, device, backend)
+        choice = {"asked": "auto", "backend": backend or "onnxruntime", "precision": precision, "reason": why}
+    if isinstance(precision, str) and ":" in precision:
+        if device != "cpu" or backend not in (None, "openvino"):
+            raise ConfigError(invalid("precision", precision, "precision bands run OpenVINO on the CPU "
+                                      f"(device 'cpu', backend None or 'openvino'; found {device!r}, {backend!r})"))
+        return open_banded(path, precision, threads), choice
+    path, backend, hint = resolve_model(path, device, backend, precision)
+    return open_runner(path, device, backend=backend, threads=threads, device_id=device_id, precision=hint), choice

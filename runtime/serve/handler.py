@@ -57,7 +57,6 @@ class ServedModel:
         self.path = Path(artifact)
         if not self.path.is_file():
             raise ArtifactError(f"{self.path}: the model artifact is not in the repository")
-        self.precision_choice = None
         self.runner = self._open(device, device_id, threads, precision)
         if self.runner.card is None:
             self.runner.close()
@@ -80,24 +79,12 @@ class ServedModel:
     def _open(self, device: str, device_id: int, threads: int, precision: str):
         """The runner for ``precision``: "fp32" (the file on its own backend: ONNX Runtime, or a plan on the GPU),
         an OpenVINO precision ("bf16", "int8", "int8-bf16": model.int8.xml beside the ONNX), precision bands
-        ("bf16:0-99,int8-bf16:100-999") or "auto" — as ``ddpm-run sample --precision/--precision-bands``."""
-        from ..backends.base import auto_precision, open_runner, resolve_model
+        ("bf16:0-99,int8-bf16:100-999") or "auto" — as the Python API opens them (``backends.banded.open_precision``)."""
+        from ..backends.banded import open_precision
 
-        if precision in (None, "", "fp32"):
-            return open_runner(self.path, device, threads=threads, device_id=device_id)
-        backend = None
-        if precision == "auto":
-            backend, precision, why = auto_precision(self.path, device)
-            self.precision_choice = {"precision": precision, "reason": why}
-        if ":" in precision:
-            from ..backends.banded import open_banded
-
-            if device != "cpu":
-                raise ConfigError(f"precision bands {precision} run OpenVINO on the CPU; this instance is {device}")
-            return open_banded(self.path, precision, threads)
-        path, backend, hint = resolve_model(self.path, device, backend or ("openvino" if precision != "fp32" else None),
-                                            precision)
-        return open_runner(path, device, backend=backend, threads=threads, device_id=device_id, precision=hint)
+        backend = "openvino" if precision not in (None, "", "fp32", "auto") and ":" not in precision else None
+        return open_precision(self.path, device, backend, precision or "fp32", threads=threads,
+                              device_id=device_id)[0]
 
     def check_steps(self, steps: int) -> int:
         """A request's step count as an int (its range is the scheduler's: DDPM 2 … T, the others 1 … T)."""

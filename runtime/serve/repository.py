@@ -88,9 +88,9 @@ class RepoSettings:
             if self.kind != "cpu":
                 raise ConfigError(f"precision {self.precision!r} runs OpenVINO on the CPU; it needs kind cpu")
             if ":" in self.precision:
-                from ..backends.banded import parse_bands
-
                 import re
+
+                from ..backends.banded import parse_bands
 
                 ends = [int(v) for v in re.findall(r"-(\d+)", self.precision)]
                 parse_bands(self.precision, max(ends, default=0) + 1)  # the form; against T in write_repository
